@@ -1,0 +1,414 @@
+//! Parsing of `#[workflow(..)]` and `#[step(..)]` options into their models.
+//!
+//! Options are `key = value` pairs (and the bare flag `map`). Each key is parsed
+//! with its own rules; an unknown key, a repeated key or a malformed value is
+//! recorded in the [`Ctxt`] and parsing goes on with the next option, so every
+//! mistake is reported at once.
+
+use proc_macro2::{Span, TokenStream};
+use syn::parse::{ParseStream, Parser};
+use syn::punctuated::Punctuated;
+
+use syn::{Ident, LitInt, LitStr, Token};
+
+use crate::ctxt::Ctxt;
+
+pub(crate) const WORKFLOW_KEYS: &[&str] = &[
+    "name",
+    "version",
+    "queue",
+    "max_attempts",
+    "timeout",
+    "backoff",
+    "priority",
+];
+
+pub(crate) const STEP_KEYS: &[&str] = &[
+    "max_attempts",
+    "timeout",
+    "backoff",
+    "priority",
+    "depends_on",
+    "when",
+    "map",
+];
+
+/// Options shared by both levels.
+#[derive(Default, Clone)]
+pub(crate) struct RetryOptions {
+    pub(crate) max_attempts: Option<u32>,
+    /// Milliseconds.
+    pub(crate) timeout: Option<u64>,
+    /// Milliseconds.
+    pub(crate) backoff: Option<u64>,
+    pub(crate) priority: Option<i16>,
+}
+
+#[derive(Default)]
+pub(crate) struct WorkflowAttr {
+    pub(crate) name: Option<LitStr>,
+    pub(crate) version: Option<u32>,
+    pub(crate) queue: Option<LitStr>,
+    pub(crate) retry: RetryOptions,
+}
+
+#[derive(Default)]
+pub(crate) struct StepAttr {
+    /// `depends_on = [a, b]`; `None` when absent (the step depends on the previous one).
+    pub(crate) depends_on: Option<Vec<Ident>>,
+    /// `when = path::to::predicate` (conditional step; not supported yet).
+    pub(crate) when: Option<syn::Path>,
+    /// `map` (one task per element; not supported yet).
+    pub(crate) map: Option<Span>,
+    pub(crate) retry: RetryOptions,
+}
+
+/// Parses `#[workflow(..)]` arguments.
+pub(crate) fn parse_workflow_attr(tokens: TokenStream, cx: &mut Ctxt) -> WorkflowAttr {
+    let mut attr = WorkflowAttr::default();
+    parse_options(tokens, cx, WORKFLOW_KEYS, |key, input, cx| {
+        match key.to_string().as_str() {
+            "name" => set(cx, &key, &mut attr.name, parse_name(input, "name")?),
+            "version" => {
+                let v = parse_int::<u32>(input, 1, "version")?;
+                set(cx, &key, &mut attr.version, v);
+            }
+            "queue" => set(cx, &key, &mut attr.queue, parse_name(input, "queue")?),
+            _ => return parse_retry_option(&key, input, cx, &mut attr.retry),
+        }
+        Ok(true)
+    });
+    attr
+}
+
+/// Parses `#[step(..)]` arguments.
+pub(crate) fn parse_step_attr(tokens: TokenStream, cx: &mut Ctxt) -> StepAttr {
+    let mut attr = StepAttr::default();
+    parse_options(tokens, cx, STEP_KEYS, |key, input, cx| {
+        match key.to_string().as_str() {
+            "depends_on" => {
+                input.parse::<Token![=]>()?;
+                let content;
+                syn::bracketed!(content in input);
+                let names = Punctuated::<Ident, Token![,]>::parse_terminated(&content)?;
+                set(cx, &key, &mut attr.depends_on, names.into_iter().collect());
+            }
+            "when" => {
+                input.parse::<Token![=]>()?;
+                let path: syn::Path = input.parse()?;
+                cx.error_spanned_by(
+                    &key,
+                    "conditional steps (`when`) are not supported yet; remove `when` and branch inside the step",
+                );
+                set(cx, &key, &mut attr.when, path);
+            }
+            "map" => {
+                cx.error_spanned_by(
+                    &key,
+                    "map steps (`map`) are not supported yet; take the whole `Vec` and loop inside the step",
+                );
+                set(cx, &key, &mut attr.map, key.span());
+            }
+            _ => return parse_retry_option(&key, input, cx, &mut attr.retry),
+        }
+        Ok(true)
+    });
+    attr
+}
+
+/// Parses `max_attempts`, `timeout`, `backoff`, `priority`; `Ok(false)` for any other key.
+fn parse_retry_option(
+    key: &Ident,
+    input: ParseStream<'_>,
+    cx: &mut Ctxt,
+    retry: &mut RetryOptions,
+) -> syn::Result<bool> {
+    match key.to_string().as_str() {
+        "max_attempts" => {
+            let v = parse_int::<u32>(input, 1, "max_attempts")?;
+            set(cx, key, &mut retry.max_attempts, v);
+        }
+        "timeout" => {
+            let v = parse_duration(input, false)?;
+            set(cx, key, &mut retry.timeout, v);
+        }
+        "backoff" => {
+            let v = parse_duration(input, true)?;
+            set(cx, key, &mut retry.backoff, v);
+        }
+        "priority" => {
+            input.parse::<Token![=]>()?;
+            let negative = input.parse::<Option<Token![-]>>()?.is_some();
+            let lit: LitInt = input.parse()?;
+            let digits: i32 = lit.base10_parse()?;
+            let v = if negative { -digits } else { digits };
+            let v = i16::try_from(v).map_err(|_| {
+                syn::Error::new(
+                    lit.span(),
+                    "`priority` must fit in an i16 (-32768 to 32767)",
+                )
+            })?;
+            set(cx, key, &mut retry.priority, v);
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Drives the `key = value, ..` loop; `one` parses the value of a key and returns
+/// `Ok(false)` for an unknown key. A failed option is recorded and skipped.
+fn parse_options(
+    tokens: TokenStream,
+    cx: &mut Ctxt,
+    keys: &[&str],
+    mut one: impl FnMut(Ident, ParseStream<'_>, &mut Ctxt) -> syn::Result<bool>,
+) {
+    let parser = |input: ParseStream<'_>| -> syn::Result<()> {
+        while !input.is_empty() {
+            let key: Ident = match input.call(syn::ext::IdentExt::parse_any) {
+                Ok(k) => k,
+                Err(e) => {
+                    cx.syn_error(syn::Error::new(
+                        e.span(),
+                        format!("expected an option, one of: {}", list(keys)),
+                    ));
+                    skip_to_comma(input);
+                    let _ = input.parse::<Option<Token![,]>>();
+                    continue;
+                }
+            };
+            match one(key.clone(), input, cx) {
+                Ok(true) => {}
+                Ok(false) => {
+                    cx.error_spanned_by(
+                        &key,
+                        format!("unknown option `{key}`, expected one of: {}", list(keys)),
+                    );
+                    skip_to_comma(input);
+                }
+                Err(e) => {
+                    cx.syn_error(e);
+                    skip_to_comma(input);
+                }
+            }
+            if input.is_empty() {
+                break;
+            }
+            if let Err(e) = input.parse::<Token![,]>() {
+                cx.syn_error(syn::Error::new(e.span(), "expected `,` between options"));
+                skip_to_comma(input);
+                let _ = input.parse::<Option<Token![,]>>();
+            }
+        }
+        Ok(())
+    };
+    if let Err(e) = parser.parse2(tokens) {
+        cx.syn_error(e);
+    }
+}
+
+fn skip_to_comma(input: ParseStream<'_>) {
+    while !input.is_empty() && !input.peek(Token![,]) {
+        let _ = input.parse::<proc_macro2::TokenTree>();
+    }
+}
+
+fn set<T>(cx: &mut Ctxt, key: &Ident, slot: &mut Option<T>, value: T) {
+    if slot.is_some() {
+        cx.error_spanned_by(key, format!("duplicate option `{key}`"));
+    } else {
+        *slot = Some(value);
+    }
+}
+
+fn list(keys: &[&str]) -> String {
+    keys.iter()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn parse_name(input: ParseStream<'_>, key: &str) -> syn::Result<LitStr> {
+    input.parse::<Token![=]>()?;
+    let lit: LitStr = input.parse().map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            format!("`{key}` takes a string, e.g. `{key} = \"llm\"`"),
+        )
+    })?;
+    let v = lit.value();
+    if v.is_empty() || v.len() > 200 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(syn::Error::new(
+            lit.span(),
+            format!("`{key}` must be 1 to 200 characters with no whitespace"),
+        ));
+    }
+    Ok(lit)
+}
+
+fn parse_int<T>(input: ParseStream<'_>, min: T, key: &str) -> syn::Result<T>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+    T::Err: std::fmt::Display,
+{
+    input.parse::<Token![=]>()?;
+    let lit: LitInt = input.parse().map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            format!("`{key}` takes an integer, e.g. `{key} = 3`"),
+        )
+    })?;
+    let value: T = lit.base10_parse()?;
+    if value < min {
+        return Err(syn::Error::new(
+            lit.span(),
+            format!("`{key}` must be at least {min}"),
+        ));
+    }
+    Ok(value)
+}
+
+fn parse_duration(input: ParseStream<'_>, zero_ok: bool) -> syn::Result<u64> {
+    input.parse::<Token![=]>()?;
+    let lit: LitStr = input.parse().map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            "a duration is a string such as \"30s\", \"500ms\" or \"1m30s\"",
+        )
+    })?;
+    let ms = parse_duration_str(&lit.value()).map_err(|why| {
+        syn::Error::new(
+            lit.span(),
+            format!(
+                "malformed duration {:?}: {why}; write a number and a unit (`ms`, `s`, `m`, `h`), e.g. \"30s\", \"500ms\", \"1m30s\"",
+                lit.value()
+            ),
+        )
+    })?;
+    if ms == 0 && !zero_ok {
+        return Err(syn::Error::new(
+            lit.span(),
+            "a timeout must be greater than zero",
+        ));
+    }
+    Ok(ms)
+}
+
+/// Parses `"1h2m3s4ms"`-style durations into milliseconds.
+pub(crate) fn parse_duration_str(s: &str) -> Result<u64, String> {
+    if s.is_empty() {
+        return Err("it is empty".into());
+    }
+    let mut total: u64 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("expected a number at {rest:?}"));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| "number too large".to_string())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let factor = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "" => return Err(format!("the number {n} has no unit")),
+            other => return Err(format!("unknown unit {other:?}")),
+        };
+        rest = &rest[unit_len..];
+        total = n
+            .checked_mul(factor)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| "duration too large".to_string())?;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quote::quote;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_str("30s"), Ok(30_000));
+        assert_eq!(parse_duration_str("500ms"), Ok(500));
+        assert_eq!(parse_duration_str("1m30s"), Ok(90_000));
+        assert_eq!(parse_duration_str("2h"), Ok(7_200_000));
+        assert!(parse_duration_str("30").unwrap_err().contains("no unit"));
+        assert!(
+            parse_duration_str("3 s")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(parse_duration_str("").is_err());
+        assert!(parse_duration_str("s").is_err());
+        assert!(parse_duration_str("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn workflow_options_parse() {
+        let mut cx = Ctxt::default();
+        let a = parse_workflow_attr(
+            quote!(
+                name = "llm",
+                version = 2,
+                queue = "q",
+                max_attempts = 5,
+                timeout = "10s",
+                backoff = "0ms",
+                priority = -3
+            ),
+            &mut cx,
+        );
+        assert!(!cx.has_errors());
+        assert_eq!(a.name.map(|n| n.value()).as_deref(), Some("llm"));
+        assert_eq!(a.version, Some(2));
+        assert_eq!(a.retry.max_attempts, Some(5));
+        assert_eq!(a.retry.timeout, Some(10_000));
+        assert_eq!(a.retry.backoff, Some(0));
+        assert_eq!(a.retry.priority, Some(-3));
+    }
+
+    #[test]
+    fn every_bad_option_is_reported() {
+        let mut cx = Ctxt::default();
+        parse_step_attr(
+            quote!(
+                retry = 3,
+                timeout = "soon",
+                max_attempts = 0,
+                depends_on = [a],
+                depends_on = [b]
+            ),
+            &mut cx,
+        );
+        let errors = cx.into_compile_errors().to_string();
+        assert!(errors.contains("unknown option `retry`"), "{errors}");
+        assert!(errors.contains("malformed duration"), "{errors}");
+        assert!(errors.contains("at least 1"), "{errors}");
+        assert!(errors.contains("duplicate option `depends_on`"), "{errors}");
+    }
+
+    #[test]
+    fn depends_on_lists_names() {
+        let mut cx = Ctxt::default();
+        let a = parse_step_attr(quote!(depends_on = [a, b,]), &mut cx);
+        assert!(!cx.has_errors());
+        let names: Vec<String> = a
+            .depends_on
+            .unwrap_or_default()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+}

@@ -1,0 +1,118 @@
+//! The `#[workflow]` and `#[step]` attributes of pgflow. Use them through the
+//! `pgflow` crate (`use pgflow::workflow;`), whose docs have the full guide; the
+//! expansion names `::pgflow` paths only.
+//!
+//! The work is split like serde_derive's: [`attr`] parses options, `workflow::parse`
+//! builds a model of the impl block, `workflow::check` validates it across steps
+//! (accumulating every error) and `workflow::expand` generates code from a valid
+//! model. On error the user's items are still emitted, next to the errors.
+
+mod attr;
+mod ctxt;
+mod paths;
+mod workflow;
+
+use proc_macro::TokenStream;
+
+/// Turns an `impl` block into a workflow whose step graph the compiler checks.
+///
+/// Each `#[step]` is an `async fn` returning `Result<T, E>` with
+/// `E: Into<pgflow::StepError>`, taking its data parameters and optionally a
+/// `&StepContext`.
+///
+/// # Graph rules
+///
+/// - Without `depends_on`, a step depends on the step declared just before it, and
+///   its one parameter (other than `input`) takes that step's output; the first
+///   step's parameter takes the workflow input.
+/// - `#[step(depends_on = [a, b])]` names the parents: parameters bind **by name**
+///   to their outputs. `depends_on = []` declares a root step.
+/// - A parameter named `input` takes the workflow input in any step.
+/// - Exactly one step is terminal (nothing depends on it); its output is the
+///   workflow's output. Cycles, unknown or duplicate names, unused parents and
+///   unbound parameters are compile errors.
+/// - Types are checked by rustc: a parameter whose type is not its parent's output
+///   type is reported at the parameter ("expected `Routed`, found `Completion`").
+///
+/// # Options
+///
+/// Workflow: `name` (default: the type name in snake_case; it is the durable
+/// identity), `version` (1), `queue` (`"default"`), `max_attempts` (3), `timeout`
+/// (`"30s"`), `backoff` (`"1s"`), `priority` (0). Steps: `max_attempts`, `timeout`,
+/// `backoff`, `priority`, `depends_on`. Durations are strings like `"500ms"`,
+/// `"30s"`, `"1m30s"`, `"2h"`.
+///
+/// # Examples
+///
+/// ```ignore
+/// use pgflow::{workflow, StepContext, StepError};
+///
+/// pub struct Review;
+///
+/// #[workflow(name = "review", queue = "docs", max_attempts = 5)]
+/// impl Review {
+///     #[step]
+///     async fn fetch(url: String) -> Result<String, StepError> { Ok(url) }
+///
+///     #[step(depends_on = [fetch])]
+///     async fn words(fetch: String) -> Result<usize, StepError> { Ok(fetch.split(' ').count()) }
+///
+///     #[step(depends_on = [fetch])]
+///     async fn title(fetch: String) -> Result<String, StepError> { Ok(fetch) }
+///
+///     #[step(depends_on = [words, title], timeout = "5s")]
+///     async fn report(words: usize, title: String, ctx: &StepContext) -> Result<String, StepError> {
+///         Ok(format!("{title}: {words} words (run {})", ctx.run_id()))
+///     }
+/// }
+/// ```
+///
+/// # What it expands to
+///
+/// The impl block is emitted unchanged (minus the `#[step]` markers), so the step
+/// functions stay callable and unit-testable. Next to it, roughly:
+///
+/// ```ignore
+/// const _: () = {
+///     // one type-erased entry per step
+///     fn __pgflow_entry_1(inputs: StepInputs, ctx: StepContext) -> StepFuture {
+///         Box::pin(async move {
+///             let fetch = inputs.take::<String>(0, "fetch")?;   // typed, or from JSON
+///             let out = <Review>::words(fetch).await.map_err(Into::into)?;
+///             Ok(StepValue::typed(out, &__PGFLOW_OPS_1))
+///         })
+///     }
+///     // ...
+///     static __PGFLOW_STEPS: [StepDef; 4] = [/* name, parents, params, options, entry */];
+///     static __PGFLOW_DEF: WorkflowDef = /* name, version, queue, steps, terminal */;
+///     impl pgflow::Workflow for Review {
+///         type Input = String;
+///         type Output = String;
+///         const NAME: &'static str = "review";
+///         const VERSION: u32 = 1;
+///         fn definition() -> &'static WorkflowDef { &__PGFLOW_DEF }
+///     }
+///     inventory::submit! { Registration(<Review as Workflow>::definition) }
+///     // type checks spanned at your tokens:
+///     fn __pgflow_edge_1_0(v: String /* fetch's output */) -> String /* words' param */ { v }
+/// };
+/// ```
+#[proc_macro_attribute]
+pub fn workflow(args: TokenStream, item: TokenStream) -> TokenStream {
+    workflow::workflow(args.into(), item.into()).into()
+}
+
+/// Marks an `async fn` of a `#[workflow]` impl block as a step; see [`macro@workflow`].
+///
+/// `#[workflow]` reads and removes these markers, so this attribute only runs when a
+/// `#[step]` stands outside a workflow, which is an error.
+#[proc_macro_attribute]
+pub fn step(_args: TokenStream, item: TokenStream) -> TokenStream {
+    let item = proc_macro2::TokenStream::from(item);
+    let err = syn::Error::new(
+        proc_macro2::Span::call_site(),
+        "#[step] marks a step of a workflow: put it on an `async fn` inside an `impl` block annotated with `#[workflow]`",
+    )
+    .to_compile_error();
+    quote::quote!(#err #item).into()
+}

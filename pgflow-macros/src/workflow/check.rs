@@ -1,0 +1,418 @@
+//! Cross-step validation of the model: resolves every step's parents and binds each
+//! data parameter to its source, then checks the graph (unknown and duplicate names,
+//! cycles, unused parents, unbound parameters, exactly one terminal step, a step that
+//! takes the workflow input). Every problem is recorded; the resolved [`Graph`] is
+//! returned when the graph could be built.
+//!
+//! Binding rules (DESIGN §2):
+//! - without `depends_on`, a step depends on the step declared just before it and
+//!   its one non-`input` parameter takes that step's output; the first step's takes
+//!   the workflow input;
+//! - with `depends_on = [a, b]`, parameters bind by name to those parents
+//!   (`depends_on = []` declares a root step);
+//! - a parameter named `input` takes the workflow input in any step.
+
+use std::collections::HashMap;
+
+use proc_macro2::Span;
+use syn::Ident;
+
+use super::parse::{Step, Workflow};
+use crate::ctxt::Ctxt;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Source {
+    Input,
+    Step(usize),
+}
+
+pub(crate) struct Graph {
+    /// Parents of each step, in declaration order of `depends_on` (or the implicit one).
+    pub(crate) parents: Vec<Vec<usize>>,
+    /// For each step, the source of each data parameter (in data-parameter order).
+    pub(crate) sources: Vec<Vec<Source>>,
+    /// The single step nothing depends on.
+    pub(crate) terminal: usize,
+    /// The step and data-parameter index whose type is the workflow input.
+    pub(crate) input: (usize, usize),
+}
+
+const INPUT: &str = "input";
+
+pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
+    let steps = &wf.steps;
+    if steps.is_empty() {
+        return None;
+    }
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for (i, s) in steps.iter().enumerate() {
+        let key = s.name.to_string();
+        match index.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => cx.error_spanned_by(
+                &s.name,
+                format!(
+                    "duplicate step name `{}`: each step of a workflow needs its own name",
+                    e.key()
+                ),
+            ),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(i);
+            }
+        }
+    }
+    let all_names = steps
+        .iter()
+        .map(|s| format!("`{}`", s.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+
+    let mut parents: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
+    // The span of each explicit `depends_on` entry, for cycle errors.
+    let mut edge_spans: HashMap<(usize, usize), Span> = HashMap::new();
+    let mut sources: Vec<Vec<Source>> = Vec::with_capacity(steps.len());
+    let mut ok = true;
+
+    for (i, step) in steps.iter().enumerate() {
+        let mut step_sources = Vec::new();
+        match &step.attr.depends_on {
+            Some(list) => {
+                let mut named: Vec<(usize, &Ident)> = Vec::new();
+                for dep in list {
+                    if *dep == step.name {
+                        cx.error_spanned_by(
+                            dep,
+                            format!("cycle in the step graph: step `{dep}` depends on itself"),
+                        );
+                        ok = false;
+                    } else if let Some(&p) = index.get(&dep.to_string()) {
+                        if named.iter().any(|(q, _)| *q == p) {
+                            cx.error_spanned_by(
+                                dep,
+                                format!("`{dep}` is listed twice in `depends_on`"),
+                            );
+                        } else {
+                            named.push((p, dep));
+                            edge_spans.insert((i, p), dep.span());
+                        }
+                    } else {
+                        cx.error_spanned_by(
+                            dep,
+                            format!("unknown step `{dep}` in `depends_on`; the steps of this workflow are {all_names}"),
+                        );
+                        ok = false;
+                    }
+                }
+                let parent_list = if named.is_empty() {
+                    "it has none".to_owned()
+                } else {
+                    named
+                        .iter()
+                        .map(|(_, n)| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let mut used = vec![false; named.len()];
+                for param in step.data_params() {
+                    if param.name == INPUT {
+                        step_sources.push(Source::Input);
+                    } else if let Some(k) = named.iter().position(|(_, n)| **n == param.name) {
+                        used[k] = true;
+                        step_sources.push(Source::Step(named[k].0));
+                    } else {
+                        cx.error_spanned_by(
+                            &param.name,
+                            format!(
+                                "parameter `{}` of step `{}` is bound to nothing: with `depends_on`, parameters bind by name to a parent ({parent_list}) or to `input`",
+                                param.name, step.name
+                            ),
+                        );
+                        ok = false;
+                    }
+                }
+                for ((_, name), used) in named.iter().zip(&used) {
+                    if !used {
+                        cx.error_spanned_by(
+                            name,
+                            format!(
+                                "step `{}` depends on `{name}` but takes no parameter named `{name}`: add `{name}: <its output type>` or remove it from `depends_on`",
+                                step.name
+                            ),
+                        );
+                        ok = false;
+                    }
+                }
+                parents[i] = named.iter().map(|(p, _)| *p).collect();
+            }
+            None => {
+                let implicit = i.checked_sub(1);
+                let mut bound = false;
+                for param in step.data_params() {
+                    if param.name == INPUT {
+                        step_sources.push(Source::Input);
+                    } else if !bound {
+                        bound = true;
+                        step_sources.push(implicit.map_or(Source::Input, Source::Step));
+                    } else {
+                        let takes = implicit.map_or("the workflow input".to_owned(), |p| {
+                            format!("the output of `{}`, the step before it,", steps[p].name)
+                        });
+                        cx.error_spanned_by(
+                            &param.name,
+                            format!(
+                                "parameter `{}` of step `{}` is bound to nothing: without `depends_on`, a step takes only {takes} and `input`; list its parents with `depends_on = [..]` and name the parameters after them",
+                                param.name, step.name
+                            ),
+                        );
+                        ok = false;
+                    }
+                }
+                match implicit {
+                    Some(p) => {
+                        if !bound {
+                            cx.error_spanned_by(
+                                &step.name,
+                                format!(
+                                    "step `{}` does not take the output of `{}`, the step declared before it, which it depends on by default: add a parameter for it, or declare its parents with `depends_on = [..]` (`depends_on = []` for none)",
+                                    step.name, steps[p].name
+                                ),
+                            );
+                            ok = false;
+                        }
+                        parents[i] = vec![p];
+                    }
+                    None => {
+                        if step_sources.is_empty() {
+                            cx.error_spanned_by(
+                                &step.name,
+                                format!(
+                                    "step `{}` is the first step, so it takes the workflow input: add a parameter for it, e.g. `{}(input: MyInput)`",
+                                    step.name, step.name
+                                ),
+                            );
+                            ok = false;
+                        }
+                    }
+                }
+            }
+        }
+        sources.push(step_sources);
+    }
+
+    if ok && !report_cycles(steps, &parents, &edge_spans, cx) {
+        ok = false;
+    }
+
+    let input = sources.iter().enumerate().find_map(|(s, srcs)| {
+        srcs.iter()
+            .position(|src| *src == Source::Input)
+            .map(|p| (s, p))
+    });
+    if input.is_none() && ok {
+        cx.error_spanned_by(
+            &wf.self_ty,
+            "no step takes the workflow input: name a parameter `input` in a root step",
+        );
+    }
+
+    let mut has_child = vec![false; steps.len()];
+    for ps in &parents {
+        for &p in ps {
+            has_child[p] = true;
+        }
+    }
+    let terminals: Vec<usize> = (0..steps.len()).filter(|&i| !has_child[i]).collect();
+    if ok && terminals.len() > 1 {
+        let names = terminals
+            .iter()
+            .map(|&t| format!("`{}`", steps[t].name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let last = terminals[terminals.len() - 1];
+        cx.error_spanned_by(
+            &steps[last].name,
+            format!(
+                "a workflow ends in exactly one step, but nothing depends on {names}: add a final step that takes their outputs (`#[step(depends_on = [{}])]`) so the workflow has one output",
+                terminals.iter().map(|&t| steps[t].name.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        );
+        ok = false;
+    }
+
+    if !ok {
+        return None;
+    }
+    Some(Graph {
+        parents,
+        sources,
+        terminal: *terminals.first()?,
+        input: input?,
+    })
+}
+
+/// Reports each cycle once, at the `depends_on` entry that closes it. Returns
+/// whether the graph is acyclic.
+fn report_cycles(
+    steps: &[Step],
+    parents: &[Vec<usize>],
+    edge_spans: &HashMap<(usize, usize), Span>,
+    cx: &mut Ctxt,
+) -> bool {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Active,
+        Done,
+    }
+    fn visit(
+        n: usize,
+        parents: &[Vec<usize>],
+        marks: &mut [Mark],
+        stack: &mut Vec<usize>,
+        found: &mut Vec<Vec<usize>>,
+    ) {
+        marks[n] = Mark::Active;
+        stack.push(n);
+        for &p in &parents[n] {
+            match marks[p] {
+                Mark::New => visit(p, parents, marks, stack, found),
+                Mark::Active => {
+                    let from = stack.iter().position(|&s| s == p).unwrap_or(0);
+                    found.push(stack[from..].to_vec());
+                }
+                Mark::Done => {}
+            }
+        }
+        stack.pop();
+        marks[n] = Mark::Done;
+    }
+    let mut marks = vec![Mark::New; steps.len()];
+    let mut found = Vec::new();
+    for n in 0..steps.len() {
+        if marks[n] == Mark::New {
+            visit(n, parents, &mut marks, &mut Vec::new(), &mut found);
+        }
+    }
+    for cycle in &found {
+        // `cycle` is a chain child -> parent -> .. whose last element depends on the first.
+        let closing_child = cycle[cycle.len() - 1];
+        let closing_parent = cycle[0];
+        let mut path: Vec<String> = cycle
+            .iter()
+            .rev()
+            .map(|&s| steps[s].name.to_string())
+            .collect();
+        path.push(steps[closing_child].name.to_string());
+        let span = edge_spans
+            .get(&(closing_child, closing_parent))
+            .copied()
+            .unwrap_or_else(|| steps[closing_child].name.span());
+        cx.error_at(
+            span,
+            format!(
+                "cycle in the step graph: {} (each step waits for the next); remove one of these dependencies",
+                path.join(" -> ")
+            ),
+        );
+    }
+    found.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attr::WorkflowAttr;
+    use quote::quote;
+
+    fn check_tokens(tokens: proc_macro2::TokenStream) -> (Option<Graph>, String) {
+        let mut cx = Ctxt::default();
+        let item = syn::parse2(tokens).expect("an impl block");
+        let wf = super::super::parse::parse(item, WorkflowAttr::default(), &mut cx);
+        let graph = check(&wf, &mut cx);
+        (graph, cx.into_compile_errors().to_string())
+    }
+
+    #[test]
+    fn chain_binds_implicitly() {
+        let (g, errors) = check_tokens(quote! {
+            impl W {
+                #[step] async fn a(req: Req) -> Result<A, E> { todo!() }
+                #[step] async fn b(x: A, input: Req) -> Result<B, E> { todo!() }
+                #[step] async fn c(y: B) -> Result<C, E> { todo!() }
+            }
+        });
+        let g = g.unwrap_or_else(|| panic!("{errors}"));
+        assert_eq!(g.parents, vec![vec![], vec![0], vec![1]]);
+        assert_eq!(g.sources[1], vec![Source::Step(0), Source::Input]);
+        assert_eq!(g.terminal, 2);
+        assert_eq!(g.input, (0, 0));
+    }
+
+    #[test]
+    fn diamond_binds_by_name() {
+        let (g, errors) = check_tokens(quote! {
+            impl W {
+                #[step] async fn a(req: Req) -> Result<A, E> { todo!() }
+                #[step(depends_on = [a])] async fn b(a: A) -> Result<B, E> { todo!() }
+                #[step(depends_on = [a])] async fn c(a: A) -> Result<C, E> { todo!() }
+                #[step(depends_on = [c, b])] async fn d(b: B, c: C, input: Req) -> Result<D, E> { todo!() }
+            }
+        });
+        let g = g.unwrap_or_else(|| panic!("{errors}"));
+        assert_eq!(g.parents[3], vec![2, 1]);
+        assert_eq!(
+            g.sources[3],
+            vec![Source::Step(1), Source::Step(2), Source::Input]
+        );
+        assert_eq!(g.terminal, 3);
+    }
+
+    #[test]
+    fn cycle_is_reported_with_its_path() {
+        let (g, errors) = check_tokens(quote! {
+            impl W {
+                #[step] async fn a(req: Req) -> Result<A, E> { todo!() }
+                #[step(depends_on = [c])] async fn b(c: C) -> Result<B, E> { todo!() }
+                #[step(depends_on = [b])] async fn c(b: B) -> Result<C, E> { todo!() }
+                #[step(depends_on = [a, c])] async fn d(a: A, c: C) -> Result<D, E> { todo!() }
+            }
+        });
+        assert!(g.is_none());
+        assert!(
+            errors.contains("cycle in the step graph: b -> c -> b")
+                || errors.contains("cycle in the step graph: c -> b -> c"),
+            "{errors}"
+        );
+    }
+
+    #[test]
+    fn graph_errors_accumulate() {
+        let (g, errors) = check_tokens(quote! {
+            impl W {
+                #[step] async fn a(req: Req) -> Result<A, E> { todo!() }
+                #[step(depends_on = [nope, a])] async fn b(x: A) -> Result<B, E> { todo!() }
+                #[step(depends_on = [a])] async fn c(a: A) -> Result<C, E> { todo!() }
+            }
+        });
+        assert!(g.is_none());
+        for needle in [
+            "unknown step `nope`",
+            "parameter `x` of step `b` is bound to nothing",
+            "depends on `a` but takes no parameter named `a`",
+        ] {
+            assert!(errors.contains(needle), "missing {needle:?} in {errors}");
+        }
+    }
+
+    #[test]
+    fn two_terminals_are_named() {
+        let (g, errors) = check_tokens(quote! {
+            impl W {
+                #[step] async fn a(req: Req) -> Result<A, E> { todo!() }
+                #[step(depends_on = [a])] async fn b(a: A) -> Result<B, E> { todo!() }
+                #[step(depends_on = [a])] async fn c(a: A) -> Result<C, E> { todo!() }
+            }
+        });
+        assert!(g.is_none());
+        assert!(errors.contains("nothing depends on `b`, `c`"), "{errors}");
+    }
+}

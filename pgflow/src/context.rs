@@ -1,0 +1,316 @@
+//! What a running step can see: [`StepContext`] (run id, workflow, step, attempt,
+//! shared data, cost, cancellation), the typed shared-state map [`Data`] and the
+//! [`CancelToken`] a run's steps share.
+//!
+//! A step takes the context by adding a `&StepContext` parameter anywhere in its
+//! signature:
+//!
+//! ```
+//! use pgflow::{StepContext, StepError};
+//!
+//! struct Prices { cents_per_call: i64 }
+//!
+//! async fn call(prompt: String, ctx: &StepContext) -> Result<String, StepError> {
+//!     let prices = ctx.data::<Prices>()?;
+//!     ctx.add_cost_cents(prices.cents_per_call);
+//!     ctx.check_cancelled()?;
+//!     Ok(format!("{} (attempt {})", prompt, ctx.attempt()))
+//! }
+//! ```
+
+use std::any::{Any, TypeId, type_name};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use crate::StepError;
+
+/// The identifier of a run. The durable runtime uses the `pgflow.runs` primary key;
+/// the in-process executor numbers its runs from a process-wide counter.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct RunId(pub i64);
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// Typed shared state handed to every step (`ctx.data::<T>()`): an HTTP client, a
+/// price table, a connection pool. One value per type.
+///
+/// # Examples
+///
+/// ```
+/// let mut data = pgflow::Data::new();
+/// data.insert(42_u32);
+/// data.insert(String::from("shared"));
+/// assert_eq!(data.get::<u32>(), Some(&42));
+/// assert_eq!(data.get::<i8>(), None);
+/// ```
+#[derive(Clone, Default)]
+pub struct Data {
+    values: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
+}
+
+impl Data {
+    /// An empty map.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stores `value`, replacing any earlier value of the same type.
+    pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) -> &mut Self {
+        self.values.insert(TypeId::of::<T>(), Arc::new(value));
+        self
+    }
+
+    /// The value of type `T`, if one was stored.
+    pub fn get<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.values
+            .get(&TypeId::of::<T>())
+            .and_then(|v| v.downcast_ref::<T>())
+    }
+
+    /// The number of stored values.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether no value is stored.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+impl fmt::Debug for Data {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Data")
+            .field("len", &self.values.len())
+            .finish()
+    }
+}
+
+/// A flag shared by the steps of a run, set when the run is cancelled. Steps look at
+/// it through [`StepContext::is_cancelled`]; a long step should check it between
+/// units of work.
+///
+/// ```
+/// let token = pgflow::CancelToken::new();
+/// let seen_by_step = token.clone();
+/// token.cancel();
+/// assert!(seen_by_step.is_cancelled());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Marks the run cancelled.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether the run was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Accumulates the cost (in cents) that a run's steps report. Shared by all steps of a
+/// run; the total is stored with the run's result.
+///
+/// ```
+/// let cost = pgflow::CostMeter::new();
+/// cost.add(3);
+/// cost.clone().add(4);
+/// assert_eq!(cost.total(), 7);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct CostMeter(Arc<AtomicI64>);
+
+impl CostMeter {
+    /// A meter at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `cents` (may be negative, for a refund).
+    pub fn add(&self, cents: i64) {
+        self.0.fetch_add(cents, Ordering::Relaxed);
+    }
+
+    /// The total so far.
+    pub fn total(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What a step sees of the run it belongs to. Take it as a `&StepContext` parameter.
+///
+/// # Examples
+///
+/// ```
+/// use pgflow::{Data, StepContext};
+///
+/// let mut data = Data::new();
+/// data.insert(7_u8);
+/// let ctx = StepContext::builder("wf", "step").attempt(2).data(data.into()).build();
+/// assert_eq!(ctx.attempt(), 2);
+/// assert_eq!(*ctx.data::<u8>().unwrap(), 7);
+/// assert!(ctx.data::<u16>().unwrap_err().is_permanent());
+/// ctx.add_cost_cents(5);
+/// assert_eq!(ctx.cost().total(), 5);
+/// ```
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    run_id: RunId,
+    workflow: &'static str,
+    step: &'static str,
+    attempt: u32,
+    element: Option<usize>,
+    data: Arc<Data>,
+    cost: CostMeter,
+    cancel: CancelToken,
+}
+
+impl StepContext {
+    /// Starts building a context; executors use this, and so can unit tests that call
+    /// a step function directly.
+    pub fn builder(workflow: &'static str, step: &'static str) -> StepContextBuilder {
+        StepContextBuilder(Self {
+            run_id: RunId(0),
+            workflow,
+            step,
+            attempt: 1,
+            element: None,
+            data: Arc::default(),
+            cost: CostMeter::new(),
+            cancel: CancelToken::new(),
+        })
+    }
+
+    /// The run this step belongs to.
+    pub fn run_id(&self) -> RunId {
+        self.run_id
+    }
+
+    /// The workflow's durable name.
+    pub fn workflow(&self) -> &'static str {
+        self.workflow
+    }
+
+    /// The step's name (its function name).
+    pub fn step(&self) -> &'static str {
+        self.step
+    }
+
+    /// The attempt number, starting at 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// For an element of a map step, its index in the parent's vector.
+    pub fn element(&self) -> Option<usize> {
+        self.element
+    }
+
+    /// The shared value of type `T` given to the executor or runtime.
+    ///
+    /// # Errors
+    ///
+    /// A permanent [`StepError`] naming the type when no such value was given (a
+    /// setup mistake that no retry fixes).
+    pub fn data<T: Send + Sync + 'static>(&self) -> Result<&T, StepError> {
+        self.data.get::<T>().ok_or_else(|| {
+            StepError::permanent(format!(
+                "no shared data of type `{}`: pass it with `.data(..)` when building the runtime or the execute options",
+                type_name::<T>()
+            ))
+        })
+    }
+
+    /// Adds `cents` to the run's cost (summed into `cost_cents` of its result).
+    pub fn add_cost_cents(&self, cents: i64) {
+        self.cost.add(cents);
+    }
+
+    /// The run's cost meter.
+    pub fn cost(&self) -> &CostMeter {
+        &self.cost
+    }
+
+    /// Whether the run was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Returns a [`StepError::cancelled`] error if the run was cancelled, so a long
+    /// step can stop early with `ctx.check_cancelled()?`.
+    ///
+    /// # Errors
+    ///
+    /// When the run was cancelled.
+    pub fn check_cancelled(&self) -> Result<(), StepError> {
+        if self.is_cancelled() {
+            Err(StepError::cancelled())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Builds a [`StepContext`]; see [`StepContext::builder`].
+#[derive(Debug)]
+pub struct StepContextBuilder(StepContext);
+
+impl StepContextBuilder {
+    /// Sets the run id.
+    pub fn run_id(mut self, run_id: RunId) -> Self {
+        self.0.run_id = run_id;
+        self
+    }
+
+    /// Sets the attempt number (1-based).
+    pub fn attempt(mut self, attempt: u32) -> Self {
+        self.0.attempt = attempt;
+        self
+    }
+
+    /// Sets the map element index.
+    pub fn element(mut self, element: Option<usize>) -> Self {
+        self.0.element = element;
+        self
+    }
+
+    /// Sets the shared data.
+    pub fn data(mut self, data: Arc<Data>) -> Self {
+        self.0.data = data;
+        self
+    }
+
+    /// Shares a cost meter (all steps of a run share one).
+    pub fn cost(mut self, cost: CostMeter) -> Self {
+        self.0.cost = cost;
+        self
+    }
+
+    /// Shares a cancel token (all steps of a run share one).
+    pub fn cancel(mut self, cancel: CancelToken) -> Self {
+        self.0.cancel = cancel;
+        self
+    }
+
+    /// The context.
+    pub fn build(self) -> StepContext {
+        self.0
+    }
+}

@@ -1,0 +1,418 @@
+//! Errors: [`StepError`] is what a step returns; [`RunError`] is what a failed run
+//! reports, with the history of every failed attempt of the step that failed it.
+//!
+//! A step's error is *retryable* unless it says otherwise: an ordinary error turned
+//! into a [`StepError`] by `?` is retried with backoff up to the step's
+//! `max_attempts`, while [`StepError::permanent`] fails the run at once.
+//!
+//! ```
+//! use pgflow::StepError;
+//!
+//! fn parse(s: &str) -> Result<u32, StepError> {
+//!     if s.is_empty() {
+//!         return Err(StepError::permanent("empty input"));
+//!     }
+//!     Ok(s.parse::<u32>()?) // a `ParseIntError` becomes a retryable `StepError`
+//! }
+//! assert!(parse("").unwrap_err().is_permanent());
+//! assert!(parse("x").unwrap_err().is_retryable());
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How a failed attempt is classified, which decides whether it is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// An ordinary failure; retried with backoff while attempts remain.
+    Retryable,
+    /// A failure that retrying cannot fix; fails the run at once.
+    Permanent,
+    /// The step outlived its timeout and was dropped; retried like [`Retryable`](Self::Retryable).
+    Timeout,
+    /// The step panicked; the message is the panic payload. Retried like [`Retryable`](Self::Retryable).
+    Panic,
+    /// The run was cancelled while the step ran; never retried.
+    Cancelled,
+}
+
+impl ErrorKind {
+    /// Whether an error of this kind may be retried.
+    ///
+    /// ```
+    /// use pgflow::ErrorKind;
+    /// assert!(ErrorKind::Timeout.is_retryable());
+    /// assert!(!ErrorKind::Permanent.is_retryable());
+    /// ```
+    pub fn is_retryable(self) -> bool {
+        matches!(self, Self::Retryable | Self::Timeout | Self::Panic)
+    }
+
+    /// The lowercase name stored in the database and shown in messages.
+    ///
+    /// ```
+    /// assert_eq!(pgflow::ErrorKind::Panic.as_str(), "panic");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retryable => "retryable",
+            Self::Permanent => "permanent",
+            Self::Timeout => "timeout",
+            Self::Panic => "panic",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error a step returns.
+///
+/// `?` converts any `std::error::Error + Send + Sync + 'static` into a retryable
+/// `StepError` (keeping it as the source), so step bodies read like ordinary code.
+/// Like `anyhow::Error`, `StepError` itself does not implement `std::error::Error`
+/// (that would make the blanket conversion overlap with `From<T> for T`); use
+/// [`StepError::into_std`] where a `std::error::Error` is needed.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use pgflow::{ErrorKind, StepError};
+///
+/// let e = StepError::retry_after(Duration::from_secs(2), "rate limited (429)");
+/// assert_eq!(e.kind(), ErrorKind::Retryable);
+/// assert_eq!(e.retry_delay(), Some(Duration::from_secs(2)));
+///
+/// let e = StepError::permanent("unknown recipient `bob`");
+/// assert!(!e.is_retryable());
+/// assert_eq!(e.to_string(), "permanent: unknown recipient `bob`");
+/// ```
+pub struct StepError {
+    kind: ErrorKind,
+    message: String,
+    retry_after: Option<Duration>,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl StepError {
+    fn new(kind: ErrorKind, message: String) -> Self {
+        Self {
+            kind,
+            message,
+            retry_after: None,
+            source: None,
+        }
+    }
+
+    /// A failure that is retried with backoff while attempts remain.
+    pub fn retryable(message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Retryable, message.to_string())
+    }
+
+    /// A failure that no retry can fix (bad input, a rejected request): the run fails
+    /// at once with this error.
+    pub fn permanent(message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Permanent, message.to_string())
+    }
+
+    /// A retryable failure that asks for the next attempt no sooner than `delay`
+    /// (a `Retry-After` header, a rate limit window). It replaces the computed backoff.
+    pub fn retry_after(delay: Duration, message: impl fmt::Display) -> Self {
+        let mut e = Self::retryable(message);
+        e.retry_after = Some(delay);
+        e
+    }
+
+    /// The error recorded when a step outlives its timeout.
+    ///
+    /// ```
+    /// let e = pgflow::StepError::timeout(std::time::Duration::from_millis(1500));
+    /// assert_eq!(e.to_string(), "timeout: step timed out after 1.5s");
+    /// ```
+    pub fn timeout(after: Duration) -> Self {
+        Self::new(
+            ErrorKind::Timeout,
+            format!("step timed out after {after:?}"),
+        )
+    }
+
+    /// The error recorded when a step panics; `message` is the panic payload.
+    pub fn panic(message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Panic, format!("step panicked: {message}"))
+    }
+
+    /// The error recorded when the run is cancelled while the step runs.
+    pub fn cancelled() -> Self {
+        Self::new(ErrorKind::Cancelled, "run cancelled".to_owned())
+    }
+
+    /// Rebuilds an error from its stored parts (kind, message, retry delay), as the
+    /// durable runtime does when it reads an attempt's error back from the database.
+    pub fn from_parts(kind: ErrorKind, message: String, retry_after: Option<Duration>) -> Self {
+        let mut e = Self::new(kind, message);
+        e.retry_after = retry_after;
+        e
+    }
+
+    /// Makes this error permanent, keeping its message and source.
+    ///
+    /// ```
+    /// let e = pgflow::StepError::retryable("bad json").into_permanent();
+    /// assert!(e.is_permanent());
+    /// ```
+    pub fn into_permanent(mut self) -> Self {
+        self.kind = ErrorKind::Permanent;
+        self.retry_after = None;
+        self
+    }
+
+    /// Adds context in front of the message: `"{context}: {message}"`.
+    ///
+    /// ```
+    /// let e = pgflow::StepError::permanent("missing field `a`").context("decoding input");
+    /// assert_eq!(e.message(), "decoding input: missing field `a`");
+    /// ```
+    pub fn context(mut self, context: impl fmt::Display) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
+    /// The classification of this error.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message, without the kind.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The delay asked for by [`StepError::retry_after`], if any.
+    pub fn retry_delay(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// Whether this error may be retried (retryable, timeout or panic).
+    pub fn is_retryable(&self) -> bool {
+        self.kind.is_retryable()
+    }
+
+    /// Whether this error fails the run at once.
+    pub fn is_permanent(&self) -> bool {
+        self.kind == ErrorKind::Permanent
+    }
+
+    /// The error this one was converted from by `?`, if any.
+    pub fn source(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.source.as_deref()
+    }
+
+    /// Converts into a boxed `std::error::Error`.
+    ///
+    /// ```
+    /// let e: Box<dyn std::error::Error + Send + Sync> =
+    ///     pgflow::StepError::permanent("nope").into_std();
+    /// assert_eq!(e.to_string(), "permanent: nope");
+    /// ```
+    pub fn into_std(self) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        Box::new(StdStepError(self))
+    }
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl fmt::Debug for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("StepError");
+        d.field("kind", &self.kind).field("message", &self.message);
+        if let Some(r) = self.retry_after {
+            d.field("retry_after", &r);
+        }
+        if let Some(s) = &self.source {
+            d.field("source", s);
+        }
+        d.finish()
+    }
+}
+
+impl<E> From<E> for StepError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn from(error: E) -> Self {
+        let mut e = Self::retryable(&error);
+        e.source = Some(Box::new(error));
+        e
+    }
+}
+
+struct StdStepError(StepError);
+
+impl fmt::Debug for StdStepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for StdStepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for StdStepError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// One failed attempt of a step: what a run's error history is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptFailure {
+    /// The attempt number, starting at 1.
+    pub attempt: u32,
+    /// How the attempt failed.
+    pub kind: ErrorKind,
+    /// The error message.
+    pub message: String,
+}
+
+impl AttemptFailure {
+    /// Records `error` as the failure of attempt `attempt`.
+    ///
+    /// ```
+    /// use pgflow::{AttemptFailure, ErrorKind, StepError};
+    /// let f = AttemptFailure::new(2, &StepError::permanent("no"));
+    /// assert_eq!((f.attempt, f.kind, f.message.as_str()), (2, ErrorKind::Permanent, "no"));
+    /// ```
+    pub fn new(attempt: u32, error: &StepError) -> Self {
+        Self {
+            attempt,
+            kind: error.kind(),
+            message: error.message().to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for AttemptFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "attempt {} {}: {}",
+            self.attempt, self.kind, self.message
+        )
+    }
+}
+
+/// Why a run failed: the step that failed it and every failed attempt of that step.
+///
+/// # Examples
+///
+/// ```
+/// use pgflow::{AttemptFailure, RunError, StepError};
+///
+/// let err = RunError::step_failed(
+///     "llm_request",
+///     "call_provider",
+///     None,
+///     vec![
+///         AttemptFailure::new(1, &StepError::retryable("HTTP 500")),
+///         AttemptFailure::new(2, &StepError::retryable("HTTP 503")),
+///     ],
+/// );
+/// assert_eq!(
+///     err.to_string(),
+///     "workflow `llm_request` failed at step `call_provider` after 2 attempt(s): \
+///      attempt 1 retryable: HTTP 500; attempt 2 retryable: HTTP 503"
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum RunError {
+    /// A step failed permanently or exhausted its attempts.
+    #[error(
+        "workflow `{workflow}` failed at step `{step}`{} after {} attempt(s): {}",
+        element.map(|i| format!(" (element {i})")).unwrap_or_default(),
+        history.len(),
+        join_history(history)
+    )]
+    StepFailed {
+        /// The workflow's name.
+        workflow: String,
+        /// The step that failed the run.
+        step: String,
+        /// For a map step, the index of the element that failed.
+        element: Option<usize>,
+        /// Every failed attempt, oldest first.
+        history: Vec<AttemptFailure>,
+    },
+    /// The run was cancelled before it finished.
+    #[error("workflow `{workflow}` run was cancelled")]
+    Cancelled {
+        /// The workflow's name.
+        workflow: String,
+    },
+    /// The workflow's input or output could not be converted to or from JSON.
+    #[error("workflow `{workflow}`: {message}")]
+    Serde {
+        /// The workflow's name.
+        workflow: String,
+        /// What failed, with the serde path.
+        message: String,
+    },
+}
+
+impl RunError {
+    /// A step failure with its attempt history.
+    pub fn step_failed(
+        workflow: impl Into<String>,
+        step: impl Into<String>,
+        element: Option<usize>,
+        history: Vec<AttemptFailure>,
+    ) -> Self {
+        Self::StepFailed {
+            workflow: workflow.into(),
+            step: step.into(),
+            element,
+            history,
+        }
+    }
+
+    /// The attempt history of the failing step (empty for other failures).
+    pub fn history(&self) -> &[AttemptFailure] {
+        match self {
+            Self::StepFailed { history, .. } => history,
+            _ => &[],
+        }
+    }
+
+    /// The name of the step that failed the run, if a step did.
+    pub fn failed_step(&self) -> Option<&str> {
+        match self {
+            Self::StepFailed { step, .. } => Some(step),
+            _ => None,
+        }
+    }
+}
+
+fn join_history(history: &[AttemptFailure]) -> String {
+    history
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}

@@ -1,0 +1,102 @@
+//! The policy of running one step attempt, shared by both executors: call the
+//! type-erased entry (which deserializes the inputs and calls the user's function),
+//! drop it when it outlives the step's timeout, catch a panic with its message, and
+//! compute the delay before the next attempt.
+//!
+//! ```
+//! use std::time::Duration;
+//! use pgflow::{policy, StepError, StepOptions};
+//!
+//! let opts = StepOptions { backoff: Duration::from_millis(100), ..StepOptions::DEFAULT };
+//! let d = policy::retry_delay(&opts, 3, &StepError::retryable("flaky"));
+//! // attempt 3 failed: base 100 ms x 2^2 = 400 ms, with jitter in [200 ms, 400 ms]
+//! assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400));
+//! let d = policy::retry_delay(&opts, 3, &StepError::retry_after(Duration::from_secs(7), "429"));
+//! assert_eq!(d, Duration::from_secs(7));
+//! ```
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use crate::{StepContext, StepDef, StepError, StepInputs, StepOptions, StepValue};
+
+/// The longest delay between two attempts, whatever the backoff and attempt count.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60 * 60);
+
+/// Runs one attempt of `step`: its entry under the step's timeout, with panics caught.
+///
+/// # Errors
+///
+/// The step's own error; [`StepError::timeout`] when it outlives its timeout (the
+/// future is dropped); [`StepError::panic`] with the panic message.
+pub async fn run_attempt(
+    step: &StepDef,
+    inputs: StepInputs,
+    ctx: StepContext,
+) -> Result<StepValue, StepError> {
+    let timeout = step.options().timeout;
+    let entry = step.entry();
+    let fut = match catch_unwind(AssertUnwindSafe(|| entry(inputs, ctx))) {
+        Ok(fut) => fut,
+        Err(payload) => return Err(StepError::panic(panic_message(payload.as_ref()))),
+    };
+    match tokio::time::timeout(timeout, CatchUnwind(fut)).await {
+        Err(_) => Err(StepError::timeout(timeout)),
+        Ok(Err(panic)) => Err(StepError::panic(panic)),
+        Ok(Ok(result)) => result,
+    }
+}
+
+/// The delay before the attempt after failed attempt `attempt` (1-based): the
+/// error's own [`StepError::retry_delay`] if it has one, else exponential backoff
+/// `backoff × 2^(attempt-1)` capped at [`MAX_BACKOFF`], with "equal jitter" (a
+/// uniformly random delay in the upper half) so that retries of many tasks that
+/// failed together spread out.
+pub fn retry_delay(options: &StepOptions, attempt: u32, error: &StepError) -> Duration {
+    if let Some(d) = error.retry_delay() {
+        return d;
+    }
+    let factor = 1_u32
+        .checked_shl(attempt.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    let full = options.backoff.saturating_mul(factor).min(MAX_BACKOFF);
+    let half = full / 2;
+    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+    half + Duration::from_nanos(fastrand::u64(0..=nanos))
+}
+
+/// The message of a panic payload (`&str` or `String`; anything else is described).
+///
+/// ```
+/// let payload = std::panic::catch_unwind(|| panic!("boom {}", 7)).unwrap_err();
+/// assert_eq!(pgflow::policy::panic_message(payload.as_ref()), "boom 7");
+/// ```
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}
+
+/// Polls a future, turning a panic into `Err(message)`.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match catch_unwind(AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(payload) => Poll::Ready(Err(panic_message(payload.as_ref()))),
+        }
+    }
+}
