@@ -9,7 +9,7 @@ pub use inventory;
 pub use serde_json;
 
 pub use crate::registry::Registration;
-pub use crate::value::{Dup, DupFn, DupResult, DupViaClone, DupViaSerde, to_json};
+pub use crate::value::{Dup, DupFn, DupResult, DupUnsupported, DupViaClone, DupViaSerde};
 
 use std::sync::OnceLock;
 
@@ -55,10 +55,6 @@ pub const fn workflow_def(parts: WorkflowParts) -> WorkflowDef {
         plan: OnceLock::new(),
     }
 }
-
-/// Asserts at compile time, at the span of the user's type, that `T` can travel
-/// between steps.
-pub const fn assert_step_data<T: crate::StepData>() {}
 
 /// Converts a step's error type; spanned at the user's error type so a type that is
 /// not `Into<StepError>` is reported there.

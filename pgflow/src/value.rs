@@ -8,13 +8,16 @@
 //! the serde path.
 //!
 //! ```
-//! use pgflow::{StepInputs, StepValue};
+//! use pgflow::{StepInputs, StepValue, ValueOps};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize, Debug)]
+//! struct Count { n: u32 }
+//! // `#[workflow]` generates one of these per value type
+//! static COUNT: ValueOps = ValueOps::of::<Count>("Count", |_| unreachable!());
 //!
 //! let raw = serde_json::value::RawValue::from_string(r#"{"n": "x"}"#.to_owned()).unwrap();
 //! let mut inputs = StepInputs::new("wf", "step", vec![StepValue::Json(raw)]);
-//! #[derive(serde::Deserialize, Debug)]
-//! struct Count { n: u32 }
-//! let err = inputs.take::<Count>(0, "count").unwrap_err();
+//! let err = inputs.take::<Count>(0, "count", &COUNT).unwrap_err();
 //! assert!(err.is_permanent());
 //! assert!(err.message().contains("at `n`"), "{}", err.message());
 //! ```
@@ -59,7 +62,22 @@ pub struct ValueOps {
     #[doc(hidden)]
     pub to_json: fn(&(dyn Any + Send)) -> Result<Box<RawValue>, serde_json::Error>,
     #[doc(hidden)]
+    pub from_json: fn(&str) -> Result<Box<dyn Any + Send>, StepError>,
+    #[doc(hidden)]
     pub duplicate: DupFn,
+}
+
+impl ValueOps {
+    /// The operations of `T`; `duplicate` is chosen by the expansion.
+    #[doc(hidden)]
+    pub const fn of<T: StepData>(type_name: &'static str, duplicate: DupFn) -> Self {
+        Self {
+            type_name,
+            to_json: to_json::<T>,
+            from_json: from_json_any::<T>,
+            duplicate,
+        }
+    }
 }
 
 impl fmt::Debug for ValueOps {
@@ -79,12 +97,14 @@ pub enum StepValue {
 }
 
 impl StepValue {
-    /// Wraps a typed value.
+    /// Wraps a typed value with the operations of its type.
     ///
     /// ```
-    /// # use pgflow::{StepValue, ValueOps};
-    /// # fn ops() -> &'static ValueOps { unimplemented!() }
-    /// // `#[workflow]` generates the `ValueOps` of each step's type.
+    /// use pgflow::{StepValue, ValueOps};
+    /// static U8: ValueOps = ValueOps::of::<u8>("u8", |_| unreachable!());
+    /// let v = StepValue::typed(7_u8, &U8);
+    /// assert_eq!(v.to_json().unwrap().get(), "7");
+    /// assert_eq!(v.into_typed::<u8>().unwrap(), 7);
     /// ```
     pub fn typed<T: Send + 'static>(value: T, ops: &'static ValueOps) -> Self {
         Self::Typed(Box::new(value), ops)
@@ -239,38 +259,47 @@ impl StepInputs {
         })
     }
 
-    /// Takes input `index` as parameter `param` of type `T`.
+    /// Takes input `index` as parameter `param` of type `T`, whose operations are
+    /// `ops` (they deserialize a JSON input).
     ///
     /// # Errors
     ///
     /// A permanent error naming the workflow, step, parameter and serde path when a
     /// JSON input does not deserialize into `T`, or when the input is missing.
-    pub fn take<T: DeserializeOwned + 'static>(
+    pub fn take<T: 'static>(
         &mut self,
         index: usize,
         param: &str,
+        ops: &'static ValueOps,
     ) -> Result<T, StepError> {
-        let value = self
-            .values
-            .get_mut(index)
-            .and_then(Option::take)
-            .ok_or_else(|| {
-                StepError::permanent(format!(
-                    "workflow `{}` step `{}`: input {index} (`{param}`) is missing",
-                    self.workflow, self.step
-                ))
-            })?;
-        value.into_typed::<T>().map_err(|e| {
+        let context = |e: StepError| {
             e.context(format_args!(
                 "workflow `{}` step `{}` parameter `{param}`",
                 self.workflow, self.step
             ))
+        };
+        let value = match self.values.get_mut(index).and_then(Option::take) {
+            Some(StepValue::Typed(v, _)) => v,
+            Some(StepValue::Json(raw)) => (ops.from_json)(raw.get()).map_err(context)?,
+            None => {
+                return Err(context(StepError::permanent(format!(
+                    "input {index} is missing"
+                ))));
+            }
+        };
+        value.downcast::<T>().map(|b| *b).map_err(|_| {
+            context(StepError::permanent(format!(
+                "internal: the input is not a `{}`",
+                ops.type_name
+            )))
         })
     }
 }
 
-/// The `duplicate` operation of [`ValueOps`] for a `Clone` type. `#[workflow]` picks
-/// it over [`DupViaSerde`] by autoref specialization.
+/// Picks the `duplicate` operation of [`ValueOps`] by autoref specialization:
+/// `(&&Dup::<T>::new()).dup_fn()` resolves to [`DupViaClone`] (impl for `&Dup<T>`)
+/// when `T: Clone`, else to [`DupViaSerde`] (impl for `&&Dup<T>`, a JSON round
+/// trip), else to [`DupUnsupported`] (impl for `Dup<T>`).
 #[doc(hidden)]
 pub struct Dup<T>(PhantomData<T>);
 
@@ -300,7 +329,7 @@ pub trait DupViaClone {
     fn dup_fn(&self) -> DupFn;
 }
 
-impl<T: Clone + Send + 'static> DupViaClone for Dup<T> {
+impl<T: Clone + Send + 'static> DupViaClone for &Dup<T> {
     fn dup_fn(&self) -> DupFn {
         |v| {
             let v = v.downcast_ref::<T>().ok_or_else(type_confusion)?;
@@ -314,7 +343,7 @@ pub trait DupViaSerde {
     fn dup_fn(&self) -> DupFn;
 }
 
-impl<T: StepData> DupViaSerde for &Dup<T> {
+impl<T: StepData> DupViaSerde for &&Dup<T> {
     fn dup_fn(&self) -> DupFn {
         |v| {
             let v = v.downcast_ref::<T>().ok_or_else(type_confusion)?;
@@ -324,13 +353,29 @@ impl<T: StepData> DupViaSerde for &Dup<T> {
     }
 }
 
+/// The last resort of the specialization, for a type that is neither `Clone` nor
+/// `StepData`: such a type is already a compile error at the user's type (through
+/// [`ValueOps::of`]), and this impl only keeps a second, noisier error away.
+#[doc(hidden)]
+pub trait DupUnsupported {
+    fn dup_fn(&self) -> DupFn;
+}
+
+impl<T> DupUnsupported for Dup<T> {
+    fn dup_fn(&self) -> DupFn {
+        |_| Err(type_confusion())
+    }
+}
+
 fn type_confusion() -> serde_json::Error {
     <serde_json::Error as serde::de::Error>::custom("internal: value of an unexpected type")
 }
 
-/// The `to_json` operation of [`ValueOps`] for `T`.
-#[doc(hidden)]
-pub fn to_json<T: StepData>(v: &(dyn Any + Send)) -> Result<Box<RawValue>, serde_json::Error> {
+fn to_json<T: StepData>(v: &(dyn Any + Send)) -> Result<Box<RawValue>, serde_json::Error> {
     let v = v.downcast_ref::<T>().ok_or_else(type_confusion)?;
     serde_json::value::to_raw_value(v)
+}
+
+fn from_json_any<T: StepData>(json: &str) -> Result<Box<dyn Any + Send>, StepError> {
+    from_json::<T>(json).map(|v| Box::new(v) as Box<dyn Any + Send>)
 }

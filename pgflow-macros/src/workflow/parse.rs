@@ -280,11 +280,13 @@ fn classify_type(ty: &Type) -> ParamType {
     }
 }
 
-/// `Result<T, E>` or `Result<T>` (an alias that fixes `E`) -> `(T, Some(E) / None)`.
+/// `Result<T, E>`, or an alias whose name ends in `Result` and whose first argument
+/// is the success type (`io::Result<T>`, `StepResult<T>`) -> `(T, Some(E) / None)`.
+/// The expansion annotates the awaited value with `T`, so rustc checks the guess.
 fn result_args(ty: &Type) -> Option<(Type, Option<Type>)> {
     let Type::Path(p) = ty else { return None };
     let seg = p.path.segments.last()?;
-    if seg.ident != "Result" {
+    if !seg.ident.to_string().ends_with("Result") {
         return None;
     }
     let PathArguments::AngleBracketed(args) = &seg.arguments else {

@@ -1,0 +1,43 @@
+#![deny(warnings, clippy::all, missing_docs, unreachable_pub)]
+//! Expansions stay free of warnings in a crate that denies them.
+
+use pgflow::{workflow, StepContext, StepError};
+use serde::{Deserialize, Serialize};
+
+/// Not `Clone`: duplicated through JSON.
+#[derive(Serialize, Deserialize)]
+pub struct Doc {
+    /// The text.
+    pub text: String,
+}
+
+/// A workflow with roots, a fan-in and the context.
+pub struct Strict;
+
+#[workflow]
+impl Strict {
+    #[step(depends_on = [])]
+    async fn a(input: Doc) -> Result<usize, StepError> {
+        Ok(input.text.len())
+    }
+
+    #[step(depends_on = [])]
+    async fn b(input: Doc, ctx: &StepContext) -> Result<Doc, StepError> {
+        ctx.add_cost_cents(1);
+        Ok(input)
+    }
+
+    #[step(depends_on = [a, b])]
+    async fn c(a: usize, b: Doc) -> Result<String, StepError> {
+        Ok(format!("{a}{}", b.text))
+    }
+
+    /// Not a step: helpers live beside steps.
+    pub fn helper() -> u8 {
+        1
+    }
+}
+
+fn main() {
+    assert_eq!(Strict::helper(), 1);
+}
