@@ -2,7 +2,7 @@
 //! `pgflow` crate (`use pgflow::workflow;`), whose docs have the full guide; the
 //! expansion names `::pgflow` paths only.
 //!
-//! The work is split like serde_derive's: [`attr`] parses options, `workflow::parse`
+//! The work is split like serde_derive's: `attr` parses options, `workflow::parse`
 //! builds a model of the impl block, `workflow::check` validates it across steps
 //! (accumulating every error) and `workflow::expand` generates code from a valid
 //! model. On error the user's items are still emitted, next to the errors.

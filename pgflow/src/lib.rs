@@ -6,7 +6,7 @@
 //!
 //! This crate is what a library that *defines* workflows depends on: the
 //! [`Workflow`] trait, the step table types, [`StepError`], [`StepContext`], the
-//! [`registry`] of linked workflows and the in-process executor [`execute`]. It has
+//! [`registry()`] of linked workflows and the in-process executor [`execute`]. It has
 //! no database code; the durable engine is the `pgflow-runtime` crate.
 //!
 //! ```

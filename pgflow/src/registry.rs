@@ -1,6 +1,6 @@
 //! The registry of every workflow linked into the binary.
 //!
-//! `#[workflow]` registers each definition with [`inventory`]; [`registry`] collects
+//! `#[workflow]` registers each definition with [`inventory`]; [`registry()`] collects
 //! them once, sorted by `(name, version)`. Two definitions with the same name and
 //! version are an error that names both places.
 //!
