@@ -1,16 +1,56 @@
 //! # pgflow-runtime
 //!
-//! The durable engine of pgflow: migrations, the Postgres task queue, workers,
-//! leases, the instance registry and results. This crate is a skeleton until the
-//! durable-runtime issue lands; today it re-exports the definition crate so that
-//! binaries can already depend on it.
+//! The durable engine of pgflow. Link it into your binary next to the crates that
+//! define workflows; every instance of the binary pulls step tasks from one Postgres
+//! queue, stores each step's output before any child starts, retries with backoff,
+//! times steps out and records results and costs.
 //!
-//! ```
-//! // Every workflow linked into the binary, as the runtime will register them.
-//! let registry = pgflow_runtime::pgflow::registry().unwrap();
-//! for def in registry.workflows() {
-//!     println!("{} v{}", def.name(), def.version());
+//! ```no_run
+//! use pgflow::{workflow, StepError};
+//! use pgflow_runtime::Runtime;
+//!
+//! pub struct Double;
+//! #[workflow]
+//! impl Double {
+//!     #[step]
+//!     async fn double(n: u64) -> Result<u64, StepError> { Ok(n * 2) }
 //! }
+//!
+//! # async fn demo() -> Result<(), pgflow_runtime::Error> {
+//! let rt = Runtime::builder()
+//!     .database_url("postgres://postgres@127.0.0.1:5432/postgres")
+//!     .queue("default", 16)
+//!     .start()
+//!     .await?;
+//! let run = rt.start::<Double>(21).await?;
+//! assert_eq!(run.wait().await?, 42);
+//! rt.shutdown().await?;
+//! # Ok(()) }
 //! ```
+//!
+//! How it works: [`queue`](crate) claims tasks in batches with `FOR UPDATE SKIP
+//! LOCKED` over a partial index, completions are flushed in batches (one transaction
+//! stores outputs, counts down joins, enqueues ready children and finishes runs), and
+//! every completion is fenced on its claim token so a lost claim cannot overwrite
+//! anything. The schema is in `migrations/` (schema `pgflow`).
 
+mod catalog;
+mod config;
+mod definitions;
+mod error;
+mod queue;
+mod runtime;
+mod worker;
+
+pub use error::{Error, mask_password};
 pub use pgflow;
+pub use runtime::{RunHandle, RunOutcome, Runtime, RuntimeBuilder, StartOptions, Summary};
+
+/// The schema migrations (`migrations/` at the workspace root), applied by
+/// [`RuntimeBuilder::start`] unless disabled; usable with `#[sqlx::test(migrator =
+/// "pgflow_runtime::MIGRATOR")]`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// The claim statement, for tests and `EXPLAIN`.
+#[doc(hidden)]
+pub const CLAIM_SQL: &str = queue::CLAIM_SQL;

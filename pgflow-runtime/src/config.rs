@@ -1,0 +1,45 @@
+//! Runtime settings and their defaults.
+
+use std::time::Duration;
+
+/// Tunables of a runtime; every field has a builder method on
+/// [`RuntimeBuilder`](crate::RuntimeBuilder).
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    /// How often an idle worker looks for due tasks without a notification
+    /// (retries whose `run_at` arrived, missed notifications).
+    pub(crate) poll_interval: Duration,
+    /// The most tasks one claim statement takes.
+    pub(crate) claim_batch: usize,
+    /// The most completions one flush transaction applies.
+    pub(crate) flush_batch: usize,
+    /// Added to a step's timeout to get its lease: a claim older than that is
+    /// considered lost and its task goes back to the queue.
+    pub(crate) lease_grace: Duration,
+    /// How often expired leases are looked for.
+    pub(crate) rescue_interval: Duration,
+    /// The shortest time between two NOTIFYs for the same queue from this runtime.
+    pub(crate) notify_debounce: Duration,
+    /// How long `shutdown` lets in-flight steps finish.
+    pub(crate) shutdown_grace: Duration,
+    /// Whether `start` applies the migrations.
+    pub(crate) migrate: bool,
+    /// Pool size when the runtime makes its own pool.
+    pub(crate) max_connections: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(250),
+            claim_batch: 500,
+            flush_batch: 2_000,
+            lease_grace: Duration::from_secs(30),
+            rescue_interval: Duration::from_secs(1),
+            notify_debounce: Duration::from_millis(5),
+            shutdown_grace: Duration::from_secs(30),
+            migrate: true,
+            max_connections: 10,
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The runtime's error type.
+
+use pgflow::{RegistryError, RunError, RunId};
+
+/// What the runtime's operations can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database could not be reached at start.
+    #[error(
+        "cannot connect to PostgreSQL at {url}: {source}. Check that the server is running and \
+         accepts connections there (e.g. `pg_isready -h HOST -p PORT`), and that DATABASE_URL \
+         names the right host, port, user and database"
+    )]
+    Connect {
+        /// The URL, password masked.
+        url: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A query failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Applying the migrations failed.
+    #[error("applying pgflow migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Two linked workflows share a name and version.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A workflow's definition changed but its version did not.
+    #[error(
+        "workflow `{workflow}` version {version} is already registered with a different definition \
+         ({difference}); bump its `version` when you change its steps"
+    )]
+    DefinitionChanged {
+        /// The workflow.
+        workflow: String,
+        /// Its version.
+        version: u32,
+        /// What differs, e.g. `steps[1].timeout_ms: 30000 -> 10000`.
+        difference: String,
+    },
+    /// A by-name start named a workflow this binary does not link.
+    #[error("no workflow `{name}`{} is registered in this binary; registered: {registered}",
+        version.map(|v| format!(" version {v}")).unwrap_or_default())]
+    UnknownWorkflow {
+        /// The name asked for.
+        name: String,
+        /// The version asked for, if any.
+        version: Option<u32>,
+        /// What is registered, for the message.
+        registered: String,
+    },
+    /// An input (or a stored value) does not fit the workflow's type.
+    #[error("invalid input for workflow `{workflow}`: {message}")]
+    InvalidInput {
+        /// The workflow.
+        workflow: String,
+        /// What is wrong, with the serde path.
+        message: String,
+    },
+    /// The run failed or was cancelled.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// No run has this id.
+    #[error("no run with id {0}")]
+    RunNotFound(RunId),
+    /// The builder was given an unusable setting.
+    #[error("invalid runtime configuration: {0}")]
+    Config(String),
+    /// The runtime was shut down.
+    #[error("the runtime is shut down")]
+    ShutDown,
+}
+
+/// Masks the password of a PostgreSQL URL: `postgres://u:secret@h/db` ->
+/// `postgres://u:***@h/db`.
+///
+/// ```
+/// use pgflow_runtime::mask_password;
+/// assert_eq!(mask_password("postgres://app:s3cret@db:5432/x"), "postgres://app:***@db:5432/x");
+/// assert_eq!(mask_password("postgres://app@db/x"), "postgres://app@db/x");
+/// ```
+pub fn mask_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let Some(at) = rest.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}

@@ -1,0 +1,535 @@
+//! The worker loops of a runtime: one claimer per queue, the step executions it
+//! spawns, the flusher that applies completions in batches, the listener that turns
+//! `NOTIFY pgflow_tasks` into wake-ups, and the rescuer that returns expired leases
+//! to the queue.
+//!
+//! Claims run on connections of their own with `synchronous_commit = off`: a claim
+//! lost in a crash only puts the task back (its completion would then fail the
+//! fence), so claims need no fsync. Completions are durable: each flush is one
+//! synchronous commit for the whole batch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgflow::policy;
+use pgflow::{
+    AttemptFailure, CostMeter, ErrorKind, RunId, StepContext, StepError, StepInputs, StepValue,
+};
+use serde_json::value::RawValue;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::queue::{self, Claimed, Completion, Outcome};
+use crate::runtime::{InFlight, Inner};
+
+/// The channel of notifications that tasks are ready: the payload is the queue.
+pub(crate) const CHANNEL: &str = "pgflow_tasks";
+
+/// Backoff after a database error in a loop: 50 ms doubling to 5 s.
+pub(crate) struct Backoff(u32);
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self(0)
+    }
+    pub(crate) fn reset(&mut self) {
+        self.0 = 0;
+    }
+    pub(crate) fn next(&mut self) -> Duration {
+        let d = Duration::from_millis(50u64.saturating_mul(1 << self.0.min(7)))
+            .min(Duration::from_secs(5));
+        self.0 = self.0.saturating_add(1);
+        d
+    }
+}
+
+async fn claim_connection(inner: &Inner) -> Result<PgConnection, sqlx::Error> {
+    let mut conn = PgConnection::connect_with(&inner.pool.connect_options()).await?;
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut conn)
+        .await?;
+    Ok(conn)
+}
+
+/// Claims tasks of `queue` while there are free slots, and spawns their executions.
+pub(crate) async fn claimer(inner: Arc<Inner>, queue: String, concurrency: usize) {
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let waker = inner.waker(&queue);
+    let mut shutdown = inner.shutdown_rx();
+    let mut conn: Option<PgConnection> = None;
+    let mut backoff = Backoff::new();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let free = slots.available_permits();
+        if free == 0 {
+            tokio::select! {
+                permit = Arc::clone(&slots).acquire_owned() => drop(permit),
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        let limit = free.min(inner.config.claim_batch);
+        if conn.is_none() {
+            match claim_connection(&inner).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    warn!(queue = %queue, error = %e, "pgflow: cannot open a claim connection; retrying");
+                    sleep_or_shutdown(backoff.next(), &mut shutdown).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let token = fastrand::i64(1..);
+        match queue::claim(c, &inner.catalog, &inner.instance_id, token, &queue, limit).await {
+            Ok(tasks) => {
+                backoff.reset();
+                let got = tasks.len();
+                for task in tasks {
+                    let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                        break;
+                    };
+                    let inner = Arc::clone(&inner);
+                    tokio::spawn(execute(inner, task, token, permit));
+                }
+                if got == limit {
+                    continue; // there may be more
+                }
+            }
+            Err(e) => {
+                warn!(queue = %queue, error = %e, "pgflow: claim failed; retrying");
+                conn = None;
+                sleep_or_shutdown(backoff.next(), &mut shutdown).await;
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = waker.notified() => {}
+            _ = tokio::time::sleep(inner.config.poll_interval) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+    // Drain: wait until every execution gave its slot back (bounded by the grace).
+    let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(inner.config.shutdown_grace, slots.acquire_many(all)).await;
+}
+
+async fn sleep_or_shutdown(d: Duration, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
+/// Runs one claimed task and hands its completion to the flusher.
+async fn execute(inner: Arc<Inner>, task: Claimed, token: i64, permit: OwnedSemaphorePermit) {
+    let span = info_span!("pgflow.step", workflow = %task.workflow, run_id = task.run_id, step = task.step, attempt = task.attempt);
+    let key = (task.task_id, token);
+    let cost = CostMeter::new();
+    inner
+        .in_flight
+        .lock()
+        .map(|mut m| {
+            m.insert(
+                key,
+                InFlight {
+                    run_id: task.run_id,
+                    step: task.step,
+                    workflow: task.workflow.clone(),
+                    version: task.version,
+                },
+            )
+        })
+        .ok();
+    let outcome = run_task(&inner, &task, cost.clone()).instrument(span).await;
+    let (workflow, version) = match inner.catalog.get(&task.workflow, task.version) {
+        Some(flow) => (
+            flow.def.name(),
+            crate::definitions::version_i32(flow.def.version()),
+        ),
+        None => ("", task.version),
+    };
+    let completion = Completion {
+        task_id: task.task_id,
+        token,
+        run_id: task.run_id,
+        step: task.step,
+        flow: (workflow, version),
+        attempt: task.attempt,
+        outcome,
+        cost_cents: cost.total(),
+    };
+    inner.in_flight.lock().map(|mut m| m.remove(&key)).ok();
+    if inner.completions.send(completion).is_err() {
+        warn!("pgflow: completion dropped: the flusher stopped (its lease will expire)");
+    }
+    drop(permit);
+}
+
+fn prior_errors(task: &Claimed) -> Vec<AttemptFailure> {
+    task.errors
+        .as_deref()
+        .and_then(|e| serde_json::from_str(e).ok())
+        .unwrap_or_default()
+}
+
+async fn run_task(inner: &Inner, task: &Claimed, cost: CostMeter) -> Outcome {
+    if task.run_status != "running" {
+        return Outcome::Discard;
+    }
+    let attempt = u32::try_from(task.attempt).unwrap_or(1).max(1);
+    let fail_now = |e: StepError| {
+        let mut history = prior_errors(task);
+        history.push(AttemptFailure::new(attempt, &e));
+        Outcome::Failed {
+            history,
+            element: None,
+        }
+    };
+    let Some(flow) = inner.catalog.get(&task.workflow, task.version) else {
+        return fail_now(StepError::permanent(format!(
+            "workflow `{}` version {} is not registered in this instance",
+            task.workflow, task.version
+        )));
+    };
+    let Some(step) = usize::try_from(task.step)
+        .ok()
+        .and_then(|s| flow.def.steps().get(s))
+    else {
+        return fail_now(StepError::permanent(format!(
+            "step {} does not exist",
+            task.step
+        )));
+    };
+    let inputs = match build_inputs(flow.def.name(), step, task) {
+        Ok(i) => i,
+        Err(e) => return fail_now(e),
+    };
+    let cancel = inner.cancel_token(task.run_id);
+    let ctx = StepContext::builder(flow.def.name(), step.name())
+        .run_id(RunId(task.run_id))
+        .attempt(attempt)
+        .data(Arc::clone(&inner.data))
+        .cost(cost)
+        .cancel(cancel)
+        .build();
+    let result = policy::run_attempt(step, inputs, ctx).await;
+    inner.release_cancel_token(task.run_id);
+    let result = result.and_then(|v| v.to_json());
+    match result {
+        Ok(json) => Outcome::Succeeded(json.get().to_owned()),
+        Err(e) => {
+            debug!(error = %e, "pgflow: step attempt failed");
+            let max = step.options().max_attempts.max(1);
+            if e.is_retryable() && attempt < max {
+                Outcome::Retry {
+                    delay: policy::retry_delay(step.options(), attempt, &e),
+                    failure: AttemptFailure::new(attempt, &e),
+                }
+            } else {
+                fail_now(e)
+            }
+        }
+    }
+}
+
+fn build_inputs(
+    workflow: &'static str,
+    step: &'static pgflow::StepDef,
+    task: &Claimed,
+) -> Result<StepInputs, StepError> {
+    let raw = |json: &str| {
+        RawValue::from_string(json.to_owned())
+            .map_err(|e| StepError::permanent(format!("stored JSON is not valid: {e}")))
+    };
+    let mut values = Vec::with_capacity(step.params().len());
+    for p in step.params() {
+        let json = match p.source {
+            pgflow::ParamSource::Input => task.input.as_deref().ok_or_else(|| {
+                StepError::permanent(format!("the run input for `{}` was not loaded", p.name))
+            })?,
+            pgflow::ParamSource::Step(i) => {
+                let want = crate::catalog::step_i16(i);
+                let pos = task
+                    .parent_steps
+                    .as_ref()
+                    .and_then(|s| s.iter().position(|&x| x == want));
+                pos.and_then(|pos| task.parent_outputs.as_ref().and_then(|o| o.get(pos)))
+                    .map(String::as_str)
+                    .ok_or_else(|| {
+                        StepError::permanent(format!(
+                            "the output of parent step {i} (parameter `{}`) is missing",
+                            p.name
+                        ))
+                    })?
+            }
+        };
+        values.push(StepValue::Json(raw(json)?));
+    }
+    Ok(StepInputs::new(workflow, step.name(), values))
+}
+
+/// Applies completions in batches: everything that queued up while the previous
+/// flush ran goes into the next one.
+pub(crate) async fn flusher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Completion>) {
+    let mut last_notify: HashMap<String, Instant> = HashMap::new();
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < inner.config.flush_batch {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let flushed = flush_resilient(&inner, batch).await;
+        for id in &flushed.rejected {
+            warn!(
+                task_id = id,
+                "pgflow: completion rejected: the claim was lost (lease expired and the task was claimed again)"
+            );
+        }
+        inner.wake_waiters(&flushed.finished_runs);
+        for q in flushed.queues {
+            inner.wake_queue(&q);
+            let due = last_notify
+                .get(&q)
+                .is_none_or(|t| t.elapsed() >= inner.config.notify_debounce);
+            if due {
+                if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(CHANNEL)
+                    .bind(&q)
+                    .execute(&inner.pool)
+                    .await
+                {
+                    debug!(error = %e, "pgflow: notify failed (pollers will find the tasks)");
+                }
+                last_notify.insert(q, Instant::now());
+            }
+        }
+    }
+}
+
+/// Flushes `batch`, retrying on connection errors until it applies. A batch that the
+/// database rejects for its content is split; a single completion it rejects (an
+/// output Postgres cannot store) fails its run with the database's message.
+async fn flush_resilient(inner: &Inner, batch: Vec<Completion>) -> queue::Flushed {
+    let mut backoff = Backoff::new();
+    let mut pending = vec![batch];
+    let mut total = queue::Flushed::default();
+    while let Some(batch) = pending.pop() {
+        loop {
+            match queue::flush(&inner.pool, &inner.catalog, &inner.instance_id, &batch).await {
+                Ok(f) => {
+                    total.rejected.extend(f.rejected);
+                    total.finished_runs.extend(f.finished_runs);
+                    total.queues.extend(f.queues);
+                    break;
+                }
+                Err(sqlx::Error::Database(db)) if batch.len() > 1 => {
+                    debug!(error = %db, "pgflow: flush rejected; splitting the batch");
+                    let mut batch = batch;
+                    let half = batch.split_off(batch.len() / 2);
+                    pending.push(half);
+                    pending.push(batch);
+                    break;
+                }
+                Err(sqlx::Error::Database(db)) => {
+                    let mut c = batch.into_iter().next().expect("a batch of one");
+                    if matches!(
+                        c.outcome,
+                        Outcome::Failed { .. } | Outcome::Discard | Outcome::Release
+                    ) {
+                        warn!(error = %db, task_id = c.task_id, "pgflow: a completion could not be applied; its lease will return the task");
+                        break;
+                    }
+                    let e = StepError::permanent(format!(
+                        "the database refused the step's result: {db}"
+                    ));
+                    let attempt = u32::try_from(c.attempt).unwrap_or(1);
+                    c.outcome = Outcome::Failed {
+                        history: vec![AttemptFailure::new(attempt, &e)],
+                        element: None,
+                    };
+                    pending.push(vec![c]);
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "pgflow: flush failed; retrying");
+                    tokio::time::sleep(backoff.next()).await;
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Turns `NOTIFY pgflow_tasks` into local wake-ups. Reconnects on its own.
+pub(crate) async fn listener(inner: Arc<Inner>) {
+    let mut shutdown = inner.shutdown_rx();
+    let mut backoff = Backoff::new();
+    while !*shutdown.borrow() {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&inner.pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "pgflow: cannot LISTEN; polling until it can");
+                sleep_or_shutdown(backoff.next(), &mut shutdown).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(CHANNEL).await {
+            warn!(error = %e, "pgflow: LISTEN failed");
+            sleep_or_shutdown(backoff.next(), &mut shutdown).await;
+            continue;
+        }
+        backoff.reset();
+        // After (re)connecting, notifications may have been missed: look now.
+        inner.wake_all();
+        loop {
+            tokio::select! {
+                n = listener.try_recv() => match n {
+                    Ok(Some(n)) => inner.wake_queue(n.payload()),
+                    Ok(None) => { inner.wake_all(); }
+                    Err(e) => {
+                        warn!(error = %e, "pgflow: LISTEN connection lost; reconnecting");
+                        break;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Returns tasks whose lease expired (their instance died, or lost them) to the
+/// queue with the attempt counted, or fails their run when attempts are exhausted.
+/// Goes through the same fenced flush as completions, so a task completed meanwhile
+/// is never overwritten.
+pub(crate) async fn rescuer(inner: Arc<Inner>) {
+    let mut shutdown = inner.shutdown_rx();
+    let mut backoff = Backoff::new();
+    loop {
+        sleep_or_shutdown(inner.config.rescue_interval, &mut shutdown).await;
+        if *shutdown.borrow() {
+            return;
+        }
+        match rescue_once(&inner).await {
+            Ok(n) => {
+                backoff.reset();
+                if n > 0 {
+                    debug!(tasks = n, "pgflow: expired leases returned to the queue");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "pgflow: rescue failed");
+                sleep_or_shutdown(backoff.next(), &mut shutdown).await;
+            }
+        }
+    }
+}
+
+/// A claimed task whose lease expired.
+#[derive(sqlx::FromRow)]
+struct Expired {
+    id: i64,
+    token: i64,
+    run_id: i64,
+    step: i16,
+    workflow: String,
+    version: i32,
+    attempt: i32,
+    max: i32,
+    errors: Option<String>,
+    owner: Option<String>,
+}
+
+pub(crate) async fn rescue_once(inner: &Inner) -> Result<usize, sqlx::Error> {
+    let c = &inner.catalog.claim;
+    let rows: Vec<Expired> = sqlx::query_as(
+        "SELECT t.id, t.claim_token, t.run_id, t.step, t.workflow, t.version, t.attempt,
+                    t.max_attempts, t.errors::text, t.claimed_by
+             FROM pgflow.tasks t
+             WHERE t.claimed_by IS NOT NULL AND t.lease_until < now()
+               AND (t.workflow, t.version) IN
+                   (SELECT DISTINCT * FROM unnest($1::text[], $2::int[]))
+             ORDER BY t.lease_until
+             LIMIT 1000",
+    )
+    .bind(&c.step_workflow)
+    .bind(&c.step_version)
+    .fetch_all(&inner.pool)
+    .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut batch = Vec::with_capacity(rows.len());
+    for Expired {
+        id,
+        token,
+        run_id,
+        step,
+        workflow,
+        version,
+        attempt,
+        max,
+        errors,
+        owner,
+    } in rows
+    {
+        let Some(flow) = inner.catalog.get(&workflow, version) else {
+            continue;
+        };
+        let Some(def) = usize::try_from(step)
+            .ok()
+            .and_then(|s| flow.def.steps().get(s))
+        else {
+            continue;
+        };
+        let attempt_u = u32::try_from(attempt).unwrap_or(1);
+        let e = StepError::from_parts(
+            ErrorKind::Timeout,
+            format!(
+                "lease expired: instance `{}` did not complete the step in time",
+                owner.unwrap_or_default()
+            ),
+            None,
+        );
+        let failure = AttemptFailure::new(attempt_u, &e);
+        let outcome = if attempt < max {
+            Outcome::Retry {
+                delay: policy::retry_delay(def.options(), attempt_u, &e),
+                failure,
+            }
+        } else {
+            let mut history: Vec<AttemptFailure> = errors
+                .as_deref()
+                .and_then(|e| serde_json::from_str(e).ok())
+                .unwrap_or_default();
+            history.push(failure);
+            Outcome::Failed {
+                history,
+                element: None,
+            }
+        };
+        batch.push(Completion {
+            task_id: id,
+            token,
+            run_id,
+            step,
+            flow: (flow.def.name(), version),
+            attempt,
+            outcome,
+            cost_cents: 0,
+        });
+    }
+    let n = batch.len();
+    let flushed = flush_resilient(inner, batch).await;
+    inner.wake_waiters(&flushed.finished_runs);
+    for q in flushed.queues {
+        inner.wake_queue(&q);
+    }
+    Ok(n)
+}

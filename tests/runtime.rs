@@ -1,0 +1,670 @@
+//! The durable runtime against the real Postgres: each test gets its own database
+//! (`#[sqlx::test]`), with the pgflow migrations applied.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use pgflow::{ErrorKind, RunError, RunId, StepContext, StepError, workflow};
+use pgflow_runtime::{Error, RunOutcome, Runtime, StartOptions};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+async fn runtime(pool: &PgPool, queues: &[(&str, usize)]) -> Runtime {
+    let mut b = Runtime::builder()
+        .pool(pool.clone())
+        .instance_id("test-instance")
+        .poll_interval(Duration::from_millis(50))
+        .rescue_interval(Duration::from_millis(100))
+        .data(Arc::new(Counter::default()));
+    for (q, c) in queues {
+        b = b.queue(*q, *c);
+    }
+    b.start().await.unwrap()
+}
+
+async fn wait<O: serde::de::DeserializeOwned>(rt: &Runtime, id: RunId) -> Result<O, Error> {
+    tokio::time::timeout(Duration::from_secs(30), rt.handle::<O>(id, true).wait())
+        .await
+        .expect("the run did not finish within 30 s")
+}
+
+/// Counts executions per test (each test has its own runtime and data).
+#[derive(Default)]
+pub struct Counter(AtomicU32);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Order {
+    pub id: u32,
+    pub items: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Priced {
+    pub id: u32,
+    pub cents: i64,
+}
+
+pub struct Chain3;
+
+#[workflow(name = "rt_chain3", backoff = "10ms")]
+impl Chain3 {
+    #[step]
+    async fn price(order: Order) -> Result<Priced, StepError> {
+        Ok(Priced {
+            id: order.id,
+            cents: 100 * order.items.len() as i64,
+        })
+    }
+
+    #[step]
+    async fn tax(p: Priced, ctx: &StepContext) -> Result<Priced, StepError> {
+        ctx.add_cost_cents(2);
+        Ok(Priced {
+            cents: p.cents + p.cents / 10,
+            ..p
+        })
+    }
+
+    #[step]
+    async fn receipt(p: Priced, input: Order, ctx: &StepContext) -> Result<String, StepError> {
+        ctx.add_cost_cents(3);
+        Ok(format!(
+            "order {} ({} items): {} cents",
+            p.id,
+            input.items.len(),
+            p.cents
+        ))
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn chain_runs_end_to_end_with_outputs_costs_and_results(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 8)]).await;
+    let order = Order {
+        id: 7,
+        items: vec!["a".into(), "b".into()],
+    };
+    let run = rt.start::<Chain3>(order).await.unwrap();
+    assert_eq!(run.wait().await.unwrap(), "order 7 (2 items): 220 cents");
+
+    let (status, output, cost, instance): (String, String, i64, String) = sqlx::query_as(
+        "SELECT status, output::text, cost_cents, instance_id FROM pgflow.runs WHERE id = $1",
+    )
+    .bind(run.id().0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "succeeded");
+    assert_eq!(output, "\"order 7 (2 items): 220 cents\"");
+    assert_eq!(cost, 5);
+    assert_eq!(instance, "test-instance");
+    // intermediate outputs are stored; the hot table is empty again
+    let stored: Vec<(i16, String)> = sqlx::query_as(
+        "SELECT step, output::text FROM pgflow.step_states WHERE run_id = $1 ORDER BY step",
+    )
+    .bind(run.id().0)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        stored,
+        [
+            (0, r#"{"id": 7, "cents": 200}"#.to_owned()),
+            (1, r#"{"id": 7, "cents": 220}"#.to_owned())
+        ]
+    );
+    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(tasks, 0);
+
+    let (wf, st, cents): (String, String, i64) = sqlx::query_as(
+        "SELECT workflow, status, cost_cents FROM pgflow.job_results WHERE run_id = $1",
+    )
+    .bind(run.id().0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (wf.as_str(), st.as_str(), cents),
+        ("rt_chain3", "success", 5)
+    );
+    let summary = rt
+        .summary("rt_chain3", chrono::Utc::now() - chrono::Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(summary.count, 1);
+    assert_eq!(summary.success_rate, 1.0);
+    assert_eq!(summary.total_cost_cents, 5);
+    assert!(summary.p95_ms >= summary.p50_ms && summary.p50_ms >= 0.0);
+    rt.shutdown().await.unwrap();
+}
+
+pub struct Diamond;
+
+#[workflow(name = "rt_diamond")]
+impl Diamond {
+    #[step]
+    async fn split(n: u64) -> Result<Vec<u64>, StepError> {
+        Ok((1..=n).collect())
+    }
+    #[step(depends_on = [split])]
+    async fn sum(split: Vec<u64>) -> Result<u64, StepError> {
+        Ok(split.iter().sum())
+    }
+    #[step(depends_on = [split])]
+    async fn max(split: Vec<u64>) -> Result<u64, StepError> {
+        Ok(split.iter().copied().max().unwrap_or(0))
+    }
+    #[step(depends_on = [split])]
+    async fn len(split: Vec<u64>) -> Result<usize, StepError> {
+        Ok(split.len())
+    }
+    #[step(depends_on = [sum, max, len])]
+    async fn join(sum: u64, max: u64, len: usize) -> Result<String, StepError> {
+        Ok(format!("sum={sum} max={max} len={len}"))
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn diamond_fans_out_and_joins_once(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 4)]).await;
+    let ids = rt.start_many::<Diamond>(1..=50_u64).await.unwrap();
+    assert_eq!(ids.len(), 50);
+    for (n, id) in (1..=50_u64).zip(&ids) {
+        let out: String = wait(&rt, *id).await.unwrap();
+        assert_eq!(out, format!("sum={} max={n} len={n}", n * (n + 1) / 2));
+    }
+    // every join ran exactly once: one completed state per (run, step)
+    let joins: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow.step_states WHERE step IN (1, 2, 3) AND status = 'completed'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(joins, 150);
+    rt.shutdown().await.unwrap();
+}
+
+pub struct Flaky;
+
+#[workflow(name = "rt_flaky", backoff = "10ms", max_attempts = 3)]
+impl Flaky {
+    #[step]
+    async fn flaky(fail_times: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        let n = ctx.data::<Arc<Counter>>()?.0.fetch_add(1, Ordering::SeqCst) + 1;
+        assert_eq!(
+            n,
+            ctx.attempt(),
+            "the attempt number follows the executions"
+        );
+        if n <= fail_times {
+            return Err(StepError::retryable(format!("failure {n}")));
+        }
+        Ok(n)
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn retryable_failures_are_retried_then_succeed(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 2)]).await;
+    let run = rt.start::<Flaky>(2).await.unwrap();
+    assert_eq!(run.wait().await.unwrap(), 3);
+    rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn exhausted_retries_fail_the_run_with_the_history(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 2)]).await;
+    let run = rt.start::<Flaky>(10).await.unwrap();
+    let err = run.wait().await.unwrap_err();
+    let Error::Run(RunError::StepFailed { step, history, .. }) = &err else {
+        panic!("unexpected {err:?}");
+    };
+    assert_eq!(step, "flaky");
+    let messages: Vec<&str> = history.iter().map(|h| h.message.as_str()).collect();
+    assert_eq!(messages, ["failure 1", "failure 2", "failure 3"]);
+    let (status, st): (String, String) = sqlx::query_as(
+        "SELECT r.status, s.status FROM pgflow.runs r JOIN pgflow.step_states s ON s.run_id = r.id WHERE r.id = $1",
+    )
+    .bind(run.id().0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), st.as_str()), ("failed", "failed"));
+    rt.shutdown().await.unwrap();
+}
+
+pub struct Failing;
+
+#[workflow(name = "rt_failing", max_attempts = 5, backoff = "10ms")]
+impl Failing {
+    #[step(depends_on = [])]
+    async fn bad(input: u32) -> Result<u32, StepError> {
+        Err(StepError::permanent(format!("{input} is not allowed")))
+    }
+    #[step(depends_on = [], timeout = "100ms", max_attempts = 2)]
+    async fn slow(input: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        ctx.data::<Arc<Counter>>()?.0.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(u64::from(input))).await;
+        Ok(input)
+    }
+    #[step(depends_on = [bad, slow])]
+    async fn never(bad: u32, slow: u32) -> Result<u32, StepError> {
+        Ok(bad + slow)
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_permanent_error_fails_the_run_at_once(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 1)]).await;
+    let run = rt.start::<Failing>(60).await.unwrap();
+    let err = run.wait().await.unwrap_err();
+    let Error::Run(e) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(e.failed_step(), Some("bad"));
+    assert_eq!(e.history().len(), 1);
+    assert_eq!(e.history()[0].kind, ErrorKind::Permanent);
+    assert_eq!(e.history()[0].message, "60 is not allowed");
+    rt.shutdown().await.unwrap();
+}
+
+pub struct Timeouts;
+
+#[workflow(name = "rt_timeouts", backoff = "10ms")]
+impl Timeouts {
+    #[step(timeout = "100ms", max_attempts = 2)]
+    async fn slow(secs: u64) -> Result<u64, StepError> {
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        Ok(secs)
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_step_over_its_timeout_is_retried_then_fails(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 2)]).await;
+    let run = rt.start::<Timeouts>(60).await.unwrap();
+    let err = run.wait().await.unwrap_err();
+    let Error::Run(e) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(e.history().len(), 2);
+    assert!(
+        e.history().iter().all(|h| h.kind == ErrorKind::Timeout),
+        "{e}"
+    );
+    rt.shutdown().await.unwrap();
+}
+
+pub struct Panics;
+
+#[workflow(name = "rt_panics", backoff = "10ms", max_attempts = 2)]
+impl Panics {
+    #[step]
+    async fn boom(n: u32) -> Result<u32, StepError> {
+        if n > 0 {
+            panic!("boom {n}");
+        }
+        Ok(n)
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_panic_is_a_recorded_failed_attempt(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 2)]).await;
+    let run = rt.start::<Panics>(3).await.unwrap();
+    let err = run.wait().await.unwrap_err();
+    let Error::Run(e) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(e.history().len(), 2);
+    assert_eq!(e.history()[0].kind, ErrorKind::Panic);
+    assert_eq!(e.history()[0].message, "step panicked: boom 3");
+    // the worker survived: another run completes
+    assert_eq!(
+        rt.start::<Panics>(0).await.unwrap().wait().await.unwrap(),
+        0
+    );
+    rt.shutdown().await.unwrap();
+}
+
+pub struct TwoSteps;
+
+#[workflow(name = "rt_two_steps")]
+impl TwoSteps {
+    #[step]
+    async fn first(n: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        ctx.data::<Arc<Counter>>()?.0.fetch_add(1, Ordering::SeqCst);
+        Ok(n)
+    }
+    #[step]
+    async fn second(n: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        ctx.data::<Arc<Counter>>()?
+            .0
+            .fetch_add(100, Ordering::SeqCst);
+        Ok(n)
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn cancel_stops_pending_steps(pool: PgPool) {
+    // a producer-only runtime starts and cancels; a worker runs afterwards
+    let producer = runtime(&pool, &[]).await;
+    let run = producer.start::<TwoSteps>(1).await.unwrap();
+    assert!(producer.cancel(run.id()).await.unwrap());
+    assert!(
+        !producer.cancel(run.id()).await.unwrap(),
+        "already cancelled"
+    );
+    let worker = runtime(&pool, &[("default", 2)]).await;
+    let counter = Arc::new(Counter::default());
+    let _ = counter;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let outcome = worker.result::<u32>(run.id()).await.unwrap();
+    assert!(matches!(outcome, RunOutcome::Cancelled), "{outcome:?}");
+    let states: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.step_states")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(states, 0, "no step of the cancelled run ran");
+    assert!(matches!(
+        run.wait().await,
+        Err(Error::Run(RunError::Cancelled { .. }))
+    ));
+    assert!(matches!(
+        producer.cancel(RunId(999_999)).await,
+        Err(Error::RunNotFound(_))
+    ));
+    producer.shutdown().await.unwrap();
+    worker.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn the_same_idempotency_key_returns_the_first_run(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 2)]).await;
+    let opts = StartOptions::default().idempotency_key("order-1");
+    let mut conn = pool.acquire().await.unwrap();
+    let first = rt
+        .start_with::<TwoSteps>(&mut conn, 5, opts.clone())
+        .await
+        .unwrap();
+    let second = rt.start_with::<TwoSteps>(&mut conn, 6, opts).await.unwrap();
+    assert!(first.created() && !second.created());
+    assert_eq!(first.id(), second.id());
+    assert_eq!(second.wait().await.unwrap(), 5);
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.runs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1);
+    rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_start_in_a_rolled_back_transaction_leaves_no_run(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 2)]).await;
+    let mut tx = pool.begin().await.unwrap();
+    let run = rt
+        .start_with::<TwoSteps>(&mut tx, 1, StartOptions::default())
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert!(matches!(
+        rt.result::<u32>(run.id()).await,
+        Err(Error::RunNotFound(_))
+    ));
+    let mut tx = pool.begin().await.unwrap();
+    let run = rt
+        .start_with::<TwoSteps>(&mut tx, 2, StartOptions::default())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(wait::<u32>(&rt, run.id()).await.unwrap(), 2);
+    let counts: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pgflow.runs), (SELECT count(*) FROM pgflow.tasks)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(counts, (1, 0));
+    rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn run_at_delays_the_first_step(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 2)]).await;
+    let at = chrono::Utc::now() + chrono::Duration::milliseconds(700);
+    let mut conn = pool.acquire().await.unwrap();
+    let run = rt
+        .start_with::<TwoSteps>(&mut conn, 3, StartOptions::default().run_at(at))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(matches!(
+        rt.result::<u32>(run.id()).await.unwrap(),
+        RunOutcome::Running
+    ));
+    assert_eq!(run.wait().await.unwrap(), 3);
+    let completed: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT completed_at FROM pgflow.runs WHERE id = $1")
+            .bind(run.id().0)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(completed >= at, "{completed} < {at}");
+    rt.shutdown().await.unwrap();
+}
+
+pub struct Record;
+
+#[workflow(name = "rt_record")]
+impl Record {
+    #[step]
+    async fn record(label: String, ctx: &StepContext) -> Result<String, StepError> {
+        let order = ctx.data::<Arc<std::sync::Mutex<Vec<String>>>>()?;
+        order
+            .lock()
+            .map_err(|e| StepError::permanent(e.to_string()))?
+            .push(label.clone());
+        Ok(label)
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn higher_priority_runs_first(pool: PgPool) {
+    let producer = runtime(&pool, &[]).await;
+    let mut conn = pool.acquire().await.unwrap();
+    for (label, prio) in [("low", -5_i16), ("mid", 0), ("high", 10), ("mid2", 0)] {
+        producer
+            .start_with::<Record>(
+                &mut conn,
+                label.into(),
+                StartOptions::default().priority(prio),
+            )
+            .await
+            .unwrap();
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    // one slot and a claim batch of one: tasks run strictly in claim order
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .queue("default", 1)
+        .claim_batch(1)
+        .data(Arc::clone(&seen))
+        .start()
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if seen.lock().unwrap().len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(*seen.lock().unwrap(), ["high", "mid", "mid2", "low"]);
+    rt.shutdown().await.unwrap();
+    producer.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_changed_definition_under_the_same_version_is_refused(pool: PgPool) {
+    // Pretend an earlier deploy registered rt_two_steps v1 with another timeout.
+    let rt = runtime(&pool, &[]).await;
+    rt.shutdown().await.unwrap();
+    sqlx::query(
+        "UPDATE pgflow.workflows
+         SET definition = jsonb_set(definition, '{steps,1,timeout_ms}', '5000')
+         WHERE name = 'rt_two_steps' AND version = 1",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let err = Runtime::builder()
+        .pool(pool.clone())
+        .start()
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::DefinitionChanged { .. }), "{msg}");
+    assert!(msg.contains("workflow `rt_two_steps` version 1"), "{msg}");
+    assert!(msg.contains("steps[1].timeout_ms: 5000 -> 30000"), "{msg}");
+    assert!(msg.contains("bump its `version`"), "{msg}");
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_stored_input_of_the_wrong_shape_fails_that_run_only(pool: PgPool) {
+    let producer = runtime(&pool, &[]).await;
+    let broken = producer
+        .start::<Chain3>(Order {
+            id: 1,
+            items: vec![],
+        })
+        .await
+        .unwrap();
+    sqlx::query(r#"UPDATE pgflow.runs SET input = '{"id": 1, "items": [1, 2]}' WHERE id = $1"#)
+        .bind(broken.id().0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let fine = producer
+        .start::<Chain3>(Order {
+            id: 2,
+            items: vec!["x".into()],
+        })
+        .await
+        .unwrap();
+    let rt = runtime(&pool, &[("default", 2)]).await;
+    let err = broken.wait().await.unwrap_err();
+    let Error::Run(e) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(e.failed_step(), Some("price"));
+    assert_eq!(e.history().len(), 1, "a bad input is not retried: {e}");
+    let msg = &e.history()[0].message;
+    assert_eq!(e.history()[0].kind, ErrorKind::Permanent);
+    assert!(
+        msg.contains("workflow `rt_chain3` step `price` parameter `order`")
+            && msg.contains("at `items[0]`"),
+        "{msg}"
+    );
+    assert_eq!(fine.wait().await.unwrap(), "order 2 (1 items): 110 cents");
+    rt.shutdown().await.unwrap();
+    producer.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn start_by_name_checks_the_input_first(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 2)]).await;
+    let id = rt
+        .start_by_name(
+            "rt_two_steps",
+            None,
+            serde_json::json!(9),
+            StartOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(wait::<u32>(&rt, id).await.unwrap(), 9);
+    let err = rt
+        .start_by_name(
+            "rt_two_steps",
+            Some(1),
+            serde_json::json!("nine"),
+            StartOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+    assert!(err.to_string().contains("u32"), "{err}");
+    let err = rt
+        .start_by_name(
+            "no_such_flow",
+            None,
+            serde_json::json!(1),
+            StartOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("no workflow `no_such_flow`"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("rt_two_steps v1"), "{err}");
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.runs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1, "rejected starts insert nothing");
+    rt.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_a_clear_error_without_the_password() {
+    let err = Runtime::builder()
+        .database_url("postgres://app:hunter2@127.0.0.1:1/nowhere")
+        .start()
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Connect { .. }), "{msg}");
+    assert!(
+        msg.contains("postgres://app:***@127.0.0.1:1/nowhere"),
+        "{msg}"
+    );
+    assert!(!msg.contains("hunter2"), "{msg}");
+    assert!(msg.contains("DATABASE_URL"), "{msg}");
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn claim_uses_the_partial_index(pool: PgPool) {
+    sqlx::query(
+        "INSERT INTO pgflow.tasks (run_id, step, workflow, version, queue, max_attempts, claimed_by)
+         SELECT g, 0, 'w', 1, CASE WHEN g % 2 = 0 THEN 'default' ELSE 'other' END, 3,
+                CASE WHEN g % 10 = 0 THEN NULL ELSE 'someone' END
+         FROM generate_series(1, 20000) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE pgflow.tasks")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT a.id FROM pgflow.tasks a
+         WHERE a.queue = 'default' AND a.claimed_by IS NULL AND a.run_at <= now()
+           AND (a.workflow, a.version) IN (SELECT * FROM unnest('{w}'::text[], '{1}'::int[]))
+         ORDER BY a.priority DESC, a.run_at, a.id
+         LIMIT 100
+         FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("tasks_available"), "{plan}");
+    // and the real statement, with its parameters, plans too
+    assert!(pgflow_runtime::CLAIM_SQL.contains("ORDER BY a.priority DESC, a.run_at, a.id"));
+}
