@@ -2,17 +2,100 @@
 //! `BENCH scenario=NAME key=value ...`.
 //!
 //! ```text
-//! cargo run --release --example bench -- [--scenario inline] [--n N]
+//! cargo run --release --example bench -- [--scenario NAME] [--n N] [--duration S] [--concurrency C]
 //! ```
 //!
-//! Scenarios:
-//! - `inline`: in-process executor overhead, a 10-step chain of trivial steps run
-//!   `--n` times per sample (default 20,000), 15 samples; reports the median and the
-//!   best nanoseconds per step. The durable-runtime scenarios arrive with the runtime.
+//! Scenarios (all by default, except `sustained`):
+//! - `chain1`, `chain3`, `diamond` (1 -> 4 -> 1): `--n` runs (default 20,000) started
+//!   with `start_many` in batches of 1,000 while one runtime works; throughput from
+//!   the first start to the last durable completion.
+//! - `enqueue`: `start_many` alone (no workers), runs/s.
+//! - `latency`: sequential runs on an idle runtime: start -> first step running, and
+//!   start -> chain3 complete (`wait()` returns), p50/p99 over 200 runs.
+//! - `sustained`: chain1 for `--duration` seconds (default 60): throughput of the first
+//!   and the last 10 s (a collapse would show table bloat).
+//! - `inline`: the in-process executor, ns per step of a 10-step chain.
+//!
+//! Each database scenario runs in a fresh database `pgflow_bench` on the server of
+//! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`), durable
+//! commits on (the server's default `synchronous_commit`).
 
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use pgflow::{StepError, workflow};
+use pgflow::{StepContext, StepError, workflow};
+use pgflow_runtime::Runtime;
+use sqlx::{Connection, PgConnection};
+
+/// One trivial step.
+pub struct Chain1;
+
+#[workflow(name = "bench_chain1", queue = "bench")]
+impl Chain1 {
+    #[step]
+    async fn only(n: u64) -> Result<u64, StepError> {
+        Ok(n + 1)
+    }
+}
+
+/// Records when its first step starts (for the latency scenario).
+#[derive(Default)]
+pub struct FirstStep(Mutex<Option<Instant>>);
+
+/// Three trivial steps.
+pub struct Chain3;
+
+#[workflow(name = "bench_chain3", queue = "bench")]
+impl Chain3 {
+    #[step]
+    async fn a(n: u64, ctx: &StepContext) -> Result<u64, StepError> {
+        if let Ok(first) = ctx.data::<Arc<FirstStep>>() {
+            if let Ok(mut t) = first.0.lock() {
+                t.get_or_insert_with(Instant::now);
+            }
+        }
+        Ok(n + 1)
+    }
+    #[step]
+    async fn b(n: u64) -> Result<u64, StepError> {
+        Ok(n + 1)
+    }
+    #[step]
+    async fn c(n: u64) -> Result<u64, StepError> {
+        Ok(n + 1)
+    }
+}
+
+/// 1 -> 4 -> 1.
+pub struct Diamond;
+
+#[workflow(name = "bench_diamond", queue = "bench")]
+impl Diamond {
+    #[step]
+    async fn top(n: u64) -> Result<u64, StepError> {
+        Ok(n)
+    }
+    #[step(depends_on = [top])]
+    async fn b1(top: u64) -> Result<u64, StepError> {
+        Ok(top + 1)
+    }
+    #[step(depends_on = [top])]
+    async fn b2(top: u64) -> Result<u64, StepError> {
+        Ok(top + 2)
+    }
+    #[step(depends_on = [top])]
+    async fn b3(top: u64) -> Result<u64, StepError> {
+        Ok(top + 3)
+    }
+    #[step(depends_on = [top])]
+    async fn b4(top: u64) -> Result<u64, StepError> {
+        Ok(top + 4)
+    }
+    #[step(depends_on = [b1, b2, b3, b4])]
+    async fn bottom(b1: u64, b2: u64, b3: u64, b4: u64) -> Result<u64, StepError> {
+        Ok(b1 + b2 + b3 + b4)
+    }
+}
 
 /// Ten trivial steps in a chain.
 pub struct Chain10;
@@ -111,39 +194,52 @@ impl Chain10Retrying {
 
 struct Args {
     scenario: Option<String>,
-    n: Option<u64>,
+    n: u64,
+    duration: u64,
+    concurrency: usize,
 }
+
+const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline] [--n N] [--duration SECS] [--concurrency C]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         scenario: None,
-        n: None,
+        n: 20_000,
+        duration: 60,
+        concurrency: 256,
     };
     let mut it = std::env::args().skip(1);
+    let num = |v: Option<String>, flag: &str| -> Result<u64, String> {
+        let v = v.ok_or(format!("{flag} needs a number"))?;
+        v.parse().map_err(|_| format!("{flag}: not a number: {v}"))
+    };
     while let Some(a) = it.next() {
         match a.as_str() {
             "--scenario" => args.scenario = Some(it.next().ok_or("--scenario needs a name")?),
-            "--n" => {
-                let v = it.next().ok_or("--n needs a number")?;
-                args.n = Some(v.parse().map_err(|_| format!("--n: not a number: {v}"))?);
+            "--n" => args.n = num(it.next(), "--n")?.max(1),
+            "--duration" => args.duration = num(it.next(), "--duration")?.max(1),
+            "--concurrency" => {
+                args.concurrency = usize::try_from(num(it.next(), "--concurrency")?.max(1))
+                    .map_err(|e| e.to_string())?
             }
-            "-h" | "--help" => {
-                return Err("usage: bench [--scenario inline] [--n N]".to_owned());
-            }
-            other => {
-                return Err(format!(
-                    "unknown argument {other}; usage: bench [--scenario inline] [--n N]"
-                ));
-            }
+            "-h" | "--help" => return Err(USAGE.to_owned()),
+            other => return Err(format!("unknown argument {other}; {USAGE}")),
         }
     }
     Ok(args)
 }
 
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
 async fn inline<W: pgflow::Workflow<Input = u64, Output = u64>>(label: &str, runs: u64) {
     const SAMPLES: usize = 15;
     const STEPS: u64 = 10;
-    // warm up
     for i in 0..1_000 {
         let out = pgflow::execute::<W>(i).await.expect("bench workflow");
         assert_eq!(out, i + STEPS);
@@ -159,13 +255,250 @@ async fn inline<W: pgflow::Workflow<Input = u64, Output = u64>>(label: &str, run
     }
     per_step.sort_by(f64::total_cmp);
     println!(
-        "BENCH scenario={label} runs={} steps={} samples={SAMPLES} ns_per_step_p50={:.0} ns_per_step_min={:.0} ns_per_run_p50={:.0}",
-        runs,
+        "BENCH scenario={label} runs={runs} steps={} samples={SAMPLES} ns_per_step_p50={:.0} ns_per_step_min={:.0}",
         runs * STEPS,
         per_step[SAMPLES / 2],
         per_step[0],
-        per_step[SAMPLES / 2] * STEPS as f64
     );
+}
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn base_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A fresh `pgflow_bench` database; returns its URL.
+async fn fresh_database() -> BenchResult<String> {
+    let base = base_url();
+    let mut conn = PgConnection::connect(&base).await?;
+    sqlx::query("DROP DATABASE IF EXISTS pgflow_bench WITH (FORCE)")
+        .execute(&mut conn)
+        .await?;
+    sqlx::query("CREATE DATABASE pgflow_bench")
+        .execute(&mut conn)
+        .await?;
+    let (prefix, _) = base
+        .rsplit_once('/')
+        .ok_or("DATABASE_URL has no database name")?;
+    Ok(format!("{prefix}/pgflow_bench"))
+}
+
+async fn runtime(url: &str, concurrency: usize) -> BenchResult<Runtime> {
+    let mut b = Runtime::builder()
+        .database_url(url)
+        .instance_id("bench")
+        .max_connections(8)
+        .data(Arc::new(FirstStep::default()));
+    if concurrency > 0 {
+        b = b.queue("bench", concurrency);
+    }
+    Ok(b.start().await?)
+}
+
+async fn wait_finished(rt: &Runtime, target: u64) {
+    while rt.stats().runs_finished < target {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// `n` runs of `W` started in batches of 1,000 while the runtime works.
+async fn throughput<W: pgflow::Workflow<Input = u64>>(
+    label: &str,
+    n: u64,
+    steps_per_run: u64,
+    concurrency: usize,
+) -> BenchResult<()> {
+    let url = fresh_database().await?;
+    let rt = runtime(&url, concurrency).await?;
+    let start = Instant::now();
+    let mut next = 0;
+    while next < n {
+        let end = (next + 1_000).min(n);
+        rt.start_many::<W>(next..end).await?;
+        next = end;
+    }
+    wait_finished(&rt, n).await;
+    let secs = start.elapsed().as_secs_f64();
+    let stats = rt.stats();
+    println!(
+        "BENCH scenario={label} runs={n} steps={} secs={secs:.2} runs_per_sec={:.0} steps_per_sec={:.0} flushes={} claims={}",
+        n * steps_per_run,
+        n as f64 / secs,
+        (n * steps_per_run) as f64 / secs,
+        stats.flushes,
+        stats.claims,
+    );
+    rt.shutdown().await?;
+    Ok(())
+}
+
+async fn enqueue(n: u64) -> BenchResult<()> {
+    let url = fresh_database().await?;
+    let rt = runtime(&url, 0).await?;
+    let start = Instant::now();
+    let mut next = 0;
+    while next < n {
+        let end = (next + 1_000).min(n);
+        rt.start_many::<Chain1>(next..end).await?;
+        next = end;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "BENCH scenario=enqueue runs={n} steps=0 secs={secs:.2} runs_per_sec={:.0} steps_per_sec=0",
+        n as f64 / secs
+    );
+    rt.shutdown().await?;
+    Ok(())
+}
+
+async fn latency(concurrency: usize) -> BenchResult<()> {
+    const RUNS: usize = 200;
+    let url = fresh_database().await?;
+    let first = Arc::new(FirstStep::default());
+    let rt = Runtime::builder()
+        .database_url(&url)
+        .instance_id("bench")
+        .queue("bench", concurrency)
+        .data(Arc::clone(&first))
+        .start()
+        .await?;
+    // warm up
+    for i in 0..20 {
+        rt.start::<Chain3>(i).await?.wait().await?;
+    }
+    let mut to_first = Vec::with_capacity(RUNS);
+    let mut to_done = Vec::with_capacity(RUNS);
+    for i in 0..RUNS as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await; // idle between runs
+        if let Ok(mut t) = first.0.lock() {
+            *t = None;
+        }
+        let t0 = Instant::now();
+        let run = rt.start::<Chain3>(i).await?;
+        let out = run.wait().await?;
+        let done = t0.elapsed();
+        assert_eq!(out, i + 3);
+        let started = first
+            .0
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .ok_or("first step not seen")?;
+        to_first.push(started.duration_since(t0).as_secs_f64() * 1e3);
+        to_done.push(done.as_secs_f64() * 1e3);
+    }
+    to_first.sort_by(f64::total_cmp);
+    to_done.sort_by(f64::total_cmp);
+    println!(
+        "BENCH scenario=latency runs={RUNS} steps={} secs=0 first_step_p50_ms={:.2} first_step_p99_ms={:.2} p50_ms={:.2} p99_ms={:.2}",
+        RUNS * 3,
+        percentile(&to_first, 0.5),
+        percentile(&to_first, 0.99),
+        percentile(&to_done, 0.5),
+        percentile(&to_done, 0.99),
+    );
+    rt.shutdown().await?;
+    Ok(())
+}
+
+async fn sustained(duration: u64, concurrency: usize) -> BenchResult<()> {
+    let url = fresh_database().await?;
+    let rt = runtime(&url, concurrency).await?;
+    let start = Instant::now();
+    let end = start + Duration::from_secs(duration);
+    let producer = {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            let mut next = 0_u64;
+            let mut started = 0_u64;
+            while Instant::now() < end {
+                // keep a backlog of about 5,000 runs ahead of the workers
+                if started.saturating_sub(rt.stats().runs_finished) < 5_000 {
+                    rt.start_many::<Chain1>(next..next + 1_000).await?;
+                    next += 1_000;
+                    started += 1_000;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            Ok::<u64, pgflow_runtime::Error>(started)
+        })
+    };
+    let mut samples = Vec::new(); // (secs since start, runs finished)
+    while Instant::now() < end {
+        samples.push((start.elapsed().as_secs_f64(), rt.stats().runs_finished));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    samples.push((start.elapsed().as_secs_f64(), rt.stats().runs_finished));
+    let started = producer.await??;
+    let window = 10.0_f64.min(duration as f64 / 2.0);
+    let rate = |from: f64, to: f64| {
+        let at = |t: f64| {
+            samples
+                .iter()
+                .min_by(|a, b| (a.0 - t).abs().total_cmp(&(b.0 - t).abs()))
+                .map_or((t, 0), |s| *s)
+        };
+        let (t0, r0) = at(from);
+        let (t1, r1) = at(to);
+        (r1 - r0) as f64 / (t1 - t0).max(1e-9)
+    };
+    let total = samples.last().map_or(0.0, |s| s.0);
+    let first = rate(0.0, window);
+    let last = rate(total - window, total);
+    let finished = rt.stats().runs_finished;
+    println!(
+        "BENCH scenario=sustained runs={finished} steps={finished} secs={total:.1} started={started} runs_per_sec={:.0} steps_per_sec={:.0} first_10s_per_sec={first:.0} last_10s_per_sec={last:.0} last_over_first={:.2}",
+        finished as f64 / total,
+        finished as f64 / total,
+        last / first.max(1e-9),
+    );
+    rt.shutdown().await?;
+    Ok(())
+}
+
+async fn run(args: Args) -> BenchResult<()> {
+    let all = args.scenario.is_none();
+    let is = |s: &str| all || args.scenario.as_deref() == Some(s);
+    let known = [
+        "chain1",
+        "chain3",
+        "diamond",
+        "enqueue",
+        "latency",
+        "sustained",
+        "inline",
+    ];
+    if let Some(s) = &args.scenario {
+        if !known.contains(&s.as_str()) {
+            return Err(format!("unknown scenario {s}; {USAGE}").into());
+        }
+    }
+    if is("chain1") {
+        throughput::<Chain1>("chain1", args.n, 1, args.concurrency).await?;
+    }
+    if is("chain3") {
+        throughput::<Chain3>("chain3", args.n, 3, args.concurrency).await?;
+    }
+    if is("diamond") {
+        throughput::<Diamond>("diamond", args.n, 6, args.concurrency).await?;
+    }
+    if is("enqueue") {
+        enqueue(args.n.max(50_000)).await?;
+    }
+    if is("latency") {
+        latency(16).await?;
+    }
+    if args.scenario.as_deref() == Some("sustained") {
+        sustained(args.duration, args.concurrency).await?;
+    }
+    if is("inline") {
+        inline::<Chain10>("inline", 20_000).await;
+        inline::<Chain10Retrying>("inline_retrying", 20_000).await;
+    }
+    Ok(())
 }
 
 fn main() {
@@ -176,19 +509,12 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let n = args.n.unwrap_or(20_000);
-    match args.scenario.as_deref() {
-        None | Some("inline") => rt.block_on(async {
-            inline::<Chain10>("inline", n).await;
-            inline::<Chain10Retrying>("inline_retrying", n).await;
-        }),
-        Some(other) => {
-            eprintln!("unknown scenario {other}; known: inline");
-            std::process::exit(2);
-        }
+    if let Err(e) = rt.block_on(run(args)) {
+        eprintln!("bench failed: {e}");
+        std::process::exit(1);
     }
 }

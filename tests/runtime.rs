@@ -8,7 +8,7 @@ use std::time::Duration;
 use pgflow::{ErrorKind, RunError, RunId, StepContext, StepError, workflow};
 use pgflow_runtime::{Error, RunOutcome, Runtime, StartOptions};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 
 async fn runtime(pool: &PgPool, queues: &[(&str, usize)]) -> Runtime {
     let mut b = Runtime::builder()
@@ -667,4 +667,199 @@ async fn claim_uses_the_partial_index(pool: PgPool) {
     assert!(plan.contains("tasks_available"), "{plan}");
     // and the real statement, with its parameters, plans too
     assert!(pgflow_runtime::CLAIM_SQL.contains("ORDER BY a.priority DESC, a.run_at, a.id"));
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn every_run_completes_once_after_all_connections_are_killed(pool: PgPool) {
+    const RUNS: u64 = 3_000;
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .queue("default", 32)
+        .poll_interval(Duration::from_millis(50))
+        .rescue_interval(Duration::from_millis(200))
+        .lease_grace(Duration::from_secs(2))
+        .start()
+        .await
+        .unwrap();
+    let orders: Vec<Order> = (0..RUNS as u32)
+        .map(|id| Order {
+            id,
+            items: vec!["x".into(); (id % 5) as usize],
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for chunk in orders.chunks(500) {
+        ids.extend(rt.start_many::<Chain3>(chunk.to_vec()).await.unwrap());
+    }
+    let terminate = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    for killed in 0..3_u64 {
+        while rt.stats().completions < 500 + killed * 1_000 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // a connection of our own, outside the runtime's pool
+        let mut own = sqlx::PgConnection::connect_with(&pool.connect_options())
+            .await
+            .unwrap();
+        let n: i64 = sqlx::query_scalar(terminate)
+            .fetch_one(&mut own)
+            .await
+            .unwrap();
+        assert!(n > 0, "no runtime connection was terminated");
+    }
+    for (id, order) in ids.iter().zip(&orders) {
+        let out: String = wait(&rt, *id).await.unwrap();
+        let cents = 100 * order.items.len() as i64;
+        assert_eq!(
+            out,
+            format!(
+                "order {} ({} items): {} cents",
+                order.id,
+                order.items.len(),
+                cents + cents / 10
+            )
+        );
+    }
+    // Exactly once: every run finished once, by this runtime's flushes alone.
+    assert_eq!(rt.stats().runs_finished, RUNS);
+    let (succeeded, tasks, states): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pgflow.runs WHERE status = 'succeeded'),
+                (SELECT count(*) FROM pgflow.tasks),
+                (SELECT count(*) FROM pgflow.step_states WHERE status = 'completed')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (succeeded, tasks, states),
+        (RUNS as i64, 0, 2 * RUNS as i64)
+    );
+    rt.shutdown().await.unwrap();
+}
+
+/// Lets a test hold a step until it says go.
+#[derive(Default)]
+pub struct Gate {
+    entered: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+}
+
+pub struct Gated;
+
+#[workflow(name = "rt_gated")]
+impl Gated {
+    #[step]
+    async fn held(n: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        let gate = ctx.data::<Arc<Gate>>()?;
+        gate.entered.notify_one();
+        gate.go.notified().await;
+        Ok(n * 10)
+    }
+}
+
+async fn gated_runtime(pool: &PgPool, gate: &Arc<Gate>) -> Runtime {
+    Runtime::builder()
+        .pool(pool.clone())
+        .queue("default", 4)
+        .poll_interval(Duration::from_millis(50))
+        .rescue_interval(Duration::from_secs(3600))
+        .shutdown_grace(Duration::from_secs(10))
+        .data(Arc::clone(gate))
+        .start()
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_completion_from_a_lost_claim_is_rejected(pool: PgPool) {
+    let gate = Arc::new(Gate::default());
+    let rt = gated_runtime(&pool, &gate).await;
+    let run = rt.start::<Gated>(4).await.unwrap();
+    gate.entered.notified().await;
+    // Meanwhile the claim is lost: another instance rescued and re-claimed the task.
+    let n = sqlx::query(
+        "UPDATE pgflow.tasks SET claimed_by = 'other', claim_token = -1 WHERE run_id = $1",
+    )
+    .bind(run.id().0)
+    .execute(&pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(n, 1);
+    gate.go.notify_one();
+    while rt.stats().rejected == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(matches!(
+        rt.result::<u32>(run.id()).await.unwrap(),
+        RunOutcome::Running
+    ));
+    let owner: String = sqlx::query_scalar("SELECT claimed_by FROM pgflow.tasks WHERE run_id = $1")
+        .bind(run.id().0)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(owner, "other", "the late completion changed nothing");
+    // The new owner gives it back; it runs again and completes once.
+    sqlx::query("UPDATE pgflow.tasks SET claimed_by = NULL, claim_token = NULL WHERE run_id = $1")
+        .bind(run.id().0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    gate.go.notify_one();
+    assert_eq!(wait::<u32>(&rt, run.id()).await.unwrap(), 40);
+    assert_eq!(rt.stats().rejected, 1);
+    rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn shutdown_lets_in_flight_steps_finish_and_flushes_them(pool: PgPool) {
+    let gate = Arc::new(Gate::default());
+    let rt = gated_runtime(&pool, &gate).await;
+    let run = rt.start::<Gated>(2).await.unwrap();
+    gate.entered.notified().await;
+    let stopping = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.shutdown().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !stopping.is_finished(),
+        "shutdown waits for the in-flight step"
+    );
+    gate.go.notify_one();
+    stopping.await.unwrap().unwrap();
+    let (status, output): (String, String) =
+        sqlx::query_as("SELECT status, output::text FROM pgflow.runs WHERE id = $1")
+            .bind(run.id().0)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), output.as_str()), ("succeeded", "20"));
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn tasks_of_unregistered_workflows_are_left_alone(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 2)]).await;
+    sqlx::query(
+        "INSERT INTO pgflow.tasks (run_id, step, workflow, version, queue, max_attempts)
+         VALUES (424242, 0, 'deployed_elsewhere', 1, 'default', 3)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // other work flows past it
+    assert_eq!(
+        rt.start::<TwoSteps>(8).await.unwrap().wait().await.unwrap(),
+        8
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let claimed: Option<String> = sqlx::query_scalar(
+        "SELECT claimed_by FROM pgflow.tasks WHERE workflow = 'deployed_elsewhere'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(claimed, None);
+    rt.shutdown().await.unwrap();
 }

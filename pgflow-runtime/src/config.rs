@@ -24,6 +24,8 @@ pub(crate) struct Config {
     pub(crate) shutdown_grace: Duration,
     /// Whether `start` applies the migrations.
     pub(crate) migrate: bool,
+    /// How often the maintainer looks for dead rows to vacuum (`None`: never).
+    pub(crate) vacuum_interval: Option<Duration>,
     /// Pool size when the runtime makes its own pool.
     pub(crate) max_connections: u32,
 }
@@ -40,6 +42,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             migrate: true,
             max_connections: 10,
+            vacuum_interval: Some(Duration::from_secs(2)),
         }
     }
 }

@@ -44,7 +44,7 @@ mod worker;
 
 pub use error::{Error, mask_password};
 pub use pgflow;
-pub use runtime::{RunHandle, RunOutcome, Runtime, RuntimeBuilder, StartOptions, Summary};
+pub use runtime::{RunHandle, RunOutcome, Runtime, RuntimeBuilder, StartOptions, Stats, Summary};
 
 /// The schema migrations (`migrations/` at the workspace root), applied by
 /// [`RuntimeBuilder::start`] unless disabled; usable with `#[sqlx::test(migrator =

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -119,6 +120,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// How often dead rows of the pgflow tables are checked and vacuumed (default
+    /// every 2 s; `None` leaves it to the server's autovacuum).
+    pub fn vacuum_interval(mut self, every: Option<Duration>) -> Self {
+        self.config.vacuum_interval = every;
+        self
+    }
+
     /// Pool size when the runtime connects itself (default 10).
     pub fn max_connections(mut self, n: u32) -> Self {
         self.config.max_connections = n.max(2);
@@ -196,12 +204,14 @@ impl RuntimeBuilder {
             cancels: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
+            stats: StatsCounters::default(),
         });
         let mut handles = vec![tokio::spawn(worker::flusher(Arc::clone(&inner), rx))];
         let mut claimers = Vec::new();
         if !inner.queues.is_empty() {
             handles.push(tokio::spawn(worker::listener(Arc::clone(&inner))));
             handles.push(tokio::spawn(worker::rescuer(Arc::clone(&inner))));
+            handles.push(tokio::spawn(worker::maintainer(Arc::clone(&inner))));
             for (q, c) in &inner.queues {
                 claimers.push(tokio::spawn(worker::claimer(
                     Arc::clone(&inner),
@@ -260,6 +270,35 @@ pub(crate) struct Inner {
     /// Claims being executed: (task id, token) -> (run, step, workflow, version).
     pub(crate) in_flight: Mutex<HashMap<(i64, i64), InFlight>>,
     tasks: Mutex<Vec<Tasks>>,
+    pub(crate) stats: StatsCounters,
+}
+
+/// Counters the workers keep (see [`Runtime::stats`]).
+#[derive(Debug, Default)]
+pub(crate) struct StatsCounters {
+    pub(crate) claims: AtomicU64,
+    pub(crate) tasks_claimed: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    pub(crate) completions: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) runs_finished: AtomicU64,
+}
+
+/// What this runtime has done since it started: a cheap snapshot for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Claim statements that returned at least one task.
+    pub claims: u64,
+    /// Tasks claimed.
+    pub tasks_claimed: u64,
+    /// Flush transactions committed.
+    pub flushes: u64,
+    /// Completions applied (step attempts finished here).
+    pub completions: u64,
+    /// Completions rejected because their claim was lost.
+    pub rejected: u64,
+    /// Runs this runtime finished (succeeded or failed).
+    pub runs_finished: u64,
 }
 
 impl Inner {
@@ -538,6 +577,26 @@ impl Runtime {
     /// This instance's id.
     pub fn instance_id(&self) -> &str {
         &self.inner.instance_id
+    }
+
+    /// Counters since start: claims, flushes, completions, finished runs.
+    ///
+    /// ```no_run
+    /// # fn demo(rt: pgflow_runtime::Runtime) {
+    /// let s = rt.stats();
+    /// println!("{} steps completed in {} flushes", s.completions, s.flushes);
+    /// # }
+    /// ```
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.stats;
+        Stats {
+            claims: c.claims.load(Ordering::Relaxed),
+            tasks_claimed: c.tasks_claimed.load(Ordering::Relaxed),
+            flushes: c.flushes.load(Ordering::Relaxed),
+            completions: c.completions.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            runs_finished: c.runs_finished.load(Ordering::Relaxed),
+        }
     }
 
     /// The pool the runtime uses.

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use pgflow::policy;
@@ -89,6 +90,13 @@ pub(crate) async fn claimer(inner: Arc<Inner>, queue: String, concurrency: usize
             Ok(tasks) => {
                 backoff.reset();
                 let got = tasks.len();
+                if got > 0 {
+                    inner.stats.claims.fetch_add(1, Ordering::Relaxed);
+                    inner
+                        .stats
+                        .tasks_claimed
+                        .fetch_add(got as u64, Ordering::Relaxed);
+                }
                 for task in tasks {
                     let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                         break;
@@ -285,7 +293,20 @@ pub(crate) async fn flusher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<C
                 Err(_) => break,
             }
         }
+        let size = batch.len() as u64;
         let flushed = flush_resilient(&inner, batch).await;
+        let stats = &inner.stats;
+        stats.flushes.fetch_add(1, Ordering::Relaxed);
+        stats.completions.fetch_add(
+            size.saturating_sub(flushed.rejected.len() as u64),
+            Ordering::Relaxed,
+        );
+        stats
+            .rejected
+            .fetch_add(flushed.rejected.len() as u64, Ordering::Relaxed);
+        stats
+            .runs_finished
+            .fetch_add(flushed.finished_runs.len() as u64, Ordering::Relaxed);
         for id in &flushed.rejected {
             warn!(
                 task_id = id,
@@ -532,4 +553,59 @@ pub(crate) async fn rescue_once(inner: &Inner) -> Result<usize, sqlx::Error> {
         inner.wake_queue(&q);
     }
     Ok(n)
+}
+
+/// Tables the maintainer vacuums, with the dead-row count that triggers it.
+const VACUUM_TABLES: &[(&str, i64)] = &[
+    ("tasks", 20_000),
+    ("step_states", 100_000),
+    ("runs", 100_000),
+];
+
+/// Keeps the hot tables small: vacuums `pgflow.tasks` (and the other pgflow tables)
+/// once enough rows died. The queue deletes every finished task and rewrites claimed
+/// ones, so without vacuum the claim index fills with dead entries and throughput
+/// decays; this does not rely on the server's autovacuum being on or quick enough.
+/// `SKIP_LOCKED` makes a vacuum that another instance is running a no-op here.
+pub(crate) async fn maintainer(inner: Arc<Inner>) {
+    let Some(interval) = inner.config.vacuum_interval else {
+        return;
+    };
+    let mut shutdown = inner.shutdown_rx();
+    loop {
+        sleep_or_shutdown(interval, &mut shutdown).await;
+        if *shutdown.borrow() {
+            return;
+        }
+        let dead: Vec<(String, i64)> = match sqlx::query_as(
+            "SELECT relname::text, n_dead_tup FROM pg_stat_user_tables WHERE schemaname = 'pgflow'",
+        )
+        .fetch_all(&inner.pool)
+        .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                debug!(error = %e, "pgflow: reading table statistics failed");
+                continue;
+            }
+        };
+        for (table, threshold) in VACUUM_TABLES {
+            let n = dead.iter().find(|(t, _)| t == table).map_or(0, |d| d.1);
+            if n < *threshold {
+                continue;
+            }
+            // Identifiers cannot be bound; these are constants of this module.
+            let sql = format!("VACUUM (ANALYZE, SKIP_LOCKED) pgflow.{table}");
+            let started = Instant::now();
+            match sqlx::query(&sql).execute(&inner.pool).await {
+                Ok(_) => debug!(
+                    table,
+                    dead = n,
+                    ms = started.elapsed().as_millis() as u64,
+                    "pgflow: vacuumed"
+                ),
+                Err(e) => debug!(table, error = %e, "pgflow: vacuum failed"),
+            }
+        }
+    }
 }
