@@ -177,6 +177,15 @@ pub(crate) struct Completion {
     pub(crate) cost_cents: i64,
 }
 
+/// What the flusher receives.
+#[derive(Debug)]
+pub(crate) enum Msg {
+    /// A completion to apply.
+    Done(Completion),
+    /// Answered once everything sent before it is applied.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
 /// What a flush did.
 #[derive(Debug, Default)]
 pub(crate) struct Flushed {

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::definitions::{self, version_i32};
-use crate::queue::Completion;
+use crate::queue::{Completion, Msg};
 use crate::{Error, MIGRATOR, mask_password, worker};
 
 /// Configures and starts a [`Runtime`].
@@ -263,7 +263,7 @@ pub(crate) struct Inner {
     pub(crate) config: Config,
     pub(crate) queues: Vec<(String, usize)>,
     wakers: HashMap<String, Arc<Notify>>,
-    pub(crate) completions: mpsc::UnboundedSender<Completion>,
+    pub(crate) completions: mpsc::UnboundedSender<Msg>,
     shutdown: watch::Sender<bool>,
     waiters: Mutex<HashMap<i64, Vec<oneshot::Sender<()>>>>,
     cancels: Mutex<HashMap<i64, (CancelToken, usize)>>,
@@ -946,6 +946,8 @@ impl Runtime {
             .map(|mut t| std::mem::take(&mut *t))
             .unwrap_or_default();
         for t in tasks {
+            // Claimers stop claiming and return once their executions are done
+            // (or the grace has passed).
             for c in t.claimers {
                 let _ = c.await;
             }
@@ -956,44 +958,25 @@ impl Runtime {
                 .lock()
                 .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
                 .unwrap_or_default();
-            for (
-                (task_id, token),
-                InFlight {
-                    run_id,
-                    step,
-                    workflow,
-                    version,
-                },
-            ) in left
-            {
-                let flow = self
-                    .inner
-                    .catalog
-                    .get(&workflow, version)
-                    .map(|f| (f.def.name(), version));
-                if let Some(flow) = flow {
-                    let _ = self.inner.completions.send(Completion {
-                        task_id,
-                        token,
-                        run_id,
-                        step,
-                        flow,
-                        attempt: 0,
-                        outcome: crate::queue::Outcome::Release,
-                        cost_cents: 0,
-                    });
-                }
+            for ((task_id, token), f) in left {
+                let Some(flow) = self.inner.catalog.get(&f.workflow, f.version) else {
+                    continue;
+                };
+                let _ = self.inner.completions.send(Msg::Done(Completion {
+                    task_id,
+                    token,
+                    run_id: f.run_id,
+                    step: f.step,
+                    flow: (flow.def.name(), f.version),
+                    attempt: 0,
+                    outcome: crate::queue::Outcome::Release,
+                    cost_cents: 0,
+                }));
             }
-            // Let the flusher drain what is queued, then stop the other loops.
-            for _ in 0..200 {
-                if self.inner.completions.is_closed() {
-                    break;
-                }
-                tokio::task::yield_now().await;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                if self.flusher_idle() {
-                    break;
-                }
+            // Everything sent so far is applied when the flusher answers.
+            let (ack, flushed) = oneshot::channel();
+            if self.inner.completions.send(Msg::Barrier(ack)).is_ok() {
+                let _ = tokio::time::timeout(self.inner.config.shutdown_grace, flushed).await;
             }
             for h in t.others {
                 h.abort();
@@ -1001,17 +984,5 @@ impl Runtime {
             }
         }
         Ok(())
-    }
-
-    fn flusher_idle(&self) -> bool {
-        // The channel is empty when the flusher has taken everything; the last batch
-        // may still be applying, so wait one flush round trip more.
-        self.inner.completions.strong_count() > 0
-            && self
-                .inner
-                .in_flight
-                .lock()
-                .map(|m| m.is_empty())
-                .unwrap_or(true)
     }
 }

@@ -22,7 +22,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::queue::{self, Claimed, Completion, Outcome};
+use crate::queue::{self, Claimed, Completion, Msg, Outcome};
 use crate::runtime::{InFlight, Inner};
 
 /// The channel of notifications that tasks are ready: the payload is the queue.
@@ -172,7 +172,7 @@ async fn execute(inner: Arc<Inner>, task: Claimed, token: i64, permit: OwnedSema
         cost_cents: cost.total(),
     };
     inner.in_flight.lock().map(|mut m| m.remove(&key)).ok();
-    if inner.completions.send(completion).is_err() {
+    if inner.completions.send(Msg::Done(completion)).is_err() {
         warn!("pgflow: completion dropped: the flusher stopped (its lease will expire)");
     }
     drop(permit);
@@ -283,15 +283,29 @@ fn build_inputs(
 
 /// Applies completions in batches: everything that queued up while the previous
 /// flush ran goes into the next one.
-pub(crate) async fn flusher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Completion>) {
+pub(crate) async fn flusher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     let mut last_notify: HashMap<String, Instant> = HashMap::new();
     while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < inner.config.flush_batch {
-            match rx.try_recv() {
-                Ok(c) => batch.push(c),
-                Err(_) => break,
+        let mut batch = Vec::new();
+        let mut barriers = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Done(c) => batch.push(c),
+                Msg::Barrier(ack) => {
+                    barriers.push(ack);
+                    break;
+                }
             }
+            if batch.len() < inner.config.flush_batch {
+                next = rx.try_recv().ok();
+            }
+        }
+        if batch.is_empty() {
+            for ack in barriers {
+                let _ = ack.send(());
+            }
+            continue;
         }
         let size = batch.len() as u64;
         let flushed = flush_resilient(&inner, batch).await;
@@ -330,6 +344,9 @@ pub(crate) async fn flusher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<C
                 }
                 last_notify.insert(q, Instant::now());
             }
+        }
+        for ack in barriers {
+            let _ = ack.send(());
         }
     }
 }
