@@ -355,3 +355,136 @@ async fn steps_stay_callable_directly() {
     assert_eq!(Chain::call(routed, &ctx).await.unwrap(), "small:p");
     assert_eq!(ctx.cost().total(), 1);
 }
+
+pub struct LossyOutput;
+
+#[workflow]
+impl LossyOutput {
+    #[step]
+    async fn make(n: u32) -> Result<Lossy, StepError> {
+        Ok(Lossy(n))
+    }
+}
+
+#[tokio::test]
+async fn json_roundtrip_covers_the_workflow_output_too() {
+    assert_eq!(execute::<LossyOutput>(3).await.unwrap(), Lossy(3));
+    let opts = ExecuteOptions::new().json_roundtrip(true);
+    let err = execute_with::<LossyOutput>(3, opts).await.unwrap_err();
+    assert!(err.to_string().contains("expected u32"), "{err}");
+}
+
+/// Not `Clone`: a retry gets its input back from JSON.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub struct Doc {
+    pub text: String,
+}
+
+pub struct RetryNonClone;
+
+#[workflow(backoff = "1ms", max_attempts = 3)]
+impl RetryNonClone {
+    #[step]
+    async fn shout(doc: Doc, ctx: &StepContext) -> Result<Doc, StepError> {
+        if ctx.attempt() < 3 {
+            return Err(StepError::retryable("not yet"));
+        }
+        Ok(Doc {
+            text: doc.text.to_uppercase(),
+        })
+    }
+
+    #[step]
+    async fn after(doc: Doc) -> Result<String, StepError> {
+        Ok(doc.text)
+    }
+}
+
+#[tokio::test]
+async fn a_retried_step_gets_its_inputs_again_even_without_clone() {
+    let out = execute::<RetryNonClone>(Doc { text: "hi".into() })
+        .await
+        .unwrap();
+    assert_eq!(out, "HI");
+}
+
+pub struct Stubborn;
+
+#[workflow(backoff = "10m", max_attempts = 5)]
+impl Stubborn {
+    #[step]
+    async fn fails(n: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        ctx.data::<Arc<Attempts>>()?
+            .0
+            .fetch_add(1, Ordering::SeqCst);
+        Err(StepError::retryable(format!("no {n}")))
+    }
+}
+
+#[tokio::test]
+async fn cancelling_during_a_backoff_returns_at_once() {
+    let cancel = pgflow::CancelToken::new();
+    let attempts = Arc::new(Attempts::default());
+    let opts = ExecuteOptions::new()
+        .cancel(cancel.clone())
+        .data(Arc::clone(&attempts));
+    let run = tokio::spawn(execute_with::<Stubborn>(1, opts));
+    while attempts.0.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    cancel.cancel();
+    // the backoff is 5 to 10 minutes: only the cancellation can end this quickly
+    let res = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("cancel did not interrupt the backoff")
+        .unwrap();
+    assert!(matches!(res, Err(RunError::Cancelled { .. })), "{res:?}");
+}
+
+pub struct ChecksCancel;
+
+#[workflow]
+impl ChecksCancel {
+    #[step]
+    async fn work(n: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        ctx.check_cancelled()?;
+        Ok(n)
+    }
+}
+
+#[tokio::test]
+async fn a_step_that_sees_the_cancellation_ends_the_run_as_cancelled() {
+    let cancel = pgflow::CancelToken::new();
+    cancel.cancel();
+    let res = execute_with::<ChecksCancel>(1, ExecuteOptions::new().cancel(cancel)).await;
+    assert!(matches!(res, Err(RunError::Cancelled { .. })), "{res:?}");
+}
+
+/// Shapes the clippy run must see (trybuild cases are not linted): a root step with
+/// no data parameter, unit outputs, a step with only the context.
+pub struct Shapes;
+
+#[workflow]
+impl Shapes {
+    #[step(depends_on = [])]
+    async fn tick(ctx: &StepContext) -> Result<(), StepError> {
+        ctx.add_cost_cents(1);
+        Ok(())
+    }
+
+    #[step(depends_on = [])]
+    async fn take(input: u8) -> Result<u8, StepError> {
+        Ok(input)
+    }
+
+    #[step(depends_on = [tick, take])]
+    async fn done(tick: (), take: u8) -> Result<u8, StepError> {
+        let () = tick;
+        Ok(take)
+    }
+}
+
+#[tokio::test]
+async fn roots_without_parameters_and_unit_outputs_run() {
+    assert_eq!(execute::<Shapes>(4).await.unwrap(), 4);
+}

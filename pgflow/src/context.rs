@@ -97,7 +97,7 @@ impl fmt::Debug for Data {
 
 /// A flag shared by the steps of a run, set when the run is cancelled. Steps look at
 /// it through [`StepContext::is_cancelled`]; a long step should check it between
-/// units of work.
+/// units of work, or race its work against [`CancelToken::cancelled`].
 ///
 /// ```
 /// let token = pgflow::CancelToken::new();
@@ -106,7 +106,13 @@ impl fmt::Debug for Data {
 /// assert!(seen_by_step.is_cancelled());
 /// ```
 #[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken(Arc<CancelState>);
+
+#[derive(Debug, Default)]
+struct CancelState {
+    flag: AtomicBool,
+    notify: tokio::sync::Notify,
+}
 
 impl CancelToken {
     /// A token that is not cancelled.
@@ -114,14 +120,35 @@ impl CancelToken {
         Self::default()
     }
 
-    /// Marks the run cancelled.
+    /// Marks the run cancelled and wakes everything waiting in [`cancelled`](Self::cancelled).
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::Release);
+        self.0.flag.store(true, Ordering::Release);
+        self.0.notify.notify_waiters();
     }
 
     /// Whether the run was cancelled.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.flag.load(Ordering::Acquire)
+    }
+
+    /// Completes once the run is cancelled.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let token = pgflow::CancelToken::new();
+    /// let waiter = tokio::spawn({ let t = token.clone(); async move { t.cancelled().await } });
+    /// token.cancel();
+    /// waiter.await.unwrap();
+    /// # }
+    /// ```
+    pub async fn cancelled(&self) {
+        let notified = self.0.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_cancelled() {
+            return;
+        }
+        notified.await;
     }
 }
 

@@ -33,8 +33,8 @@ use futures_util::stream::FuturesUnordered;
 
 use crate::workflow::ParamSource;
 use crate::{
-    AttemptFailure, CancelToken, CostMeter, Data, RunError, RunId, StepContext, StepDef, StepError,
-    StepInputs, StepValue, Workflow, WorkflowDef, policy,
+    AttemptFailure, CancelToken, CostMeter, Data, ErrorKind, RunError, RunId, StepContext, StepDef,
+    StepError, StepInputs, StepValue, Workflow, WorkflowDef, policy,
 };
 
 /// Options of [`execute_with`].
@@ -91,7 +91,13 @@ impl ExecuteOptions {
 /// # Errors
 ///
 /// [`RunError::StepFailed`] with the failing step's attempt history when a step
-/// fails permanently or exhausts its attempts; [`RunError::Cancelled`].
+/// fails permanently or exhausts its attempts; [`RunError::Cancelled`];
+/// [`RunError::Serde`] when the input or output does not convert to or from JSON.
+///
+/// # Panics
+///
+/// Outside a tokio runtime with the time driver enabled (timeouts and backoff use
+/// it; `#[tokio::main]` and `#[tokio::test]` enable it).
 pub async fn execute<W: Workflow>(input: W::Input) -> Result<W::Output, RunError> {
     execute_with::<W>(input, ExecuteOptions::default()).await
 }
@@ -196,7 +202,7 @@ pub async fn execute_definition(
             } else {
                 slots[slot]
                     .as_ref()
-                    .map(StepValue::duplicate)
+                    .map(StepValue::backup)
                     .transpose()
                     .map_err(serde_err)?
             };
@@ -224,21 +230,27 @@ pub async fn execute_definition(
         start(&steps[root], &mut slots, &mut running)?;
     }
     let terminal = def.terminal().index();
-    while let Some((index, result)) = running.next().await {
+    let cancelled = || RunError::Cancelled {
+        workflow: def.name().to_owned(),
+    };
+    loop {
+        let next = tokio::select! {
+            next = running.next() => next,
+            () = options.cancel.cancelled() => return Err(cancelled()),
+        };
+        let Some((index, result)) = next else { break };
         let value = result?;
+        let value = if options.json_roundtrip {
+            value
+                .into_json()
+                .map_err(|e| step_serde_error(def, index, &e))?
+        } else {
+            value
+        };
         if index == terminal {
             return Ok(value);
         }
-        if options.cancel.is_cancelled() {
-            return Err(RunError::Cancelled {
-                workflow: def.name().to_owned(),
-            });
-        }
-        slots[index] = Some(if options.json_roundtrip {
-            value.into_json().map_err(serde_err)?
-        } else {
-            value
-        });
+        slots[index] = Some(value);
         for &child in &plan.children[index] {
             waiting[child] -= 1;
             if waiting[child] == 0 {
@@ -252,8 +264,21 @@ pub async fn execute_definition(
     })
 }
 
+/// A step output that does not serialize, as that step's failure.
+fn step_serde_error(def: &'static WorkflowDef, index: usize, e: &StepError) -> RunError {
+    let step = def.steps().get(index).map_or("?", |s| s.name());
+    RunError::step_failed(
+        def.name(),
+        step,
+        None,
+        vec![crate::AttemptFailure::new(1, e)],
+    )
+}
+
 /// Runs every attempt of one step until it succeeds, fails permanently or exhausts
-/// its attempts.
+/// its attempts. Each attempt gets the inputs themselves; while attempts remain, a
+/// backup is taken first (a clone, or JSON for types that are not `Clone`) for the
+/// next attempt.
 async fn run_with_retries(
     def: &'static WorkflowDef,
     step: &'static StepDef,
@@ -264,27 +289,21 @@ async fn run_with_retries(
     let max = options.max_attempts.max(1);
     let mut history = Vec::new();
     let fail = |history| RunError::step_failed(def.name(), step.name(), None, history);
-    for attempt in 1..=max {
+    let cancelled = || RunError::Cancelled {
+        workflow: def.name().to_owned(),
+    };
+    let mut attempt = 1;
+    loop {
         if shared.cancel.is_cancelled() {
-            return Err(RunError::Cancelled {
-                workflow: def.name().to_owned(),
-            });
+            return Err(cancelled());
         }
-        // Keep the inputs for a retry unless this is the last attempt.
-        let attempt_inputs = if attempt == max {
-            std::mem::replace(
-                &mut inputs,
-                StepInputs::new(def.name(), step.name(), Vec::new()),
-            )
+        // Keep a copy for the next attempt; without one, this attempt is the last.
+        let spare = if attempt < max {
+            inputs.backup().ok()
         } else {
-            match inputs.duplicate() {
-                Ok(copy) => copy,
-                Err(e) => {
-                    history.push(AttemptFailure::new(attempt, &e));
-                    return Err(fail(history));
-                }
-            }
+            None
         };
+        let last = spare.is_none();
         let ctx = StepContext::builder(def.name(), step.name())
             .run_id(shared.run_id)
             .attempt(attempt)
@@ -292,16 +311,23 @@ async fn run_with_retries(
             .cost(shared.cost.clone())
             .cancel(shared.cancel.clone())
             .build();
-        match policy::run_attempt(step, attempt_inputs, ctx).await {
+        match policy::run_attempt(step, inputs, ctx).await {
             Ok(value) => return Ok(value),
             Err(error) => {
-                history.push(AttemptFailure::new(attempt, &error));
-                if !error.is_retryable() || attempt == max {
-                    return Err(fail(history));
+                if error.kind() == ErrorKind::Cancelled || shared.cancel.is_cancelled() {
+                    return Err(cancelled());
                 }
-                tokio::time::sleep(policy::retry_delay(options, attempt, &error)).await;
+                history.push(AttemptFailure::new(attempt, &error));
+                let Some(spare) = spare.filter(|_| error.is_retryable() && !last) else {
+                    return Err(fail(history));
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(policy::retry_delay(options, attempt, &error)) => {}
+                    () = shared.cancel.cancelled() => return Err(cancelled()),
+                }
+                inputs = spare;
+                attempt += 1;
             }
         }
     }
-    Err(fail(history))
 }

@@ -29,6 +29,11 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60 * 60);
 
 /// Runs one attempt of `step`: its entry under the step's timeout, with panics caught.
 ///
+/// # Panics
+///
+/// Outside a tokio runtime with the time driver enabled (`#[tokio::main]` and
+/// `#[tokio::test]` enable it).
+///
 /// # Errors
 ///
 /// The step's own error; [`StepError::timeout`] when it outlives its timeout (the
@@ -52,13 +57,14 @@ pub async fn run_attempt(
 }
 
 /// The delay before the attempt after failed attempt `attempt` (1-based): the
-/// error's own [`StepError::retry_delay`] if it has one, else exponential backoff
+/// error's own [`StepError::retry_delay`] if it has one (capped at [`MAX_BACKOFF`]),
+/// else exponential backoff
 /// `backoff × 2^(attempt-1)` capped at [`MAX_BACKOFF`], with "equal jitter" (a
 /// uniformly random delay in the upper half) so that retries of many tasks that
 /// failed together spread out.
 pub fn retry_delay(options: &StepOptions, attempt: u32, error: &StepError) -> Duration {
     if let Some(d) = error.retry_delay() {
-        return d;
+        return d.min(MAX_BACKOFF);
     }
     let factor = 1_u32
         .checked_shl(attempt.saturating_sub(1))

@@ -9,7 +9,7 @@ pub use inventory;
 pub use serde_json;
 
 pub use crate::registry::Registration;
-pub use crate::value::{Dup, DupFn, DupResult, DupUnsupported, DupViaClone, DupViaSerde};
+pub use crate::value::{Dup, DupFn, DupNoClone, DupResult, DupViaClone};
 
 use std::sync::OnceLock;
 
@@ -62,3 +62,17 @@ pub const fn workflow_def(parts: WorkflowParts) -> WorkflowDef {
 pub fn into_step_error<E: Into<StepError>>(e: E) -> StepError {
     e.into()
 }
+
+/// Implemented only for `T: SameType<T>`: the expansion asserts that a parameter's
+/// type is its source's output type, spanned at the parameter.
+#[diagnostic::on_unimplemented(
+    message = "step parameter of type `{T}` is fed a `{Self}`",
+    label = "expected `{T}`, found `{Self}`",
+    note = "a parameter takes the output type of the step it is bound to (the previous step, the parent it is named after, or the workflow input for `input`)"
+)]
+pub trait SameType<T> {}
+
+impl<T> SameType<T> for T {}
+
+/// Compile-time check that `Source` (a step's output) is `Param` (a parameter's type).
+pub const fn same_type<Source: SameType<Param>, Param>() {}

@@ -13,7 +13,7 @@
 //! #[derive(serde::Serialize, serde::Deserialize, Debug)]
 //! struct Count { n: u32 }
 //! // `#[workflow]` generates one of these per value type
-//! static COUNT: ValueOps = ValueOps::of::<Count>("Count", |_| unreachable!());
+//! static COUNT: ValueOps = ValueOps::of::<Count>("Count", |_| None);
 //!
 //! let raw = serde_json::value::RawValue::from_string(r#"{"n": "x"}"#.to_owned()).unwrap();
 //! let mut inputs = StepInputs::new("wf", "step", vec![StepValue::Json(raw)]);
@@ -101,7 +101,7 @@ impl StepValue {
     ///
     /// ```
     /// use pgflow::{StepValue, ValueOps};
-    /// static U8: ValueOps = ValueOps::of::<u8>("u8", |_| unreachable!());
+    /// static U8: ValueOps = ValueOps::of::<u8>("u8", |v| v.downcast_ref::<u8>().map(|v| Box::new(*v) as _));
     /// let v = StepValue::typed(7_u8, &U8);
     /// assert_eq!(v.to_json().unwrap().get(), "7");
     /// assert_eq!(v.into_typed::<u8>().unwrap(), 7);
@@ -140,23 +140,19 @@ impl StepValue {
         }
     }
 
-    /// A copy for a second consumer or a retry: `Clone` where the type has it,
-    /// a JSON round trip where it does not.
+    /// A copy for a second consumer or a retry: a clone where the type is `Clone`,
+    /// else the value's JSON (deserialized only if the copy is used, as the durable
+    /// runtime would).
     ///
     /// # Errors
     ///
-    /// When the JSON round trip fails (a type whose `Serialize` and `Deserialize`
-    /// disagree): a permanent error.
-    pub fn duplicate(&self) -> Result<Self, StepError> {
+    /// When a value that is not `Clone` fails to serialize.
+    pub fn backup(&self) -> Result<Self, StepError> {
         match self {
-            Self::Typed(v, ops) => (ops.duplicate)(v.as_ref())
-                .map(|d| Self::Typed(d, ops))
-                .map_err(|e| {
-                    StepError::permanent(format!(
-                        "value of type `{}` does not survive a JSON round trip: {e}",
-                        ops.type_name
-                    ))
-                }),
+            Self::Typed(v, ops) => match (ops.duplicate)(v.as_ref()) {
+                Some(copy) => Ok(Self::Typed(copy, ops)),
+                None => self.to_json().map(Self::Json),
+            },
             Self::Json(raw) => Ok(Self::Json(raw.clone())),
         }
     }
@@ -240,17 +236,17 @@ impl StepInputs {
         self.values.is_empty()
     }
 
-    /// Copies every input (see [`StepValue::duplicate`]), for an attempt that may
-    /// be followed by a retry.
+    /// Copies every input (see [`StepValue::backup`]), for an attempt that may be
+    /// followed by a retry.
     ///
     /// # Errors
     ///
     /// When a value cannot be copied.
-    pub fn duplicate(&self) -> Result<Self, StepError> {
+    pub fn backup(&self) -> Result<Self, StepError> {
         let values = self
             .values
             .iter()
-            .map(|v| v.as_ref().map(StepValue::duplicate).transpose())
+            .map(|v| v.as_ref().map(StepValue::backup).transpose())
             .collect::<Result<_, _>>()?;
         Ok(Self {
             workflow: self.workflow,
@@ -297,9 +293,9 @@ impl StepInputs {
 }
 
 /// Picks the `duplicate` operation of [`ValueOps`] by autoref specialization:
-/// `(&&Dup::<T>::new()).dup_fn()` resolves to [`DupViaClone`] (impl for `&Dup<T>`)
-/// when `T: Clone`, else to [`DupViaSerde`] (impl for `&&Dup<T>`, a JSON round
-/// trip), else to [`DupUnsupported`] (impl for `Dup<T>`).
+/// `(&&Dup::<T>::new()).dup_fn()` resolves to [`DupViaClone`] (impl for `&Dup<T>`,
+/// found first) when `T: Clone`, else to [`DupNoClone`] (impl for `Dup<T>`), whose
+/// operation answers `None` so that the value is copied as JSON instead.
 #[doc(hidden)]
 pub struct Dup<T>(PhantomData<T>);
 
@@ -316,9 +312,9 @@ impl<T> Default for Dup<T> {
     }
 }
 
-/// The result of copying a type-erased value.
+/// A copy of a type-erased value, or `None` when its type is not `Clone`.
 #[doc(hidden)]
-pub type DupResult = Result<Box<dyn Any + Send>, serde_json::Error>;
+pub type DupResult = Option<Box<dyn Any + Send>>;
 
 /// Copies a type-erased value.
 #[doc(hidden)]
@@ -332,38 +328,20 @@ pub trait DupViaClone {
 impl<T: Clone + Send + 'static> DupViaClone for &Dup<T> {
     fn dup_fn(&self) -> DupFn {
         |v| {
-            let v = v.downcast_ref::<T>().ok_or_else(type_confusion)?;
-            Ok(Box::new(v.clone()))
+            v.downcast_ref::<T>()
+                .map(|v| Box::new(v.clone()) as Box<dyn Any + Send>)
         }
     }
 }
 
 #[doc(hidden)]
-pub trait DupViaSerde {
+pub trait DupNoClone {
     fn dup_fn(&self) -> DupFn;
 }
 
-impl<T: StepData> DupViaSerde for &&Dup<T> {
+impl<T> DupNoClone for Dup<T> {
     fn dup_fn(&self) -> DupFn {
-        |v| {
-            let v = v.downcast_ref::<T>().ok_or_else(type_confusion)?;
-            let json = serde_json::to_value(v)?;
-            Ok(Box::new(serde_json::from_value::<T>(json)?))
-        }
-    }
-}
-
-/// The last resort of the specialization, for a type that is neither `Clone` nor
-/// `StepData`: such a type is already a compile error at the user's type (through
-/// [`ValueOps::of`]), and this impl only keeps a second, noisier error away.
-#[doc(hidden)]
-pub trait DupUnsupported {
-    fn dup_fn(&self) -> DupFn;
-}
-
-impl<T> DupUnsupported for Dup<T> {
-    fn dup_fn(&self) -> DupFn {
-        |_| Err(type_confusion())
+        |_| None
     }
 }
 

@@ -47,6 +47,12 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
     let mut index: HashMap<String, usize> = HashMap::new();
     for (i, s) in steps.iter().enumerate() {
         let key = s.name.to_string();
+        if key == INPUT || key == "r#input" {
+            cx.error_spanned_by(
+                &s.name,
+                "a step cannot be named `input`: that name is reserved for parameters that take the workflow input",
+            );
+        }
         match index.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => cx.error_spanned_by(
                 &s.name,
@@ -130,7 +136,7 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
                     }
                 }
                 for ((_, name), used) in named.iter().zip(&used) {
-                    if !used {
+                    if !used && !step.param_errors {
                         cx.error_spanned_by(
                             name,
                             format!(
@@ -168,7 +174,7 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
                 }
                 match implicit {
                     Some(p) => {
-                        if !bound {
+                        if !bound && !step.param_errors {
                             cx.error_spanned_by(
                                 &step.name,
                                 format!(
@@ -181,7 +187,7 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
                         parents[i] = vec![p];
                     }
                     None => {
-                        if step_sources.is_empty() {
+                        if step_sources.is_empty() && !step.param_errors {
                             cx.error_spanned_by(
                                 &step.name,
                                 format!(
@@ -293,15 +299,14 @@ fn report_cycles(
         }
     }
     for cycle in &found {
-        // `cycle` is a chain child -> parent -> .. whose last element depends on the first.
+        // In `cycle` each step depends on the next and the last depends on the first;
+        // the message starts at the last, whose `depends_on` entry closes the cycle.
         let closing_child = cycle[cycle.len() - 1];
         let closing_parent = cycle[0];
-        let mut path: Vec<String> = cycle
-            .iter()
-            .rev()
+        let path: Vec<String> = std::iter::once(&closing_child)
+            .chain(cycle.iter())
             .map(|&s| steps[s].name.to_string())
             .collect();
-        path.push(steps[closing_child].name.to_string());
         let span = edge_spans
             .get(&(closing_child, closing_parent))
             .copied()

@@ -7,7 +7,7 @@
 //! Everything generated sits in one `const _: () = { .. };` block and names runtime
 //! items only through [`crate::paths`].
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Ident, Type};
@@ -156,11 +156,17 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
     let step_count = steps.len();
     let terminal = g.terminal;
     let defaults_tokens = defaults.tokens();
-    let type_label = wf
-        .type_ident
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_default();
+    // `module::Type` for `impl Type`; the path as written for `impl a::b::Type`.
+    let rust_type = match &wf.self_ty {
+        Type::Path(p) if p.path.segments.len() == 1 => {
+            let ident = p.path.segments[0].ident.to_string();
+            quote!(::core::concat!(::core::module_path!(), "::", #ident))
+        }
+        other => {
+            let written = type_string(other);
+            quote!(#written)
+        }
+    };
     let workflow_trait = paths::workflow_trait();
     let workflow_def = paths::workflow_def();
 
@@ -177,7 +183,7 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
                 name: #name,
                 version: #version,
                 queue: #queue,
-                rust_type: ::core::concat!(::core::module_path!(), "::", #type_label),
+                rust_type: #rust_type,
                 file: ::core::file!(),
                 line: ::core::line!(),
                 defaults: #defaults_tokens,
@@ -237,7 +243,7 @@ fn value_ops_tokens(ops: &Ident, ty: &Type) -> TokenStream {
     quote! {
         fn #dup(value: &(dyn #any + ::core::marker::Send)) -> #private::DupResult {
             #[allow(unused_imports)]
-            use #private::{DupUnsupported as _, DupViaClone as _, DupViaSerde as _};
+            use #private::{DupNoClone as _, DupViaClone as _};
             ((&&#private::Dup::<#ty>::new()).dup_fn())(value)
         }
         static #ops: #value_ops = #of(#type_name, #dup);
@@ -326,16 +332,32 @@ fn type_checks(wf: &Workflow, g: &Graph, input_ty: &Type, outputs: &[&Type]) -> 
                 Source::Step(s) => outputs[*s],
             };
             let to = &p.ty;
+            // Both types carry the parameter's span, so rustc reports it there.
             let span = p.ty.span();
-            let edge = format_ident!("__pgflow_edge_{}_{}", i, k);
-            let value = Ident::new("__pgflow_value", Span::call_site().located_at(span));
-            edges.push(quote! {
-                #[allow(dead_code, clippy::needless_pass_by_value)]
-                fn #edge(__pgflow_value: #from) -> #to {
-                    #value
-                }
-            });
+            let from = respan(quote!(#from), span);
+            let check = quote_spanned!(span=> ::pgflow::__private::same_type::<#from, #to>());
+            edges.push(quote!(#check;));
         }
     }
-    quote!(#(#edges)*)
+    if edges.is_empty() {
+        return TokenStream::new();
+    }
+    quote!(const _: () = { #(#edges)* };)
+}
+
+/// `tokens` with every span set to `span`.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut tt| {
+            if let TokenTree::Group(g) = &tt {
+                let mut group = proc_macro2::Group::new(g.delimiter(), respan(g.stream(), span));
+                group.set_span(span);
+                tt = TokenTree::Group(group);
+            } else {
+                tt.set_span(span);
+            }
+            tt
+        })
+        .collect()
 }

@@ -30,6 +30,8 @@ pub(crate) struct Step {
     pub(crate) output: Option<Type>,
     /// `E` of `Result<T, E>`, when written.
     pub(crate) error: Option<Type>,
+    /// A parameter was rejected: binding checks would only add noise.
+    pub(crate) param_errors: bool,
 }
 
 pub(crate) enum Arg {
@@ -131,7 +133,7 @@ pub(crate) fn parse(mut item: ItemImpl, attr: WorkflowAttr, cx: &mut Ctxt) -> Wo
             }
         };
         let step_attr = crate::attr::parse_step_attr(tokens, cx);
-        steps.push(parse_step(&f.sig, step_attr, cx));
+        steps.push(parse_step(&f.sig, step_attr, &item.self_ty, cx));
     }
 
     if steps.is_empty() {
@@ -150,8 +152,9 @@ pub(crate) fn parse(mut item: ItemImpl, attr: WorkflowAttr, cx: &mut Ctxt) -> Wo
     }
 }
 
-fn parse_step(sig: &syn::Signature, attr: StepAttr, cx: &mut Ctxt) -> Step {
+fn parse_step(sig: &syn::Signature, attr: StepAttr, self_ty: &Type, cx: &mut Ctxt) -> Step {
     let name = sig.ident.clone();
+    let mut param_errors = false;
     if sig.asyncness.is_none() {
         cx.error_spanned_by(
             sig.fn_token,
@@ -185,6 +188,7 @@ fn parse_step(sig: &syn::Signature, attr: StepAttr, cx: &mut Ctxt) -> Step {
                             other,
                             "a step parameter must be a plain name: it binds by name to a parent step or `input`",
                         );
+                        param_errors = true;
                         continue;
                     }
                 };
@@ -195,21 +199,30 @@ fn parse_step(sig: &syn::Signature, attr: StepAttr, cx: &mut Ctxt) -> Step {
                         }
                         args.push(Arg::Context);
                     }
-                    ParamType::ContextByValue => cx.error_spanned_by(
-                        &pt.ty,
-                        "take the step context by reference: `ctx: &StepContext`",
-                    ),
-                    ParamType::Reference => cx.error_spanned_by(
-                        &pt.ty,
-                        "step parameters are owned values (deserialized from the parent's output): take `T`, not `&T`",
-                    ),
-                    ParamType::ImplTrait => cx.error_spanned_by(
-                        &pt.ty,
-                        format!("step `{name}` cannot be generic: use a concrete type instead of `impl Trait`"),
-                    ),
+                    ParamType::ContextByValue | ParamType::ContextMut => {
+                        cx.error_spanned_by(
+                            &pt.ty,
+                            "take the step context by shared reference: `ctx: &StepContext`",
+                        );
+                        param_errors = true;
+                    }
+                    ParamType::Reference => {
+                        cx.error_spanned_by(
+                            &pt.ty,
+                            "step parameters are owned values (deserialized from the parent's output): take `T`, not `&T` (the step context is recognized by its name: `&StepContext`)",
+                        );
+                        param_errors = true;
+                    }
+                    ParamType::ImplTrait => {
+                        cx.error_spanned_by(
+                            &pt.ty,
+                            format!("step `{name}` cannot be generic: use a concrete type instead of `impl Trait`"),
+                        );
+                        param_errors = true;
+                    }
                     ParamType::Data => args.push(Arg::Data(Box::new(DataParam {
                         name: ident,
-                        ty: (*pt.ty).clone(),
+                        ty: replace_self(&pt.ty, self_ty),
                     }))),
                 }
             }
@@ -227,7 +240,10 @@ fn parse_step(sig: &syn::Signature, attr: StepAttr, cx: &mut Ctxt) -> Step {
             (None, None)
         }
         ReturnType::Type(_, ty) => match result_args(ty) {
-            Some((ok, err)) => (Some(ok), err),
+            Some((ok, err)) => (
+                Some(replace_self(&ok, self_ty)),
+                err.map(|e| replace_self(&e, self_ty)),
+            ),
             None => {
                 cx.error_spanned_by(
                     ty,
@@ -245,12 +261,48 @@ fn parse_step(sig: &syn::Signature, attr: StepAttr, cx: &mut Ctxt) -> Step {
         args,
         output,
         error,
+        param_errors,
     }
+}
+
+/// `Self` written in a step's types means the workflow type; the expansion uses the
+/// types outside the impl block, so `Self` is replaced by the type itself.
+fn replace_self(ty: &Type, self_ty: &Type) -> Type {
+    fn walk(tokens: proc_macro2::TokenStream, self_ty: &Type) -> proc_macro2::TokenStream {
+        use proc_macro2::{Group, TokenTree};
+        use quote::ToTokens;
+        let tokens: Vec<TokenTree> = tokens.into_iter().collect();
+        let mut out = proc_macro2::TokenStream::new();
+        for (i, tt) in tokens.iter().enumerate() {
+            match tt {
+                TokenTree::Ident(id) if id == "Self" => {
+                    // `Self::Assoc` needs `<Type>::Assoc`; a plain `Self` is the type.
+                    let followed_by_path = matches!(tokens.get(i + 1), Some(TokenTree::Punct(p)) if p.as_char() == ':');
+                    let ty = self_ty.to_token_stream();
+                    if followed_by_path {
+                        out.extend(quote::quote!(<#ty>));
+                    } else {
+                        out.extend(ty);
+                    }
+                }
+                TokenTree::Group(g) => {
+                    let mut new = Group::new(g.delimiter(), walk(g.stream(), self_ty));
+                    new.set_span(g.span());
+                    out.extend([TokenTree::Group(new)]);
+                }
+                other => out.extend([other.clone()]),
+            }
+        }
+        out
+    }
+    let tokens = walk(quote::ToTokens::to_token_stream(ty), self_ty);
+    syn::parse2(tokens).unwrap_or_else(|_| ty.clone())
 }
 
 enum ParamType {
     Data,
     Context,
+    ContextMut,
     ContextByValue,
     Reference,
     ImplTrait,
@@ -269,7 +321,11 @@ fn classify_type(ty: &Type) -> ParamType {
     match ty {
         Type::Reference(r) => {
             if last_ident(&r.elem).is_some_and(|i| i == "StepContext") {
-                ParamType::Context
+                if r.mutability.is_some() {
+                    ParamType::ContextMut
+                } else {
+                    ParamType::Context
+                }
             } else {
                 ParamType::Reference
             }
@@ -420,7 +476,7 @@ mod tests {
             "cannot be generic",
             "must return `Result<T, E>`",
             "take `T`, not `&T`",
-            "by reference",
+            "by shared reference",
         ] {
             assert!(errors.contains(needle), "missing {needle:?} in {errors}");
         }
