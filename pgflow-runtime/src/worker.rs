@@ -612,7 +612,7 @@ pub(crate) async fn maintainer(inner: Arc<Inner>) {
                 continue;
             }
             // Identifiers cannot be bound; these are constants of this module.
-            let sql = format!("VACUUM (ANALYZE, SKIP_LOCKED) pgflow.{table}");
+            let sql = format!("VACUUM (SKIP_LOCKED) pgflow.{table}");
             let started = Instant::now();
             match sqlx::query(&sql).execute(&inner.pool).await {
                 Ok(_) => debug!(
