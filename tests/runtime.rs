@@ -10,10 +10,13 @@ use pgflow_runtime::{Error, RunOutcome, Runtime, StartOptions};
 use serde::{Deserialize, Serialize};
 use sqlx::{Connection, PgPool};
 
+static NEXT_INSTANCE: AtomicU32 = AtomicU32::new(1);
+
 async fn runtime(pool: &PgPool, queues: &[(&str, usize)]) -> Runtime {
+    let id = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
     let mut b = Runtime::builder()
         .pool(pool.clone())
-        .instance_id("test-instance")
+        .instance_id(format!("test-instance-{id}"))
         .poll_interval(Duration::from_millis(50))
         .rescue_interval(Duration::from_millis(100))
         .data(Arc::new(Counter::default()));
@@ -98,7 +101,7 @@ async fn chain_runs_end_to_end_with_outputs_costs_and_results(pool: PgPool) {
     assert_eq!(status, "succeeded");
     assert_eq!(output, "\"order 7 (2 items): 220 cents\"");
     assert_eq!(cost, 5);
-    assert_eq!(instance, "test-instance");
+    assert_eq!(instance, rt.instance_id());
     // intermediate outputs are stored; the hot table is empty again
     let stored: Vec<(i16, String)> = sqlx::query_as(
         "SELECT step, output::text FROM pgflow.step_states WHERE run_id = $1 ORDER BY step",
@@ -861,5 +864,140 @@ async fn tasks_of_unregistered_workflows_are_left_alone(pool: PgPool) {
     .await
     .unwrap();
     assert_eq!(claimed, None);
+    rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn instances_register_heartbeat_and_refuse_a_live_duplicate_id(pool: PgPool) {
+    let a = Runtime::builder()
+        .pool(pool.clone())
+        .instance_id("instance_a")
+        .queue("default", 3)
+        .queue("llm", 2)
+        .heartbeat_interval(Duration::from_millis(100))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(a.instance_id(), "instance_a");
+    let err = Runtime::builder()
+        .pool(pool.clone())
+        .instance_id("instance_a")
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InstanceIdInUse { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("instance id `instance_a` is in use"),
+        "{err}"
+    );
+
+    let before: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT last_heartbeat FROM pgflow.instances WHERE id = 'instance_a'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let list = a.instances().await.unwrap();
+    let me = list.iter().find(|i| i.id == "instance_a").unwrap();
+    assert!(me.last_heartbeat > before, "heartbeats move last_heartbeat");
+    assert_eq!(me.status, "online");
+    assert_eq!(me.capacity, 5);
+    assert_eq!(me.queues.get("llm"), Some(&2));
+    assert_eq!(me.pid, std::process::id() as i32);
+    assert!(me.idle < Duration::from_secs(5));
+
+    a.shutdown().await.unwrap();
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM pgflow.instances WHERE id = 'instance_a'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "offline");
+    // a clean shutdown frees the id
+    let again = Runtime::builder()
+        .pool(pool.clone())
+        .instance_id("instance_a")
+        .start()
+        .await
+        .unwrap();
+    again.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_dead_instance_goes_offline_and_its_tasks_run_elsewhere(pool: PgPool) {
+    let producer = runtime(&pool, &[]).await;
+    let run = producer.start::<TwoSteps>(6).await.unwrap();
+    // An instance on another host claimed the first step, then stopped heartbeating.
+    sqlx::query(
+        "INSERT INTO pgflow.instances (id, host, pid, status, last_heartbeat)
+         VALUES ('ghost', 'elsewhere', 1, 'online', now() - interval '1 minute')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE pgflow.tasks SET claimed_by = 'ghost', claim_token = 7, claimed_at = now(),
+                lease_until = now() + interval '1 hour'
+         WHERE run_id = $1",
+    )
+    .bind(run.id().0)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .queue("default", 2)
+        .offline_after(Duration::from_secs(2))
+        .rescue_interval(Duration::from_millis(100))
+        .data(Arc::new(Counter::default()))
+        .start()
+        .await;
+    let rt = rt.unwrap();
+    assert_eq!(wait::<u32>(&rt, run.id()).await.unwrap(), 6);
+    let (status,): (String,) =
+        sqlx::query_as("SELECT status FROM pgflow.instances WHERE id = 'ghost'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "offline");
+    let (attempts, completed_by): (i32, String) = sqlx::query_as(
+        "SELECT attempts, instance_id FROM pgflow.step_states WHERE run_id = $1 AND step = 0",
+    )
+    .bind(run.id().0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, 2, "the ghost's attempt is counted");
+    assert_eq!(completed_by, rt.instance_id());
+    rt.shutdown().await.unwrap();
+    producer.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn an_expired_lease_returns_the_task_with_the_attempt_counted(pool: PgPool) {
+    let rt = runtime(&pool, &[]).await;
+    let run = rt.start::<TwoSteps>(5).await.unwrap();
+    // A live instance lost this claim (its lease is long over).
+    sqlx::query(
+        "UPDATE pgflow.tasks SET claimed_by = $2, claim_token = 9, claimed_at = now(),
+                lease_until = now() - interval '1 second'
+         WHERE run_id = $1",
+    )
+    .bind(run.id().0)
+    .bind(rt.instance_id())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let worker = runtime(&pool, &[("default", 2)]).await;
+    assert_eq!(wait::<u32>(&worker, run.id()).await.unwrap(), 5);
+    let (attempts,): (i32,) =
+        sqlx::query_as("SELECT attempts FROM pgflow.step_states WHERE run_id = $1 AND step = 0")
+            .bind(run.id().0)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, 2);
+    worker.shutdown().await.unwrap();
     rt.shutdown().await.unwrap();
 }

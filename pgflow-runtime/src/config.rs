@@ -16,7 +16,11 @@ pub(crate) struct Config {
     /// Added to a step's timeout to get its lease: a claim older than that is
     /// considered lost and its task goes back to the queue.
     pub(crate) lease_grace: Duration,
-    /// How often expired leases are looked for.
+    /// How often this instance heartbeats.
+    pub(crate) heartbeat_interval: Duration,
+    /// An instance silent for longer is offline and its claims return to the queue.
+    pub(crate) offline_after: Duration,
+    /// How often expired leases and dead instances are looked for.
     pub(crate) rescue_interval: Duration,
     /// The shortest time between two NOTIFYs for the same queue from this runtime.
     pub(crate) notify_debounce: Duration,
@@ -38,6 +42,8 @@ impl Default for Config {
             flush_batch: 2_000,
             lease_grace: Duration::from_secs(30),
             rescue_interval: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(5),
+            offline_after: Duration::from_secs(30),
             notify_debounce: Duration::from_millis(5),
             shutdown_grace: Duration::from_secs(30),
             migrate: true,

@@ -66,6 +66,21 @@ pub enum Error {
     /// No run has this id.
     #[error("no run with id {0}")]
     RunNotFound(RunId),
+    /// Another live instance holds this instance id.
+    #[error(
+        "instance id `{id}` is in use by a live instance (host {host}, pid {pid}, last heartbeat {heartbeat_secs_ago:.1}s ago); \
+         give this instance another id (INSTANCE_ID) or stop the other one"
+    )]
+    InstanceIdInUse {
+        /// The id.
+        id: String,
+        /// The holder's host.
+        host: String,
+        /// The holder's pid.
+        pid: i32,
+        /// Seconds since the holder's last heartbeat.
+        heartbeat_secs_ago: f64,
+    },
     /// The builder was given an unusable setting.
     #[error("invalid runtime configuration: {0}")]
     Config(String),

@@ -38,11 +38,13 @@ mod catalog;
 mod config;
 mod definitions;
 mod error;
+mod instances;
 mod queue;
 mod runtime;
 mod worker;
 
 pub use error::{Error, mask_password};
+pub use instances::InstanceInfo;
 pub use pgflow;
 pub use runtime::{RunHandle, RunOutcome, Runtime, RuntimeBuilder, StartOptions, Stats, Summary};
 
@@ -50,6 +52,37 @@ pub use runtime::{RunHandle, RunOutcome, Runtime, RuntimeBuilder, StartOptions, 
 /// [`RuntimeBuilder::start`] unless disabled; usable with `#[sqlx::test(migrator =
 /// "pgflow_runtime::MIGRATOR")]`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Completes when the process receives SIGTERM or SIGINT (Ctrl-C): what a worker
+/// waits on before [`Runtime::shutdown`] (see [`Runtime::run_until_signal`]).
+///
+/// ```no_run
+/// # async fn demo(rt: pgflow_runtime::Runtime) -> Result<(), pgflow_runtime::Error> {
+/// pgflow_runtime::shutdown_signal().await;
+/// rt.shutdown().await?;
+/// # Ok(()) }
+/// ```
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
 
 /// The claim statement, for tests and `EXPLAIN`.
 #[doc(hidden)]

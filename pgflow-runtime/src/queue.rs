@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use pgflow::AttemptFailure;
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool};
 
 use crate::catalog::{Catalog, Flow};
 
@@ -210,13 +210,13 @@ pub(crate) async fn flush(
     Ok(out)
 }
 
-async fn apply(
-    tx: &mut Transaction<'static, Postgres>,
+/// Applies `batch` inside the caller's transaction.
+pub(crate) async fn apply(
+    conn: &mut PgConnection,
     catalog: &Catalog,
     instance: &str,
     batch: &[Completion],
 ) -> Result<Flushed, sqlx::Error> {
-    let conn: &mut PgConnection = tx;
     let mut out = Flushed::default();
 
     // 1. Fence: apply only completions whose task still carries our token.

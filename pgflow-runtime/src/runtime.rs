@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::definitions::{self, version_i32};
+use crate::instances::{self, InstanceInfo};
 use crate::queue::{Completion, Msg};
 use crate::{Error, MIGRATOR, mask_password, worker};
 
@@ -102,7 +103,21 @@ impl RuntimeBuilder {
         self
     }
 
-    /// How often expired leases are looked for (default 1 s).
+    /// How often this instance heartbeats into `pgflow.instances` (default 5 s).
+    pub fn heartbeat_interval(mut self, d: Duration) -> Self {
+        self.config.heartbeat_interval = d;
+        self
+    }
+
+    /// An instance whose last heartbeat is older than this is marked offline and its
+    /// claimed tasks return to the queue (default 30 s). Keep it several heartbeat
+    /// intervals long.
+    pub fn offline_after(mut self, d: Duration) -> Self {
+        self.config.offline_after = d;
+        self
+    }
+
+    /// How often expired leases and dead instances are looked for (default 1 s).
     pub fn rescue_interval(mut self, d: Duration) -> Self {
         self.config.rescue_interval = d;
         self
@@ -182,7 +197,13 @@ impl RuntimeBuilder {
         let defs: Vec<&'static WorkflowDef> = registry.workflows().to_vec();
         definitions::register(&pool, &defs).await?;
         let instance_id = self.instance_id.unwrap_or_else(default_instance_id);
+        if instance_id.is_empty() {
+            return Err(Error::Config("the instance id is empty".into()));
+        }
         let catalog = Catalog::new(&defs, self.config.lease_grace);
+        let registered =
+            instances::register(&pool, &instance_id, &self.queues, self.config.offline_after)
+                .await?;
 
         let (tx, rx) = mpsc::unbounded_channel();
         let (shutdown, _) = watch::channel(false);
@@ -205,8 +226,16 @@ impl RuntimeBuilder {
             in_flight: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
             stats: StatsCounters::default(),
+            executing: AtomicUsize::new(0),
         });
-        let mut handles = vec![tokio::spawn(worker::flusher(Arc::clone(&inner), rx))];
+        if matches!(registered, instances::Registered::TookOver) {
+            // Claims under this id belong to the dead process we replace.
+            worker::rescue_once(&inner, Some(&inner.instance_id)).await?;
+        }
+        let mut handles = vec![
+            tokio::spawn(worker::flusher(Arc::clone(&inner), rx)),
+            tokio::spawn(worker::heartbeat(Arc::clone(&inner))),
+        ];
         let mut claimers = Vec::new();
         if !inner.queues.is_empty() {
             handles.push(tokio::spawn(worker::listener(Arc::clone(&inner))));
@@ -271,6 +300,8 @@ pub(crate) struct Inner {
     pub(crate) in_flight: Mutex<HashMap<(i64, i64), InFlight>>,
     tasks: Mutex<Vec<Tasks>>,
     pub(crate) stats: StatsCounters,
+    /// Steps executing now (the load reported in heartbeats).
+    pub(crate) executing: AtomicUsize,
 }
 
 /// Counters the workers keep (see [`Runtime::stats`]).
@@ -577,6 +608,35 @@ impl Runtime {
     /// This instance's id.
     pub fn instance_id(&self) -> &str {
         &self.inner.instance_id
+    }
+
+    /// The instances sharing this database: online ones and those that went offline
+    /// in the last hour, with their load and time since their last heartbeat.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn instances(&self) -> Result<Vec<InstanceInfo>, Error> {
+        instances::list(&self.inner.pool).await
+    }
+
+    /// Runs until SIGTERM or SIGINT (Ctrl-C), then shuts down gracefully: stops
+    /// claiming, lets in-flight steps finish up to the shutdown grace, flushes their
+    /// completions, gives back what did not finish (attempt not counted) and marks
+    /// the instance offline.
+    ///
+    /// ```no_run
+    /// # async fn demo(rt: pgflow_runtime::Runtime) -> Result<(), pgflow_runtime::Error> {
+    /// rt.run_until_signal().await?; // a worker's main loop
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As for [`Runtime::shutdown`].
+    pub async fn run_until_signal(&self) -> Result<(), Error> {
+        crate::shutdown_signal().await;
+        self.shutdown().await
     }
 
     /// Counters since start: claims, flushes, completions, finished runs.
@@ -982,6 +1042,7 @@ impl Runtime {
                 h.abort();
                 let _ = h.await;
             }
+            instances::mark_offline(&self.inner.pool, &self.inner.instance_id).await?;
         }
         Ok(())
     }

@@ -172,6 +172,7 @@ async fn execute(inner: Arc<Inner>, task: Claimed, token: i64, permit: OwnedSema
         cost_cents: cost.total(),
     };
     inner.in_flight.lock().map(|mut m| m.remove(&key)).ok();
+    inner.executing.fetch_sub(1, Ordering::Relaxed);
     if inner.completions.send(Msg::Done(completion)).is_err() {
         warn!("pgflow: completion dropped: the flusher stopped (its lease will expire)");
     }
@@ -442,10 +443,8 @@ pub(crate) async fn listener(inner: Arc<Inner>) {
     }
 }
 
-/// Returns tasks whose lease expired (their instance died, or lost them) to the
-/// queue with the attempt counted, or fails their run when attempts are exhausted.
-/// Goes through the same fenced flush as completions, so a task completed meanwhile
-/// is never overwritten.
+/// Runs the rescue every `rescue_interval` (see [`rescue_once`]) and heartbeats
+/// every `heartbeat_interval`.
 pub(crate) async fn rescuer(inner: Arc<Inner>) {
     let mut shutdown = inner.shutdown_rx();
     let mut backoff = Backoff::new();
@@ -454,11 +453,11 @@ pub(crate) async fn rescuer(inner: Arc<Inner>) {
         if *shutdown.borrow() {
             return;
         }
-        match rescue_once(&inner).await {
+        match rescue_once(&inner, None).await {
             Ok(n) => {
                 backoff.reset();
                 if n > 0 {
-                    debug!(tasks = n, "pgflow: expired leases returned to the queue");
+                    debug!(tasks = n, "pgflow: rescued tasks returned to the queue");
                 }
             }
             Err(e) => {
@@ -469,9 +468,27 @@ pub(crate) async fn rescuer(inner: Arc<Inner>) {
     }
 }
 
-/// A claimed task whose lease expired.
+/// Heartbeats this instance with its load until shutdown.
+pub(crate) async fn heartbeat(inner: Arc<Inner>) {
+    let mut shutdown = inner.shutdown_rx();
+    loop {
+        sleep_or_shutdown(inner.config.heartbeat_interval, &mut shutdown).await;
+        if *shutdown.borrow() {
+            return;
+        }
+        let load = inner.executing.load(Ordering::Relaxed);
+        if let Err(e) = crate::instances::heartbeat(&inner.pool, &inner.instance_id, load).await {
+            warn!(error = %e, "pgflow: heartbeat failed");
+        }
+    }
+}
+
+/// Advisory lock key under which one instance at a time rescues ("pgflow" in ASCII).
+const RESCUE_LOCK: i64 = 0x7067_666c_6f77;
+
+/// A claimed task to give back.
 #[derive(sqlx::FromRow)]
-struct Expired {
+struct Stranded {
     id: i64,
     token: i64,
     run_id: i64,
@@ -482,67 +499,91 @@ struct Expired {
     max: i32,
     errors: Option<String>,
     owner: Option<String>,
+    owner_offline: bool,
 }
 
-pub(crate) async fn rescue_once(inner: &Inner) -> Result<usize, sqlx::Error> {
+/// One rescue, in one transaction under an advisory lock (one instance at a time):
+/// instances silent for longer than `offline_after` are marked offline; tasks they
+/// had claimed, and tasks whose lease expired, go back to the queue with the attempt
+/// counted (or fail their run when it was the last attempt). With `owner`, only the
+/// claims of that instance id are given back (a restart taking over a dead id).
+/// Everything goes through the fenced flush: a task completed meanwhile (its claim
+/// token gone) is left alone.
+pub(crate) async fn rescue_once(inner: &Inner, owner: Option<&str>) -> Result<usize, sqlx::Error> {
+    let mut tx = inner.pool.begin().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(RESCUE_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        return Ok(0);
+    }
+    let offline_ms = i64::try_from(inner.config.offline_after.as_millis()).unwrap_or(i64::MAX);
+    let gone: Vec<String> = sqlx::query_scalar(
+        "UPDATE pgflow.instances SET status = 'offline', load = 0
+         WHERE status = 'online' AND last_heartbeat < now() - interval '1 millisecond' * $1
+         RETURNING id",
+    )
+    .bind(offline_ms)
+    .fetch_all(&mut *tx)
+    .await?;
+    for id in &gone {
+        warn!(instance = %id, "pgflow: instance missed its heartbeats; marked offline, its tasks return to the queue");
+    }
     let c = &inner.catalog.claim;
-    let rows: Vec<Expired> = sqlx::query_as(
-        "SELECT t.id, t.claim_token, t.run_id, t.step, t.workflow, t.version, t.attempt,
-                    t.max_attempts, t.errors::text, t.claimed_by
-             FROM pgflow.tasks t
-             WHERE t.claimed_by IS NOT NULL AND t.lease_until < now()
-               AND (t.workflow, t.version) IN
-                   (SELECT DISTINCT * FROM unnest($1::text[], $2::int[]))
-             ORDER BY t.lease_until
-             LIMIT 1000",
+    let rows: Vec<Stranded> = sqlx::query_as(
+        "SELECT t.id, t.claim_token AS token, t.run_id, t.step, t.workflow, t.version,
+                t.attempt, t.max_attempts AS max, t.errors::text AS errors,
+                t.claimed_by AS owner, COALESCE(i.status = 'offline', false) AS owner_offline
+         FROM pgflow.tasks t
+         LEFT JOIN pgflow.instances i ON i.id = t.claimed_by
+         WHERE t.claimed_by IS NOT NULL
+           AND CASE WHEN $3::text IS NULL
+                    THEN t.lease_until < now() OR i.status = 'offline'
+                    ELSE t.claimed_by = $3 END
+           AND (t.workflow, t.version) IN
+               (SELECT DISTINCT * FROM unnest($1::text[], $2::int[]))
+         ORDER BY t.lease_until
+         LIMIT 1000
+         FOR UPDATE OF t SKIP LOCKED",
     )
     .bind(&c.step_workflow)
     .bind(&c.step_version)
-    .fetch_all(&inner.pool)
+    .bind(owner)
+    .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
+        tx.commit().await?;
         return Ok(0);
     }
     let mut batch = Vec::with_capacity(rows.len());
-    for Expired {
-        id,
-        token,
-        run_id,
-        step,
-        workflow,
-        version,
-        attempt,
-        max,
-        errors,
-        owner,
-    } in rows
-    {
-        let Some(flow) = inner.catalog.get(&workflow, version) else {
+    for r in rows {
+        let Some(flow) = inner.catalog.get(&r.workflow, r.version) else {
             continue;
         };
-        let Some(def) = usize::try_from(step)
+        let Some(def) = usize::try_from(r.step)
             .ok()
             .and_then(|s| flow.def.steps().get(s))
         else {
             continue;
         };
-        let attempt_u = u32::try_from(attempt).unwrap_or(1);
-        let e = StepError::from_parts(
-            ErrorKind::Timeout,
-            format!(
-                "lease expired: instance `{}` did not complete the step in time",
-                owner.unwrap_or_default()
-            ),
-            None,
-        );
-        let failure = AttemptFailure::new(attempt_u, &e);
-        let outcome = if attempt < max {
+        let attempt = u32::try_from(r.attempt).unwrap_or(1);
+        let who = r.owner.unwrap_or_default();
+        let why = if r.owner_offline || owner.is_some() {
+            format!("instance `{who}` died while running the step (it stopped heartbeating)")
+        } else {
+            format!("lease expired: instance `{who}` did not complete the step in time")
+        };
+        let e = StepError::from_parts(ErrorKind::Timeout, why, None);
+        let failure = AttemptFailure::new(attempt, &e);
+        let outcome = if r.attempt < r.max {
             Outcome::Retry {
-                delay: policy::retry_delay(def.options(), attempt_u, &e),
+                delay: policy::retry_delay(def.options(), attempt, &e),
                 failure,
             }
         } else {
-            let mut history: Vec<AttemptFailure> = errors
+            let mut history: Vec<AttemptFailure> = r
+                .errors
                 .as_deref()
                 .and_then(|e| serde_json::from_str(e).ok())
                 .unwrap_or_default();
@@ -553,18 +594,19 @@ pub(crate) async fn rescue_once(inner: &Inner) -> Result<usize, sqlx::Error> {
             }
         };
         batch.push(Completion {
-            task_id: id,
-            token,
-            run_id,
-            step,
-            flow: (flow.def.name(), version),
-            attempt,
+            task_id: r.id,
+            token: r.token,
+            run_id: r.run_id,
+            step: r.step,
+            flow: (flow.def.name(), r.version),
+            attempt: r.attempt,
             outcome,
             cost_cents: 0,
         });
     }
     let n = batch.len();
-    let flushed = flush_resilient(inner, batch).await;
+    let flushed = queue::apply(&mut tx, &inner.catalog, &inner.instance_id, &batch).await?;
+    tx.commit().await?;
     inner.wake_waiters(&flushed.finished_runs);
     for q in flushed.queues {
         inner.wake_queue(&q);
