@@ -1,0 +1,163 @@
+//! The binary a user deploys: serves every workflow linked into it from the queue in
+//! `DATABASE_URL`, until SIGTERM or SIGINT, then shuts down gracefully.
+//!
+//! ```text
+//! cargo run --example worker -- [--queue NAME=CONCURRENCY]... [--instance-id ID]
+//!     [--database-url URL] [--heartbeat-ms MS] [--offline-after-ms MS]
+//!     [--lease-grace-ms MS] [--shutdown-grace-ms MS] [--record-executions]
+//! ```
+//!
+//! Environment: `DATABASE_URL`, `INSTANCE_ID`, `PGFLOW_QUEUES` (`default=16,llm=4`).
+//! Without queues it serves every queue of the linked workflows with 16 slots each.
+//! It prints `pgflow worker <id> ready` once it is serving and `pgflow worker <id>
+//! stopped` after a graceful shutdown.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+// The workflows this binary serves: linking the crate registers them.
+use pgflow_runtime::Runtime;
+use pgflow_suite::flows::{EXECUTIONS_DDL, ExecLog};
+use sqlx::postgres::PgPoolOptions;
+
+struct Args {
+    url: String,
+    instance_id: Option<String>,
+    queues: BTreeMap<String, usize>,
+    heartbeat: Option<Duration>,
+    offline_after: Option<Duration>,
+    lease_grace: Option<Duration>,
+    shutdown_grace: Option<Duration>,
+    record_executions: bool,
+}
+
+const USAGE: &str = "usage: worker [--queue NAME=CONCURRENCY]... [--instance-id ID] [--database-url URL] [--heartbeat-ms MS] [--offline-after-ms MS] [--lease-grace-ms MS] [--shutdown-grace-ms MS] [--record-executions]";
+
+fn parse_queue(spec: &str, queues: &mut BTreeMap<String, usize>) -> Result<(), String> {
+    let (name, n) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("queue {spec:?}: expected NAME=CONCURRENCY"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("queue {spec:?}: concurrency is not a number"))?;
+    queues.insert(name.trim().to_owned(), n);
+    Ok(())
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        url: std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned()),
+        instance_id: std::env::var("INSTANCE_ID").ok().filter(|s| !s.is_empty()),
+        queues: BTreeMap::new(),
+        heartbeat: None,
+        offline_after: None,
+        lease_grace: None,
+        shutdown_grace: None,
+        record_executions: false,
+    };
+    if let Ok(spec) = std::env::var("PGFLOW_QUEUES") {
+        for q in spec.split(',').filter(|s| !s.trim().is_empty()) {
+            parse_queue(q, &mut args.queues)?;
+        }
+    }
+    let mut it = std::env::args().skip(1);
+    let ms = |v: Option<String>, flag: &str| -> Result<Option<Duration>, String> {
+        let v = v.ok_or(format!("{flag} needs a value"))?;
+        let n: u64 = v
+            .parse()
+            .map_err(|_| format!("{flag}: not a number: {v}"))?;
+        Ok(Some(Duration::from_millis(n)))
+    };
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--queue" => parse_queue(&it.next().ok_or("--queue needs NAME=N")?, &mut args.queues)?,
+            "--instance-id" => {
+                args.instance_id = Some(it.next().ok_or("--instance-id needs a value")?)
+            }
+            "--database-url" => args.url = it.next().ok_or("--database-url needs a value")?,
+            "--heartbeat-ms" => args.heartbeat = ms(it.next(), &a)?,
+            "--offline-after-ms" => args.offline_after = ms(it.next(), &a)?,
+            "--lease-grace-ms" => args.lease_grace = ms(it.next(), &a)?,
+            "--shutdown-grace-ms" => args.shutdown_grace = ms(it.next(), &a)?,
+            "--record-executions" => args.record_executions = true,
+            "-h" | "--help" => return Err(USAGE.to_owned()),
+            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+        }
+    }
+    Ok(args)
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&args.url)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot connect to {}: {e}",
+                pgflow_runtime::mask_password(&args.url)
+            )
+        })?;
+    let mut queues = args.queues;
+    if queues.is_empty() {
+        for def in pgflow::registry()?.workflows() {
+            queues.insert(def.queue().to_owned(), 16);
+        }
+    }
+    let mut builder = Runtime::builder().pool(pool.clone());
+    for (q, n) in &queues {
+        builder = builder.queue(q.clone(), *n);
+    }
+    if let Some(id) = &args.instance_id {
+        builder = builder.instance_id(id.clone());
+    }
+    if let Some(d) = args.heartbeat {
+        builder = builder.heartbeat_interval(d);
+    }
+    if let Some(d) = args.offline_after {
+        builder = builder.offline_after(d).rescue_interval(d / 4);
+    }
+    if let Some(d) = args.lease_grace {
+        builder = builder.lease_grace(d);
+    }
+    if let Some(d) = args.shutdown_grace {
+        builder = builder.shutdown_grace(d);
+    }
+    if args.record_executions {
+        sqlx::raw_sql(EXECUTIONS_DDL).execute(&pool).await?;
+        builder = builder.data(ExecLog(pool.clone()));
+    }
+    let rt = builder.start().await?;
+    let served: Vec<String> = queues.iter().map(|(q, n)| format!("{q}={n}")).collect();
+    println!(
+        "pgflow worker {} ready: queues {}",
+        rt.instance_id(),
+        served.join(",")
+    );
+    rt.run_until_signal().await?;
+    let s = rt.stats();
+    println!(
+        "pgflow worker {} stopped: {} steps completed, {} runs finished",
+        rt.instance_id(),
+        s.completions,
+        s.runs_finished
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(args).await {
+        eprintln!("pgflow worker: {e}");
+        std::process::exit(1);
+    }
+}

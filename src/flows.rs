@@ -1,0 +1,93 @@
+//! Workflows served by the `worker` example and driven by the process tests and the
+//! chaos program.
+//!
+//! [`ProcChain3`] is a three-step chain whose steps can sleep (to be in flight when a
+//! worker is killed) and can log every execution to `pgflow_test.executions`, so a
+//! test can tell executions (at least once) from completions (exactly once).
+
+use std::time::Duration;
+
+use pgflow::{StepContext, StepError, workflow};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+/// The input of [`ProcChain3`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// The number the chain adds to.
+    pub n: u64,
+    /// How long each step sleeps, in ms.
+    pub sleep_ms: u64,
+}
+
+/// Shared data: when present, every step execution is logged to
+/// `pgflow_test.executions` (see [`EXECUTIONS_DDL`]).
+#[derive(Debug, Clone)]
+pub struct ExecLog(pub PgPool);
+
+/// Creates the execution log table.
+pub const EXECUTIONS_DDL: &str = "
+CREATE SCHEMA IF NOT EXISTS pgflow_test;
+CREATE TABLE IF NOT EXISTS pgflow_test.executions (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id      bigint  NOT NULL,
+    step        text    NOT NULL,
+    attempt     integer NOT NULL,
+    instance_id text    NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now()
+)";
+
+async fn step_body(job: &Job, ctx: &StepContext) -> Result<(), StepError> {
+    if let Ok(ExecLog(pool)) = ctx.data::<ExecLog>() {
+        let instance = std::env::var("INSTANCE_ID").unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO pgflow_test.executions (run_id, step, attempt, instance_id)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(ctx.run_id().0)
+        .bind(ctx.step())
+        .bind(i32::try_from(ctx.attempt()).unwrap_or(i32::MAX))
+        .bind(instance)
+        .execute(pool)
+        .await?;
+    }
+    if job.sleep_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(job.sleep_ms)).await;
+    }
+    Ok(())
+}
+
+/// Three steps adding one each; the output names the total.
+pub struct ProcChain3;
+
+#[workflow(name = "proc_chain3", backoff = "200ms", max_attempts = 5)]
+impl ProcChain3 {
+    #[step]
+    async fn first(job: Job, ctx: &StepContext) -> Result<Job, StepError> {
+        step_body(&job, ctx).await?;
+        Ok(Job {
+            n: job.n + 1,
+            ..job
+        })
+    }
+
+    #[step]
+    async fn second(job: Job, ctx: &StepContext) -> Result<Job, StepError> {
+        step_body(&job, ctx).await?;
+        Ok(Job {
+            n: job.n + 1,
+            ..job
+        })
+    }
+
+    #[step]
+    async fn third(job: Job, ctx: &StepContext) -> Result<String, StepError> {
+        step_body(&job, ctx).await?;
+        Ok(format!("n={}", job.n + 1))
+    }
+}
+
+/// The output [`ProcChain3`] returns for `n`.
+pub fn expected_output(n: u64) -> String {
+    format!("n={}", n + 3)
+}

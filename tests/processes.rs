@@ -1,0 +1,403 @@
+//! Many instances, one queue, with real processes: the `worker` example binary is
+//! spawned (built by `cargo test`, which builds examples), killed with SIGKILL,
+//! stopped with SIGTERM, and its connections terminated, while a producer in this
+//! process starts runs of `ProcChain3`. Each test has its own database.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use pgflow::RunId;
+use pgflow_runtime::Runtime;
+use pgflow_suite::flows::{EXECUTIONS_DDL, Job, ProcChain3, expected_output};
+use sqlx::{Connection, PgPool};
+
+fn worker_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let bin = dir.join("examples").join("worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test` builds it, or run `cargo build --example worker`",
+        bin.display()
+    );
+    bin
+}
+
+fn database_url(pool: &PgPool) -> String {
+    let o = pool.connect_options();
+    format!(
+        "postgres://{}@{}:{}/{}",
+        o.get_username(),
+        o.get_host(),
+        o.get_port(),
+        o.get_database().unwrap_or("postgres")
+    )
+}
+
+/// A worker process; killed when dropped.
+struct Worker {
+    id: String,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Worker {
+    fn spawn(url: &str, id: &str) -> Worker {
+        let mut child = Command::new(worker_bin())
+            .env("DATABASE_URL", url)
+            .env("INSTANCE_ID", id)
+            .args([
+                "--queue",
+                "default=8",
+                "--heartbeat-ms",
+                "200",
+                "--offline-after-ms",
+                "1500",
+                "--lease-grace-ms",
+                "3000",
+                "--shutdown-grace-ms",
+                "20000",
+                "--record-executions",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the worker");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let w = Worker {
+            id: id.to_owned(),
+            child,
+            lines,
+        };
+        w.expect_line("ready", Duration::from_secs(60));
+        w
+    }
+
+    fn expect_line(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("worker {} never printed {needle:?}: {e}", self.id),
+            }
+        }
+    }
+
+    fn sigkill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM")
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "worker {} did not exit", self.id);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn producer(pool: &PgPool) -> Runtime {
+    sqlx::raw_sql(EXECUTIONS_DDL).execute(pool).await.unwrap();
+    Runtime::builder()
+        .pool(pool.clone())
+        .instance_id("producer")
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn start_runs(rt: &Runtime, n: u64, sleep_ms: u64) -> Vec<RunId> {
+    let mut ids = Vec::new();
+    let jobs: Vec<Job> = (0..n).map(|n| Job { n, sleep_ms }).collect();
+    for chunk in jobs.chunks(1_000) {
+        ids.extend(rt.start_many::<ProcChain3>(chunk.to_vec()).await.unwrap());
+    }
+    ids
+}
+
+async fn finished(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pgflow.runs WHERE status <> 'running'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_all(pool: &PgPool, n: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while finished(pool).await < n as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} runs finished",
+            finished(pool).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every run succeeded once with the right output, every step output was stored
+/// once, and the queue is empty.
+async fn assert_exactly_once(pool: &PgPool, ids: &[RunId]) {
+    let n = ids.len() as i64;
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT id, status, output #>> '{}' FROM pgflow.runs WHERE workflow = 'proc_chain3' ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len() as i64, n);
+    for (i, (id, status, output)) in rows.iter().enumerate() {
+        assert_eq!(*id, ids[i].0);
+        assert_eq!(status, "succeeded", "run {id}");
+        assert_eq!(output, &expected_output(i as u64), "run {id}");
+    }
+    let (states, tasks): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pgflow.step_states WHERE status = 'completed'),
+                (SELECT count(*) FROM pgflow.tasks)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!((states, tasks), (2 * n, 0));
+}
+
+/// Steps completed per instance: stored step outputs plus finished runs (the last
+/// step's completion).
+async fn completions_by_instance(pool: &PgPool) -> Vec<(String, i64)> {
+    sqlx::query_as(
+        "SELECT instance_id, count(*) FROM (
+             SELECT instance_id FROM pgflow.step_states WHERE status = 'completed'
+             UNION ALL
+             SELECT instance_id FROM pgflow.runs WHERE status = 'succeeded'
+         ) c GROUP BY instance_id ORDER BY instance_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn three_workers_share_3000_runs(pool: PgPool) {
+    let url = database_url(&pool);
+    let rt = producer(&pool).await;
+    let workers: Vec<Worker> = ["instance_a", "instance_b", "instance_c"]
+        .iter()
+        .map(|id| Worker::spawn(&url, id))
+        .collect();
+    let ids = start_runs(&rt, 3_000, 0).await;
+    wait_all(&pool, 3_000, Duration::from_secs(120)).await;
+    assert_exactly_once(&pool, &ids).await;
+
+    let by_instance = completions_by_instance(&pool).await;
+    let total: i64 = by_instance.iter().map(|r| r.1).sum();
+    assert_eq!(total, 9_000);
+    for w in &workers {
+        let n = by_instance.iter().find(|r| r.0 == w.id).map_or(0, |r| r.1);
+        assert!(
+            n * 100 >= total * 15,
+            "{} completed {n} of {total} steps: {by_instance:?}",
+            w.id
+        );
+    }
+    // No step was executed twice: nothing failed or was rescued.
+    let twice: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM pgflow_test.executions
+                               GROUP BY run_id, step HAVING count(*) > 1) d",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(twice, 0);
+    let online = rt.instances().await.unwrap();
+    for w in &workers {
+        let i = online.iter().find(|i| i.id == w.id).expect("registered");
+        assert_eq!(i.status, "online");
+        assert_eq!(i.capacity, 8);
+    }
+    drop(workers);
+    rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_worker_killed_with_sigkill_loses_nothing(pool: PgPool) {
+    let url = database_url(&pool);
+    let rt = producer(&pool).await;
+    let mut workers: Vec<Worker> = ["instance_a", "instance_b", "instance_c"]
+        .iter()
+        .map(|id| Worker::spawn(&url, id))
+        .collect();
+    let ids = start_runs(&rt, 600, 20).await;
+    // Under load: wait until the victim has executed some steps, then kill it.
+    let victim = "instance_b";
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pgflow_test.executions WHERE instance_id = $1",
+        )
+        .bind(victim)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if n >= 30 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed_at = Instant::now();
+    workers[1].sigkill();
+    assert!(
+        finished(&pool).await < 600,
+        "the kill came too late to matter"
+    );
+
+    wait_all(&pool, 600, Duration::from_secs(120)).await;
+    assert_exactly_once(&pool, &ids).await;
+    // Steps run twice were in the hands of the killed worker.
+    let bad: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT run_id, step FROM pgflow_test.executions
+                               GROUP BY run_id, step
+                               HAVING count(*) > 1 AND NOT bool_or(instance_id = $1)) d",
+    )
+    .bind(victim)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        bad, 0,
+        "a step was re-executed without the victim having run it"
+    );
+    let instances = rt.instances().await.unwrap();
+    let dead = instances.iter().find(|i| i.id == victim).unwrap();
+    assert_eq!(dead.status, "offline");
+    println!(
+        "all 600 runs finished {:.1} s after the kill",
+        killed_at.elapsed().as_secs_f64()
+    );
+    drop(workers);
+    rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn sigterm_lets_in_flight_steps_finish(pool: PgPool) {
+    let url = database_url(&pool);
+    let rt = producer(&pool).await;
+    let mut leaving = Worker::spawn(&url, "leaving");
+    let ids = start_runs(&rt, 40, 300).await;
+    // Wait until `leaving` is in the middle of steps.
+    loop {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pgflow.tasks WHERE claimed_by = 'leaving'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if n > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let staying = Worker::spawn(&url, "staying");
+    leaving.sigterm();
+    let status = leaving.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "graceful exit: {status}");
+    leaving.expect_line("stopped", Duration::from_secs(5));
+    // Nothing the leaving worker held is left claimed.
+    let held: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pgflow.tasks WHERE claimed_by = 'leaving'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(held, 0);
+    let (status,): (String,) =
+        sqlx::query_as("SELECT status FROM pgflow.instances WHERE id = 'leaving'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "offline");
+
+    wait_all(&pool, 40, Duration::from_secs(120)).await;
+    assert_exactly_once(&pool, &ids).await;
+    let twice: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM pgflow_test.executions
+                               GROUP BY run_id, step HAVING count(*) > 1) d",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(twice, 0, "a graceful stop re-runs nothing");
+    let by_leaving: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pgflow.step_states WHERE instance_id = 'leaving'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        by_leaving > 0,
+        "the in-flight steps were completed by the leaving worker"
+    );
+    drop(staying);
+    rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn workers_reconnect_after_their_connections_are_terminated(pool: PgPool) {
+    let url = database_url(&pool);
+    let rt = producer(&pool).await;
+    let workers: Vec<Worker> = ["instance_a", "instance_b"]
+        .iter()
+        .map(|id| Worker::spawn(&url, id))
+        .collect();
+    let ids = start_runs(&rt, 1_500, 2).await;
+    let mut own = sqlx::PgConnection::connect_with(&pool.connect_options())
+        .await
+        .unwrap();
+    for round in 1..=3 {
+        while finished(&pool).await < round * 300 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut own)
+        .await
+        .unwrap();
+        assert!(n > 0);
+    }
+    wait_all(&pool, 1_500, Duration::from_secs(120)).await;
+    assert_exactly_once(&pool, &ids).await;
+    drop(workers);
+    rt.shutdown().await.unwrap();
+}
