@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use pgflow::{StepContext, StepError, workflow};
 use pgflow_runtime::Runtime;
-use sqlx::{Connection, PgConnection};
+use pgflow_suite::support::fresh_database;
 
 /// One trivial step.
 pub struct Chain1;
@@ -262,28 +262,7 @@ async fn inline<W: pgflow::Workflow<Input = u64, Output = u64>>(label: &str, run
     );
 }
 
-type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
-
-fn base_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// A fresh `pgflow_bench` database; returns its URL.
-async fn fresh_database() -> BenchResult<String> {
-    let base = base_url();
-    let mut conn = PgConnection::connect(&base).await?;
-    sqlx::query("DROP DATABASE IF EXISTS pgflow_bench WITH (FORCE)")
-        .execute(&mut conn)
-        .await?;
-    sqlx::query("CREATE DATABASE pgflow_bench")
-        .execute(&mut conn)
-        .await?;
-    let (prefix, _) = base
-        .rsplit_once('/')
-        .ok_or("DATABASE_URL has no database name")?;
-    Ok(format!("{prefix}/pgflow_bench"))
-}
+type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 async fn runtime(url: &str, concurrency: usize) -> BenchResult<Runtime> {
     let mut b = Runtime::builder()
@@ -310,7 +289,7 @@ async fn throughput<W: pgflow::Workflow<Input = u64>>(
     steps_per_run: u64,
     concurrency: usize,
 ) -> BenchResult<()> {
-    let url = fresh_database().await?;
+    let url = fresh_database("pgflow_bench").await?;
     let rt = runtime(&url, concurrency).await?;
     let start = Instant::now();
     let mut next = 0;
@@ -335,7 +314,7 @@ async fn throughput<W: pgflow::Workflow<Input = u64>>(
 }
 
 async fn enqueue(n: u64) -> BenchResult<()> {
-    let url = fresh_database().await?;
+    let url = fresh_database("pgflow_bench").await?;
     let rt = runtime(&url, 0).await?;
     let start = Instant::now();
     let mut next = 0;
@@ -355,7 +334,7 @@ async fn enqueue(n: u64) -> BenchResult<()> {
 
 async fn latency(concurrency: usize) -> BenchResult<()> {
     const RUNS: usize = 200;
-    let url = fresh_database().await?;
+    let url = fresh_database("pgflow_bench").await?;
     let first = Arc::new(FirstStep::default());
     let rt = Runtime::builder()
         .database_url(&url)
@@ -404,7 +383,7 @@ async fn latency(concurrency: usize) -> BenchResult<()> {
 }
 
 async fn sustained(duration: u64, concurrency: usize) -> BenchResult<()> {
-    let url = fresh_database().await?;
+    let url = fresh_database("pgflow_bench").await?;
     let rt = runtime(&url, concurrency).await?;
     let start = Instant::now();
     let end = start + Duration::from_secs(duration);

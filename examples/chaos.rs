@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use pgflow_runtime::Runtime;
 use pgflow_suite::flows::{EXECUTIONS_DDL, Job, ProcChain3};
-use sqlx::{Connection, PgConnection, PgPool};
+use pgflow_suite::support::fresh_database;
+use sqlx::PgPool;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -148,22 +149,6 @@ fn spawn_worker(bin: &PathBuf, url: &str, id: &str) -> Res<Child> {
         .spawn()?)
 }
 
-async fn fresh_database() -> Res<String> {
-    let base = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-    let mut conn = PgConnection::connect(&base).await?;
-    sqlx::query("DROP DATABASE IF EXISTS pgflow_chaos WITH (FORCE)")
-        .execute(&mut conn)
-        .await?;
-    sqlx::query("CREATE DATABASE pgflow_chaos")
-        .execute(&mut conn)
-        .await?;
-    let (prefix, _) = base
-        .rsplit_once('/')
-        .ok_or("DATABASE_URL has no database")?;
-    Ok(format!("{prefix}/pgflow_chaos"))
-}
-
 async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(-1)
 }
@@ -198,7 +183,7 @@ async fn recovery(pool: PgPool, victim: String, killed: Instant, max_ms: Arc<Ato
 }
 
 async fn run(a: Args) -> Res<()> {
-    let url = fresh_database().await?;
+    let url = fresh_database("pgflow_chaos").await?;
     let pool = PgPool::connect(&url).await?;
     pgflow_runtime::MIGRATOR.run(&pool).await?;
     sqlx::raw_sql(EXECUTIONS_DDL).execute(&pool).await?;

@@ -3,3 +3,4 @@
 //! deploys), the chaos program and the multi-process tests.
 
 pub mod flows;
+pub mod support;

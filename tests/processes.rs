@@ -196,6 +196,17 @@ async fn assert_exactly_once(pool: &PgPool, ids: &[RunId]) {
     assert_eq!((states, tasks), (2 * n, 0));
 }
 
+/// Steps (run, step) whose body ran more than once.
+async fn executed_twice(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM pgflow_test.executions
+                               GROUP BY run_id, step HAVING count(*) > 1) d",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 /// Steps completed per instance: stored step outputs plus finished runs (the last
 /// step's completion).
 async fn completions_by_instance(pool: &PgPool) -> Vec<(String, i64)> {
@@ -235,13 +246,7 @@ async fn three_workers_share_3000_runs(pool: PgPool) {
         );
     }
     // No step was executed twice: nothing failed or was rescued.
-    let twice: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT 1 FROM pgflow_test.executions
-                               GROUP BY run_id, step HAVING count(*) > 1) d",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let twice = executed_twice(&pool).await;
     assert_eq!(twice, 0);
     let online = rt.instances().await.unwrap();
     for w in &workers {
@@ -350,13 +355,7 @@ async fn sigterm_lets_in_flight_steps_finish(pool: PgPool) {
 
     wait_all(&pool, 40, Duration::from_secs(120)).await;
     assert_exactly_once(&pool, &ids).await;
-    let twice: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT 1 FROM pgflow_test.executions
-                               GROUP BY run_id, step HAVING count(*) > 1) d",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let twice = executed_twice(&pool).await;
     assert_eq!(twice, 0, "a graceful stop re-runs nothing");
     let by_leaving: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pgflow.step_states WHERE instance_id = 'leaving'")
