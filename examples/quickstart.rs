@@ -1,19 +1,23 @@
-//! The quickstart: an LLM-routing workflow run on a mixed batch of requests.
+//! The quickstart: an LLM-routing workflow, durable on PostgreSQL, run on a mixed
+//! batch of requests.
 //!
 //! ```text
 //! cargo run --example quickstart
 //! ```
 //!
-//! Until the durable runtime lands this runs the workflow with the in-process
-//! executor (`pgflow::execute_with`), which uses the same step table, retries,
-//! backoff and timeouts. It ends with a results table: runs, success rate, average
-//! and p95 duration and total cost per task type.
+//! It connects to `DATABASE_URL` (default: the local server), applies the pgflow
+//! migrations, starts a runtime in this process, enqueues 300 requests of mixed task
+//! types (a few invalid, a few hitting a flaky provider), shows progress, and ends
+//! with the results table read from `pgflow.job_results`: runs, success rate,
+//! average and p95 duration and total cost per task type.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use pgflow::{CostMeter, ExecuteOptions, StepContext, StepError, workflow};
+use pgflow::{StepContext, StepError, workflow};
+use pgflow_runtime::Runtime;
 use serde::{Deserialize, Serialize};
+use sqlx::Connection;
+use sqlx::postgres::PgPoolOptions;
 
 /// What a caller asks for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,74 +142,122 @@ impl LlmRequest {
     }
 }
 
-#[derive(Default)]
-struct Row {
-    runs: u32,
-    ok: u32,
-    millis: Vec<f64>,
-    cost: i64,
+const RUNS: usize = 300;
+
+fn unreachable_help(url: &str, error: &dyn std::fmt::Display) -> String {
+    format!(
+        "PostgreSQL is not reachable at {} ({error}). pgflow keeps everything in \
+         PostgreSQL, so the quickstart needs a server: on Debian/Ubuntu start the local one \
+         with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`; \
+         anywhere with Docker, `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`; \
+         or point DATABASE_URL at a server you have (e.g. \
+         DATABASE_URL=postgres://user:password@host:5432/db cargo run --example quickstart).",
+        pgflow_runtime::mask_password(url)
+    )
 }
 
-#[tokio::main]
-async fn main() {
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let url = pgflow_suite::support::database_url();
+    // One plain connection first: its error says why (refused, unknown host, auth).
+    if let Err(e) = sqlx::PgConnection::connect(&url).await {
+        eprintln!("{}", unreachable_help(&url, &e));
+        std::process::exit(1);
+    }
+    let pool = match PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&url)
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{}", unreachable_help(&url, &e));
+            std::process::exit(1);
+        }
+    };
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .queue("llm", 32)
+        .instance_id(format!("quickstart-{}", std::process::id()))
+        .start()
+        .await?;
+    println!(
+        "pgflow runtime {} started on {} (migrations applied, workflows registered)",
+        rt.instance_id(),
+        pgflow_runtime::mask_password(&url)
+    );
+
     let kinds = ["simple", "medium", "complex", "simple", "medium", "unknown"];
-    let requests: Vec<Request> = (0..300)
+    let requests: Vec<Request> = (0..RUNS)
         .map(|i| Request {
             task_type: kinds[i % kinds.len()].to_owned(),
             prompt: format!("request number {i}"),
         })
         .collect();
-    println!(
-        "running {} llm_request workflows in process...",
-        requests.len()
-    );
-
     let started = Instant::now();
-    let mut handles = Vec::new();
-    for req in requests {
-        handles.push(tokio::spawn(async move {
-            let cost = CostMeter::new();
-            let opts = ExecuteOptions::new().cost(cost.clone());
-            let t = Instant::now();
-            let result = pgflow::execute_with::<LlmRequest>(req.clone(), opts).await;
-            (req.task_type, result, t.elapsed(), cost.total())
-        }));
-    }
-    let mut table: BTreeMap<String, Row> = BTreeMap::new();
-    let mut first_error = None;
-    for h in handles {
-        let (kind, result, elapsed, cost) = h.await.expect("a workflow task panicked");
-        let row = table.entry(kind).or_default();
-        row.runs += 1;
-        row.millis.push(elapsed.as_secs_f64() * 1e3);
-        row.cost += cost;
-        match result {
-            Ok(_) => row.ok += 1,
-            Err(e) => {
-                first_error.get_or_insert(e.to_string());
-            }
+    let ids = rt.start_many::<LlmRequest>(requests).await?;
+    let first = ids.first().map_or(0, |id| id.0);
+    println!("enqueued {} llm_request runs", ids.len());
+
+    loop {
+        let (done, failed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status <> 'running'),
+                    count(*) FILTER (WHERE status = 'failed')
+             FROM pgflow.runs WHERE id >= $1 AND workflow = 'llm_request'",
+        )
+        .bind(first)
+        .fetch_one(&pool)
+        .await?;
+        println!(
+            "  {done:>4}/{RUNS} finished ({failed} failed)  {:>6.0} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        if done >= RUNS as i64 {
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("done in {:.0} ms\n", started.elapsed().as_secs_f64() * 1e3);
+
+    let rows: Vec<(String, i64, f64, f64, f64, i64)> = sqlx::query_as(
+        "SELECT input->>'task_type',
+                count(*),
+                100.0 * avg(CASE WHEN status = 'success' THEN 1.0 ELSE 0.0 END)::float8,
+                avg(duration_ms)::float8,
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms),
+                sum(cost_cents)::bigint
+         FROM pgflow.job_results
+         WHERE run_id >= $1 AND workflow = 'llm_request'
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(first)
+    .fetch_all(&pool)
+    .await?;
     println!(
-        "{:<10} {:>5} {:>9} {:>8} {:>8} {:>11}",
+        "\n{:<10} {:>5} {:>9} {:>8} {:>8} {:>11}",
         "task_type", "runs", "success", "avg_ms", "p95_ms", "cost_cents"
     );
-    for (kind, mut row) in table {
-        row.millis.sort_by(f64::total_cmp);
-        let avg = row.millis.iter().sum::<f64>() / row.millis.len() as f64;
-        let p95 = row.millis[(row.millis.len() * 95 / 100).min(row.millis.len() - 1)];
-        println!(
-            "{:<10} {:>5} {:>8.1}% {:>8.1} {:>8.1} {:>11}",
-            kind,
-            row.runs,
-            100.0 * f64::from(row.ok) / f64::from(row.runs),
-            avg,
-            p95,
-            row.cost
-        );
+    for (kind, runs, success, avg, p95, cost) in rows {
+        println!("{kind:<10} {runs:>5} {success:>8.1}% {avg:>8.1} {p95:>8.1} {cost:>11}");
     }
-    if let Some(e) = first_error {
-        println!("\nexample failure: {e}");
+    let example: Option<(String,)> = sqlx::query_as(
+        "SELECT error->'StepFailed'->'history'->0->>'message' FROM pgflow.runs
+         WHERE id >= $1 AND status = 'failed' LIMIT 1",
+    )
+    .bind(first)
+    .fetch_optional(&pool)
+    .await?;
+    if let Some((msg,)) = example {
+        println!("\nfailed runs say: {msg}");
+    }
+    println!("\nstored in pgflow.runs, pgflow.step_states and the view pgflow.job_results");
+    rt.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("quickstart failed: {e}");
+        std::process::exit(1);
     }
 }
