@@ -364,7 +364,9 @@ pub(crate) async fn apply(
              ON CONFLICT (run_id, step) DO UPDATE
              SET status = EXCLUDED.status, attempts = EXCLUDED.attempts, output = EXCLUDED.output,
                  errors = EXCLUDED.errors, instance_id = EXCLUDED.instance_id,
-                 completed_at = EXCLUDED.completed_at",
+                 completed_at = EXCLUDED.completed_at
+             -- the fence already makes this unreachable; a stored output is never replaced
+             WHERE pgflow.step_states.status <> 'completed'",
         )
         .bind(&store.run_ids)
         .bind(&store.steps)
