@@ -7,140 +7,17 @@
 //!
 //! It connects to `DATABASE_URL` (default: the local server), applies the pgflow
 //! migrations, starts a runtime in this process, enqueues 300 requests of mixed task
-//! types (a few invalid, a few hitting a flaky provider), shows progress, and ends
+//! types (a few invalid; the provider — a local OpenAI-compatible endpoint unless
+//! `LLM_BASE_URL` is set — answers 429 or 500 now and then), shows progress, and ends
 //! with the results table read from `pgflow.job_results`: runs, success rate,
 //! average and p95 duration and total cost per task type.
 
 use std::time::{Duration, Instant};
 
-use pgflow::{StepContext, StepError, workflow};
 use pgflow_runtime::Runtime;
-use serde::{Deserialize, Serialize};
+use pgflow_suite::llm::{LlmClient, LlmInput, LlmRequest, Message, StubEndpoint};
 use sqlx::Connection;
 use sqlx::postgres::PgPoolOptions;
-
-/// What a caller asks for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Request {
-    /// `simple`, `medium` or `complex`.
-    pub task_type: String,
-    /// The prompt.
-    pub prompt: String,
-}
-
-/// The model chosen for a request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Routed {
-    /// Provider name.
-    pub provider: String,
-    /// Model name.
-    pub model: String,
-    /// Price per 1,000 tokens, in hundredths of a cent.
-    pub price_per_1k: i64,
-    /// The prompt.
-    pub prompt: String,
-}
-
-/// A provider's answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Completion {
-    /// The model that answered.
-    pub model: String,
-    /// The text.
-    pub text: String,
-    /// Tokens used.
-    pub tokens: i64,
-}
-
-/// The workflow's result.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Answer {
-    /// The text.
-    pub text: String,
-    /// The model that answered.
-    pub model: String,
-    /// What the call cost, in cents.
-    pub cost_cents: i64,
-}
-
-/// Routes a request to a model tier, calls it and records the cost.
-pub struct LlmRequest;
-
-#[workflow(
-    name = "llm_request",
-    queue = "llm",
-    max_attempts = 3,
-    timeout = "5s",
-    backoff = "5ms"
-)]
-impl LlmRequest {
-    #[step]
-    async fn select_model(req: Request) -> Result<Routed, StepError> {
-        let (provider, model, price_per_1k) = match req.task_type.as_str() {
-            "simple" => ("gemini", "gemini-flash", 10),
-            "medium" => ("claude", "claude-sonnet", 300),
-            "complex" => ("claude", "claude-opus", 1_500),
-            other => {
-                return Err(StepError::permanent(format!(
-                    "unknown task type `{other}`: expected simple, medium or complex"
-                )));
-            }
-        };
-        Ok(Routed {
-            provider: provider.into(),
-            model: model.into(),
-            price_per_1k,
-            prompt: req.prompt,
-        })
-    }
-
-    /// A stand-in provider: answers after a short delay and fails now and then with
-    /// a retryable error (the real call arrives with the `llm_request` example).
-    #[step(timeout = "2s")]
-    async fn call_provider(routed: Routed, ctx: &StepContext) -> Result<Completion, StepError> {
-        let seed = routed.prompt.len() as u64 + u64::from(ctx.attempt()) * 7;
-        tokio::time::sleep(Duration::from_millis(1 + seed % 4)).await;
-        if ctx.attempt() == 1 && seed % 5 == 0 {
-            return Err(StepError::retryable(format!(
-                "{} answered HTTP 503",
-                routed.provider
-            )));
-        }
-        let tokens = 500 + (seed * 37 % 2_000) as i64;
-        Ok(Completion {
-            model: routed.model,
-            text: format!("answer to {:?}", routed.prompt),
-            tokens,
-        })
-    }
-
-    #[step]
-    async fn record(
-        done: Completion,
-        input: Request,
-        ctx: &StepContext,
-    ) -> Result<Answer, StepError> {
-        // price: hundredths of a cent per 1,000 tokens; rounded up to whole cents
-        let price = Self::price_of(&input.task_type);
-        let cost = (done.tokens * price + 99_999) / 100_000;
-        ctx.add_cost_cents(cost);
-        Ok(Answer {
-            text: done.text,
-            model: done.model,
-            cost_cents: cost,
-        })
-    }
-}
-
-impl LlmRequest {
-    fn price_of(task_type: &str) -> i64 {
-        match task_type {
-            "simple" => 10,
-            "medium" => 300,
-            _ => 1_500,
-        }
-    }
-}
 
 const RUNS: usize = 300;
 
@@ -175,9 +52,19 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(1);
         }
     };
+    // The provider: LLM_BASE_URL, or a local OpenAI-compatible endpoint that fails
+    // every 7th call with 429 or 500 (retried).
+    let base_url = match std::env::var("LLM_BASE_URL") {
+        Ok(u) if !u.is_empty() => u,
+        _ => StubEndpoint::start(7).await?.base_url,
+    };
     let rt = Runtime::builder()
         .pool(pool.clone())
         .queue("llm", 32)
+        .data(LlmClient::new(
+            &base_url,
+            std::env::var("LLM_API_KEY").ok(),
+        )?)
         .instance_id(format!("quickstart-{}", std::process::id()))
         .start()
         .await?;
@@ -187,11 +74,22 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         pgflow_runtime::mask_password(&url)
     );
 
-    let kinds = ["simple", "medium", "complex", "simple", "medium", "unknown"];
-    let requests: Vec<Request> = (0..RUNS)
-        .map(|i| Request {
+    let kinds = [
+        "simple",
+        "medium",
+        "complex",
+        "simple",
+        "medium",
+        "translate",
+    ];
+    let requests: Vec<LlmInput> = (0..RUNS)
+        .map(|i| LlmInput {
+            request_id: format!("quickstart-{i}"),
             task_type: kinds[i % kinds.len()].to_owned(),
-            prompt: format!("request number {i}"),
+            messages: vec![Message {
+                role: "user".into(),
+                content: format!("Explain item {i} in {} words", 5 + i % 30),
+            }],
         })
         .collect();
     let started = Instant::now();

@@ -1,6 +1,7 @@
 //! The workspace root package: it owns `examples/` and `tests/`, and the workflows
-//! they share — [`flows`] is linked into the `worker` example (the binary a user
+//! they share ([`llm`]; [`flows`] for the process tests) — all linked into the `worker` example (the binary a user
 //! deploys), the chaos program and the multi-process tests.
 
 pub mod flows;
+pub mod llm;
 pub mod support;

@@ -1,0 +1,160 @@
+//! Route LLM requests by task type to a model tier, call an OpenAI-compatible
+//! endpoint over HTTP, record the cost — durably, with retries on 429/5xx.
+//!
+//! ```text
+//! cargo run --example llm_request -- [--n 60]
+//! LLM_BASE_URL=http://localhost:4000 LLM_API_KEY=... cargo run --example llm_request
+//! ```
+//!
+//! Without `LLM_BASE_URL` it starts a local endpoint (`pgflow_suite::llm::StubEndpoint`)
+//! that answers in the OpenAI format and fails every 7th call with 429 or 500. It runs
+//! `--n` requests (a few with an unknown task type, which fail permanently), prints a
+//! per-model table from `pgflow.job_results`, checks its own results and ends with
+//! `llm_request: OK` (exit 0) or the list of what was wrong (exit 1).
+
+use std::time::Instant;
+
+use pgflow_runtime::Runtime;
+use pgflow_suite::llm::{LlmClient, LlmInput, LlmRequest, Message, StubEndpoint, TIERS};
+
+async fn run(n: usize) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let url = pgflow_suite::support::database_url();
+    let (base_url, stub) = match std::env::var("LLM_BASE_URL") {
+        Ok(u) if !u.is_empty() => (u, None),
+        _ => {
+            let stub = StubEndpoint::start(7).await?;
+            (stub.base_url.clone(), Some(stub))
+        }
+    };
+    let client = LlmClient::new(&base_url, std::env::var("LLM_API_KEY").ok())?;
+    let rt = Runtime::builder()
+        .database_url(&url)
+        .queue("llm", 16)
+        .instance_id(format!("llm-example-{}", std::process::id()))
+        .data(client)
+        .start()
+        .await?;
+    println!(
+        "calling {base_url}{}",
+        if stub.is_some() {
+            " (local stub endpoint)"
+        } else {
+            ""
+        }
+    );
+
+    let kinds = [
+        "simple",
+        "medium",
+        "complex",
+        "simple",
+        "medium",
+        "translate",
+    ];
+    let inputs: Vec<LlmInput> = (0..n)
+        .map(|i| LlmInput {
+            request_id: format!("req-{i}"),
+            task_type: kinds[i % kinds.len()].to_owned(),
+            messages: vec![
+                Message {
+                    role: "system".into(),
+                    content: "You are concise.".into(),
+                },
+                Message {
+                    role: "user".into(),
+                    content: format!("Summarise item {i} in {} words", 5 + i % 20),
+                },
+            ],
+        })
+        .collect();
+    let started = Instant::now();
+    let ids = rt.start_many::<LlmRequest>(inputs.clone()).await?;
+    let mut problems = Vec::new();
+    for (id, input) in ids.iter().zip(&inputs) {
+        let result = rt
+            .handle::<pgflow_suite::llm::Answer>(*id, true)
+            .wait()
+            .await;
+        let valid = TIERS.iter().any(|t| t.0 == input.task_type);
+        match (valid, result) {
+            (true, Ok(answer)) => {
+                if answer.request_id != input.request_id || answer.cost_cents <= 0 {
+                    problems.push(format!("run {id}: unexpected answer {answer:?}"));
+                }
+            }
+            (true, Err(e)) => problems.push(format!("run {id} ({}) failed: {e}", input.task_type)),
+            (false, Ok(_)) => problems.push(format!("run {id}: an unknown task type succeeded")),
+            (false, Err(e)) => {
+                if !e.to_string().contains("unknown task type `translate`") {
+                    problems.push(format!("run {id}: unexpected error {e}"));
+                }
+            }
+        }
+    }
+    println!(
+        "{} requests finished in {:.0} ms",
+        ids.len(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    let first = ids.first().map_or(0, |i| i.0);
+    let rows: Vec<(String, i64, f64, f64, i64)> = sqlx::query_as(
+        "SELECT COALESCE(output->>'model', '(failed: ' || (input->>'task_type') || ')'),
+                count(*),
+                100.0 * avg(CASE WHEN status = 'success' THEN 1.0 ELSE 0.0 END)::float8,
+                avg(duration_ms)::float8,
+                sum(cost_cents)::bigint
+         FROM pgflow.job_results WHERE workflow = 'llm_request' AND run_id >= $1
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(first)
+    .fetch_all(rt.pool())
+    .await?;
+    println!(
+        "\n{:<28} {:>5} {:>9} {:>8} {:>11}",
+        "model", "runs", "success", "avg_ms", "cost_cents"
+    );
+    for (model, runs, ok, avg, cost) in rows {
+        println!("{model:<28} {runs:>5} {ok:>8.1}% {avg:>8.1} {cost:>11}");
+    }
+    let retried: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow.step_states s JOIN pgflow.runs r ON r.id = s.run_id
+         WHERE r.workflow = 'llm_request' AND r.id >= $1 AND s.step = 1 AND s.attempts > 1",
+    )
+    .bind(first)
+    .fetch_one(rt.pool())
+    .await?;
+    println!("\n{retried} provider calls succeeded after a 429/500 and a retry");
+    if stub.is_some() && n >= 14 && retried == 0 {
+        problems.push("the stub's 429/500 answers were never retried".into());
+    }
+    rt.shutdown().await?;
+    Ok(problems)
+}
+
+#[tokio::main]
+async fn main() {
+    let mut n = 60;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match (a.as_str(), args.next().and_then(|v| v.parse().ok())) {
+            ("--n", Some(v)) => n = v,
+            _ => {
+                eprintln!("usage: llm_request [--n N]");
+                std::process::exit(2);
+            }
+        }
+    }
+    match run(n).await {
+        Ok(problems) if problems.is_empty() => println!("llm_request: OK"),
+        Ok(problems) => {
+            for p in problems {
+                eprintln!("llm_request: {p}");
+            }
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("llm_request failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
