@@ -373,10 +373,10 @@ async fn cancel_stops_pending_steps(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(states, 0, "no step of the cancelled run ran");
-    assert!(matches!(
-        run.wait().await,
-        Err(Error::Run(RunError::Cancelled { .. }))
-    ));
+    match run.wait().await {
+        Err(Error::Run(RunError::Cancelled { workflow })) => assert_eq!(workflow, "rt_two_steps"),
+        other => panic!("expected a cancelled run, got {other:?}"),
+    }
     assert!(matches!(
         producer.cancel(RunId(999_999)).await,
         Err(Error::RunNotFound(_))

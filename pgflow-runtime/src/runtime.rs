@@ -506,8 +506,8 @@ impl<O: serde::de::DeserializeOwned> RunHandle<O> {
         let mut poll = Duration::from_millis(20);
         loop {
             let done = self.rt.inner.register_waiter(self.id.0);
-            if let Some(outcome) = self.rt.outcome::<O>(self.id).await? {
-                return outcome.into_result();
+            if let (workflow, Some(outcome)) = self.rt.outcome::<O>(self.id).await? {
+                return outcome.into_result(&workflow);
             }
             let _ = tokio::time::timeout(poll, done).await;
             poll = (poll * 2).min(Duration::from_secs(1));
@@ -529,12 +529,12 @@ pub enum RunOutcome<O> {
 }
 
 impl<O> RunOutcome<O> {
-    fn into_result(self) -> Result<O, Error> {
+    fn into_result(self, workflow: &str) -> Result<O, Error> {
         match self {
             Self::Succeeded(o) => Ok(o),
             Self::Failed(e) => Err(Error::Run(e)),
             Self::Cancelled | Self::Running => Err(Error::Run(RunError::Cancelled {
-                workflow: String::new(),
+                workflow: workflow.to_owned(),
             })),
         }
     }
@@ -888,13 +888,17 @@ impl Runtime {
         &self,
         id: RunId,
     ) -> Result<RunOutcome<O>, Error> {
-        Ok(self.outcome::<O>(id).await?.unwrap_or(RunOutcome::Running))
+        Ok(self
+            .outcome::<O>(id)
+            .await?
+            .1
+            .unwrap_or(RunOutcome::Running))
     }
 
     async fn outcome<O: serde::de::DeserializeOwned>(
         &self,
         id: RunId,
-    ) -> Result<Option<RunOutcome<O>>, Error> {
+    ) -> Result<(String, Option<RunOutcome<O>>), Error> {
         let row: Option<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
             "SELECT status, workflow, output::text, error::text FROM pgflow.runs WHERE id = $1",
         )
@@ -902,7 +906,7 @@ impl Runtime {
         .fetch_optional(&self.inner.pool)
         .await?;
         let (status, workflow, output, error) = row.ok_or(Error::RunNotFound(id))?;
-        Ok(match status.as_str() {
+        let outcome = match status.as_str() {
             "succeeded" => {
                 let o =
                     pgflow::from_json::<O>(output.as_deref().unwrap_or("null")).map_err(|e| {
@@ -918,14 +922,15 @@ impl Runtime {
                     .as_deref()
                     .and_then(|e| serde_json::from_str::<RunError>(e).ok())
                     .unwrap_or(RunError::Serde {
-                        workflow,
+                        workflow: workflow.clone(),
                         message: format!("unreadable error: {}", error.unwrap_or_default()),
                     });
                 Some(RunOutcome::Failed(e))
             }
             "cancelled" => Some(RunOutcome::Cancelled),
             _ => None,
-        })
+        };
+        Ok((workflow, outcome))
     }
 
     /// Cancels a running run: its pending steps never start and steps running here
