@@ -18,7 +18,9 @@ use proc_macro::TokenStream;
 ///
 /// Each `#[step]` is an `async fn` returning `Result<T, E>` with
 /// `E: Into<pgflow::StepError>`, taking its data parameters and optionally a
-/// `&StepContext`.
+/// `&StepContext`. `#[step]` needs no import: `#[workflow]` reads and removes the
+/// markers before name resolution (so `use pgflow::step;` would be an unused
+/// import).
 ///
 /// # Graph rules
 ///
