@@ -34,6 +34,7 @@
 //! every completion is fenced on its claim token so a lost claim cannot overwrite
 //! anything. The schema is in `migrations/` (schema `pgflow`).
 
+pub mod admin;
 mod catalog;
 mod config;
 mod definitions;

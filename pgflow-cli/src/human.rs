@@ -1,0 +1,312 @@
+//! The human-readable output of each command.
+
+use std::fmt::Write as _;
+
+use pgflow_runtime::admin::{
+    CancelReport, Instance, MigrateReport, Results, RetryReport, RunDetail, RunFilter, RunSummary,
+    Status,
+};
+
+use crate::table::{Table, clip, ms, ms_f, opt_ms, percent, time, window};
+
+/// Errors in tables are cut to this many characters (`pgflow run` shows them whole).
+const ERROR_WIDTH: usize = 80;
+
+pub(crate) fn migrate(r: &MigrateReport) -> String {
+    let mut out = String::new();
+    for m in &r.applied {
+        let _ = writeln!(out, "applied {:04} {}", m.version, m.description);
+    }
+    if r.applied.is_empty() {
+        let _ = writeln!(
+            out,
+            "the pgflow schema is up to date ({} migration(s) applied)",
+            r.already_applied
+        );
+    }
+    out
+}
+
+pub(crate) fn status(s: &Status) -> String {
+    let mut out = String::from("INSTANCES\n");
+    let mut t = Table::new(&[
+        ("ID", false),
+        ("STATUS", false),
+        ("LOAD", true),
+        ("CAPACITY", true),
+        ("IDLE", true),
+        ("HOST", false),
+        ("PID", true),
+        ("QUEUES", false),
+        ("STARTED (UTC)", false),
+    ]);
+    for i in &s.instances {
+        t.row(vec![
+            i.id.clone(),
+            i.status.clone(),
+            i.load.to_string(),
+            i.capacity.to_string(),
+            ms(i.idle_ms),
+            i.host.clone(),
+            i.pid.to_string(),
+            queues(i),
+            time(i.started_at),
+        ]);
+    }
+    section(&mut out, &t, "no instance has registered");
+
+    out.push_str("\nQUEUES\n");
+    let mut t = Table::new(&[
+        ("QUEUE", false),
+        ("AVAILABLE", true),
+        ("SCHEDULED", true),
+        ("RUNNING", true),
+    ]);
+    for q in &s.queues {
+        t.row(vec![
+            q.queue.clone(),
+            q.available.to_string(),
+            q.scheduled.to_string(),
+            q.running.to_string(),
+        ]);
+    }
+    section(&mut out, &t, "no tasks queued or running");
+
+    out.push_str("\nRUNS\n");
+    let mut t = Table::new(&[
+        ("WORKFLOW", false),
+        ("RUNNING", true),
+        ("SUCCEEDED", true),
+        ("FAILED", true),
+        ("CANCELLED", true),
+    ]);
+    for w in &s.runs {
+        t.row(vec![
+            w.workflow.clone(),
+            w.running.to_string(),
+            w.succeeded.to_string(),
+            w.failed.to_string(),
+            w.cancelled.to_string(),
+        ]);
+    }
+    section(&mut out, &t, "no runs");
+    out
+}
+
+/// `{"default": 16, "llm": 4}` as `default:16 llm:4`.
+fn queues(i: &Instance) -> String {
+    match &i.queues {
+        serde_json::Value::Object(m) => m
+            .iter()
+            .map(|(q, c)| format!("{q}:{c}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|q| q.as_str().map_or_else(|| q.to_string(), str::to_owned))
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => other.to_string(),
+    }
+}
+
+fn section(out: &mut String, t: &Table, empty: &str) {
+    if t.is_empty() {
+        let _ = writeln!(out, "  ({empty})");
+    } else {
+        out.push_str(&t.render());
+    }
+}
+
+pub(crate) fn runs(runs: &[RunSummary], filter: &RunFilter) -> String {
+    if runs.is_empty() {
+        let mut what = vec!["runs".to_owned()];
+        if let Some(s) = filter.status {
+            what.insert(0, s.to_string());
+        }
+        if let Some(w) = &filter.workflow {
+            what.push(format!("of workflow `{w}`"));
+        }
+        return format!("no {}\n", what.join(" "));
+    }
+    let mut t = Table::new(&[
+        ("ID", true),
+        ("WORKFLOW", false),
+        ("VERSION", true),
+        ("STATUS", false),
+        ("CREATED (UTC)", false),
+        ("DURATION", true),
+        ("COST (cents)", true),
+        ("ERROR", false),
+    ]);
+    for r in runs {
+        t.row(vec![
+            r.id.to_string(),
+            r.workflow.clone(),
+            r.version.to_string(),
+            r.status.clone(),
+            time(r.created_at),
+            opt_ms(r.duration_ms),
+            r.cost_cents.to_string(),
+            run_error(r),
+        ]);
+    }
+    t.render()
+}
+
+/// `charge: attempt 1 permanent: card declined`, clipped (the row names the workflow).
+fn run_error(r: &RunSummary) -> String {
+    let short = match (&r.failed_step, &r.last_error) {
+        (Some(step), Some(last)) => format!("{step}: {last}"),
+        _ => r.error.clone().unwrap_or_default(),
+    };
+    clip(&short, ERROR_WIDTH)
+}
+
+pub(crate) fn run(d: &RunDetail) -> String {
+    let r = &d.run;
+    let mut out = format!(
+        "run {}  workflow {} v{}  status {}\n",
+        r.id, r.workflow, r.version, r.status
+    );
+    let mut facts: Vec<(&str, String)> = vec![("created", format!("{} UTC", time(r.created_at)))];
+    if r.run_at > r.created_at {
+        facts.push(("due", format!("{} UTC", time(r.run_at))));
+    }
+    if let Some(c) = r.completed_at {
+        facts.push(("finished", format!("{} UTC", time(c))));
+    }
+    if let Some(ms) = r.duration_ms {
+        facts.push(("duration", crate::table::ms(ms)));
+    }
+    facts.push(("cost", format!("{} cents", r.cost_cents)));
+    if let Some(i) = &r.instance_id {
+        facts.push(("instance", i.clone()));
+    }
+    facts.push(("input", clip(&d.input.to_string(), 100)));
+    if let Some(o) = &d.output {
+        facts.push(("output", clip(&o.to_string(), 100)));
+    }
+    if let Some(e) = &r.error {
+        facts.push(("error", e.clone()));
+    }
+    for (k, v) in facts {
+        let _ = writeln!(out, "  {k:<9} {v}");
+    }
+    out.push('\n');
+    let mut t = Table::new(&[
+        ("STEP", false),
+        ("STATUS", false),
+        ("ATTEMPTS", true),
+        ("DURATION", true),
+        ("INSTANCE", false),
+        ("ERROR", false),
+    ]);
+    for s in &d.steps {
+        t.row(vec![
+            s.name.clone(),
+            s.status.to_string(),
+            s.attempts.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+            opt_ms(s.duration_ms),
+            s.instance_id.clone().unwrap_or_default(),
+            s.error
+                .as_deref()
+                .map(|e| clip(e, ERROR_WIDTH))
+                .unwrap_or_default(),
+        ]);
+    }
+    out.push_str(&t.render());
+    out
+}
+
+pub(crate) fn results(r: &Results) -> String {
+    let mut out = format!("Runs finished in the last {}", window(r.since_secs));
+    if let Some(w) = &r.workflow {
+        let _ = write!(out, " (workflow `{w}`)");
+    }
+    out.push_str("\n\nBY WORKFLOW\n");
+    let mut t = Table::new(&[
+        ("WORKFLOW", false),
+        ("RUNS", true),
+        ("SUCCESS", true),
+        ("AVG", true),
+        ("P95", true),
+        ("COST (cents)", true),
+    ]);
+    for w in &r.workflows {
+        t.row(vec![
+            w.workflow.clone(),
+            w.count.to_string(),
+            percent(w.success_rate),
+            ms_f(w.avg_ms),
+            ms_f(w.p95_ms),
+            w.total_cost_cents.to_string(),
+        ]);
+    }
+    section(&mut out, &t, "no finished runs");
+
+    out.push_str("\nBY INSTANCE\n");
+    let mut t = Table::new(&[
+        ("INSTANCE", false),
+        ("RUNS", true),
+        ("SUCCEEDED", true),
+        ("FAILED", true),
+        ("SHARE", true),
+    ]);
+    for i in &r.instances {
+        t.row(vec![
+            i.instance_id.clone().unwrap_or_else(|| "-".to_owned()),
+            i.count.to_string(),
+            i.succeeded.to_string(),
+            i.failed.to_string(),
+            percent(i.share),
+        ]);
+    }
+    section(&mut out, &t, "no finished runs");
+
+    out.push_str("\nBY STATUS\n");
+    let mut t = Table::new(&[
+        ("WORKFLOW", false),
+        ("STATUS", false),
+        ("RUNS", true),
+        ("AVG", true),
+        ("COST (cents)", true),
+    ]);
+    for s in &r.statuses {
+        t.row(vec![
+            s.workflow.clone(),
+            s.status.clone(),
+            s.count.to_string(),
+            ms_f(s.avg_ms),
+            s.total_cost_cents.to_string(),
+        ]);
+    }
+    section(&mut out, &t, "no finished runs");
+    out
+}
+
+pub(crate) fn retry(r: &RetryReport) -> String {
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    format!(
+        "run {} ({}) is running again\n  reused   {}\n  cleared  {}\n  enqueued {}\n",
+        r.id,
+        r.workflow,
+        list(&r.reused),
+        list(&r.cleared),
+        list(&r.enqueued)
+    )
+}
+
+pub(crate) fn cancel(r: &CancelReport) -> String {
+    if r.cancelled {
+        format!("run {} cancelled\n", r.id)
+    } else {
+        format!("run {} was already cancelled\n", r.id)
+    }
+}

@@ -1,0 +1,179 @@
+//! `pgflow`: the operator CLI of pgflow.
+//!
+//! It reads and changes the `pgflow` schema directly, from the step tables stored in
+//! `pgflow.workflows`, so it needs none of the workflows linked in:
+//!
+//! ```text
+//! pgflow status                         instances, queue depths, runs per workflow
+//! pgflow runs --status failed           the newest failed runs
+//! pgflow run 42                         one run, step by step
+//! pgflow results --since 24h            count, success rate, durations, cost
+//! pgflow retry 42                       re-run a failed run from its failed steps
+//! ```
+//!
+//! Tables by default, `--json` for scripts. The database is `--database-url`, else
+//! `DATABASE_URL`, else the local server.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pgflow_runtime::admin::{self, AdminError, RunFilter, RunStatus};
+use pgflow_runtime::pgflow::RunId;
+use serde::Serialize;
+
+mod human;
+mod table;
+
+/// The server used when neither `--database-url` nor `DATABASE_URL` is given.
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Operate pgflow: inspect instances, queues and runs; retry and cancel runs.
+#[derive(Debug, Parser)]
+#[command(name = "pgflow", version)]
+struct Cli {
+    /// PostgreSQL URL (default: $DATABASE_URL, else postgres://postgres@127.0.0.1:5432/postgres)
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
+
+    /// Print JSON (for scripts) instead of tables
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply the pgflow schema migrations that are not applied yet
+    Migrate,
+    /// Instances (status, load, idle time), queue depths and runs per workflow
+    Status,
+    /// List the newest runs
+    Runs {
+        /// Only runs of this workflow
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only runs with this status: running, succeeded, failed or cancelled
+        #[arg(long)]
+        status: Option<RunStatus>,
+        /// At most this many runs
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One run with each of its steps, in graph order
+    Run {
+        /// The run id
+        id: i64,
+    },
+    /// Finished runs: per workflow, per instance and per status
+    Results {
+        /// The window, back from now: 30m, 1h, 7d, 1h30m
+        #[arg(long, default_value = "1h", value_parser = parse_since)]
+        since: Duration,
+        /// Only runs of this workflow
+        #[arg(long)]
+        workflow: Option<String>,
+    },
+    /// Re-run a failed run from its failed steps, reusing the completed steps' outputs
+    Retry {
+        /// The run id
+        id: i64,
+    },
+    /// Cancel a running run: no further step starts
+    Cancel {
+        /// The run id
+        id: i64,
+    },
+}
+
+fn parse_since(s: &str) -> Result<Duration, AdminError> {
+    admin::parse_duration(s)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(out) => {
+            let mut stdout = std::io::stdout().lock();
+            // A closed pipe (`pgflow runs | head`) is not an error worth a panic.
+            let _ = stdout
+                .write_all(out.as_bytes())
+                .and_then(|()| stdout.flush());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the command and returns what to print.
+async fn run(cli: Cli) -> Result<String, AdminError> {
+    let url = cli
+        .database_url
+        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| DEFAULT_URL.to_owned());
+    let pool = admin::connect(&url).await?;
+    let json = cli.json;
+    let out = match cli.command {
+        Command::Migrate => {
+            let r = admin::migrate(&pool).await?;
+            output(json, &r, human::migrate)
+        }
+        Command::Status => {
+            let s = admin::status(&pool).await?;
+            output(json, &s, human::status)
+        }
+        Command::Runs {
+            workflow,
+            status,
+            limit,
+        } => {
+            let filter = RunFilter {
+                workflow,
+                status,
+                limit,
+            };
+            let runs = admin::list_runs(&pool, &filter).await?;
+            output(json, &runs, |r| human::runs(r, &filter))
+        }
+        Command::Run { id } => {
+            let d = admin::run_detail(&pool, RunId(id)).await?;
+            output(json, &d, human::run)
+        }
+        Command::Results { since, workflow } => {
+            let r = admin::results(&pool, since, workflow.as_deref()).await?;
+            output(json, &r, human::results)
+        }
+        Command::Retry { id } => {
+            let r = admin::retry(&pool, RunId(id)).await?;
+            output(json, &r, human::retry)
+        }
+        Command::Cancel { id } => {
+            let r = admin::cancel(&pool, RunId(id)).await?;
+            output(json, &r, human::cancel)
+        }
+    };
+    pool.close().await;
+    Ok(out)
+}
+
+fn output<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) -> String {
+    if json {
+        match serde_json::to_string_pretty(value) {
+            Ok(mut s) => {
+                s.push('\n');
+                s
+            }
+            // Only a map with non-string keys fails to serialize; none is used here.
+            Err(e) => format!("{}\n", serde_json::json!({ "error": e.to_string() })),
+        }
+    } else {
+        human(value)
+    }
+}
