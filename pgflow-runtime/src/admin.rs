@@ -1365,36 +1365,16 @@ pub struct CancelReport {
 /// [`Error::RunNotFound`] (inside [`AdminError::Runtime`]); [`AdminError::NotRunning`]
 /// for a run that succeeded or failed; database errors.
 pub async fn cancel(pool: &PgPool, id: RunId) -> Result<CancelReport, AdminError> {
-    let mut tx = pool.begin().await?;
-    let row: Option<(String,)> =
-        sqlx::query_as("SELECT status FROM pgflow.runs WHERE id = $1 FOR UPDATE")
-            .bind(id.0)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let (status,) = row.ok_or(Error::RunNotFound(id))?;
+    let (status, cancelled) = crate::queue::cancel(pool, id.0)
+        .await?
+        .ok_or(Error::RunNotFound(id))?;
     match status.as_str() {
-        "running" => {}
-        "cancelled" => {
-            return Ok(CancelReport {
-                id: id.0,
-                cancelled: false,
-            });
-        }
-        _ => return Err(AdminError::NotRunning { id, status }),
+        "running" | "cancelled" => Ok(CancelReport {
+            id: id.0,
+            cancelled,
+        }),
+        _ => Err(AdminError::NotRunning { id, status }),
     }
-    sqlx::query("UPDATE pgflow.runs SET status = 'cancelled', completed_at = now() WHERE id = $1")
-        .bind(id.0)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM pgflow.tasks WHERE run_id = $1 AND claimed_by IS NULL")
-        .bind(id.0)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(CancelReport {
-        id: id.0,
-        cancelled: true,
-    })
 }
 
 #[cfg(test)]

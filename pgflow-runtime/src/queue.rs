@@ -565,3 +565,24 @@ impl FailedRuns {
         self.costs.push(cost);
     }
 }
+
+/// Cancels run `id` if it is running: its status becomes `cancelled` and its
+/// pending tasks are deleted (steps running somewhere finish into a cancelled run,
+/// which enqueues nothing). Returns the status it had and whether this call
+/// cancelled it, or `None` when there is no such run.
+pub(crate) async fn cancel(pool: &PgPool, id: i64) -> Result<Option<(String, bool)>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH prev AS (
+             SELECT status FROM pgflow.runs WHERE id = $1
+         ), c AS (
+             UPDATE pgflow.runs SET status = 'cancelled', completed_at = now()
+             WHERE id = $1 AND status = 'running' RETURNING id
+         ), d AS (
+             DELETE FROM pgflow.tasks t USING c WHERE t.run_id = c.id AND t.claimed_by IS NULL
+         )
+         SELECT prev.status, EXISTS (SELECT 1 FROM c) FROM prev",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}

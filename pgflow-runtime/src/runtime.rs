@@ -940,19 +940,8 @@ impl Runtime {
     ///
     /// [`Error::RunNotFound`]; database errors.
     pub async fn cancel(&self, id: RunId) -> Result<bool, Error> {
-        let row: Option<(bool,)> = sqlx::query_as(
-            "WITH c AS (
-                 UPDATE pgflow.runs SET status = 'cancelled', completed_at = now()
-                 WHERE id = $1 AND status = 'running' RETURNING id
-             ), d AS (
-                 DELETE FROM pgflow.tasks t USING c WHERE t.run_id = c.id AND t.claimed_by IS NULL
-             )
-             SELECT EXISTS (SELECT 1 FROM c) FROM pgflow.runs WHERE id = $1",
-        )
-        .bind(id.0)
-        .fetch_optional(&self.inner.pool)
-        .await?;
-        let cancelled = row.ok_or(Error::RunNotFound(id))?.0;
+        let row = crate::queue::cancel(&self.inner.pool, id.0).await?;
+        let (_, cancelled) = row.ok_or(Error::RunNotFound(id))?;
         if cancelled {
             self.inner.cancel_local(id.0);
             self.inner.wake_waiters(&[id.0]);
