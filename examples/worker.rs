@@ -7,7 +7,9 @@
 //!     [--lease-grace-ms MS] [--shutdown-grace-ms MS] [--record-executions]
 //! ```
 //!
-//! Environment: `DATABASE_URL`, `INSTANCE_ID`, `PGFLOW_QUEUES` (`default=16,llm=4`).
+//! Environment: `DATABASE_URL`, `INSTANCE_ID`, `PGFLOW_QUEUES` (`default=16,llm=4`),
+//! `LLM_BASE_URL` and `LLM_API_KEY` for the LLM workflow (a local stub endpoint
+//! otherwise).
 //! Without queues it serves every queue of the linked workflows with 16 slots each.
 //! It prints `pgflow worker <id> ready` once it is serving and `pgflow worker <id>
 //! stopped` after a graceful shutdown.
@@ -18,6 +20,7 @@ use std::time::Duration;
 // The workflows this binary serves: linking the crate registers them.
 use pgflow_runtime::Runtime;
 use pgflow_suite::flows::{EXECUTIONS_DDL, ExecLog};
+use pgflow_suite::llm::{LlmClient, StubEndpoint};
 use sqlx::postgres::PgPoolOptions;
 
 struct Args {
@@ -125,6 +128,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(d) = args.shutdown_grace {
         builder = builder.shutdown_grace(d);
     }
+    // Shared data the linked workflows read with ctx.data::<T>(): the LLM client
+    // (LLM_BASE_URL, or a local OpenAI-compatible endpoint) and the pool.
+    let llm_base = match std::env::var("LLM_BASE_URL") {
+        Ok(u) if !u.is_empty() => u,
+        _ => StubEndpoint::start(7).await?.base_url,
+    };
+    builder = builder
+        .data(LlmClient::new(&llm_base, std::env::var("LLM_API_KEY").ok())?)
+        .data(pool.clone());
     if args.record_executions {
         sqlx::raw_sql(EXECUTIONS_DDL).execute(&pool).await?;
         builder = builder.data(ExecLog(pool.clone()));
