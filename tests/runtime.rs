@@ -863,3 +863,35 @@ async fn tasks_of_unregistered_workflows_are_left_alone(pool: PgPool) {
     assert_eq!(claimed, None);
     rt.shutdown().await.unwrap();
 }
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn an_expired_lease_returns_the_task_to_the_queue(pool: PgPool) {
+    let producer = runtime(&pool, &[]).await;
+    let run = producer.start::<TwoSteps>(5).await.unwrap();
+    // An instance that died claimed the first step; its lease has run out.
+    let n = sqlx::query(
+        "UPDATE pgflow.tasks
+         SET claimed_by = 'dead-instance', claim_token = 1, claimed_at = now(),
+             lease_until = now() - interval '1 second'
+         WHERE run_id = $1",
+    )
+    .bind(run.id().0)
+    .execute(&pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(n, 1);
+    let rt = runtime(&pool, &[("default", 2)]).await;
+    assert_eq!(wait::<u32>(&rt, run.id()).await.unwrap(), 5);
+    // The lost attempt was counted: the step completed on its second attempt.
+    let attempts: i32 = sqlx::query_scalar(
+        "SELECT attempts FROM pgflow.step_states WHERE run_id = $1 AND step = 0",
+    )
+    .bind(run.id().0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, 2);
+    rt.shutdown().await.unwrap();
+    producer.shutdown().await.unwrap();
+}

@@ -487,8 +487,8 @@ struct Expired {
 pub(crate) async fn rescue_once(inner: &Inner) -> Result<usize, sqlx::Error> {
     let c = &inner.catalog.claim;
     let rows: Vec<Expired> = sqlx::query_as(
-        "SELECT t.id, t.claim_token, t.run_id, t.step, t.workflow, t.version, t.attempt,
-                    t.max_attempts, t.errors::text, t.claimed_by
+        "SELECT t.id, t.claim_token AS token, t.run_id, t.step, t.workflow, t.version, t.attempt,
+                    t.max_attempts AS max, t.errors::text AS errors, t.claimed_by AS owner
              FROM pgflow.tasks t
              WHERE t.claimed_by IS NOT NULL AND t.lease_until < now()
                AND (t.workflow, t.version) IN
