@@ -967,6 +967,7 @@ impl Runtime {
                     token,
                     run_id: f.run_id,
                     step: f.step,
+                    element: None,
                     flow: (flow.def.name(), f.version),
                     attempt: 0,
                     outcome: crate::queue::Outcome::Release,

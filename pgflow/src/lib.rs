@@ -63,7 +63,7 @@ pub use error::{AttemptFailure, ErrorKind, RunError, StepError};
 pub use execute::{ExecuteOptions, execute, execute_definition, execute_with};
 pub use pgflow_macros::{step, workflow};
 pub use registry::{Registry, RegistryError, registry};
-pub use value::{StepData, StepInputs, StepValue, ValueOps, from_json};
+pub use value::{StepData, StepInputs, StepOutput, StepValue, ValueOps, from_json, split_json};
 pub use workflow::{
-    Param, ParamSource, StepDef, StepFn, StepKind, StepOptions, Workflow, WorkflowDef,
+    MapOps, Param, ParamSource, StepDef, StepFn, StepKind, StepOptions, Workflow, WorkflowDef,
 };
