@@ -419,9 +419,10 @@ pub(crate) async fn flusher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<M
     }
 }
 
-/// Flushes `batch`, retrying on connection errors until it applies. A batch that the
-/// database rejects for its content is split; a single completion it rejects (an
-/// output Postgres cannot store) fails its run with the database's message.
+/// Flushes `batch`, retrying on connection errors, deadlocks and serialization
+/// failures until it applies. A batch that the database rejects for its content is
+/// split; a single completion it rejects (an output Postgres cannot store) fails its
+/// run with the database's message.
 async fn flush_resilient(inner: &Inner, batch: Vec<Completion>) -> queue::Flushed {
     let mut backoff = Backoff::new();
     let mut pending = vec![batch];
@@ -434,6 +435,14 @@ async fn flush_resilient(inner: &Inner, batch: Vec<Completion>) -> queue::Flushe
                     total.finished_runs.extend(f.finished_runs);
                     total.queues.extend(f.queues);
                     break;
+                }
+                // Two flushes that locked the same rows in another order: nothing is
+                // wrong with the batch, so apply it again.
+                Err(sqlx::Error::Database(db))
+                    if matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
+                {
+                    debug!(error = %db, "pgflow: flush conflicted with another; retrying");
+                    tokio::time::sleep(backoff.next()).await;
                 }
                 Err(sqlx::Error::Database(db)) if batch.len() > 1 => {
                     debug!(error = %db, "pgflow: flush rejected; splitting the batch");
