@@ -678,7 +678,8 @@ impl Expands {
     }
 
     /// Inserts one task per element (the element as its `item`) and the map step's
-    /// `running` state counting them; returns the queues that got tasks.
+    /// `running` state counting them; returns the queues that got tasks. Reads the
+    /// run by its primary key; the new tasks enter `tasks_available` in element order.
     async fn insert(
         &self,
         conn: &mut PgConnection,
@@ -756,7 +757,9 @@ impl<'c> Elements<'c> {
         instance: &str,
     ) -> Result<Vec<(i64, i16, &'c Flow, String)>, sqlx::Error> {
         // Rows are locked in (run_id, step) order so that two instances counting down
-        // the same map steps cannot deadlock.
+        // the same map steps cannot deadlock. Both tables are reached by their
+        // primary keys (`step_elements (run_id, step, element)`, `step_states
+        // (run_id, step)`).
         let counted: Vec<(i64, i16, i32)> = sqlx::query_as(
             "WITH ins AS (
                  INSERT INTO pgflow.step_elements (run_id, step, element, output, attempts, instance_id)
@@ -795,6 +798,7 @@ impl<'c> Elements<'c> {
         if run_ids.is_empty() {
             return Ok(Vec::new());
         }
+        // Once per map step: walks its elements along the primary key, in order.
         let rows: Vec<(i64, i16, String)> = sqlx::query_as(
             "SELECT e.run_id, e.step, jsonb_agg(e.output ORDER BY e.element)::text
              FROM pgflow.step_elements e

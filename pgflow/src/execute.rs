@@ -2,7 +2,10 @@
 //! no database. Steps are called through their typed entries and values are moved
 //! between them (no JSON unless asked for); independent branches run concurrently;
 //! retries, backoff, timeouts and panics follow the same [`policy`](crate::policy)
-//! as the durable runtime. It is how workflows are unit-tested.
+//! as the durable runtime. A conditional step whose predicate is false is skipped
+//! (its consumers get `None`); a map step runs its elements concurrently, each with
+//! its own retries, and collects their outputs in element order. It is how
+//! workflows are unit-tested.
 //!
 //! ```
 //! use pgflow::{workflow, StepError};
