@@ -1180,6 +1180,9 @@ async fn a_terminal_map_step_over_a_parent_completes_the_run_with_the_vec(pool: 
     let rt = runtime(&pool, &[("default", 4)]).await;
     let run = rt.start::<Shout>("ab cd e".into()).await.unwrap();
     assert_eq!(run.wait().await.unwrap(), ["AB/7", "CD/7", "E/7"]);
+    // the terminal map step's state is complete; its output is the run's
+    let rows = step_rows(&pool, run.id()).await;
+    assert_eq!(rows[1], (1, "completed".to_owned(), None, None));
     let empty = rt.start::<Shout>("   ".into()).await.unwrap();
     assert!(empty.wait().await.unwrap().is_empty());
     rt.shutdown().await.unwrap();
@@ -1397,4 +1400,75 @@ async fn conditional_and_map_steps_are_in_the_stored_definition(pool: PgPool) {
     .unwrap();
     assert_eq!(output, "Option<u64>");
     rt.shutdown().await.unwrap();
+}
+
+pub struct HeldElements;
+
+#[workflow(name = "rt_held_elements", max_attempts = 2)]
+impl HeldElements {
+    #[step(map)]
+    async fn held(n: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        let gate = ctx.data::<Arc<Gate>>()?;
+        gate.entered.notify_one();
+        gate.go.notified().await;
+        Ok(n)
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn an_element_whose_lease_expired_on_its_last_attempt_fails_the_run_with_its_index(
+    pool: PgPool,
+) {
+    let gate = Arc::new(Gate::default());
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .queue("default", 4)
+        .poll_interval(Duration::from_millis(20))
+        .rescue_interval(Duration::from_millis(50))
+        .shutdown_grace(Duration::from_secs(2))
+        .data(Arc::clone(&gate))
+        .start()
+        .await
+        .unwrap();
+    let run = rt.start::<HeldElements>(vec![10, 11, 12]).await.unwrap();
+    gate.entered.notified().await;
+    // Element 1 is held by an instance that died on its last attempt.
+    let n = sqlx::query(
+        "UPDATE pgflow.tasks
+         SET claimed_by = 'dead-instance', claim_token = 1, attempt = max_attempts,
+             lease_until = now() - interval '1 second'
+         WHERE run_id = $1 AND element = 1",
+    )
+    .bind(run.id().0)
+    .execute(&pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(n, 1);
+    let err = wait::<Vec<u32>>(&rt, run.id()).await.unwrap_err();
+    let Error::Run(RunError::StepFailed {
+        step,
+        element,
+        history,
+        ..
+    }) = &err
+    else {
+        panic!("unexpected {err:?}");
+    };
+    assert_eq!((step.as_str(), *element), ("held", Some(1)));
+    assert!(
+        history[0].message.contains("lease expired") && history[0].kind == ErrorKind::Timeout,
+        "{history:?}"
+    );
+    // let the held elements finish: their completions land in a failed run
+    for _ in 0..3 {
+        gate.go.notify_one();
+    }
+    rt.shutdown().await.unwrap();
+    let status: String = sqlx::query_scalar("SELECT status FROM pgflow.runs WHERE id = $1")
+        .bind(run.id().0)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "failed");
 }

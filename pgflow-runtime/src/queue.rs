@@ -750,7 +750,8 @@ impl<'c> Elements<'c> {
     }
 
     /// Stores the elements' outputs and counts down their map steps; returns the map
-    /// steps whose last element completed, with their outputs in element order.
+    /// steps whose last element completed (now `completed`: a terminal one keeps no
+    /// output here, its run does), with their outputs in element order.
     async fn insert(
         &self,
         conn: &mut PgConnection,
@@ -777,7 +778,10 @@ impl<'c> Elements<'c> {
                  ORDER BY s.run_id, s.step
                  FOR UPDATE OF s
              )
-             UPDATE pgflow.step_states s SET remaining = s.remaining - d.n
+             UPDATE pgflow.step_states s
+             SET remaining = s.remaining - d.n,
+                 status = CASE WHEN s.remaining = d.n THEN 'completed' ELSE s.status END,
+                 completed_at = CASE WHEN s.remaining = d.n THEN now() END
              FROM d JOIN locked USING (run_id, step)
              WHERE s.run_id = d.run_id AND s.step = d.step
              RETURNING s.run_id, s.step, s.remaining",
