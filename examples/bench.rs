@@ -2,7 +2,8 @@
 //! `BENCH scenario=NAME key=value ...`.
 //!
 //! ```text
-//! cargo run --release --example bench -- [--scenario NAME] [--n N] [--duration S] [--concurrency C]
+//! cargo run --release --example bench -- [--scenario NAME] [--n N] [--elements E]
+//!     [--duration S] [--concurrency C] [--database NAME]
 //! ```
 //!
 //! Scenarios (all by default, except `sustained`):
@@ -15,10 +16,13 @@
 //! - `sustained`: chain1 for `--duration` seconds (default 60): throughput of the first
 //!   and the last 10 s (a collapse would show table bloat).
 //! - `inline`: the in-process executor, ns per step of a 10-step chain.
+//! - `map`: one run whose root map step maps over `--elements` (default 10,000)
+//!   trivial elements: elements/s from the start to the run's completion.
 //!
-//! Each database scenario runs in a fresh database `pgflow_bench` on the server of
-//! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`), durable
-//! commits on (the server's default `synchronous_commit`).
+//! Each database scenario runs in a fresh database (`--database`, default
+//! `pgflow_bench`) on the server of `DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), durable commits on (the server's
+//! default `synchronous_commit`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -94,6 +98,17 @@ impl Diamond {
     #[step(depends_on = [b1, b2, b3, b4])]
     async fn bottom(b1: u64, b2: u64, b3: u64, b4: u64) -> Result<u64, StepError> {
         Ok(b1 + b2 + b3 + b4)
+    }
+}
+
+/// One map step over the input: one task per element.
+pub struct Map;
+
+#[workflow(name = "bench_map", queue = "bench")]
+impl Map {
+    #[step(map)]
+    async fn each(n: u64) -> Result<u64, StepError> {
+        Ok(n + 1)
     }
 }
 
@@ -195,18 +210,22 @@ impl Chain10Retrying {
 struct Args {
     scenario: Option<String>,
     n: u64,
+    elements: u64,
     duration: u64,
     concurrency: usize,
+    database: String,
 }
 
-const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline] [--n N] [--duration SECS] [--concurrency C]";
+const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline|map] [--n N] [--elements E] [--duration SECS] [--concurrency C] [--database NAME]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         scenario: None,
         n: 20_000,
+        elements: 10_000,
         duration: 60,
         concurrency: 256,
+        database: "pgflow_bench".to_owned(),
     };
     let mut it = std::env::args().skip(1);
     let num = |v: Option<String>, flag: &str| -> Result<u64, String> {
@@ -217,6 +236,14 @@ fn parse_args() -> Result<Args, String> {
         match a.as_str() {
             "--scenario" => args.scenario = Some(it.next().ok_or("--scenario needs a name")?),
             "--n" => args.n = num(it.next(), "--n")?.max(1),
+            "--elements" => args.elements = num(it.next(), "--elements")?,
+            "--database" => {
+                let name = it.next().ok_or("--database needs a name")?;
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(format!("--database: use letters, digits and `_`: {name}"));
+                }
+                args.database = name;
+            }
             "--duration" => args.duration = num(it.next(), "--duration")?.max(1),
             "--concurrency" => {
                 args.concurrency = usize::try_from(num(it.next(), "--concurrency")?.max(1))
@@ -264,6 +291,13 @@ async fn inline<W: pgflow::Workflow<Input = u64, Output = u64>>(label: &str, run
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// The database the scenarios run in (`--database`).
+static DATABASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn db_name() -> &'static str {
+    DATABASE.get().map_or("pgflow_bench", String::as_str)
+}
+
 async fn runtime(url: &str, concurrency: usize) -> BenchResult<Runtime> {
     let mut b = Runtime::builder()
         .database_url(url)
@@ -289,7 +323,7 @@ async fn throughput<W: pgflow::Workflow<Input = u64>>(
     steps_per_run: u64,
     concurrency: usize,
 ) -> BenchResult<()> {
-    let url = fresh_database("pgflow_bench").await?;
+    let url = fresh_database(db_name()).await?;
     let rt = runtime(&url, concurrency).await?;
     let start = Instant::now();
     let mut next = 0;
@@ -314,7 +348,7 @@ async fn throughput<W: pgflow::Workflow<Input = u64>>(
 }
 
 async fn enqueue(n: u64) -> BenchResult<()> {
-    let url = fresh_database("pgflow_bench").await?;
+    let url = fresh_database(db_name()).await?;
     let rt = runtime(&url, 0).await?;
     let start = Instant::now();
     let mut next = 0;
@@ -334,7 +368,7 @@ async fn enqueue(n: u64) -> BenchResult<()> {
 
 async fn latency(concurrency: usize) -> BenchResult<()> {
     const RUNS: usize = 200;
-    let url = fresh_database("pgflow_bench").await?;
+    let url = fresh_database(db_name()).await?;
     let first = Arc::new(FirstStep::default());
     let rt = Runtime::builder()
         .database_url(&url)
@@ -382,8 +416,32 @@ async fn latency(concurrency: usize) -> BenchResult<()> {
     Ok(())
 }
 
+/// One run mapping over `elements` trivial elements.
+async fn map(elements: u64, concurrency: usize) -> BenchResult<()> {
+    let url = fresh_database(db_name()).await?;
+    let rt = runtime(&url, concurrency).await?;
+    // warm up: connections, prepared statements
+    rt.start::<Map>((0..100).collect()).await?.wait().await?;
+    let input: Vec<u64> = (0..elements).collect();
+    let start = Instant::now();
+    let out = rt.start::<Map>(input).await?.wait().await?;
+    let secs = start.elapsed().as_secs_f64();
+    if out.len() as u64 != elements || out.iter().zip(1..).any(|(o, i)| *o != i) {
+        return Err("the map's output is not its elements' outputs in order".into());
+    }
+    let stats = rt.stats();
+    println!(
+        "BENCH scenario=map elements={elements} secs={secs:.2} elements_per_sec={:.0} flushes={} claims={}",
+        elements as f64 / secs.max(1e-9),
+        stats.flushes,
+        stats.claims,
+    );
+    rt.shutdown().await?;
+    Ok(())
+}
+
 async fn sustained(duration: u64, concurrency: usize) -> BenchResult<()> {
-    let url = fresh_database("pgflow_bench").await?;
+    let url = fresh_database(db_name()).await?;
     let rt = runtime(&url, concurrency).await?;
     let start = Instant::now();
     let end = start + Duration::from_secs(duration);
@@ -439,6 +497,7 @@ async fn sustained(duration: u64, concurrency: usize) -> BenchResult<()> {
 }
 
 async fn run(args: Args) -> BenchResult<()> {
+    let _ = DATABASE.set(args.database.clone());
     let all = args.scenario.is_none();
     let is = |s: &str| all || args.scenario.as_deref() == Some(s);
     let known = [
@@ -449,6 +508,7 @@ async fn run(args: Args) -> BenchResult<()> {
         "latency",
         "sustained",
         "inline",
+        "map",
     ];
     if let Some(s) = &args.scenario {
         if !known.contains(&s.as_str()) {
@@ -472,6 +532,9 @@ async fn run(args: Args) -> BenchResult<()> {
     }
     if args.scenario.as_deref() == Some("sustained") {
         sustained(args.duration, args.concurrency).await?;
+    }
+    if is("map") {
+        map(args.elements, args.concurrency).await?;
     }
     if is("inline") {
         inline::<Chain10>("inline", 20_000).await;

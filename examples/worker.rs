@@ -135,7 +135,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         _ => StubEndpoint::start(7).await?.base_url,
     };
     builder = builder
-        .data(LlmClient::new(&llm_base, std::env::var("LLM_API_KEY").ok())?)
+        .data(LlmClient::new(
+            &llm_base,
+            std::env::var("LLM_API_KEY").ok(),
+        )?)
         .data(pool.clone());
     if args.record_executions {
         sqlx::raw_sql(EXECUTIONS_DDL).execute(&pool).await?;

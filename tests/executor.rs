@@ -488,3 +488,338 @@ impl Shapes {
 async fn roots_without_parameters_and_unit_outputs_run() {
     assert_eq!(execute::<Shapes>(4).await.unwrap(), 4);
 }
+
+// ---------------------------------------------------------------------------------
+// Conditional steps (`when`)
+
+/// Counts the executions of a step body.
+#[derive(Default)]
+pub struct Ran(AtomicU32);
+
+pub struct Review;
+
+#[workflow(name = "exec_review", max_attempts = 1)]
+impl Review {
+    #[step]
+    async fn draft(text: String) -> Result<String, StepError> {
+        Ok(text.trim().to_owned())
+    }
+
+    #[step(when = Self::is_long)]
+    async fn review(draft: String, ctx: &StepContext) -> Result<String, StepError> {
+        ctx.data::<Arc<Ran>>()?.0.fetch_add(1, Ordering::SeqCst);
+        Ok(format!("reviewed: {draft}"))
+    }
+
+    #[step(depends_on = [draft, review])]
+    async fn publish(draft: String, review: Option<String>) -> Result<String, StepError> {
+        Ok(review.unwrap_or_else(|| format!("as is: {draft}")))
+    }
+
+    /// The predicate takes references to the step's inputs (`&String` coerces to `&str`).
+    fn is_long(draft: &str) -> bool {
+        draft.len() > 10
+    }
+}
+
+#[tokio::test]
+async fn a_false_predicate_skips_the_step_and_its_child_gets_none() {
+    for json_roundtrip in [false, true] {
+        let ran = Arc::new(Ran::default());
+        let opts = || {
+            ExecuteOptions::new()
+                .data(Arc::clone(&ran))
+                .json_roundtrip(json_roundtrip)
+        };
+        let out = execute_with::<Review>(" short ".into(), opts())
+            .await
+            .unwrap();
+        assert_eq!(out, "as is: short");
+        assert_eq!(ran.0.load(Ordering::SeqCst), 0, "a skipped step never runs");
+        let out = execute_with::<Review>("a much longer text".into(), opts())
+            .await
+            .unwrap();
+        assert_eq!(out, "reviewed: a much longer text");
+        assert_eq!(ran.0.load(Ordering::SeqCst), 1);
+    }
+}
+
+pub struct SkipChain;
+
+#[workflow(name = "exec_skip_chain", max_attempts = 1)]
+impl SkipChain {
+    #[step]
+    async fn start(n: i64) -> Result<i64, StepError> {
+        Ok(n)
+    }
+
+    #[step(when = Self::positive)]
+    async fn double(n: i64) -> Result<i64, StepError> {
+        Ok(n * 2)
+    }
+
+    /// Conditional on a conditional parent: its predicate sees the `Option`.
+    #[step(when = Self::was_doubled)]
+    async fn add_one(doubled: Option<i64>) -> Result<i64, StepError> {
+        Ok(doubled.unwrap_or_default() + 1)
+    }
+
+    /// Every parent skipped: still runs, with `None`.
+    #[step]
+    async fn report(added: Option<i64>) -> Result<String, StepError> {
+        Ok(format!("{added:?}"))
+    }
+
+    fn positive(n: &i64) -> bool {
+        *n > 0
+    }
+
+    fn was_doubled(doubled: &Option<i64>) -> bool {
+        doubled.is_some()
+    }
+}
+
+#[tokio::test]
+async fn skips_chain_and_a_child_of_only_skipped_parents_still_runs() {
+    assert_eq!(execute::<SkipChain>(3).await.unwrap(), "Some(7)");
+    assert_eq!(execute::<SkipChain>(-1).await.unwrap(), "None");
+    let opts = ExecuteOptions::new().json_roundtrip(true);
+    assert_eq!(execute_with::<SkipChain>(-1, opts).await.unwrap(), "None");
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Basket {
+    pub cents: u64,
+    pub vip: bool,
+}
+
+pub struct Discount;
+
+#[workflow(name = "exec_discount", max_attempts = 1)]
+impl Discount {
+    #[step]
+    async fn price(basket: Basket) -> Result<u64, StepError> {
+        Ok(basket.cents)
+    }
+
+    #[step(when = Self::deserves_discount)]
+    async fn discount(price: u64, input: Basket) -> Result<u64, StepError> {
+        assert!(input.vip);
+        Ok(price * 9 / 10)
+    }
+
+    #[step(depends_on = [price, discount])]
+    async fn total(price: u64, discount: Option<u64>) -> Result<u64, StepError> {
+        Ok(discount.unwrap_or(price))
+    }
+
+    /// Reads the workflow input through the step's `input` parameter.
+    fn deserves_discount(price: &u64, input: &Basket) -> bool {
+        input.vip && *price >= 1_000
+    }
+}
+
+#[tokio::test]
+async fn a_predicate_can_read_the_workflow_input() {
+    let basket = |cents, vip| Basket { cents, vip };
+    assert_eq!(
+        execute::<Discount>(basket(2_000, true)).await.unwrap(),
+        1_800
+    );
+    assert_eq!(
+        execute::<Discount>(basket(2_000, false)).await.unwrap(),
+        2_000
+    );
+    assert_eq!(execute::<Discount>(basket(500, true)).await.unwrap(), 500);
+}
+
+pub struct MaybeAlert;
+
+#[workflow(name = "exec_maybe_alert", max_attempts = 1)]
+impl MaybeAlert {
+    #[step]
+    async fn score(n: u32) -> Result<u32, StepError> {
+        Ok(n * 10)
+    }
+
+    #[step(when = Self::is_high)]
+    async fn alert(score: u32) -> Result<String, StepError> {
+        Ok(format!("alert: {score}"))
+    }
+
+    fn is_high(score: &u32) -> bool {
+        *score >= 50
+    }
+}
+
+#[tokio::test]
+async fn a_conditional_terminal_step_makes_the_output_an_option() {
+    fn output_is_option<W: Workflow<Output = Option<String>>>() {}
+    output_is_option::<MaybeAlert>();
+    assert_eq!(
+        execute::<MaybeAlert>(7).await.unwrap(),
+        Some("alert: 70".to_owned())
+    );
+    assert_eq!(execute::<MaybeAlert>(2).await.unwrap(), None);
+    let opts = || ExecuteOptions::new().json_roundtrip(true);
+    assert_eq!(execute_with::<MaybeAlert>(2, opts()).await.unwrap(), None);
+    assert_eq!(
+        execute_with::<MaybeAlert>(9, opts()).await.unwrap(),
+        Some("alert: 90".to_owned())
+    );
+    assert_eq!(
+        MaybeAlert::definition().output().type_name,
+        "Option<String>"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Map steps (`map`)
+
+pub struct Squares;
+
+#[workflow(name = "exec_squares", max_attempts = 1)]
+impl Squares {
+    /// A root map step: the workflow input is a `Vec<u64>`.
+    #[step(map)]
+    async fn square(n: u64, ctx: &StepContext) -> Result<u64, StepError> {
+        assert_eq!(ctx.element().map(|e| e as u64), Some(n));
+        // Later elements finish first: the output order must not follow completion.
+        for _ in 0..(1_000 - n % 1_000) % 17 {
+            tokio::task::yield_now().await;
+        }
+        Ok(n * n)
+    }
+
+    #[step]
+    async fn sum(squares: Vec<u64>) -> Result<(u64, Vec<u64>), StepError> {
+        Ok((squares.iter().sum(), squares))
+    }
+}
+
+#[tokio::test]
+async fn a_map_runs_once_per_element_and_keeps_the_input_order() {
+    for n in [0_u64, 1, 1_000] {
+        for json_roundtrip in [false, true] {
+            let input: Vec<u64> = (0..n).collect();
+            let opts = ExecuteOptions::new().json_roundtrip(json_roundtrip);
+            let (sum, squares) = execute_with::<Squares>(input.clone(), opts).await.unwrap();
+            let expected: Vec<u64> = input.iter().map(|n| n * n).collect();
+            assert_eq!(squares, expected, "n={n} json={json_roundtrip}");
+            assert_eq!(sum, expected.iter().sum::<u64>());
+        }
+    }
+}
+
+pub struct Shout;
+
+#[workflow(name = "exec_shout", max_attempts = 1)]
+impl Shout {
+    #[step]
+    async fn words(text: String) -> Result<Vec<String>, StepError> {
+        Ok(text.split_whitespace().map(str::to_owned).collect())
+    }
+
+    /// A terminal map step over its parent's `Vec`, also reading the input.
+    #[step(map)]
+    async fn shout(word: String, input: String) -> Result<String, StepError> {
+        Ok(format!("{}/{}", word.to_uppercase(), input.len()))
+    }
+}
+
+#[tokio::test]
+async fn a_terminal_map_step_outputs_the_vec_of_its_elements_outputs() {
+    fn output_is_vec<W: Workflow<Output = Vec<String>>>() {}
+    output_is_vec::<Shout>();
+    assert_eq!(
+        execute::<Shout>("ab cd e".into()).await.unwrap(),
+        ["AB/7", "CD/7", "E/7"]
+    );
+    assert!(execute::<Shout>("  ".into()).await.unwrap().is_empty());
+}
+
+pub struct MapFlaky;
+
+#[workflow(name = "exec_map_flaky", backoff = "1ms", max_attempts = 3)]
+impl MapFlaky {
+    #[step(map)]
+    async fn check(n: i32, ctx: &StepContext) -> Result<i32, StepError> {
+        ctx.data::<Arc<Attempts>>()?
+            .0
+            .fetch_add(1, Ordering::SeqCst);
+        if n < 0 {
+            return Err(StepError::retryable(format!("{n} is negative")));
+        }
+        if n % 10 == 3 && ctx.attempt() == 1 {
+            return Err(StepError::retryable(format!("{n}: first attempt fails")));
+        }
+        Ok(n + 1)
+    }
+}
+
+#[tokio::test]
+async fn a_failing_element_is_retried_on_its_own() {
+    let attempts = Arc::new(Attempts::default());
+    let opts = ExecuteOptions::new().data(Arc::clone(&attempts));
+    let out = execute_with::<MapFlaky>((0..20).collect(), opts)
+        .await
+        .unwrap();
+    assert_eq!(out, (1..=20).collect::<Vec<_>>());
+    // elements 3 and 13 ran twice, the other 18 once
+    assert_eq!(attempts.0.load(Ordering::SeqCst), 22);
+}
+
+#[tokio::test]
+async fn an_exhausted_element_fails_the_run_with_its_index() {
+    let attempts = Arc::new(Attempts::default());
+    let opts = ExecuteOptions::new().data(Arc::clone(&attempts));
+    let err = execute_with::<MapFlaky>(vec![1, 2, -5, 4], opts)
+        .await
+        .unwrap_err();
+    let RunError::StepFailed {
+        step,
+        element,
+        history,
+        ..
+    } = &err
+    else {
+        panic!("unexpected {err:?}");
+    };
+    assert_eq!((step.as_str(), *element), ("check", Some(2)));
+    assert_eq!(history.len(), 3);
+    assert!(history.iter().all(|h| h.message == "-5 is negative"));
+    assert!(
+        err.to_string().contains("at step `check` (element 2)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn conditional_and_map_steps_are_in_the_definition() {
+    let review = Review::definition();
+    assert_eq!(
+        review.step("review").unwrap().kind(),
+        pgflow::StepKind::Conditional
+    );
+    assert_eq!(
+        review.step("review").unwrap().predicate(),
+        Some("Self::is_long")
+    );
+    let d = review.describe();
+    assert_eq!(d["steps"][1]["kind"], "conditional");
+    assert_eq!(d["steps"][1]["when"], "Self::is_long");
+    assert!(d["steps"][0].get("when").is_none());
+
+    let squares = Squares::definition();
+    assert_eq!(squares.input().type_name, "Vec<u64>");
+    let step = squares.step("square").unwrap();
+    assert_eq!(step.kind(), pgflow::StepKind::Map);
+    assert_eq!(step.output().type_name, "Vec<u64>");
+    let d = squares.describe();
+    assert_eq!(d["steps"][0]["kind"], "map");
+    assert_eq!(d["steps"][0]["map"]["param"], "n");
+    assert_eq!(d["steps"][0]["map"]["item"], "u64");
+    assert_eq!(d["steps"][0]["map"]["element_output"], "u64");
+    assert_eq!(d["steps"][1]["params"][0]["type"], "Vec<u64>");
+    assert_eq!(d["steps"][1]["kind"], "single");
+}

@@ -1001,3 +1001,580 @@ async fn an_expired_lease_returns_the_task_with_the_attempt_counted(pool: PgPool
     worker.shutdown().await.unwrap();
     rt.shutdown().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------
+// Conditional steps (`when`)
+
+pub struct Review;
+
+#[workflow(name = "rt_review", max_attempts = 1)]
+impl Review {
+    #[step]
+    async fn draft(text: String) -> Result<String, StepError> {
+        Ok(text.trim().to_owned())
+    }
+
+    #[step(when = Self::is_long)]
+    async fn review(draft: String, ctx: &StepContext) -> Result<String, StepError> {
+        ctx.data::<Arc<Counter>>()?.0.fetch_add(1, Ordering::SeqCst);
+        Ok(format!("reviewed: {draft}"))
+    }
+
+    #[step(depends_on = [draft, review])]
+    async fn publish(draft: String, review: Option<String>) -> Result<String, StepError> {
+        Ok(review.unwrap_or_else(|| format!("as is: {draft}")))
+    }
+
+    fn is_long(draft: &str) -> bool {
+        draft.len() > 10
+    }
+}
+
+/// (step, status, output, reason) of a run's stored steps.
+type StepRow = (i16, String, Option<String>, Option<String>);
+
+async fn step_rows(pool: &PgPool, run: RunId) -> Vec<StepRow> {
+    sqlx::query_as(
+        "SELECT step, status, output::text, reason FROM pgflow.step_states
+         WHERE run_id = $1 ORDER BY step",
+    )
+    .bind(run.0)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_skipped_step_is_recorded_with_its_reason_and_its_child_gets_none(pool: PgPool) {
+    let counter = Arc::new(Counter::default());
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .queue("default", 4)
+        .poll_interval(Duration::from_millis(50))
+        .data(Arc::clone(&counter))
+        .start()
+        .await
+        .unwrap();
+    let short = rt.start::<Review>(" short ".into()).await.unwrap();
+    let long = rt
+        .start::<Review>("a much longer text".into())
+        .await
+        .unwrap();
+    assert_eq!(short.wait().await.unwrap(), "as is: short");
+    assert_eq!(long.wait().await.unwrap(), "reviewed: a much longer text");
+    assert_eq!(
+        counter.0.load(Ordering::SeqCst),
+        1,
+        "the skipped step never ran"
+    );
+    // (the terminal join's own row is its parent counter, not shown)
+    assert_eq!(
+        step_rows(&pool, short.id()).await[..2],
+        [
+            (0, "completed".into(), Some("\"short\"".into()), None),
+            (
+                1,
+                "skipped".into(),
+                None,
+                Some("`when = Self::is_long` was false".into())
+            ),
+        ]
+    );
+    assert_eq!(
+        step_rows(&pool, long.id()).await[1],
+        (
+            1,
+            "completed".into(),
+            Some("\"reviewed: a much longer text\"".into()),
+            None
+        )
+    );
+    rt.shutdown().await.unwrap();
+}
+
+pub struct SkipChain;
+
+#[workflow(name = "rt_skip_chain", max_attempts = 1)]
+impl SkipChain {
+    #[step]
+    async fn start(n: i64) -> Result<i64, StepError> {
+        Ok(n)
+    }
+
+    #[step(when = Self::positive)]
+    async fn double(n: i64) -> Result<i64, StepError> {
+        Ok(n * 2)
+    }
+
+    #[step(when = Self::was_doubled)]
+    async fn add_one(doubled: Option<i64>) -> Result<i64, StepError> {
+        Ok(doubled.unwrap_or_default() + 1)
+    }
+
+    /// Its only parent may be skipped: it still runs, with `None`.
+    #[step]
+    async fn report(added: Option<i64>) -> Result<String, StepError> {
+        Ok(format!("{added:?}"))
+    }
+
+    fn positive(n: &i64) -> bool {
+        *n > 0
+    }
+
+    fn was_doubled(doubled: &Option<i64>) -> bool {
+        doubled.is_some()
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn skips_chain_through_conditional_children(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 4)]).await;
+    let ran = rt.start::<SkipChain>(3).await.unwrap();
+    let skipped = rt.start::<SkipChain>(-1).await.unwrap();
+    assert_eq!(ran.wait().await.unwrap(), "Some(7)");
+    assert_eq!(skipped.wait().await.unwrap(), "None");
+    let statuses = |rows: Vec<StepRow>| rows.into_iter().map(|r| r.1).collect::<Vec<_>>();
+    assert_eq!(
+        statuses(step_rows(&pool, skipped.id()).await),
+        ["completed", "skipped", "skipped"]
+    );
+    assert_eq!(
+        statuses(step_rows(&pool, ran.id()).await),
+        ["completed", "completed", "completed"]
+    );
+    rt.shutdown().await.unwrap();
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Basket {
+    pub cents: u64,
+    pub vip: bool,
+}
+
+pub struct Discount;
+
+#[workflow(name = "rt_discount", max_attempts = 1)]
+impl Discount {
+    #[step]
+    async fn price(basket: Basket) -> Result<u64, StepError> {
+        Ok(basket.cents)
+    }
+
+    #[step(when = Self::deserves_discount)]
+    async fn discount(price: u64, input: Basket) -> Result<u64, StepError> {
+        Ok(if input.vip { price * 9 / 10 } else { price })
+    }
+
+    /// A conditional terminal step: the output is an `Option`.
+    #[step(when = Self::discounted)]
+    async fn total(discount: Option<u64>) -> Result<u64, StepError> {
+        Ok(discount.unwrap_or_default())
+    }
+
+    /// Reads the workflow input.
+    fn deserves_discount(price: &u64, input: &Basket) -> bool {
+        input.vip && *price >= 1_000
+    }
+
+    fn discounted(discount: &Option<u64>) -> bool {
+        discount.is_some()
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_predicate_reads_the_input_and_a_skipped_terminal_step_outputs_none(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 4)]).await;
+    let vip = rt
+        .start::<Discount>(Basket {
+            cents: 2_000,
+            vip: true,
+        })
+        .await
+        .unwrap();
+    let regular = rt
+        .start::<Discount>(Basket {
+            cents: 2_000,
+            vip: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(vip.wait().await.unwrap(), Some(1_800));
+    assert_eq!(regular.wait().await.unwrap(), None);
+    let (status, output): (String, String) =
+        sqlx::query_as("SELECT status, output::text FROM pgflow.runs WHERE id = $1")
+            .bind(regular.id().0)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), output.as_str()), ("succeeded", "null"));
+    rt.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------
+// Map steps (`map`)
+
+pub struct Squares;
+
+#[workflow(name = "rt_squares", max_attempts = 1)]
+impl Squares {
+    /// A root map step: the workflow input is a `Vec<u64>`.
+    #[step(map)]
+    async fn square(n: u64, ctx: &StepContext) -> Result<u64, StepError> {
+        assert_eq!(ctx.element().map(|e| e as u64), Some(n));
+        Ok(n * n)
+    }
+
+    #[step]
+    async fn sum(squares: Vec<u64>) -> Result<(u64, Vec<u64>), StepError> {
+        Ok((squares.iter().sum(), squares))
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_map_runs_one_task_per_element_and_keeps_the_input_order(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 16)]).await;
+    for n in [0_u64, 1, 1_000] {
+        let input: Vec<u64> = (0..n).collect();
+        let run = rt.start::<Squares>(input.clone()).await.unwrap();
+        let (sum, squares) = run.wait().await.unwrap();
+        let expected: Vec<u64> = input.iter().map(|n| n * n).collect();
+        assert_eq!(squares, expected, "n={n}");
+        assert_eq!(sum, expected.iter().sum::<u64>());
+        let (elements, distinct): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT element) FROM pgflow.step_elements WHERE run_id = $1",
+        )
+        .bind(run.id().0)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!((elements, distinct), (n as i64, n as i64));
+        let (status, remaining): (String, i32) = sqlx::query_as(
+            "SELECT status, remaining FROM pgflow.step_states WHERE run_id = $1 AND step = 0",
+        )
+        .bind(run.id().0)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!((status.as_str(), remaining), ("completed", 0));
+    }
+    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(tasks, 0);
+    rt.shutdown().await.unwrap();
+}
+
+pub struct Shout;
+
+#[workflow(name = "rt_shout", max_attempts = 1)]
+impl Shout {
+    #[step]
+    async fn words(text: String) -> Result<Vec<String>, StepError> {
+        Ok(text.split_whitespace().map(str::to_owned).collect())
+    }
+
+    /// A terminal map step over its parent's `Vec`, also reading the input.
+    #[step(map)]
+    async fn shout(word: String, input: String) -> Result<String, StepError> {
+        Ok(format!("{}/{}", word.to_uppercase(), input.len()))
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_terminal_map_step_over_a_parent_completes_the_run_with_the_vec(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 4)]).await;
+    let run = rt.start::<Shout>("ab cd e".into()).await.unwrap();
+    assert_eq!(run.wait().await.unwrap(), ["AB/7", "CD/7", "E/7"]);
+    // the terminal map step's state is complete; its output is the run's
+    let rows = step_rows(&pool, run.id()).await;
+    assert_eq!(rows[1], (1, "completed".to_owned(), None, None));
+    let empty = rt.start::<Shout>("   ".into()).await.unwrap();
+    assert!(empty.wait().await.unwrap().is_empty());
+    rt.shutdown().await.unwrap();
+}
+
+pub struct MapFlaky;
+
+#[workflow(name = "rt_map_flaky", backoff = "10ms", max_attempts = 3)]
+impl MapFlaky {
+    #[step(map)]
+    async fn check(n: i32, ctx: &StepContext) -> Result<i32, StepError> {
+        ctx.data::<Arc<Counter>>()?.0.fetch_add(1, Ordering::SeqCst);
+        if n < 0 {
+            return Err(StepError::retryable(format!("{n} is negative")));
+        }
+        if n % 10 == 3 && ctx.attempt() == 1 {
+            return Err(StepError::retryable(format!("{n}: first attempt fails")));
+        }
+        Ok(n + 1)
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_failing_element_is_retried_on_its_own(pool: PgPool) {
+    let counter = Arc::new(Counter::default());
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .queue("default", 8)
+        .poll_interval(Duration::from_millis(20))
+        .data(Arc::clone(&counter))
+        .start()
+        .await
+        .unwrap();
+    let run = rt.start::<MapFlaky>((0..20).collect()).await.unwrap();
+    assert_eq!(run.wait().await.unwrap(), (1..=20).collect::<Vec<_>>());
+    assert_eq!(counter.0.load(Ordering::SeqCst), 22, "3 and 13 ran twice");
+    let retried: Vec<(i32, i32)> = sqlx::query_as(
+        "SELECT element, attempts FROM pgflow.step_elements
+         WHERE run_id = $1 AND attempts > 1 ORDER BY element",
+    )
+    .bind(run.id().0)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(retried, [(3, 2), (13, 2)]);
+    rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn an_exhausted_element_fails_the_run_with_its_index(pool: PgPool) {
+    let rt = runtime(&pool, &[("default", 4)]).await;
+    let run = rt.start::<MapFlaky>(vec![1, 2, -5, 4]).await.unwrap();
+    let err = run.wait().await.unwrap_err();
+    let Error::Run(RunError::StepFailed {
+        step,
+        element,
+        history,
+        ..
+    }) = &err
+    else {
+        panic!("unexpected {err:?}");
+    };
+    assert_eq!((step.as_str(), *element), ("check", Some(2)));
+    let messages: Vec<&str> = history.iter().map(|h| h.message.as_str()).collect();
+    assert_eq!(messages, ["-5 is negative"; 3]);
+    assert!(err.to_string().contains("(element 2)"), "{err}");
+    let (status, errors): (String, i64) = sqlx::query_as(
+        "SELECT status, jsonb_array_length(errors)::bigint FROM pgflow.step_states
+         WHERE run_id = $1 AND step = 0",
+    )
+    .bind(run.id().0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), errors), ("failed", 3));
+    rt.shutdown().await.unwrap();
+}
+
+/// Holds every element until both runtimes have run one.
+#[derive(Default)]
+pub struct BothInstances {
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+    both: tokio::sync::Notify,
+}
+
+/// The instance a runtime's steps run on (each runtime gets its own).
+pub struct Instance(&'static str);
+
+pub struct Spread;
+
+#[workflow(name = "rt_spread", max_attempts = 1, timeout = "60s")]
+impl Spread {
+    #[step(map)]
+    async fn each(n: u32, ctx: &StepContext) -> Result<String, StepError> {
+        let instance = ctx.data::<Instance>()?.0;
+        let gate = ctx.data::<Arc<BothInstances>>()?;
+        let notified = gate.both.notified();
+        let both = {
+            let mut seen = gate
+                .seen
+                .lock()
+                .map_err(|e| StepError::permanent(e.to_string()))?;
+            seen.insert(instance.to_owned());
+            seen.len() == 2
+        };
+        if both {
+            gate.both.notify_waiters();
+        } else {
+            notified.await;
+        }
+        Ok(format!("{n}@{instance}"))
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn map_elements_spread_across_two_runtimes(pool: PgPool) {
+    let gate = Arc::new(BothInstances::default());
+    let start = |id: &'static str| {
+        Runtime::builder()
+            .pool(pool.clone())
+            .instance_id(id)
+            .queue("default", 2)
+            .poll_interval(Duration::from_millis(20))
+            .data(Instance(id))
+            .data(Arc::clone(&gate))
+            .start()
+    };
+    let a = start("instance_a").await.unwrap();
+    let b = start("instance_b").await.unwrap();
+    // Neither runtime can finish the run alone: an element waits until both have
+    // run one, and each runtime holds at most two elements at a time.
+    let run = a.start::<Spread>((0..40).collect()).await.unwrap();
+    let out = wait::<Vec<String>>(&a, run.id()).await.unwrap();
+    let numbers: Vec<u32> = out
+        .iter()
+        .map(|s| s.split('@').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(numbers, (0..40).collect::<Vec<_>>());
+    let by_instance: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT instance_id, count(*) FROM pgflow.step_elements
+         WHERE run_id = $1 GROUP BY instance_id ORDER BY instance_id",
+    )
+    .bind(run.id().0)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let instances: Vec<&str> = by_instance.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(instances, ["instance_a", "instance_b"]);
+    assert_eq!(by_instance.iter().map(|r| r.1).sum::<i64>(), 40);
+    // what each element's output says matches where it was recorded
+    for (element, text) in out.iter().enumerate() {
+        let recorded: String = sqlx::query_scalar(
+            "SELECT instance_id FROM pgflow.step_elements WHERE run_id = $1 AND element = $2",
+        )
+        .bind(run.id().0)
+        .bind(element as i32)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(
+            text.ends_with(&format!("@{recorded}")),
+            "{text} vs {recorded}"
+        );
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+type DefinitionRow = (String, i32, String, String, Option<String>, Option<String>);
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn conditional_and_map_steps_are_in_the_stored_definition(pool: PgPool) {
+    let rt = runtime(&pool, &[]).await;
+    // workflow, step, name, kind, predicate, map parameter
+    let rows: Vec<DefinitionRow> = sqlx::query_as(
+        "SELECT workflow, step, name, kind, predicate, map_param FROM pgflow.workflow_steps
+         WHERE workflow IN ('rt_review', 'rt_squares') ORDER BY workflow, step",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let row =
+        |wf: &str, step: i32, name: &str, kind: &str, when: Option<&str>, map: Option<&str>| {
+            (
+                wf.to_owned(),
+                step,
+                name.to_owned(),
+                kind.to_owned(),
+                when.map(str::to_owned),
+                map.map(str::to_owned),
+            )
+        };
+    assert_eq!(
+        rows,
+        [
+            row("rt_review", 0, "draft", "single", None, None),
+            row(
+                "rt_review",
+                1,
+                "review",
+                "conditional",
+                Some("Self::is_long"),
+                None
+            ),
+            row("rt_review", 2, "publish", "single", None, None),
+            row("rt_squares", 0, "square", "map", None, Some("n")),
+            row("rt_squares", 1, "sum", "single", None, None),
+        ]
+    );
+    let output: String = sqlx::query_scalar(
+        "SELECT definition ->> 'output' FROM pgflow.workflows WHERE name = 'rt_discount'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(output, "Option<u64>");
+    rt.shutdown().await.unwrap();
+}
+
+pub struct HeldElements;
+
+#[workflow(name = "rt_held_elements", max_attempts = 2)]
+impl HeldElements {
+    #[step(map)]
+    async fn held(n: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        let gate = ctx.data::<Arc<Gate>>()?;
+        gate.entered.notify_one();
+        gate.go.notified().await;
+        Ok(n)
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn an_element_whose_lease_expired_on_its_last_attempt_fails_the_run_with_its_index(
+    pool: PgPool,
+) {
+    let gate = Arc::new(Gate::default());
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .queue("default", 4)
+        .poll_interval(Duration::from_millis(20))
+        .rescue_interval(Duration::from_millis(50))
+        .shutdown_grace(Duration::from_secs(2))
+        .data(Arc::clone(&gate))
+        .start()
+        .await
+        .unwrap();
+    let run = rt.start::<HeldElements>(vec![10, 11, 12]).await.unwrap();
+    gate.entered.notified().await;
+    // Element 1 is held by an instance that died on its last attempt.
+    let n = sqlx::query(
+        "UPDATE pgflow.tasks
+         SET claimed_by = 'dead-instance', claim_token = 1, attempt = max_attempts,
+             lease_until = now() - interval '1 second'
+         WHERE run_id = $1 AND element = 1",
+    )
+    .bind(run.id().0)
+    .execute(&pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(n, 1);
+    let err = wait::<Vec<u32>>(&rt, run.id()).await.unwrap_err();
+    let Error::Run(RunError::StepFailed {
+        step,
+        element,
+        history,
+        ..
+    }) = &err
+    else {
+        panic!("unexpected {err:?}");
+    };
+    assert_eq!((step.as_str(), *element), ("held", Some(1)));
+    assert!(
+        history[0].message.contains("lease expired") && history[0].kind == ErrorKind::Timeout,
+        "{history:?}"
+    );
+    // let the held elements finish: their completions land in a failed run
+    for _ in 0..3 {
+        gate.go.notify_one();
+    }
+    rt.shutdown().await.unwrap();
+    let status: String = sqlx::query_scalar("SELECT status FROM pgflow.runs WHERE id = $1")
+        .bind(run.id().0)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "failed");
+}

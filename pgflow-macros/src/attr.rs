@@ -5,7 +5,7 @@
 //! recorded in the [`Ctxt`] and parsing goes on with the next option, so every
 //! mistake is reported at once.
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::TokenStream;
 use syn::parse::{ParseStream, Parser};
 use syn::punctuated::Punctuated;
 
@@ -56,10 +56,10 @@ pub(crate) struct WorkflowAttr {
 pub(crate) struct StepAttr {
     /// `depends_on = [a, b]`; `None` when absent (the step depends on the previous one).
     pub(crate) depends_on: Option<Vec<Ident>>,
-    /// `when = path::to::predicate` (conditional step; not supported yet).
-    pub(crate) when: Option<syn::Path>,
-    /// `map` (one task per element; not supported yet).
-    pub(crate) map: Option<Span>,
+    /// `when = path::to::predicate`: the `when` key and the predicate's path.
+    pub(crate) when: Option<(Ident, syn::Path)>,
+    /// `map` (one task per element): the `map` key, for error spans.
+    pub(crate) map: Option<Ident>,
     pub(crate) retry: RetryOptions,
 }
 
@@ -95,19 +95,22 @@ pub(crate) fn parse_step_attr(tokens: TokenStream, cx: &mut Ctxt) -> StepAttr {
             }
             "when" => {
                 input.parse::<Token![=]>()?;
-                let path: syn::Path = input.parse()?;
-                cx.error_spanned_by(
-                    &key,
-                    "conditional steps (`when`) are not supported yet; remove `when` and branch inside the step",
-                );
-                set(cx, &key, &mut attr.when, path);
+                let path: syn::Path = input.parse().map_err(|e| {
+                    syn::Error::new(
+                        e.span(),
+                        "`when` takes the path of a predicate fn, e.g. `when = Self::needs_review`",
+                    )
+                })?;
+                set(cx, &key, &mut attr.when, (key.clone(), path));
             }
             "map" => {
-                cx.error_spanned_by(
-                    &key,
-                    "map steps (`map`) are not supported yet; take the whole `Vec` and loop inside the step",
-                );
-                set(cx, &key, &mut attr.map, key.span());
+                if input.peek(Token![=]) || input.peek(syn::token::Paren) {
+                    return Err(syn::Error::new(
+                        input.span(),
+                        "`map` is a flag and takes no value: write `#[step(map)]`",
+                    ));
+                }
+                set(cx, &key, &mut attr.map, key.clone());
             }
             _ => return parse_retry_option(&key, input, cx, &mut attr.retry),
         }
@@ -396,6 +399,26 @@ mod tests {
         assert!(errors.contains("malformed duration"), "{errors}");
         assert!(errors.contains("at least 1"), "{errors}");
         assert!(errors.contains("duplicate option `depends_on`"), "{errors}");
+    }
+
+    #[test]
+    fn when_and_map_parse() {
+        let mut cx = Ctxt::default();
+        let a = parse_step_attr(quote!(when = Self::needs_review, map), &mut cx);
+        assert!(!cx.has_errors());
+        let (key, path) = a.when.expect("when");
+        assert_eq!(key.to_string(), "when");
+        assert_eq!(quote!(#path).to_string(), "Self :: needs_review");
+        assert!(a.map.is_some());
+
+        let mut cx = Ctxt::default();
+        parse_step_attr(quote!(map = true, when = 3), &mut cx);
+        let errors = cx.into_compile_errors().to_string();
+        assert!(errors.contains("`map` is a flag"), "{errors}");
+        assert!(
+            errors.contains("`when` takes the path of a predicate fn"),
+            "{errors}"
+        );
     }
 
     #[test]

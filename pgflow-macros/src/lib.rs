@@ -36,13 +36,45 @@ use proc_macro::TokenStream;
 /// - Types are checked by rustc: a parameter whose type is not its parent's output
 ///   type is reported at the parameter ("expected `Routed`, found `Completion`").
 ///
+/// # Conditional steps: `#[step(when = Self::predicate)]`
+///
+/// - The predicate is a plain `fn` over references to the step's data inputs, in
+///   parameter order (`fn needs_review(draft: &Draft, input: &Request) -> bool`);
+///   rustc checks its signature at the path you wrote. `Self::f` and free functions
+///   both work.
+/// - When it returns `false` the step is *skipped*: its body never runs (the durable
+///   runtime records it as `skipped`, with the reason).
+/// - A parameter bound to a conditional step takes `Option<T>` (`None` when it was
+///   skipped); taking `T` is a compile error at that parameter.
+/// - A step whose parents were all skipped still runs, with every such parameter
+///   `None` (give it a `when` of its own to skip it too: skips chain that way).
+/// - When the terminal step is conditional, the workflow's `Output` is `Option<T>`:
+///   `None` when it was skipped. (Stored as JSON, `Some(x)` whose `x` serializes to
+///   `null` reads back as `None`, as for any `Option<Option<_>>` in serde_json.)
+///
+/// # Map steps: `#[step(map)]`
+///
+/// - A map step maps over the `Vec<T>` output of its single parent, or, as a root
+///   step, over the workflow input (which is then `Vec<T>`). Its parameter bound to
+///   that parent takes one `T`; it may also take `input` and `&StepContext`
+///   (`ctx.element()` is the element's index).
+/// - Each element is its own task: elements run in parallel (across instances, in
+///   the durable runtime) and are retried on their own.
+/// - Its children see `Vec<U>` (`U` being what the body returns), in element order;
+///   an empty vector completes the step with `[]` without running the body.
+/// - An element that exhausts its attempts fails the step and the run with
+///   `RunError::StepFailed { element: Some(index), .. }`.
+/// - Compile errors: a source that is not a `Vec` (at `map`), a map step with
+///   several parents, over a conditional step, combined with `when`, or a root map
+///   step with other than one data parameter.
+///
 /// # Options
 ///
 /// Workflow: `name` (default: the type name in snake_case; it is the durable
 /// identity), `version` (1), `queue` (`"default"`), `max_attempts` (3), `timeout`
 /// (`"30s"`), `backoff` (`"1s"`), `priority` (0). Steps: `max_attempts`, `timeout`,
-/// `backoff`, `priority`, `depends_on`. Durations are strings like `"500ms"`,
-/// `"30s"`, `"1m30s"`, `"2h"`.
+/// `backoff`, `priority`, `depends_on`, `when = path::to::predicate`, and the flag
+/// `map`. Durations are strings like `"500ms"`, `"30s"`, `"1m30s"`, `"2h"`.
 ///
 /// # Examples
 ///
@@ -69,6 +101,31 @@ use proc_macro::TokenStream;
 /// }
 /// ```
 ///
+/// A conditional step and a map step:
+///
+/// ```ignore
+/// pub struct Index;
+///
+/// #[workflow]
+/// impl Index {
+///     #[step]
+///     async fn chunk(doc: String) -> Result<Vec<String>, StepError> { /* .. */ }
+///
+///     #[step(map)]                                // one task per chunk
+///     async fn embed(chunk: String) -> Result<Vec<f32>, StepError> { /* .. */ }
+///
+///     #[step(when = Self::worth_storing)]         // skipped when false
+///     async fn store(embed: Vec<Vec<f32>>, input: String) -> Result<u64, StepError> { /* .. */ }
+///
+///     #[step]
+///     async fn report(store: Option<u64>) -> Result<String, StepError> { /* .. */ }
+///
+///     fn worth_storing(embed: &[Vec<f32>], input: &str) -> bool {
+///         !embed.is_empty() && input.len() > 10
+///     }
+/// }
+/// ```
+///
 /// # What it expands to
 ///
 /// The impl block is emitted unchanged (minus the `#[step]` markers), so the step
@@ -80,10 +137,12 @@ use proc_macro::TokenStream;
 ///     fn __pgflow_entry_1(inputs: StepInputs, ctx: StepContext) -> StepFuture {
 ///         Box::pin(async move {
 ///             let fetch = inputs.take::<String>(0, "fetch")?;   // typed, or from JSON
+///             // (a conditional step: `if !pred(&fetch) { return Ok(StepOutput::Skipped) }`)
 ///             let out = <Review>::words(fetch).await.map_err(Into::into)?;
-///             Ok(StepValue::typed(out, &__PGFLOW_OPS_1))
+///             Ok(StepOutput::Completed(StepValue::typed(out, &__PGFLOW_OPS_1)))
 ///         })
 ///     }
+///     // (a map step also gets a `MapOps`: its element parameter, split and collect)
 ///     // ...
 ///     static __PGFLOW_STEPS: [StepDef; 4] = [/* name, parents, params, options, entry */];
 ///     static __PGFLOW_DEF: WorkflowDef = /* name, version, queue, steps, terminal */;

@@ -20,9 +20,6 @@ pub(crate) fn step_def() -> TokenStream {
 pub(crate) fn step_options() -> TokenStream {
     quote!(::pgflow::StepOptions)
 }
-pub(crate) fn step_kind() -> TokenStream {
-    quote!(::pgflow::StepKind)
-}
 pub(crate) fn param() -> TokenStream {
     quote!(::pgflow::Param)
 }
@@ -31,6 +28,21 @@ pub(crate) fn param_source() -> TokenStream {
 }
 pub(crate) fn value_ops() -> TokenStream {
     quote!(::pgflow::ValueOps)
+}
+pub(crate) fn step_output() -> TokenStream {
+    quote!(::pgflow::StepOutput)
+}
+pub(crate) fn map_ops() -> TokenStream {
+    quote!(::pgflow::MapOps)
+}
+pub(crate) fn vec() -> TokenStream {
+    quote!(::std::vec::Vec)
+}
+pub(crate) fn option() -> TokenStream {
+    quote!(::core::option::Option)
+}
+pub(crate) fn step_error() -> TokenStream {
+    quote!(::pgflow::StepError)
 }
 pub(crate) fn step_value() -> TokenStream {
     quote!(::pgflow::StepValue)

@@ -1,7 +1,8 @@
 //! What the runtime derives once from the registered step tables: for each step its
 //! children (split into those it alone feeds and joins that count down), the roots
 //! and join steps of each workflow, and the arrays the claim query takes to know each
-//! step's parents, lease and whether it reads the run input.
+//! step's parents, lease and whether it (or each element task of a map step) reads
+//! the run input.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -78,6 +79,9 @@ pub(crate) struct ClaimParams {
     pub(crate) step_index: Vec<i16>,
     pub(crate) step_lease_ms: Vec<i64>,
     pub(crate) step_needs_input: Vec<bool>,
+    /// For the element tasks of a map step: whether a parameter other than the
+    /// element takes the run input.
+    pub(crate) step_element_needs_input: Vec<bool>,
     pub(crate) edge_workflow: Vec<&'static str>,
     pub(crate) edge_version: Vec<i32>,
     pub(crate) edge_step: Vec<i16>,
@@ -97,8 +101,15 @@ impl Catalog {
                 let lease = s.options().timeout.saturating_add(lease_grace);
                 c.step_lease_ms
                     .push(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
-                c.step_needs_input
-                    .push(s.params().iter().any(|p| p.source == ParamSource::Input));
+                let element = s.map().map(|m| m.param());
+                let reads_input = |skip: Option<usize>| {
+                    s.params()
+                        .iter()
+                        .enumerate()
+                        .any(|(k, p)| p.source == ParamSource::Input && Some(k) != skip)
+                };
+                c.step_needs_input.push(reads_input(None));
+                c.step_element_needs_input.push(reads_input(element));
                 for &p in s.parents() {
                     c.edge_workflow.push(def.name());
                     c.edge_version.push(version);

@@ -32,7 +32,10 @@
 //! LOCKED` over a partial index, completions are flushed in batches (one transaction
 //! stores outputs, counts down joins, enqueues ready children and finishes runs), and
 //! every completion is fenced on its claim token so a lost claim cannot overwrite
-//! anything. The schema is in `migrations/` (schema `pgflow`).
+//! anything. A conditional step whose predicate is false is stored as `skipped`
+//! (its children read `None`); a map step becomes one task per element, whose
+//! outputs (`pgflow.step_elements`) are aggregated in order when the last one
+//! completes. The schema is in `migrations/` (schema `pgflow`).
 
 pub mod admin;
 mod catalog;

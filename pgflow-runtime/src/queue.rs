@@ -13,6 +13,15 @@
 //! rejected. Then outputs are stored, join counters counted down, ready children
 //! enqueued, finished runs completed and failed runs failed, all before commit: a
 //! step's output is durable before any child can start.
+//!
+//! **Conditional steps** complete as `skipped` (no output, a reason); their children
+//! are enqueued as for a completion and read SQL NULL, which they receive as `None`.
+//! **Map steps** run first as one task (`element` NULL) that splits the vector; its
+//! flush inserts one task per element (carrying the element as `item`) and a
+//! `running` state counting them. Each element's completion stores its output in
+//! `step_elements` and counts down; the flush that reaches zero aggregates the
+//! outputs in element order and completes the map step like any other. None of these
+//! statements run for a batch without conditional or map steps.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -37,7 +46,12 @@ pub(crate) struct Claimed {
     /// The run input, when the step reads it.
     pub(crate) input: Option<String>,
     pub(crate) parent_steps: Option<Vec<i16>>,
-    pub(crate) parent_outputs: Option<Vec<String>>,
+    /// The parents' outputs, in `parent_steps` order; `None` for a skipped parent.
+    pub(crate) parent_outputs: Option<Vec<Option<String>>>,
+    /// For an element task of a map step: its index.
+    pub(crate) element: Option<i32>,
+    /// For an element task of a map step: the element.
+    pub(crate) item: Option<String>,
 }
 
 type ClaimRow = (
@@ -51,15 +65,20 @@ type ClaimRow = (
     String,
     Option<String>,
     Option<Vec<i16>>,
-    Option<Vec<String>>,
+    Option<Vec<Option<String>>>,
+    Option<i32>,
+    Option<String>,
 );
 
 /// The claim statement. The inner SELECT walks `tasks_available` in claim order
-/// (see the `claim_uses_the_partial_index` test for its plan).
+/// (see the `claim_uses_the_partial_index` test for its plan). An element task of a
+/// map step reads its element (`item`) instead of its parent's whole output, and
+/// the run input only when another parameter takes it.
 pub(crate) const CLAIM_SQL: &str = "
 WITH steps AS (
-    SELECT * FROM unnest($5::text[], $6::int[], $7::smallint[], $8::bigint[], $9::bool[])
-        AS s(workflow, version, step, lease_ms, needs_input)
+    SELECT * FROM unnest($5::text[], $6::int[], $7::smallint[], $8::bigint[], $9::bool[],
+                         $14::bool[])
+        AS s(workflow, version, step, lease_ms, needs_input, element_needs_input)
 ), edges AS (
     SELECT * FROM unnest($10::text[], $11::int[], $12::smallint[], $13::smallint[])
         AS e(workflow, version, step, parent)
@@ -81,20 +100,23 @@ WITH steps AS (
         ORDER BY a.priority DESC, a.run_at, a.id
         LIMIT $4
         FOR UPDATE SKIP LOCKED)
-    RETURNING t.id, t.run_id, t.step, t.workflow, t.version, t.attempt, t.errors
+    RETURNING t.id, t.run_id, t.step, t.workflow, t.version, t.attempt, t.errors, t.element,
+              t.item
 )
 SELECT c.id, c.run_id, c.step, c.workflow, c.version, c.attempt, c.errors::text,
        r.status,
-       CASE WHEN s.needs_input THEN r.input::text END,
-       p.steps, p.outputs
+       CASE WHEN CASE WHEN c.element IS NULL THEN s.needs_input ELSE s.element_needs_input END
+            THEN r.input::text END,
+       p.steps, p.outputs, c.element, c.item::text
 FROM claimed c
 JOIN pgflow.runs r ON r.id = c.run_id
 LEFT JOIN steps s ON s.workflow = c.workflow AND s.version = c.version AND s.step = c.step
 LEFT JOIN LATERAL (
     SELECT array_agg(ss.step) AS steps, array_agg(ss.output::text) AS outputs
     FROM pgflow.step_states ss
-    WHERE ss.run_id = c.run_id
-      AND ss.status = 'completed'
+    WHERE c.element IS NULL
+      AND ss.run_id = c.run_id
+      AND ss.status IN ('completed', 'skipped')
       AND ss.step IN (SELECT e.parent FROM edges e
                       WHERE e.workflow = c.workflow AND e.version = c.version AND e.step = c.step)
 ) p ON true";
@@ -123,6 +145,7 @@ pub(crate) async fn claim(
         .bind(&c.edge_version)
         .bind(&c.edge_step)
         .bind(&c.edge_parent)
+        .bind(&c.step_element_needs_input)
         .fetch_all(conn)
         .await?;
     Ok(rows
@@ -139,6 +162,8 @@ pub(crate) async fn claim(
             input: r.8,
             parent_steps: r.9,
             parent_outputs: r.10,
+            element: r.11,
+            item: r.12,
         })
         .collect())
 }
@@ -146,8 +171,12 @@ pub(crate) async fn claim(
 /// How an attempt ended.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
-    /// The step's output, as JSON.
+    /// The step's output (or one element's, for an element task), as JSON.
     Succeeded(String),
+    /// A conditional step's predicate was false: it completes without output.
+    Skipped { reason: String },
+    /// A map step's vector, the non-empty JSON array `items`: one task per element.
+    Expand { items: String },
     /// A retryable failure with attempts left: back to the queue after `delay`.
     Retry {
         delay: Duration,
@@ -171,6 +200,8 @@ pub(crate) struct Completion {
     pub(crate) token: i64,
     pub(crate) run_id: i64,
     pub(crate) step: i16,
+    /// For an element task of a map step: its index.
+    pub(crate) element: Option<i32>,
     pub(crate) flow: (&'static str, i32),
     pub(crate) attempt: i32,
     pub(crate) outcome: Outcome,
@@ -299,7 +330,11 @@ pub(crate) async fn apply(
         .filter(|c| accepted.contains(&c.task_id))
         .collect();
 
-    // 2. Successes: store outputs, count down joins, enqueue children, finish runs.
+    // 2. Sort the outcomes: steps done (completed or skipped), map expansions and
+    //    element completions, failures, costs.
+    let mut done: Vec<Done<'_>> = Vec::new();
+    let mut expands = Expands::default();
+    let mut elements = Elements::default();
     let mut store = StepRows::default();
     let mut finish_runs = (Vec::<i64>::new(), Vec::<String>::new(), Vec::<i64>::new());
     let mut ready = NewTasks::default();
@@ -311,26 +346,45 @@ pub(crate) async fn apply(
             continue;
         };
         match &c.outcome {
-            Outcome::Succeeded(output) if flow.is_terminal(c.step) => {
-                finish_runs.0.push(c.run_id);
-                finish_runs.1.push(output.clone());
-                finish_runs.2.push(c.cost_cents);
-            }
-            Outcome::Succeeded(output) => {
-                store.push(c, "completed", Some(output.clone()), None);
-                let step = usize::try_from(c.step).unwrap_or(usize::MAX);
-                for &child in flow.direct_children.get(step).into_iter().flatten() {
-                    ready.push(flow, c.run_id, child);
+            Outcome::Succeeded(output) => match c.element {
+                Some(element) => {
+                    elements.push(flow, c, element, output.clone());
+                    *costs.entry(c.run_id).or_default() += c.cost_cents;
                 }
-                for &child in flow.join_children.get(step).into_iter().flatten() {
-                    join_hits.0.push(c.run_id);
-                    join_hits.1.push(child);
-                }
+                None => done.push(Done {
+                    flow,
+                    run_id: c.run_id,
+                    step: c.step,
+                    attempts: c.attempt,
+                    output: Some(output.clone()),
+                    reason: None,
+                    cost_cents: c.cost_cents,
+                }),
+            },
+            Outcome::Skipped { reason } => done.push(Done {
+                flow,
+                run_id: c.run_id,
+                step: c.step,
+                attempts: c.attempt,
+                output: None,
+                reason: Some(reason.clone()),
+                cost_cents: c.cost_cents,
+            }),
+            Outcome::Expand { items } => {
+                expands.push(flow, c, items.clone());
                 *costs.entry(c.run_id).or_default() += c.cost_cents;
             }
             Outcome::Failed { history, element } => {
                 let errors = serde_json::to_string(history).unwrap_or_else(|_| "[]".to_owned());
-                store.push(c, "failed", None, Some(errors));
+                store.push(
+                    c.run_id,
+                    c.step,
+                    "failed",
+                    c.attempt,
+                    None,
+                    Some(errors),
+                    None,
+                );
                 let step_name = flow
                     .def
                     .steps()
@@ -354,19 +408,68 @@ pub(crate) async fn apply(
         }
     }
 
+    if !expands.run_ids.is_empty() {
+        out.queues
+            .extend(expands.insert(&mut *conn, instance).await?);
+    }
+    if !elements.run_ids.is_empty() {
+        // Map steps whose last element completed are done, with their outputs.
+        for (run_id, step, flow, output) in elements.insert(&mut *conn, instance).await? {
+            done.push(Done {
+                flow,
+                run_id,
+                step,
+                attempts: 1,
+                output: Some(output),
+                reason: None,
+                cost_cents: 0,
+            });
+        }
+    }
+
+    // 3. Steps done: store outputs (or skips), count down joins, enqueue children,
+    //    finish runs.
+    for d in done {
+        if d.flow.is_terminal(d.step) {
+            finish_runs.0.push(d.run_id);
+            finish_runs
+                .1
+                .push(d.output.unwrap_or_else(|| "null".to_owned()));
+            finish_runs.2.push(d.cost_cents);
+            continue;
+        }
+        let status = if d.output.is_some() {
+            "completed"
+        } else {
+            "skipped"
+        };
+        store.push(
+            d.run_id, d.step, status, d.attempts, d.output, None, d.reason,
+        );
+        let step = usize::try_from(d.step).unwrap_or(usize::MAX);
+        for &child in d.flow.direct_children.get(step).into_iter().flatten() {
+            ready.push(d.flow, d.run_id, child);
+        }
+        for &child in d.flow.join_children.get(step).into_iter().flatten() {
+            join_hits.0.push(d.run_id);
+            join_hits.1.push(child);
+        }
+        *costs.entry(d.run_id).or_default() += d.cost_cents;
+    }
+
     if !store.run_ids.is_empty() {
         sqlx::query(
             "INSERT INTO pgflow.step_states
-                 (run_id, step, status, attempts, output, errors, instance_id, completed_at)
-             SELECT u.run_id, u.step, u.status, u.attempts, u.output::jsonb, u.errors::jsonb, $7, now()
-             FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::int[], $5::text[], $6::text[])
-                  AS u(run_id, step, status, attempts, output, errors)
+                 (run_id, step, status, attempts, output, errors, reason, instance_id, completed_at)
+             SELECT u.run_id, u.step, u.status, u.attempts, u.output::jsonb, u.errors::jsonb,
+                    u.reason, $8, now()
+             FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::int[], $5::text[], $6::text[],
+                         $7::text[])
+                  AS u(run_id, step, status, attempts, output, errors, reason)
              ON CONFLICT (run_id, step) DO UPDATE
              SET status = EXCLUDED.status, attempts = EXCLUDED.attempts, output = EXCLUDED.output,
-                 errors = EXCLUDED.errors, instance_id = EXCLUDED.instance_id,
-                 completed_at = EXCLUDED.completed_at
-             -- the fence already makes this unreachable; a stored output is never replaced
-             WHERE pgflow.step_states.status <> 'completed'",
+                 errors = EXCLUDED.errors, reason = EXCLUDED.reason,
+                 instance_id = EXCLUDED.instance_id, completed_at = EXCLUDED.completed_at",
         )
         .bind(&store.run_ids)
         .bind(&store.steps)
@@ -374,6 +477,7 @@ pub(crate) async fn apply(
         .bind(&store.attempts)
         .bind(&store.outputs)
         .bind(&store.errors)
+        .bind(&store.reasons)
         .bind(instance)
         .execute(&mut *conn)
         .await?;
@@ -491,6 +595,19 @@ pub(crate) async fn apply(
     Ok(out)
 }
 
+/// A step that is done in this flush: completed with an output, or skipped.
+struct Done<'c> {
+    flow: &'c Flow,
+    run_id: i64,
+    step: i16,
+    attempts: i32,
+    /// The output; `None` for a skipped step.
+    output: Option<String>,
+    /// Why a skipped step was skipped.
+    reason: Option<String>,
+    cost_cents: i64,
+}
+
 #[derive(Default)]
 struct StepRows {
     run_ids: Vec<i64>,
@@ -499,22 +616,210 @@ struct StepRows {
     attempts: Vec<i32>,
     outputs: Vec<Option<String>>,
     errors: Vec<Option<String>>,
+    reasons: Vec<Option<String>>,
 }
 
 impl StepRows {
+    #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
-        c: &Completion,
+        run_id: i64,
+        step: i16,
         status: &'static str,
+        attempts: i32,
         output: Option<String>,
         errors: Option<String>,
+        reason: Option<String>,
     ) {
-        self.run_ids.push(c.run_id);
-        self.steps.push(c.step);
+        self.run_ids.push(run_id);
+        self.steps.push(step);
         self.statuses.push(status);
-        self.attempts.push(c.attempt);
+        self.attempts.push(attempts);
         self.outputs.push(output);
         self.errors.push(errors);
+        self.reasons.push(reason);
+    }
+}
+
+/// Map steps that split their vector in this flush.
+#[derive(Default)]
+struct Expands {
+    run_ids: Vec<i64>,
+    steps: Vec<i16>,
+    workflows: Vec<&'static str>,
+    versions: Vec<i32>,
+    queues: Vec<&'static str>,
+    priorities: Vec<i16>,
+    max_attempts: Vec<i32>,
+    items: Vec<String>,
+    attempts: Vec<i32>,
+}
+
+impl Expands {
+    fn push(&mut self, flow: &Flow, c: &Completion, items: String) {
+        let Some(def) = flow
+            .def
+            .steps()
+            .get(usize::try_from(c.step).unwrap_or(usize::MAX))
+        else {
+            return;
+        };
+        self.run_ids.push(c.run_id);
+        self.steps.push(c.step);
+        self.workflows.push(flow.def.name());
+        self.versions
+            .push(crate::definitions::version_i32(flow.def.version()));
+        self.queues.push(flow.def.queue());
+        self.priorities.push(def.options().priority);
+        self.max_attempts
+            .push(i32::try_from(def.options().max_attempts).unwrap_or(i32::MAX));
+        self.items.push(items);
+        self.attempts.push(c.attempt);
+    }
+
+    /// Inserts one task per element (the element as its `item`) and the map step's
+    /// `running` state counting them; returns the queues that got tasks. Reads the
+    /// run by its primary key; the new tasks enter `tasks_available` in element order.
+    async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        instance: &str,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let queues: Vec<(String,)> = sqlx::query_as(
+            "WITH u AS (
+                 SELECT run_id, step, workflow, version, queue, priority, max_attempts,
+                        items::jsonb AS items, attempts
+                 FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::int[], $5::text[],
+                             $6::smallint[], $7::int[], $8::text[], $9::int[])
+                      AS u(run_id, step, workflow, version, queue, priority, max_attempts, items,
+                           attempts)
+             ), s AS (
+                 INSERT INTO pgflow.step_states (run_id, step, status, remaining, attempts, instance_id)
+                 SELECT u.run_id, u.step, 'running', jsonb_array_length(u.items), u.attempts, $10
+                 FROM u
+                 ON CONFLICT (run_id, step) DO NOTHING
+             ), n AS (
+                 INSERT INTO pgflow.tasks (run_id, step, element, item, workflow, version, queue,
+                                           priority, max_attempts, run_at)
+                 SELECT u.run_id, u.step, (e.ord - 1)::int, e.item, u.workflow, u.version, u.queue,
+                        LEAST(GREATEST(u.priority::int + r.priority, -32768), 32767)::smallint,
+                        u.max_attempts, now()
+                 FROM u
+                 JOIN pgflow.runs r ON r.id = u.run_id AND r.status = 'running'
+                 CROSS JOIN LATERAL jsonb_array_elements(u.items) WITH ORDINALITY AS e(item, ord)
+                 ORDER BY u.run_id, u.step, e.ord
+                 RETURNING queue
+             )
+             SELECT DISTINCT queue FROM n",
+        )
+        .bind(&self.run_ids)
+        .bind(&self.steps)
+        .bind(&self.workflows)
+        .bind(&self.versions)
+        .bind(&self.queues)
+        .bind(&self.priorities)
+        .bind(&self.max_attempts)
+        .bind(&self.items)
+        .bind(&self.attempts)
+        .bind(instance)
+        .fetch_all(conn)
+        .await?;
+        Ok(queues.into_iter().map(|q| q.0).collect())
+    }
+}
+
+/// Element completions of map steps in this flush.
+#[derive(Default)]
+struct Elements<'c> {
+    flows: HashMap<(i64, i16), &'c Flow>,
+    run_ids: Vec<i64>,
+    steps: Vec<i16>,
+    elements: Vec<i32>,
+    outputs: Vec<String>,
+    attempts: Vec<i32>,
+}
+
+impl<'c> Elements<'c> {
+    fn push(&mut self, flow: &'c Flow, c: &Completion, element: i32, output: String) {
+        self.flows.insert((c.run_id, c.step), flow);
+        self.run_ids.push(c.run_id);
+        self.steps.push(c.step);
+        self.elements.push(element);
+        self.outputs.push(output);
+        self.attempts.push(c.attempt);
+    }
+
+    /// Stores the elements' outputs and counts down their map steps; returns the map
+    /// steps whose last element completed (now `completed`: a terminal one keeps no
+    /// output here, its run does), with their outputs in element order.
+    async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        instance: &str,
+    ) -> Result<Vec<(i64, i16, &'c Flow, String)>, sqlx::Error> {
+        // Rows are locked in (run_id, step) order so that two instances counting down
+        // the same map steps cannot deadlock. Both tables are reached by their
+        // primary keys (`step_elements (run_id, step, element)`, `step_states
+        // (run_id, step)`).
+        let counted: Vec<(i64, i16, i32)> = sqlx::query_as(
+            "WITH ins AS (
+                 INSERT INTO pgflow.step_elements (run_id, step, element, output, attempts, instance_id)
+                 SELECT u.run_id, u.step, u.element, u.output::jsonb, u.attempts, $6
+                 FROM unnest($1::bigint[], $2::smallint[], $3::int[], $4::text[], $5::int[])
+                      AS u(run_id, step, element, output, attempts)
+                 ON CONFLICT (run_id, step, element) DO NOTHING
+                 RETURNING run_id, step
+             ), d AS (
+                 SELECT run_id, step, count(*)::int AS n FROM ins GROUP BY run_id, step
+             ), locked AS (
+                 SELECT s.run_id, s.step FROM pgflow.step_states s
+                 JOIN d USING (run_id, step)
+                 WHERE s.status = 'running'
+                 ORDER BY s.run_id, s.step
+                 FOR UPDATE OF s
+             )
+             UPDATE pgflow.step_states s
+             SET remaining = s.remaining - d.n,
+                 status = CASE WHEN s.remaining = d.n THEN 'completed' ELSE s.status END,
+                 completed_at = CASE WHEN s.remaining = d.n THEN now() END
+             FROM d JOIN locked USING (run_id, step)
+             WHERE s.run_id = d.run_id AND s.step = d.step
+             RETURNING s.run_id, s.step, s.remaining",
+        )
+        .bind(&self.run_ids)
+        .bind(&self.steps)
+        .bind(&self.elements)
+        .bind(&self.outputs)
+        .bind(&self.attempts)
+        .bind(instance)
+        .fetch_all(&mut *conn)
+        .await?;
+        let (run_ids, steps): (Vec<i64>, Vec<i16>) = counted
+            .into_iter()
+            .filter(|c| c.2 == 0)
+            .map(|(run_id, step, _)| (run_id, step))
+            .unzip();
+        if run_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Once per map step: walks its elements along the primary key, in order.
+        let rows: Vec<(i64, i16, String)> = sqlx::query_as(
+            "SELECT e.run_id, e.step, jsonb_agg(e.output ORDER BY e.element)::text
+             FROM pgflow.step_elements e
+             JOIN unnest($1::bigint[], $2::smallint[]) AS d(run_id, step) USING (run_id, step)
+             GROUP BY e.run_id, e.step",
+        )
+        .bind(&run_ids)
+        .bind(&steps)
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(run_id, step, output)| {
+                let flow = self.flows.get(&(run_id, step))?;
+                Some((run_id, step, *flow, output))
+            })
+            .collect())
     }
 }
 

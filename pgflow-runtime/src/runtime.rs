@@ -1021,6 +1021,7 @@ impl Runtime {
                     token,
                     run_id: f.run_id,
                     step: f.step,
+                    element: None,
                     flow: (flow.def.name(), f.version),
                     attempt: 0,
                     outcome: crate::queue::Outcome::Release,

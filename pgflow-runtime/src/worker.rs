@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use pgflow::policy;
 use pgflow::{
-    AttemptFailure, CostMeter, ErrorKind, RunId, StepContext, StepError, StepInputs, StepValue,
+    AttemptFailure, CostMeter, ErrorKind, MapOps, ParamSource, RunId, StepContext, StepDef,
+    StepError, StepInputs, StepOutput, StepValue,
 };
 use serde_json::value::RawValue;
 use sqlx::{Connection, PgConnection};
@@ -135,7 +136,7 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &mut tokio::sync::watch::Recei
 
 /// Runs one claimed task and hands its completion to the flusher.
 async fn execute(inner: Arc<Inner>, task: Claimed, token: i64, permit: OwnedSemaphorePermit) {
-    let span = info_span!("pgflow.step", workflow = %task.workflow, run_id = task.run_id, step = task.step, attempt = task.attempt);
+    let span = info_span!("pgflow.step", workflow = %task.workflow, run_id = task.run_id, step = task.step, element = task.element, attempt = task.attempt);
     let key = (task.task_id, token);
     let cost = CostMeter::new();
     inner
@@ -166,6 +167,7 @@ async fn execute(inner: Arc<Inner>, task: Claimed, token: i64, permit: OwnedSema
         token,
         run_id: task.run_id,
         step: task.step,
+        element: task.element,
         flow: (workflow, version),
         attempt: task.attempt,
         outcome,
@@ -191,13 +193,11 @@ async fn run_task(inner: &Inner, task: &Claimed, cost: CostMeter) -> Outcome {
         return Outcome::Discard;
     }
     let attempt = u32::try_from(task.attempt).unwrap_or(1).max(1);
+    let element = task.element.and_then(|e| usize::try_from(e).ok());
     let fail_now = |e: StepError| {
         let mut history = prior_errors(task);
         history.push(AttemptFailure::new(attempt, &e));
-        Outcome::Failed {
-            history,
-            element: None,
-        }
+        Outcome::Failed { history, element }
     };
     let Some(flow) = inner.catalog.get(&task.workflow, task.version) else {
         return fail_now(StepError::permanent(format!(
@@ -214,6 +214,9 @@ async fn run_task(inner: &Inner, task: &Claimed, cost: CostMeter) -> Outcome {
             task.step
         )));
     };
+    if let (Some(map), None) = (step.map(), element) {
+        return expand(step, map, task).unwrap_or_else(fail_now);
+    }
     let inputs = match build_inputs(flow.def.name(), step, task) {
         Ok(i) => i,
         Err(e) => return fail_now(e),
@@ -222,15 +225,25 @@ async fn run_task(inner: &Inner, task: &Claimed, cost: CostMeter) -> Outcome {
     let ctx = StepContext::builder(flow.def.name(), step.name())
         .run_id(RunId(task.run_id))
         .attempt(attempt)
+        .element(element)
         .data(Arc::clone(&inner.data))
         .cost(cost)
         .cancel(cancel)
         .build();
     let result = policy::run_attempt(step, inputs, ctx).await;
     inner.release_cancel_token(task.run_id);
-    let result = result.and_then(|v| v.to_json());
+    let result = result.and_then(|out| match out {
+        StepOutput::Completed(v) => v.to_json().map(Some),
+        StepOutput::Skipped => Ok(None),
+    });
     match result {
-        Ok(json) => Outcome::Succeeded(json.get().to_owned()),
+        Ok(Some(json)) => Outcome::Succeeded(json.get().to_owned()),
+        Ok(None) => Outcome::Skipped {
+            reason: format!(
+                "`when = {}` was false",
+                step.predicate().unwrap_or("(no predicate)")
+            ),
+        },
         Err(e) => {
             debug!(error = %e, "pgflow: step attempt failed");
             let max = step.options().max_attempts.max(1);
@@ -246,40 +259,95 @@ async fn run_task(inner: &Inner, task: &Claimed, cost: CostMeter) -> Outcome {
     }
 }
 
+/// The first task of a map step: checks that what it maps over is a JSON array and
+/// hands it to the flush, which inserts one task per element. An empty array
+/// completes the step with `[]` at once.
+fn expand(step: &StepDef, map: &MapOps, task: &Claimed) -> Result<Outcome, StepError> {
+    let param = step.params().get(map.param()).ok_or_else(|| {
+        StepError::permanent(format!(
+            "map step `{}` has no element parameter",
+            step.name()
+        ))
+    })?;
+    let items = source_json(param.source, param.name, task)?.ok_or_else(|| {
+        StepError::permanent(format!(
+            "map step `{}` maps over a skipped step",
+            step.name()
+        ))
+    })?;
+    // Counting needs no allocation per element.
+    let count = serde_json::from_str::<Vec<serde::de::IgnoredAny>>(items)
+        .map_err(|e| {
+            StepError::permanent(format!(
+                "map step `{}` maps over a JSON array, but parameter `{}` gets something else: {e}",
+                step.name(),
+                param.name
+            ))
+        })?
+        .len();
+    Ok(if count == 0 {
+        Outcome::Succeeded("[]".to_owned())
+    } else {
+        Outcome::Expand {
+            items: items.to_owned(),
+        }
+    })
+}
+
+/// The stored JSON that feeds a parameter: the run input or a parent's output
+/// (`None` when that parent was skipped).
+fn source_json<'t>(
+    source: ParamSource,
+    name: &str,
+    task: &'t Claimed,
+) -> Result<Option<&'t str>, StepError> {
+    match source {
+        ParamSource::Input => task.input.as_deref().map(Some).ok_or_else(|| {
+            StepError::permanent(format!("the run input for `{name}` was not loaded"))
+        }),
+        ParamSource::Step(i) => {
+            let want = crate::catalog::step_i16(i);
+            let pos = task
+                .parent_steps
+                .as_ref()
+                .and_then(|s| s.iter().position(|&x| x == want));
+            pos.and_then(|pos| task.parent_outputs.as_ref().and_then(|o| o.get(pos)))
+                .map(Option::as_deref)
+                .ok_or_else(|| {
+                    StepError::permanent(format!(
+                        "the output of parent step {i} (parameter `{name}`) is missing"
+                    ))
+                })
+        }
+    }
+}
+
 fn build_inputs(
     workflow: &'static str,
-    step: &'static pgflow::StepDef,
+    step: &'static StepDef,
     task: &Claimed,
 ) -> Result<StepInputs, StepError> {
     let raw = |json: &str| {
         RawValue::from_string(json.to_owned())
+            .map(StepValue::Json)
             .map_err(|e| StepError::permanent(format!("stored JSON is not valid: {e}")))
     };
+    let element = step
+        .map()
+        .map(|m| m.param())
+        .filter(|_| task.element.is_some());
     let mut values = Vec::with_capacity(step.params().len());
-    for p in step.params() {
-        let json = match p.source {
-            pgflow::ParamSource::Input => task.input.as_deref().ok_or_else(|| {
-                StepError::permanent(format!("the run input for `{}` was not loaded", p.name))
-            })?,
-            pgflow::ParamSource::Step(i) => {
-                let want = crate::catalog::step_i16(i);
-                let pos = task
-                    .parent_steps
-                    .as_ref()
-                    .and_then(|s| s.iter().position(|&x| x == want));
-                pos.and_then(|pos| task.parent_outputs.as_ref().and_then(|o| o.get(pos)))
-                    .map(String::as_str)
-                    .ok_or_else(|| {
-                        StepError::permanent(format!(
-                            "the output of parent step {i} (parameter `{}`) is missing",
-                            p.name
-                        ))
-                    })?
-            }
+    for (k, p) in step.params().iter().enumerate() {
+        let json = if Some(k) == element {
+            Some(task.item.as_deref().ok_or_else(|| {
+                StepError::permanent(format!("the element for `{}` was not loaded", p.name))
+            })?)
+        } else {
+            source_json(p.source, p.name, task)?
         };
-        values.push(StepValue::Json(raw(json)?));
+        values.push(json.map(raw).transpose()?);
     }
-    Ok(StepInputs::new(workflow, step.name(), values))
+    Ok(StepInputs::with_skipped(workflow, step.name(), values))
 }
 
 /// Applies completions in batches: everything that queued up while the previous
@@ -352,9 +420,10 @@ pub(crate) async fn flusher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<M
     }
 }
 
-/// Flushes `batch`, retrying on connection errors until it applies. A batch that the
-/// database rejects for its content is split; a single completion it rejects (an
-/// output Postgres cannot store) fails its run with the database's message.
+/// Flushes `batch`, retrying on connection errors, deadlocks and serialization
+/// failures until it applies. A batch that the database rejects for its content is
+/// split; a single completion it rejects (an output Postgres cannot store) fails its
+/// run with the database's message.
 async fn flush_resilient(inner: &Inner, batch: Vec<Completion>) -> queue::Flushed {
     let mut backoff = Backoff::new();
     let mut pending = vec![batch];
@@ -367,6 +436,14 @@ async fn flush_resilient(inner: &Inner, batch: Vec<Completion>) -> queue::Flushe
                     total.finished_runs.extend(f.finished_runs);
                     total.queues.extend(f.queues);
                     break;
+                }
+                // Two flushes that locked the same rows in another order: nothing is
+                // wrong with the batch, so apply it again.
+                Err(sqlx::Error::Database(db))
+                    if matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
+                {
+                    debug!(error = %db, "pgflow: flush conflicted with another; retrying");
+                    tokio::time::sleep(backoff.next()).await;
                 }
                 Err(sqlx::Error::Database(db)) if batch.len() > 1 => {
                     debug!(error = %db, "pgflow: flush rejected; splitting the batch");
@@ -391,7 +468,7 @@ async fn flush_resilient(inner: &Inner, batch: Vec<Completion>) -> queue::Flushe
                     let attempt = u32::try_from(c.attempt).unwrap_or(1);
                     c.outcome = Outcome::Failed {
                         history: vec![AttemptFailure::new(attempt, &e)],
-                        element: None,
+                        element: c.element.and_then(|e| usize::try_from(e).ok()),
                     };
                     pending.push(vec![c]);
                     break;
@@ -500,6 +577,8 @@ struct Stranded {
     errors: Option<String>,
     owner: Option<String>,
     owner_offline: bool,
+    /// For an element task of a map step: its index.
+    element: Option<i32>,
 }
 
 /// One rescue, in one transaction under an advisory lock (one instance at a time):
@@ -534,7 +613,8 @@ pub(crate) async fn rescue_once(inner: &Inner, owner: Option<&str>) -> Result<us
     let rows: Vec<Stranded> = sqlx::query_as(
         "SELECT t.id, t.claim_token AS token, t.run_id, t.step, t.workflow, t.version,
                 t.attempt, t.max_attempts AS max, t.errors::text AS errors,
-                t.claimed_by AS owner, COALESCE(i.status = 'offline', false) AS owner_offline
+                t.claimed_by AS owner, COALESCE(i.status = 'offline', false) AS owner_offline,
+                t.element
          FROM pgflow.tasks t
          LEFT JOIN pgflow.instances i ON i.id = t.claimed_by
          WHERE t.claimed_by IS NOT NULL
@@ -590,7 +670,7 @@ pub(crate) async fn rescue_once(inner: &Inner, owner: Option<&str>) -> Result<us
             history.push(failure);
             Outcome::Failed {
                 history,
-                element: None,
+                element: r.element.and_then(|e| usize::try_from(e).ok()),
             }
         };
         batch.push(Completion {
@@ -598,6 +678,7 @@ pub(crate) async fn rescue_once(inner: &Inner, owner: Option<&str>) -> Result<us
             token: r.token,
             run_id: r.run_id,
             step: r.step,
+            element: r.element,
             flow: (flow.def.name(), r.version),
             attempt: r.attempt,
             outcome,

@@ -2,7 +2,10 @@
 //! no database. Steps are called through their typed entries and values are moved
 //! between them (no JSON unless asked for); independent branches run concurrently;
 //! retries, backoff, timeouts and panics follow the same [`policy`](crate::policy)
-//! as the durable runtime. It is how workflows are unit-tested.
+//! as the durable runtime. A conditional step whose predicate is false is skipped
+//! (its consumers get `None`); a map step runs its elements concurrently, each with
+//! its own retries, and collects their outputs in element order. It is how
+//! workflows are unit-tested.
 //!
 //! ```
 //! use pgflow::{workflow, StepError};
@@ -34,7 +37,7 @@ use futures_util::stream::FuturesUnordered;
 use crate::workflow::ParamSource;
 use crate::{
     AttemptFailure, CancelToken, CostMeter, Data, ErrorKind, RunError, RunId, StepContext, StepDef,
-    StepError, StepInputs, StepValue, Workflow, WorkflowDef, policy,
+    StepError, StepInputs, StepOutput, StepValue, Workflow, WorkflowDef, policy,
 };
 
 /// Options of [`execute_with`].
@@ -139,7 +142,14 @@ pub async fn execute_with<W: Workflow>(
     })
 }
 
-type Running = FuturesUnordered<BoxFuture<'static, (usize, Result<StepValue, RunError>)>>;
+/// A step (or one element of a map step) that finished all its attempts.
+struct Finished {
+    step: usize,
+    element: Option<usize>,
+    result: Result<StepOutput, RunError>,
+}
+
+type Running = FuturesUnordered<BoxFuture<'static, Finished>>;
 
 static NEXT_RUN_ID: AtomicI64 = AtomicI64::new(1);
 
@@ -150,8 +160,220 @@ struct Shared {
     cancel: CancelToken,
 }
 
-/// Runs a definition on an input value (typed or JSON) and returns the terminal
-/// step's output value. This is the type-erased core of [`execute_with`].
+/// The value of a step (or of the input) for the steps that consume it.
+enum Slot {
+    /// Not produced yet, or moved into its last consumer.
+    Empty,
+    Value(StepValue),
+    /// A conditional step that was skipped: its consumers receive `None`.
+    Skipped,
+}
+
+/// The elements of a map step still running, and the outputs of those done.
+struct MapState {
+    outputs: Vec<Option<StepValue>>,
+    remaining: usize,
+}
+
+/// The state of one in-process run.
+struct Run<'o> {
+    def: &'static WorkflowDef,
+    options: &'o ExecuteOptions,
+    shared: Arc<Shared>,
+    /// One per step, then the input.
+    slots: Vec<Slot>,
+    /// How many parameters still have to consume each slot.
+    uses: Vec<u32>,
+    /// Parents each step still waits for.
+    waiting: Vec<usize>,
+    maps: Vec<Option<MapState>>,
+    running: Running,
+}
+
+impl Run<'_> {
+    fn serde_err(&self, e: &StepError) -> RunError {
+        RunError::Serde {
+            workflow: self.def.name().to_owned(),
+            message: e.message().to_owned(),
+        }
+    }
+
+    fn internal(&self, message: String) -> RunError {
+        RunError::Serde {
+            workflow: self.def.name().to_owned(),
+            message: format!("internal: {message}"),
+        }
+    }
+
+    /// Takes (or copies, for all but its last consumer) the values of `step`'s
+    /// parameters; `None` for a skipped step's output.
+    fn inputs(&mut self, step: &'static StepDef) -> Result<Vec<Option<StepValue>>, RunError> {
+        let input_slot = self.def.steps().len();
+        let mut values = Vec::with_capacity(step.params().len());
+        for p in step.params() {
+            let slot = match p.source {
+                ParamSource::Input => input_slot,
+                ParamSource::Step(i) => i,
+            };
+            self.uses[slot] -= 1;
+            let value = match &self.slots[slot] {
+                Slot::Skipped => None,
+                Slot::Value(_) if self.uses[slot] == 0 => {
+                    match std::mem::replace(&mut self.slots[slot], Slot::Empty) {
+                        Slot::Value(v) => Some(v),
+                        _ => None,
+                    }
+                }
+                Slot::Value(v) => Some(v.backup().map_err(|e| self.serde_err(&e))?),
+                Slot::Empty => {
+                    return Err(self.internal(format!(
+                        "no value for `{}` of step `{}`",
+                        p.name,
+                        step.name()
+                    )));
+                }
+            };
+            values.push(value);
+        }
+        Ok(values)
+    }
+
+    /// Starts `step`: one future, or one per element of a map step.
+    fn start(&mut self, step: &'static StepDef) -> Result<(), RunError> {
+        let mut values = self.inputs(step)?;
+        let def = self.def;
+        let Some(map) = step.map() else {
+            let inputs = StepInputs::with_skipped(def.name(), step.name(), values);
+            self.spawn(step, None, inputs);
+            return Ok(());
+        };
+        let over = values
+            .get_mut(map.param())
+            .and_then(Option::take)
+            .ok_or_else(|| {
+                self.internal(format!(
+                    "no value for map step `{}` to map over",
+                    step.name()
+                ))
+            })?;
+        let items = map.split(over).map_err(|e| {
+            RunError::step_failed(
+                def.name(),
+                step.name(),
+                None,
+                vec![AttemptFailure::new(1, &e)],
+            )
+        })?;
+        if items.is_empty() {
+            let result = map
+                .collect(Vec::new())
+                .map(StepOutput::Completed)
+                .map_err(|e| self.serde_err(&e));
+            let index = step.index();
+            self.running.push(Box::pin(std::future::ready(Finished {
+                step: index,
+                element: None,
+                result,
+            })));
+            return Ok(());
+        }
+        let n = items.len();
+        self.maps[step.index()] = Some(MapState {
+            outputs: (0..n).map(|_| None).collect(),
+            remaining: n,
+        });
+        for (e, item) in items.into_iter().enumerate() {
+            let mut own = if e + 1 == n {
+                std::mem::take(&mut values)
+            } else {
+                values
+                    .iter()
+                    .map(|v| v.as_ref().map(StepValue::backup).transpose())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| self.serde_err(&e))?
+            };
+            own[map.param()] = Some(item);
+            let inputs = StepInputs::with_skipped(def.name(), step.name(), own);
+            self.spawn(step, Some(e), inputs);
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self, step: &'static StepDef, element: Option<usize>, inputs: StepInputs) {
+        let def = self.def;
+        let shared = Arc::clone(&self.shared);
+        self.running.push(Box::pin(async move {
+            Finished {
+                step: step.index(),
+                element,
+                result: run_with_retries(def, step, element, inputs, &shared).await,
+            }
+        }));
+    }
+
+    /// Applies what finished. Returns the workflow's output once the terminal step
+    /// is done.
+    fn finished(&mut self, f: Finished) -> Result<Option<StepValue>, RunError> {
+        let def = self.def;
+        let index = f.step;
+        let output = match f.result? {
+            StepOutput::Completed(v) if self.options.json_roundtrip => StepOutput::Completed(
+                v.into_json()
+                    .map_err(|e| step_serde_error(def, index, f.element, &e))?,
+            ),
+            other => other,
+        };
+        let output = match f.element {
+            None => output,
+            Some(e) => {
+                let StepOutput::Completed(value) = output else {
+                    return Err(
+                        self.internal(format!("an element of map step {index} was skipped"))
+                    );
+                };
+                let Some(state) = self.maps.get_mut(index).and_then(Option::as_mut) else {
+                    return Err(self.internal(format!("map step {index} has no state")));
+                };
+                state.outputs[e] = Some(value);
+                state.remaining -= 1;
+                if state.remaining > 0 {
+                    return Ok(None);
+                }
+                let outputs = self.maps[index]
+                    .take()
+                    .map(|s| s.outputs)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| self.internal(format!("map step {index} lost an output")))?;
+                let map = def.steps()[index]
+                    .map()
+                    .ok_or_else(|| self.internal(format!("step {index} is not a map step")))?;
+                StepOutput::Completed(
+                    map.collect(outputs)
+                        .map_err(|e| step_serde_error(def, index, None, &e))?,
+                )
+            }
+        };
+        if index == def.terminal().index() {
+            return def.finish(output).map(Some).map_err(|e| self.serde_err(&e));
+        }
+        self.slots[index] = match output {
+            StepOutput::Completed(v) => Slot::Value(v),
+            StepOutput::Skipped => Slot::Skipped,
+        };
+        for &child in &def.plan().children[index] {
+            self.waiting[child] -= 1;
+            if self.waiting[child] == 0 {
+                self.start(&def.steps()[child])?;
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Runs a definition on an input value (typed or JSON) and returns the workflow's
+/// output value. This is the type-erased core of [`execute_with`].
 ///
 /// # Errors
 ///
@@ -163,99 +385,45 @@ pub async fn execute_definition(
 ) -> Result<StepValue, RunError> {
     let steps = def.steps();
     let plan = def.plan();
-    let input_slot = steps.len();
-    let serde_err = |e: StepError| RunError::Serde {
-        workflow: def.name().to_owned(),
-        message: e.message().to_owned(),
-    };
-    let shared = Arc::new(Shared {
-        run_id: RunId(NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed)),
-        data: Arc::new(options.data.clone()),
-        cost: options.cost.clone(),
-        cancel: options.cancel.clone(),
-    });
-
-    let mut slots: Vec<Option<StepValue>> = Vec::with_capacity(steps.len() + 1);
-    slots.resize_with(steps.len(), || None);
-    slots.push(Some(if options.json_roundtrip {
-        input.into_json().map_err(serde_err)?
+    let input = if options.json_roundtrip {
+        input.into_json().map_err(|e| RunError::Serde {
+            workflow: def.name().to_owned(),
+            message: e.message().to_owned(),
+        })?
     } else {
         input
-    }));
-    let mut uses = plan.uses.clone();
-    let mut waiting: Vec<usize> = steps.iter().map(|s| s.parents().len()).collect();
-    let mut running = Running::new();
-
-    let mut start = |step: &'static StepDef,
-                     slots: &mut Vec<Option<StepValue>>,
-                     running: &mut Running|
-     -> Result<(), RunError> {
-        let mut values = Vec::with_capacity(step.params().len());
-        for p in step.params() {
-            let slot = match p.source {
-                ParamSource::Input => input_slot,
-                ParamSource::Step(i) => i,
-            };
-            uses[slot] -= 1;
-            let value = if uses[slot] == 0 {
-                slots[slot].take()
-            } else {
-                slots[slot]
-                    .as_ref()
-                    .map(StepValue::backup)
-                    .transpose()
-                    .map_err(serde_err)?
-            };
-            values.push(value.ok_or_else(|| RunError::Serde {
-                workflow: def.name().to_owned(),
-                message: format!(
-                    "internal: no value for `{}` of step `{}`",
-                    p.name,
-                    step.name()
-                ),
-            })?);
-        }
-        let inputs = StepInputs::new(def.name(), step.name(), values);
-        let shared = Arc::clone(&shared);
-        running.push(Box::pin(async move {
-            (
-                step.index(),
-                run_with_retries(def, step, inputs, &shared).await,
-            )
-        }));
-        Ok(())
     };
-
+    let mut slots: Vec<Slot> = Vec::with_capacity(steps.len() + 1);
+    slots.resize_with(steps.len(), || Slot::Empty);
+    slots.push(Slot::Value(input));
+    let mut run = Run {
+        def,
+        options,
+        shared: Arc::new(Shared {
+            run_id: RunId(NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed)),
+            data: Arc::new(options.data.clone()),
+            cost: options.cost.clone(),
+            cancel: options.cancel.clone(),
+        }),
+        slots,
+        uses: plan.uses.clone(),
+        waiting: steps.iter().map(|s| s.parents().len()).collect(),
+        maps: steps.iter().map(|_| None).collect(),
+        running: Running::new(),
+    };
     for &root in &plan.roots {
-        start(&steps[root], &mut slots, &mut running)?;
+        run.start(&steps[root])?;
     }
-    let terminal = def.terminal().index();
-    let cancelled = || RunError::Cancelled {
-        workflow: def.name().to_owned(),
-    };
     loop {
         let next = tokio::select! {
-            next = running.next() => next,
-            () = options.cancel.cancelled() => return Err(cancelled()),
-        };
-        let Some((index, result)) = next else { break };
-        let value = result?;
-        let value = if options.json_roundtrip {
-            value
-                .into_json()
-                .map_err(|e| step_serde_error(def, index, &e))?
-        } else {
-            value
-        };
-        if index == terminal {
-            return Ok(value);
-        }
-        slots[index] = Some(value);
-        for &child in &plan.children[index] {
-            waiting[child] -= 1;
-            if waiting[child] == 0 {
-                start(&steps[child], &mut slots, &mut running)?;
+            next = run.running.next() => next,
+            () = options.cancel.cancelled() => {
+                return Err(RunError::Cancelled { workflow: def.name().to_owned() });
             }
+        };
+        let Some(finished) = next else { break };
+        if let Some(output) = run.finished(finished)? {
+            return Ok(output);
         }
     }
     Err(RunError::Serde {
@@ -265,12 +433,17 @@ pub async fn execute_definition(
 }
 
 /// A step output that does not serialize, as that step's failure.
-fn step_serde_error(def: &'static WorkflowDef, index: usize, e: &StepError) -> RunError {
+fn step_serde_error(
+    def: &'static WorkflowDef,
+    index: usize,
+    element: Option<usize>,
+    e: &StepError,
+) -> RunError {
     let step = def.steps().get(index).map_or("?", |s| s.name());
     RunError::step_failed(
         def.name(),
         step,
-        None,
+        element,
         vec![crate::AttemptFailure::new(1, e)],
     )
 }
@@ -282,13 +455,14 @@ fn step_serde_error(def: &'static WorkflowDef, index: usize, e: &StepError) -> R
 async fn run_with_retries(
     def: &'static WorkflowDef,
     step: &'static StepDef,
+    element: Option<usize>,
     mut inputs: StepInputs,
     shared: &Shared,
-) -> Result<StepValue, RunError> {
+) -> Result<StepOutput, RunError> {
     let options = step.options();
     let max = options.max_attempts.max(1);
     let mut history = Vec::new();
-    let fail = |history| RunError::step_failed(def.name(), step.name(), None, history);
+    let fail = |history| RunError::step_failed(def.name(), step.name(), element, history);
     let cancelled = || RunError::Cancelled {
         workflow: def.name().to_owned(),
     };
@@ -307,6 +481,7 @@ async fn run_with_retries(
         let ctx = StepContext::builder(def.name(), step.name())
             .run_id(shared.run_id)
             .attempt(attempt)
+            .element(element)
             .data(Arc::clone(&shared.data))
             .cost(shared.cost.clone())
             .cancel(shared.cancel.clone())

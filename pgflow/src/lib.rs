@@ -42,6 +42,81 @@
 //! ```
 //!
 //! See [`workflow`] for the rules of the step graph.
+//!
+//! ## Conditional steps
+//!
+//! `#[step(when = Self::predicate)]` runs a step only when the predicate, a plain
+//! `fn` over references to the step's inputs, is true; otherwise the step is
+//! skipped, and the parameters bound to it (which must be `Option<T>`) get `None`.
+//! A step whose parents were all skipped still runs. A conditional terminal step
+//! makes the workflow's output an `Option`.
+//!
+//! ```
+//! use pgflow::{workflow, StepError};
+//!
+//! pub struct Review;
+//!
+//! #[workflow]
+//! impl Review {
+//!     #[step]
+//!     async fn draft(text: String) -> Result<String, StepError> {
+//!         Ok(text)
+//!     }
+//!
+//!     #[step(when = Self::is_long)]
+//!     async fn review(draft: String) -> Result<String, StepError> {
+//!         Ok(format!("reviewed: {draft}"))
+//!     }
+//!
+//!     #[step(depends_on = [draft, review])]
+//!     async fn publish(draft: String, review: Option<String>) -> Result<String, StepError> {
+//!         Ok(review.unwrap_or(draft))
+//!     }
+//!
+//!     fn is_long(draft: &str) -> bool {
+//!         draft.len() > 10
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! assert_eq!(pgflow::execute::<Review>("short".into()).await.unwrap(), "short");
+//! assert_eq!(
+//!     pgflow::execute::<Review>("a longer text".into()).await.unwrap(),
+//!     "reviewed: a longer text"
+//! );
+//! # }
+//! ```
+//!
+//! ## Map steps
+//!
+//! `#[step(map)]` runs a step once per element of its parent's `Vec<T>` (or of the
+//! workflow input, for a root step): the body takes one `T`, each element is its own
+//! task, retried on its own, and the children see the outputs as a `Vec`, in element
+//! order.
+//!
+//! ```
+//! use pgflow::{workflow, StepError};
+//!
+//! pub struct WordLengths;
+//!
+//! #[workflow]
+//! impl WordLengths {
+//!     #[step]
+//!     async fn split(text: String) -> Result<Vec<String>, StepError> {
+//!         Ok(text.split_whitespace().map(str::to_owned).collect())
+//!     }
+//!
+//!     #[step(map)]
+//!     async fn measure(word: String) -> Result<usize, StepError> {
+//!         Ok(word.len())
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let lengths = pgflow::execute::<WordLengths>("map each word".into()).await.unwrap();
+//! assert_eq!(lengths, [3, 4, 4]);
+//! # }
+//! ```
 
 #[allow(unused_extern_crates)]
 extern crate self as pgflow;
@@ -63,7 +138,7 @@ pub use error::{AttemptFailure, ErrorKind, RunError, StepError};
 pub use execute::{ExecuteOptions, execute, execute_definition, execute_with};
 pub use pgflow_macros::{step, workflow};
 pub use registry::{Registry, RegistryError, registry};
-pub use value::{StepData, StepInputs, StepValue, ValueOps, from_json};
+pub use value::{StepData, StepInputs, StepOutput, StepValue, ValueOps, from_json, split_json};
 pub use workflow::{
-    Param, ParamSource, StepDef, StepFn, StepKind, StepOptions, Workflow, WorkflowDef,
+    MapOps, Param, ParamSource, StepDef, StepFn, StepKind, StepOptions, Workflow, WorkflowDef,
 };

@@ -22,12 +22,16 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::{StepContext, StepDef, StepError, StepInputs, StepOptions, StepValue};
+use crate::{StepContext, StepDef, StepError, StepInputs, StepOptions, StepOutput};
 
 /// The longest delay between two attempts, whatever the backoff and attempt count.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60 * 60);
 
 /// Runs one attempt of `step`: its entry under the step's timeout, with panics caught.
+/// For a conditional step the entry evaluates the predicate first (a panicking
+/// predicate is a failed attempt like any panic) and returns
+/// [`StepOutput::Skipped`] when it is false; a map step's entry is run once per
+/// element.
 ///
 /// # Panics
 ///
@@ -42,7 +46,7 @@ pub async fn run_attempt(
     step: &StepDef,
     inputs: StepInputs,
     ctx: StepContext,
-) -> Result<StepValue, StepError> {
+) -> Result<StepOutput, StepError> {
     let timeout = step.options().timeout;
     let entry = step.entry();
     let fut = match catch_unwind(AssertUnwindSafe(|| entry(inputs, ctx))) {

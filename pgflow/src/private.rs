@@ -4,17 +4,19 @@
 pub use futures_util::future::BoxFuture;
 
 /// What a step entry returns.
-pub type StepFuture = BoxFuture<'static, Result<crate::StepValue, StepError>>;
+pub type StepFuture = BoxFuture<'static, Result<crate::StepOutput, StepError>>;
 pub use inventory;
 pub use serde_json;
 
 pub use crate::registry::Registration;
-pub use crate::value::{Dup, DupFn, DupNoClone, DupResult, DupViaClone};
+pub use crate::value::{
+    Dup, DupFn, DupNoClone, DupResult, DupViaClone, collect_vec, finish_optional, split_vec,
+};
 
 use std::sync::OnceLock;
 
-use crate::workflow::{Param, StepFn, StepKind, StepOptions};
-use crate::{StepDef, StepError, ValueOps, WorkflowDef};
+use crate::workflow::{MapOps, Param, StepFn, StepOptions};
+use crate::{StepDef, StepError, StepOutput, StepValue, ValueOps, WorkflowDef};
 
 /// The fields of a [`StepDef`], built by the expansion.
 pub struct StepParts {
@@ -23,7 +25,10 @@ pub struct StepParts {
     pub parents: &'static [usize],
     pub params: &'static [Param],
     pub takes_context: bool,
-    pub kind: StepKind,
+    /// The `when` predicate as written, for a conditional step.
+    pub when: Option<&'static str>,
+    /// How a map step maps.
+    pub map: Option<&'static MapOps>,
     pub options: StepOptions,
     pub output: &'static ValueOps,
     pub run: StepFn,
@@ -39,8 +44,27 @@ pub struct WorkflowParts {
     pub line: u32,
     pub defaults: StepOptions,
     pub input: &'static ValueOps,
+    /// The operations of the workflow's output type.
+    pub output: &'static ValueOps,
+    /// For a conditional terminal step: its output (or skip) as the workflow's
+    /// `Option<T>` output.
+    pub finish: Option<fn(StepOutput) -> Result<StepValue, StepError>>,
     pub steps: &'static [StepDef],
     pub terminal: usize,
+}
+
+/// The fields of a [`MapOps`], built by the expansion.
+pub struct MapParts {
+    pub param: usize,
+    pub item: &'static ValueOps,
+    pub element_output: &'static ValueOps,
+    pub split: fn(StepValue) -> Result<Vec<StepValue>, StepError>,
+    pub collect: fn(Vec<StepValue>) -> Result<StepValue, StepError>,
+}
+
+/// Builds the map operations of a map step.
+pub const fn map_ops(parts: MapParts) -> MapOps {
+    MapOps { parts }
 }
 
 /// Builds a step row.
@@ -76,3 +100,48 @@ impl<T> SameType<T> for T {}
 
 /// Compile-time check that `Source` (a step's output) is `Param` (a parameter's type).
 pub const fn same_type<Source: SameType<Param>, Param>() {}
+
+/// Implemented only for `Option<T>`: a parameter bound to a conditional step's output
+/// `T` must be an `Option<T>` (`None` when the step was skipped). The expansion
+/// converts through it, spanned at the parameter.
+#[diagnostic::on_unimplemented(
+    message = "parameter of type `{Self}` takes the output of a conditional step: use `Option<{T}>`",
+    label = "use `Option<{T}>` here: it is `None` when the step it is bound to was skipped",
+    note = "a step with `when = ..` is skipped when its predicate is false, so the steps that take its output receive an `Option`"
+)]
+pub trait OptionalInput<T> {
+    /// Wraps the value (or its absence).
+    fn from_option(value: Option<T>) -> Self;
+}
+
+impl<T> OptionalInput<T> for Option<T> {
+    #[inline]
+    fn from_option(value: Option<T>) -> Self {
+        value
+    }
+}
+
+/// A parameter bound to a conditional step's output, from what the step produced.
+#[inline]
+pub fn optional_input<P: OptionalInput<T>, T>(value: Option<T>) -> P {
+    P::from_option(value)
+}
+
+/// Implemented only for `Vec<T>`: what a map step maps over.
+#[diagnostic::on_unimplemented(
+    message = "a map step maps over a `Vec<T>`, but this one is given a `{Self}`",
+    label = "`{Self}` is not a `Vec`",
+    note = "`#[step(map)]` runs once per element of its parent's `Vec<T>` output (or of the workflow input, for a root step) and takes one `T`; remove `map` to take the whole value"
+)]
+pub trait MapSource {
+    /// The element type.
+    type Item;
+}
+
+impl<T> MapSource for Vec<T> {
+    type Item = T;
+}
+
+/// Compile-time check that `Source` is a `Vec<Item>` (a map step's source and element
+/// parameter).
+pub const fn map_item<Source: MapSource<Item = Item>, Item>() {}

@@ -185,6 +185,32 @@ impl fmt::Debug for StepValue {
     }
 }
 
+/// What one attempt of a step produced: its value, or nothing because its `when`
+/// predicate was false.
+///
+/// ```
+/// use pgflow::{StepOutput, StepValue, ValueOps};
+/// static U8: ValueOps = ValueOps::of::<u8>("u8", |_| None);
+/// let ran = StepOutput::Completed(StepValue::typed(1_u8, &U8));
+/// assert!(!ran.is_skipped());
+/// assert!(StepOutput::Skipped.is_skipped());
+/// ```
+#[derive(Debug)]
+pub enum StepOutput {
+    /// The step ran and returned this value.
+    Completed(StepValue),
+    /// The step's `when` predicate was false: its body did not run, and every
+    /// parameter bound to its output receives `None`.
+    Skipped,
+}
+
+impl StepOutput {
+    /// Whether the step was skipped.
+    pub fn is_skipped(&self) -> bool {
+        matches!(self, Self::Skipped)
+    }
+}
+
 /// Deserializes `json` into `T`; the error names the serde path of the first
 /// mismatch and is permanent (the stored data will not change on a retry).
 ///
@@ -213,7 +239,17 @@ pub fn from_json<T: DeserializeOwned>(json: &str) -> Result<T, StepError> {
 pub struct StepInputs {
     workflow: &'static str,
     step: &'static str,
-    values: Vec<Option<StepValue>>,
+    values: Vec<Slot>,
+}
+
+/// One input of a step attempt.
+#[derive(Debug)]
+enum Slot {
+    Value(StepValue),
+    /// The step feeding this input was skipped.
+    Skipped,
+    /// Already taken by the step's entry.
+    Taken,
 }
 
 impl StepInputs {
@@ -222,7 +258,32 @@ impl StepInputs {
         Self {
             workflow,
             step,
-            values: values.into_iter().map(Some).collect(),
+            values: values.into_iter().map(Slot::Value).collect(),
+        }
+    }
+
+    /// Inputs for `step` of `workflow` where `None` stands for the output of a
+    /// conditional step that was skipped (the parameter receives `None`).
+    ///
+    /// ```
+    /// use pgflow::{StepInputs, StepValue, ValueOps};
+    /// static U8: ValueOps = ValueOps::of::<u8>("u8", |_| None);
+    /// let mut inputs = StepInputs::with_skipped("wf", "step", vec![None, Some(StepValue::typed(3_u8, &U8))]);
+    /// assert_eq!(inputs.take_optional::<u8>(0, "a", &U8).unwrap(), None);
+    /// assert_eq!(inputs.take_optional::<u8>(1, "b", &U8).unwrap(), Some(3));
+    /// ```
+    pub fn with_skipped(
+        workflow: &'static str,
+        step: &'static str,
+        values: Vec<Option<StepValue>>,
+    ) -> Self {
+        Self {
+            workflow,
+            step,
+            values: values
+                .into_iter()
+                .map(|v| v.map_or(Slot::Skipped, Slot::Value))
+                .collect(),
         }
     }
 
@@ -246,8 +307,14 @@ impl StepInputs {
         let values = self
             .values
             .iter()
-            .map(|v| v.as_ref().map(StepValue::backup).transpose())
-            .collect::<Result<_, _>>()?;
+            .map(|v| {
+                Ok(match v {
+                    Slot::Value(v) => Slot::Value(v.backup()?),
+                    Slot::Skipped => Slot::Skipped,
+                    Slot::Taken => Slot::Taken,
+                })
+            })
+            .collect::<Result<_, StepError>>()?;
         Ok(Self {
             workflow: self.workflow,
             step: self.step,
@@ -268,28 +335,146 @@ impl StepInputs {
         param: &str,
         ops: &'static ValueOps,
     ) -> Result<T, StepError> {
-        let context = |e: StepError| {
-            e.context(format_args!(
-                "workflow `{}` step `{}` parameter `{param}`",
-                self.workflow, self.step
-            ))
-        };
-        let value = match self.values.get_mut(index).and_then(Option::take) {
-            Some(StepValue::Typed(v, _)) => v,
-            Some(StepValue::Json(raw)) => (ops.from_json)(raw.get()).map_err(context)?,
-            None => {
+        match self.take_optional(index, param, ops)? {
+            Some(v) => Ok(v),
+            None => Err(in_param(
+                self.workflow,
+                self.step,
+                param,
+                StepError::permanent(format!("input {index} comes from a step that was skipped")),
+            )),
+        }
+    }
+
+    /// Takes input `index` as parameter `param` bound to a conditional step: `None`
+    /// when that step was skipped, else its output as a `T` (deserialized with `ops`
+    /// when it is JSON).
+    ///
+    /// # Errors
+    ///
+    /// As for [`StepInputs::take`].
+    pub fn take_optional<T: 'static>(
+        &mut self,
+        index: usize,
+        param: &str,
+        ops: &'static ValueOps,
+    ) -> Result<Option<T>, StepError> {
+        let (workflow, step) = (self.workflow, self.step);
+        let context = |e: StepError| in_param(workflow, step, param, e);
+        let slot = self
+            .values
+            .get_mut(index)
+            .map(|s| std::mem::replace(s, Slot::Taken));
+        let value = match slot {
+            Some(Slot::Value(StepValue::Typed(v, _))) => v,
+            Some(Slot::Value(StepValue::Json(raw))) => {
+                (ops.from_json)(raw.get()).map_err(context)?
+            }
+            Some(Slot::Skipped) => return Ok(None),
+            Some(Slot::Taken) | None => {
                 return Err(context(StepError::permanent(format!(
                     "input {index} is missing"
                 ))));
             }
         };
-        value.downcast::<T>().map(|b| *b).map_err(|_| {
+        value.downcast::<T>().map(|b| Some(*b)).map_err(|_| {
             context(StepError::permanent(format!(
                 "internal: the input is not a `{}`",
                 ops.type_name
             )))
         })
     }
+}
+
+fn in_param(workflow: &str, step: &str, param: &str, e: StepError) -> StepError {
+    e.context(format_args!(
+        "workflow `{workflow}` step `{step}` parameter `{param}`"
+    ))
+}
+
+/// Splits the value a map step maps over (a `Vec<T>`, typed or JSON) into one value
+/// per element: typed elements with `item`'s operations, or each element's JSON.
+#[doc(hidden)]
+pub fn split_vec<T: Send + 'static>(
+    value: StepValue,
+    item: &'static ValueOps,
+) -> Result<Vec<StepValue>, StepError> {
+    match value {
+        StepValue::Typed(v, ops) => v
+            .downcast::<Vec<T>>()
+            .map(|v| v.into_iter().map(|x| StepValue::typed(x, item)).collect())
+            .map_err(|_| {
+                StepError::permanent(format!(
+                    "internal: a map step got a `{}` where a `Vec<{}>` was expected",
+                    ops.type_name, item.type_name
+                ))
+            }),
+        StepValue::Json(raw) => Ok(split_json(raw.get())?
+            .into_iter()
+            .map(StepValue::Json)
+            .collect()),
+    }
+}
+
+/// Splits a JSON array into its elements' JSON, in order: how the durable runtime
+/// turns the `Vec` a map step maps over into one task per element.
+///
+/// ```
+/// let items = pgflow::split_json(r#"[1, {"a": 2}, "x"]"#).unwrap();
+/// let items: Vec<&str> = items.iter().map(|i| i.get()).collect();
+/// assert_eq!(items, ["1", r#"{"a": 2}"#, r#""x""#]);
+/// assert!(pgflow::split_json("{}").unwrap_err().is_permanent());
+/// ```
+///
+/// # Errors
+///
+/// A permanent error when `json` is not a JSON array.
+pub fn split_json(json: &str) -> Result<Vec<Box<RawValue>>, StepError> {
+    serde_json::from_str::<Vec<Box<RawValue>>>(json).map_err(|e| {
+        StepError::permanent(format!(
+            "a map step maps over a JSON array, but the value is not one: {e}"
+        ))
+    })
+}
+
+/// Collects the outputs of a map step's elements, in element order, into the
+/// `Vec<U>` its children see: typed when every element is typed, else a JSON array.
+#[doc(hidden)]
+pub fn collect_vec<U: StepData>(
+    values: Vec<StepValue>,
+    ops: &'static ValueOps,
+) -> Result<StepValue, StepError> {
+    if values.iter().all(|v| matches!(v, StepValue::Typed(..))) {
+        let mut out = Vec::with_capacity(values.len());
+        for v in values {
+            out.push(v.into_typed::<U>()?);
+        }
+        return Ok(StepValue::typed(out, ops));
+    }
+    let mut json = String::from("[");
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(v.to_json()?.get());
+    }
+    json.push(']');
+    RawValue::from_string(json)
+        .map(StepValue::Json)
+        .map_err(|e| StepError::permanent(format!("internal: collected JSON is invalid: {e}")))
+}
+
+/// The workflow output of a conditional terminal step: `Some(output)`, or `None` when
+/// it was skipped, typed with `ops` (the operations of `Option<T>`).
+#[doc(hidden)]
+pub fn finish_optional<T: StepData>(
+    output: StepOutput,
+    ops: &'static ValueOps,
+) -> Result<StepValue, StepError> {
+    Ok(match output {
+        StepOutput::Skipped => StepValue::typed(None::<T>, ops),
+        StepOutput::Completed(v) => StepValue::typed(Some(v.into_typed::<T>()?), ops),
+    })
 }
 
 /// Picks the `duplicate` operation of [`ValueOps`] by autoref specialization:

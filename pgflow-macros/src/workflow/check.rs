@@ -35,6 +35,8 @@ pub(crate) struct Graph {
     pub(crate) terminal: usize,
     /// The step and data-parameter index whose type is the workflow input.
     pub(crate) input: (usize, usize),
+    /// For each map step, the data parameter that takes one element.
+    pub(crate) mapped: Vec<Option<usize>>,
 }
 
 const INPUT: &str = "input";
@@ -208,6 +210,15 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
         ok = false;
     }
 
+    let mapped = check_maps(steps, &parents, &sources, cx);
+    if steps
+        .iter()
+        .zip(&mapped)
+        .any(|(s, m)| s.attr.map.is_some() && m.is_none())
+    {
+        ok = false;
+    }
+
     let input = sources.iter().enumerate().find_map(|(s, srcs)| {
         srcs.iter()
             .position(|src| *src == Source::Input)
@@ -252,7 +263,77 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
         sources,
         terminal: *terminals.first()?,
         input: input?,
+        mapped,
     })
+}
+
+/// The rules of map steps (DESIGN §2): a map step maps over the `Vec` of its single
+/// parent, or over the workflow input when it is a root; that parent always runs;
+/// `map` and `when` do not combine. Returns, for each valid map step, the index of
+/// its element parameter. (That the source is a `Vec` is left to rustc.)
+fn check_maps(
+    steps: &[Step],
+    parents: &[Vec<usize>],
+    sources: &[Vec<Source>],
+    cx: &mut Ctxt,
+) -> Vec<Option<usize>> {
+    let mut mapped = vec![None; steps.len()];
+    for (i, step) in steps.iter().enumerate() {
+        let Some(map) = &step.attr.map else { continue };
+        let name = &step.name;
+        if step.attr.when.is_some() {
+            cx.error_spanned_by(
+                map,
+                format!(
+                    "step `{name}` cannot be both `map` and `when`: a map step runs once per element of a `Vec`; to leave elements out, filter the vector in the step that returns it"
+                ),
+            );
+            continue;
+        }
+        match parents[i].as_slice() {
+            [] => {
+                let n = sources[i].len();
+                if n == 1 {
+                    mapped[i] = Some(0);
+                } else {
+                    cx.error_spanned_by(
+                        map,
+                        format!(
+                            "root map step `{name}` maps over the workflow input, so it takes exactly one data parameter, one element of it (`item: T` for a `Vec<T>` input), but it takes {n}"
+                        ),
+                    );
+                }
+            }
+            [p] => {
+                let parent = &steps[*p];
+                if parent.attr.when.is_some() {
+                    cx.error_spanned_by(
+                        map,
+                        format!(
+                            "map step `{name}` maps over the output of `{}`, a conditional step that may be skipped: map over a step that always runs, e.g. add a step that turns its `Option<Vec<T>>` into a `Vec<T>`",
+                            parent.name
+                        ),
+                    );
+                    continue;
+                }
+                mapped[i] = sources[i].iter().position(|s| *s == Source::Step(*p));
+            }
+            many => {
+                let names = many
+                    .iter()
+                    .map(|&p| format!("`{}`", steps[p].name))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                cx.error_spanned_by(
+                    map,
+                    format!(
+                        "map step `{name}` maps over the `Vec` of a single parent, but it depends on {names}: join them in a step before the map, or take the other values through `input`"
+                    ),
+                );
+            }
+        }
+    }
+    mapped
 }
 
 /// Reports each cycle once, at the `depends_on` entry that closes it. Returns
@@ -403,6 +484,42 @@ mod tests {
             "unknown step `nope`",
             "parameter `x` of step `b` is bound to nothing",
             "depends on `a` but takes no parameter named `a`",
+        ] {
+            assert!(errors.contains(needle), "missing {needle:?} in {errors}");
+        }
+    }
+
+    #[test]
+    fn map_steps_find_their_element_parameter() {
+        let (g, errors) = check_tokens(quote! {
+            impl W {
+                #[step(map)] async fn a(item: u8) -> Result<A, E> { todo!() }
+                #[step] async fn b(all: Vec<A>) -> Result<Vec<B>, E> { todo!() }
+                #[step(map)] async fn c(input: Vec<u8>, one: B) -> Result<C, E> { todo!() }
+            }
+        });
+        let g = g.unwrap_or_else(|| panic!("{errors}"));
+        assert_eq!(g.mapped, vec![Some(0), None, Some(1)]);
+    }
+
+    #[test]
+    fn map_errors_accumulate() {
+        let (g, errors) = check_tokens(quote! {
+            impl W {
+                #[step(depends_on = [], map)] async fn a(input: u8, ctx: &StepContext) -> Result<A, E> { todo!() }
+                #[step(depends_on = [], when = Self::p)] async fn b(input: u8) -> Result<Vec<B>, E> { todo!() }
+                #[step(depends_on = [b], map)] async fn c(b: B) -> Result<C, E> { todo!() }
+                #[step(depends_on = [a, c], map, when = Self::q)] async fn d(a: A, c: C) -> Result<D, E> { todo!() }
+                #[step(depends_on = [a, c], map)] async fn e(a: A, c: C) -> Result<D, E> { todo!() }
+                #[step(depends_on = [], map)] async fn f(ctx: &StepContext) -> Result<D, E> { todo!() }
+            }
+        });
+        assert!(g.is_none());
+        for needle in [
+            "step `d` cannot be both `map` and `when`",
+            "`c` maps over the output of `b`, a conditional step",
+            "depends on `a`, `c`",
+            "root map step `f`",
         ] {
             assert!(errors.contains(needle), "missing {needle:?} in {errors}");
         }

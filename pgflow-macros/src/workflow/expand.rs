@@ -13,7 +13,7 @@ use syn::spanned::Spanned;
 use syn::{Ident, Type};
 
 use super::check::{Graph, Source};
-use super::parse::{Arg, Step, Workflow, snake_case, type_string};
+use super::parse::{Arg, Step, Workflow, snake_case, tokens_string, type_string};
 use crate::attr::RetryOptions;
 use crate::paths;
 
@@ -58,6 +58,104 @@ impl Options {
     }
 }
 
+/// A type the expansion names, with its readable name (`Vec<u32>`).
+#[derive(Clone)]
+struct Named {
+    ty: Type,
+    name: String,
+}
+
+impl Named {
+    fn of(ty: &Type) -> Self {
+        Named {
+            ty: ty.clone(),
+            name: type_string(ty),
+        }
+    }
+
+    /// `outer<inner>` (`Vec` or `Option`), spanned at the inner type so that a bound
+    /// on it is reported at the user's type.
+    fn wrap(outer: &str, inner: &Named) -> Self {
+        let path = match outer {
+            "Vec" => paths::vec(),
+            _ => paths::option(),
+        };
+        let ty = &inner.ty;
+        let tokens = respan(quote!(#path<#ty>), ty.span());
+        Named {
+            ty: syn::parse2(tokens).unwrap_or_else(|_| ty.clone()),
+            name: format!("{outer}<{}>", inner.name),
+        }
+    }
+}
+
+/// The types of a checked model that the expansion names.
+struct Types<'a> {
+    /// The workflow input.
+    input: Named,
+    /// Each step's own success type (`T` of its `Result<T, E>`; per element for a map).
+    own: Vec<&'a Type>,
+    /// What each step's children see: `Vec<U>` for a map step, else its own type.
+    seen: Vec<Named>,
+    /// The workflow output: the terminal's seen type, or `Option` of it when the
+    /// terminal step is conditional.
+    output: Named,
+}
+
+impl<'a> Types<'a> {
+    fn new(wf: &'a Workflow, g: &Graph) -> Self {
+        let steps = &wf.steps;
+        let own: Vec<&Type> = steps.iter().map(output).collect();
+        let seen = steps
+            .iter()
+            .zip(&own)
+            .map(|(s, ty)| {
+                if s.attr.map.is_some() {
+                    Named::wrap("Vec", &Named::of(ty))
+                } else {
+                    Named::of(ty)
+                }
+            })
+            .collect::<Vec<_>>();
+        let (si, pi) = g.input;
+        let param_ty = &data_param(&steps[si], pi).ty;
+        // A root map step's parameter is one element of the input.
+        let input = if g.mapped[si] == Some(pi) {
+            Named::wrap("Vec", &Named::of(param_ty))
+        } else {
+            Named::of(param_ty)
+        };
+        let terminal = &seen[g.terminal];
+        let output = if steps[g.terminal].attr.when.is_some() {
+            Named::wrap("Option", terminal)
+        } else {
+            terminal.clone()
+        };
+        Types {
+            input,
+            own,
+            seen,
+            output,
+        }
+    }
+}
+
+/// `T` of a type written `Vec<T>` (or `std::vec::Vec<T>`), if it is written so.
+fn vec_element(ty: &Type) -> Option<&Type> {
+    let Type::Path(p) = ty else { return None };
+    let seg = p.path.segments.last()?;
+    if p.qself.is_some() || seg.ident != "Vec" {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &seg.arguments else {
+        return None;
+    };
+    match args.args.iter().collect::<Vec<_>>().as_slice() {
+        [syn::GenericArgument::Type(t)] => Some(t),
+        _ => None,
+    }
+}
+
 pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
     let private = paths::private();
     let self_ty = &wf.self_ty;
@@ -90,37 +188,101 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
         },
     );
 
-    let input_ty = &data_param(&steps[g.input.0], g.input.1).ty;
-    let outputs: Vec<&Type> = steps.iter().map(output).collect();
-    let output_ty = outputs[g.terminal];
+    let types = Types::new(wf, g);
+    let input_ty = &types.input.ty;
+    let output_ty = &types.output.ty;
+    let terminal_conditional = steps[g.terminal].attr.when.is_some();
 
-    // ValueOps of the input and of each step's output.
+    // ValueOps of the input, of what each step's children see, and for map steps of
+    // the element and of one element's output.
     let input_ops = format_ident!("__PGFLOW_OPS_INPUT");
     let step_ops: Vec<Ident> = (0..steps.len())
         .map(|i| format_ident!("__PGFLOW_OPS_{}", i))
         .collect();
-    let mut value_ops = value_ops_tokens(&input_ops, input_ty);
-    for (ops, ty) in step_ops.iter().zip(&outputs) {
+    let mut value_ops = value_ops_tokens(&input_ops, &types.input);
+    for (ops, ty) in step_ops.iter().zip(&types.seen) {
         value_ops.extend(value_ops_tokens(ops, ty));
+    }
+    let output_ops = if terminal_conditional {
+        let ops = format_ident!("__PGFLOW_OPS_OUTPUT");
+        value_ops.extend(value_ops_tokens(&ops, &types.output));
+        ops
+    } else {
+        step_ops[g.terminal].clone()
+    };
+
+    let mut map_tables = TokenStream::new();
+    let mut map_refs: Vec<TokenStream> = Vec::with_capacity(steps.len());
+    for (i, s) in steps.iter().enumerate() {
+        let Some(k) = g.mapped[i] else {
+            map_refs.push(quote!(::core::option::Option::None));
+            continue;
+        };
+        let item_ty = &data_param(s, k).ty;
+        let elem_ty = types.own[i];
+        let item_ops = format_ident!("__PGFLOW_OPS_ITEM_{}", i);
+        let elem_ops = format_ident!("__PGFLOW_OPS_ELEM_{}", i);
+        value_ops.extend(value_ops_tokens(&item_ops, &Named::of(item_ty)));
+        value_ops.extend(value_ops_tokens(&elem_ops, &Named::of(elem_ty)));
+        let split = format_ident!("__pgflow_split_{}", i);
+        let collect = format_ident!("__pgflow_collect_{}", i);
+        let table = format_ident!("__PGFLOW_MAP_{}", i);
+        let seen_ops = &step_ops[i];
+        let step_value = paths::step_value();
+        let step_error = paths::step_error();
+        let result = paths::result();
+        let vec = paths::vec();
+        let map_ops = paths::map_ops();
+        let split_call = quote_spanned!(item_ty.span()=> #private::split_vec::<#item_ty>);
+        let collect_call = quote_spanned!(elem_ty.span()=> #private::collect_vec::<#elem_ty>);
+        map_tables.extend(quote! {
+            fn #split(value: #step_value) -> #result<#vec<#step_value>, #step_error> {
+                #split_call(value, &#item_ops)
+            }
+            fn #collect(values: #vec<#step_value>) -> #result<#step_value, #step_error> {
+                #collect_call(values, &#seen_ops)
+            }
+            static #table: #map_ops = #private::map_ops(#private::MapParts {
+                param: #k,
+                item: &#item_ops,
+                element_output: &#elem_ops,
+                split: #split,
+                collect: #collect,
+            });
+        });
+        map_refs.push(quote!(::core::option::Option::Some(&#table)));
     }
 
     let entries: Vec<TokenStream> = steps
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let param_ops: Vec<&Ident> = g.sources[i]
+            let params: Vec<ParamFeed<'_>> = g.sources[i]
                 .iter()
-                .map(|src| match src {
-                    Source::Input => &input_ops,
-                    Source::Step(p) => &step_ops[*p],
+                .enumerate()
+                .map(|(k, src)| {
+                    if g.mapped[i] == Some(k) {
+                        return ParamFeed::Element(format_ident!("__PGFLOW_OPS_ITEM_{}", i));
+                    }
+                    match src {
+                        Source::Input => ParamFeed::Value(&input_ops),
+                        Source::Step(p) if steps[*p].attr.when.is_some() => {
+                            ParamFeed::Optional(&step_ops[*p], types.own[*p])
+                        }
+                        Source::Step(p) => ParamFeed::Value(&step_ops[*p]),
+                    }
                 })
                 .collect();
-            entry_tokens(self_ty, s, i, &step_ops[i], &param_ops)
+            let out_ops = if g.mapped[i].is_some() {
+                format_ident!("__PGFLOW_OPS_ELEM_{}", i)
+            } else {
+                step_ops[i].clone()
+            };
+            entry_tokens(self_ty, s, i, &out_ops, &params)
         })
         .collect();
 
     let step_def = paths::step_def();
-    let step_kind = paths::step_kind();
     let param = paths::param();
     let param_source = paths::param_source();
     let step_rows = steps.iter().enumerate().map(|(i, s)| {
@@ -136,6 +298,14 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
             quote!(#param { name: #pname, source: #source, type_name: #tname })
         });
         let takes_context = s.takes_context();
+        let when = match &s.attr.when {
+            Some((_, path)) => {
+                let text = tokens_string(quote!(#path));
+                quote!(::core::option::Option::Some(#text))
+            }
+            None => quote!(::core::option::Option::None),
+        };
+        let map = &map_refs[i];
         let options = Options::merge(&s.attr.retry, &defaults).tokens();
         let ops = &step_ops[i];
         let entry = format_ident!("__pgflow_entry_{}", i);
@@ -146,7 +316,8 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
                 parents: &[#(#parents),*],
                 params: &[#(#params),*],
                 takes_context: #takes_context,
-                kind: #step_kind::Single,
+                when: #when,
+                map: #map,
                 options: #options,
                 output: &#ops,
                 run: #entry,
@@ -170,12 +341,34 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
     let workflow_trait = paths::workflow_trait();
     let workflow_def = paths::workflow_def();
 
-    let checks = type_checks(wf, g, input_ty, &outputs);
+    // A conditional terminal step: the workflow's output is `Option<T>`.
+    let (finish_fn, finish) = if terminal_conditional {
+        let own = types.own[g.terminal];
+        let step_output = paths::step_output();
+        let step_value = paths::step_value();
+        let step_error = paths::step_error();
+        let result = paths::result();
+        let call = quote_spanned!(own.span()=> #private::finish_optional::<#own>);
+        (
+            quote! {
+                fn __pgflow_finish(output: #step_output) -> #result<#step_value, #step_error> {
+                    #call(output, &#output_ops)
+                }
+            },
+            quote!(::core::option::Option::Some(__pgflow_finish)),
+        )
+    } else {
+        (TokenStream::new(), quote!(::core::option::Option::None))
+    };
+
+    let checks = type_checks(wf, g, &types);
 
     quote! {
         const _: () = {
             #value_ops
+            #map_tables
             #(#entries)*
+            #finish_fn
 
             static __PGFLOW_STEPS: [#step_def; #step_count] = [#(#step_rows),*];
 
@@ -188,6 +381,8 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
                 line: ::core::line!(),
                 defaults: #defaults_tokens,
                 input: &#input_ops,
+                output: &#output_ops,
+                finish: #finish,
                 steps: &__PGFLOW_STEPS,
                 terminal: #terminal,
             });
@@ -226,7 +421,8 @@ fn output(step: &Step) -> &Type {
 
 /// A `static` `ValueOps` for `ty`, with its `duplicate` picked by autoref
 /// specialization (`Clone` when the type has it, a JSON round trip otherwise).
-fn value_ops_tokens(ops: &Ident, ty: &Type) -> TokenStream {
+fn value_ops_tokens(ops: &Ident, named: &Named) -> TokenStream {
+    let ty = &named.ty;
     let private = paths::private();
     let value_ops = paths::value_ops();
     let any = paths::any();
@@ -236,7 +432,7 @@ fn value_ops_tokens(ops: &Ident, ty: &Type) -> TokenStream {
             .to_lowercase()
             .trim_start_matches("__pgflow_ops")
     );
-    let type_name = type_string(ty);
+    let type_name = &named.name;
     // The one place that requires `T: StepData`, spanned at the user's type so a
     // type that is not (de)serializable is reported there.
     let of = quote_spanned!(ty.span()=> ::pgflow::ValueOps::of::<#ty>);
@@ -250,19 +446,32 @@ fn value_ops_tokens(ops: &Ident, ty: &Type) -> TokenStream {
     }
 }
 
+/// Where a step's data parameter gets its value, as the entry takes it.
+enum ParamFeed<'a> {
+    /// A value (the input or a parent's output), deserialized with these ops.
+    Value(&'a Ident),
+    /// The output of a conditional parent (its ops and its type `T`): the parameter
+    /// is an `Option<T>`, `None` when the parent was skipped.
+    Optional(&'a Ident, &'a Type),
+    /// One element of a map step's `Vec`, with the element's ops.
+    Element(Ident),
+}
+
 /// The type-erased entry of step `i`: takes each input as its typed parameter,
-/// calls the user's function in signature order and wraps the output.
+/// evaluates the `when` predicate if any, calls the user's function in signature
+/// order and wraps the output.
 fn entry_tokens(
     self_ty: &Type,
     step: &Step,
     i: usize,
     ops: &Ident,
-    param_ops: &[&Ident],
+    params: &[ParamFeed<'_>],
 ) -> TokenStream {
     let private = paths::private();
     let step_inputs = paths::step_inputs();
     let step_context = paths::step_context();
     let step_value = paths::step_value();
+    let step_output = paths::step_output();
     let boxed = paths::boxed();
     let result = paths::result();
     let entry = format_ident!("__pgflow_entry_{}", i);
@@ -271,6 +480,7 @@ fn entry_tokens(
 
     let mut takes = Vec::new();
     let mut call_args = Vec::new();
+    let mut data_vars = Vec::new();
     let mut k = 0_usize;
     for arg in &step.args {
         match arg {
@@ -278,11 +488,29 @@ fn entry_tokens(
                 let var = format_ident!("__pgflow_arg_{}", k);
                 let ty = &p.ty;
                 let pname = p.name.to_string();
-                let from_ops = param_ops[k];
-                takes.push(quote! {
-                    let #var = __pgflow_inputs.take::<#ty>(#k, #pname, &#from_ops)?;
+                takes.push(match &params[k] {
+                    ParamFeed::Value(from_ops) => quote! {
+                        let #var = __pgflow_inputs.take::<#ty>(#k, #pname, &#from_ops)?;
+                    },
+                    ParamFeed::Element(item_ops) => quote! {
+                        let #var = __pgflow_inputs.take::<#ty>(#k, #pname, &#item_ops)?;
+                    },
+                    ParamFeed::Optional(from_ops, from_ty) => {
+                        // The conversion is the check that the parameter is an
+                        // `Option<T>`, spanned at the parameter's type.
+                        let span = ty.span();
+                        let from = respan(quote!(#from_ty), span);
+                        let to = respan(quote!(#ty), span);
+                        let convert = quote_spanned!(span=> ::pgflow::__private::optional_input::<#to, #from>);
+                        quote! {
+                            let #var: #ty = #convert(
+                                __pgflow_inputs.take_optional::<#from_ty>(#k, #pname, &#from_ops)?,
+                            );
+                        }
+                    }
                 });
                 call_args.push(quote!(#var));
+                data_vars.push(var);
                 k += 1;
             }
             Arg::Context => call_args.push(quote!(&__pgflow_ctx)),
@@ -293,6 +521,11 @@ fn entry_tokens(
     } else {
         quote!(let mut __pgflow_inputs = __pgflow_inputs;)
     };
+    let predicate = step
+        .attr
+        .when
+        .as_ref()
+        .map(|(_, path)| predicate_tokens(self_ty, path, &data_vars));
     let err_span = step
         .error
         .as_ref()
@@ -306,21 +539,58 @@ fn entry_tokens(
             #boxed::pin(async move {
                 #inputs_binding
                 #(#takes)*
+                #predicate
                 let __pgflow_out: #out_ty = match <#self_ty>::#fn_name(#(#call_args),*).await {
                     #result::Ok(__pgflow_value) => __pgflow_value,
                     #result::Err(__pgflow_err) => return #result::Err(#into_err),
                 };
-                #result::Ok(#step_value::typed(__pgflow_out, &#ops))
+                #result::Ok(#step_output::Completed(#step_value::typed(__pgflow_out, &#ops)))
             })
+        }
+    }
+}
+
+/// `if !predicate(&arg0, &arg1, ..) { return Ok(Skipped) }`, with the call spanned at
+/// the user's predicate path so that rustc reports a wrong signature there.
+fn predicate_tokens(self_ty: &Type, path: &syn::Path, vars: &[Ident]) -> TokenStream {
+    let result = paths::result();
+    let step_output = paths::step_output();
+    let span = path
+        .segments
+        .last()
+        .map_or_else(|| path.span(), |s| s.ident.span());
+    // `Self::f` names the workflow type, outside the impl block.
+    let callee = match path.segments.first() {
+        Some(first) if first.ident == "Self" && path.leading_colon.is_none() => {
+            let ty = respan(quote!(#self_ty), first.ident.span());
+            let rest = path.segments.iter().skip(1);
+            let lt = quote_spanned!(first.ident.span()=> <);
+            let gt = quote_spanned!(first.ident.span()=> >);
+            quote!(#lt #ty #gt #(:: #rest)*)
+        }
+        _ => quote!(#path),
+    };
+    // The arguments carry the predicate's span too (an argument of the wrong type is
+    // reported at the predicate, not at `#[workflow]`).
+    let args = vars.iter().map(|v| {
+        let v = Ident::new(&v.to_string(), span);
+        quote_spanned!(span=> &#v)
+    });
+    let call = quote_spanned!(span=> #callee(#(#args),*));
+    quote! {
+        let __pgflow_keep: bool = #call;
+        if !__pgflow_keep {
+            return #result::Ok(#step_output::Skipped);
         }
     }
 }
 
 /// Code that exists only to be type-checked, with spans on the user's tokens: every
 /// parameter's type is the type of what feeds it (error at the parameter: "expected
-/// `Routed`, found `Completion`"). The `StepData` bound is checked once per type by
-/// `ValueOps::of`.
-fn type_checks(wf: &Workflow, g: &Graph, input_ty: &Type, outputs: &[&Type]) -> TokenStream {
+/// `Routed`, found `Completion`"), and what a map step maps over is a `Vec` (error at
+/// `map`). Parameters fed by a conditional step are checked by their conversion in
+/// the entry. The `StepData` bound is checked once per type by `ValueOps::of`.
+fn type_checks(wf: &Workflow, g: &Graph, types: &Types<'_>) -> TokenStream {
     let mut edges = Vec::new();
     for (i, step) in wf.steps.iter().enumerate() {
         for (k, (p, src)) in step.data_params().zip(&g.sources[i]).enumerate() {
@@ -328,12 +598,29 @@ fn type_checks(wf: &Workflow, g: &Graph, input_ty: &Type, outputs: &[&Type]) -> 
                 continue;
             }
             let from: &Type = match src {
-                Source::Input => input_ty,
-                Source::Step(s) => outputs[*s],
+                Source::Input => &types.input.ty,
+                Source::Step(s) if wf.steps[*s].attr.when.is_some() => continue,
+                Source::Step(s) => &types.seen[*s].ty,
             };
             let to = &p.ty;
             // Both types carry the parameter's span, so rustc reports it there.
             let span = p.ty.span();
+            if g.mapped[i] == Some(k) {
+                if let Some(element) = vec_element(from) {
+                    let element = respan(quote!(#element), span);
+                    let check =
+                        quote_spanned!(span=> ::pgflow::__private::same_type::<#element, #to>());
+                    edges.push(quote!(#check;));
+                } else if let Some(map) = &step.attr.map {
+                    // Not written as a `Vec`: rustc says whether it is one (at `map`).
+                    let map_span = map.span();
+                    let from = respan(quote!(#from), map_span);
+                    let check =
+                        quote_spanned!(map_span=> ::pgflow::__private::map_item::<#from, #to>());
+                    edges.push(quote!(#check;));
+                }
+                continue;
+            }
             let from = respan(quote!(#from), span);
             let check = quote_spanned!(span=> ::pgflow::__private::same_type::<#from, #to>());
             edges.push(quote!(#check;));

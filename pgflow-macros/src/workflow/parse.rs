@@ -380,7 +380,12 @@ pub(crate) fn snake_case(name: &str) -> String {
 
 /// A readable rendering of a type (`Vec<u32>`, not `Vec < u32 >`).
 pub(crate) fn type_string(ty: &Type) -> String {
-    let s = quote::quote!(#ty).to_string();
+    tokens_string(quote::quote!(#ty))
+}
+
+/// A readable rendering of tokens (a type or a path).
+pub(crate) fn tokens_string(tokens: proc_macro2::TokenStream) -> String {
+    let s = tokens.to_string();
     s.replace(" :: ", "::")
         .replace(":: ", "::")
         .replace(" ::", "::")

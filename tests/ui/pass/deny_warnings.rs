@@ -38,6 +38,38 @@ impl Strict {
     }
 }
 
+/// A workflow with a root map step, a conditional step and a conditional terminal.
+pub struct StrictKinds;
+
+#[workflow]
+impl StrictKinds {
+    #[step(map)]
+    async fn each(item: Doc) -> Result<usize, StepError> {
+        Ok(item.text.len())
+    }
+
+    #[step(when = Self::any)]
+    async fn total(lens: Vec<usize>) -> Result<usize, StepError> {
+        Ok(lens.iter().sum())
+    }
+
+    #[step(when = Self::large)]
+    async fn report(total: Option<usize>, ctx: &StepContext) -> Result<String, StepError> {
+        ctx.add_cost_cents(1);
+        Ok(format!("{total:?}"))
+    }
+
+    fn any(lens: &[usize]) -> bool {
+        !lens.is_empty()
+    }
+
+    fn large(total: &Option<usize>) -> bool {
+        total.is_some_and(|t| t > 3)
+    }
+}
+
 fn main() {
     assert_eq!(Strict::helper(), 1);
+    fn output<W: pgflow::Workflow<Input = Vec<Doc>, Output = Option<String>>>() {}
+    output::<StrictKinds>();
 }

@@ -1,16 +1,12 @@
 use pgflow::{workflow, StepError};
 
-pub struct Conditional;
+pub struct Mapped;
 
 #[workflow]
-impl Conditional {
-    #[step(when = Self::big)]
+impl Mapped {
+    #[step(map = true)]
     async fn a(n: u32) -> Result<u32, StepError> {
         Ok(n)
-    }
-
-    fn big(n: &u32) -> bool {
-        *n > 10
     }
 }
 

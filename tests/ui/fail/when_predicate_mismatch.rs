@@ -1,0 +1,17 @@
+use pgflow::{workflow, StepError};
+
+pub struct Conditional;
+
+#[workflow]
+impl Conditional {
+    #[step(when = Self::is_big)]
+    async fn a(n: u32) -> Result<u32, StepError> {
+        Ok(n)
+    }
+
+    fn is_big(n: &u64) -> bool {
+        *n > 10
+    }
+}
+
+fn main() {}
