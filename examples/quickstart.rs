@@ -1,25 +1,35 @@
-//! The quickstart: an LLM-routing workflow, durable on PostgreSQL, run on a mixed
-//! batch of requests.
+//! The quickstart: the three reference workflows, durable on PostgreSQL, on a mixed
+//! batch.
 //!
 //! ```text
 //! cargo run --example quickstart
 //! ```
 //!
 //! It connects to `DATABASE_URL` (default: the local server), applies the pgflow
-//! migrations, starts a runtime in this process, enqueues 300 requests of mixed task
-//! types (a few invalid; the provider — a local OpenAI-compatible endpoint unless
-//! `LLM_BASE_URL` is set — answers 429 or 500 now and then), shows progress, and ends
-//! with the results table read from `pgflow.job_results`: runs, success rate,
-//! average and p95 duration and total cost per task type.
+//! migrations, starts a runtime in this process and enqueues a mixed batch:
+//! - 240 `llm_request` runs of mixed task types (a few invalid; the provider — a local
+//!   OpenAI-compatible endpoint unless `LLM_BASE_URL` is set — answers 429 or 500 now
+//!   and then, which is retried);
+//! - 6 `embedding` runs over a small corpus (each chunk embedded in its own task);
+//! - 64 `agent_coordination` messages (a few refused by validation).
+//!
+//! It shows progress while they run and ends with the per-workflow results table
+//! read from `pgflow.job_results`: runs, success rate, average and p95 duration and
+//! total cost.
 
 use std::time::{Duration, Instant};
 
 use pgflow_runtime::Runtime;
+use pgflow_suite::agents::{self, AgentCoordination};
+use pgflow_suite::embedding::{EmbedRequest, Embedding, EmbeddingModel, demo_corpus};
 use pgflow_suite::llm::{LlmClient, LlmInput, LlmRequest, Message, StubEndpoint};
 use sqlx::Connection;
 use sqlx::postgres::PgPoolOptions;
 
-const RUNS: usize = 300;
+const LLM_RUNS: usize = 240;
+const EMBEDDING_RUNS: usize = 6;
+const AGENT_RUNS: usize = 64;
+const RUNS: usize = LLM_RUNS + EMBEDDING_RUNS + AGENT_RUNS;
 
 fn unreachable_help(url: &str, error: &dyn std::fmt::Display) -> String {
     format!(
@@ -58,9 +68,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         Ok(u) if !u.is_empty() => u,
         _ => StubEndpoint::start(7).await?.base_url,
     };
+    agents::setup(&pool).await?;
     let rt = Runtime::builder()
         .pool(pool.clone())
         .queue("llm", 32)
+        .queue("embeddings", 16)
+        .queue("agents", 16)
+        .data(pool.clone())
         .data(LlmClient::new(
             &base_url,
             std::env::var("LLM_API_KEY").ok(),
@@ -82,7 +96,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         "medium",
         "translate",
     ];
-    let requests: Vec<LlmInput> = (0..RUNS)
+    let requests: Vec<LlmInput> = (0..LLM_RUNS)
         .map(|i| LlmInput {
             request_id: format!("quickstart-{i}"),
             task_type: kinds[i % kinds.len()].to_owned(),
@@ -93,15 +107,36 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let started = Instant::now();
+    let tag = format!("qs{}", std::process::id());
     let ids = rt.start_many::<LlmRequest>(requests).await?;
     let first = ids.first().map_or(0, |id| id.0);
-    println!("enqueued {} llm_request runs", ids.len());
+    rt.start_many::<Embedding>((0..EMBEDDING_RUNS).map(|i| EmbedRequest {
+        collection: format!("{tag}-{i}"),
+        model: if i % 2 == 0 {
+            EmbeddingModel::HashBow256
+        } else {
+            EmbeddingModel::HashNgram1024
+        },
+        documents: demo_corpus(8 + i),
+        query: "how are failed steps retried with backoff".into(),
+        top_k: 3,
+    }))
+    .await?;
+    rt.start_many::<AgentCoordination>(
+        agents::demo_messages(AGENT_RUNS, &tag)
+            .into_iter()
+            .map(|(m, _)| m),
+    )
+    .await?;
+    println!(
+        "enqueued {LLM_RUNS} llm_request, {EMBEDDING_RUNS} embedding and {AGENT_RUNS} agent_coordination runs"
+    );
 
     loop {
         let (done, failed): (i64, i64) = sqlx::query_as(
             "SELECT count(*) FILTER (WHERE status <> 'running'),
                     count(*) FILTER (WHERE status = 'failed')
-             FROM pgflow.runs WHERE id >= $1 AND workflow = 'llm_request'",
+             FROM pgflow.runs WHERE id >= $1",
         )
         .bind(first)
         .fetch_one(&pool)
@@ -117,35 +152,38 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let rows: Vec<(String, i64, f64, f64, f64, i64)> = sqlx::query_as(
-        "SELECT input->>'task_type',
+        "SELECT workflow,
                 count(*),
                 100.0 * avg(CASE WHEN status = 'success' THEN 1.0 ELSE 0.0 END)::float8,
                 avg(duration_ms)::float8,
                 percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms),
                 sum(cost_cents)::bigint
          FROM pgflow.job_results
-         WHERE run_id >= $1 AND workflow = 'llm_request'
+         WHERE run_id >= $1
          GROUP BY 1 ORDER BY 1",
     )
     .bind(first)
     .fetch_all(&pool)
     .await?;
     println!(
-        "\n{:<10} {:>5} {:>9} {:>8} {:>8} {:>11}",
-        "task_type", "runs", "success", "avg_ms", "p95_ms", "cost_cents"
+        "\n{:<20} {:>5} {:>9} {:>8} {:>8} {:>11}",
+        "workflow", "runs", "success", "avg_ms", "p95_ms", "cost_cents"
     );
-    for (kind, runs, success, avg, p95, cost) in rows {
-        println!("{kind:<10} {runs:>5} {success:>8.1}% {avg:>8.1} {p95:>8.1} {cost:>11}");
+    for (workflow, runs, success, avg, p95, cost) in rows {
+        println!("{workflow:<20} {runs:>5} {success:>8.1}% {avg:>8.1} {p95:>8.1} {cost:>11}");
     }
-    let example: Option<(String,)> = sqlx::query_as(
-        "SELECT error->'StepFailed'->'history'->0->>'message' FROM pgflow.runs
-         WHERE id >= $1 AND status = 'failed' LIMIT 1",
+    let examples: Vec<(String, String)> = sqlx::query_as(
+        "SELECT DISTINCT ON (workflow) workflow, error->'StepFailed'->'history'->0->>'message'
+         FROM pgflow.runs WHERE id >= $1 AND status = 'failed' ORDER BY workflow, id",
     )
     .bind(first)
-    .fetch_optional(&pool)
+    .fetch_all(&pool)
     .await?;
-    if let Some((msg,)) = example {
-        println!("\nfailed runs say: {msg}");
+    if !examples.is_empty() {
+        println!("\nfailures, permanent by design of the batch:");
+        for (workflow, msg) in examples {
+            println!("  {workflow}: {msg}");
+        }
     }
     println!("\nstored in pgflow.runs, pgflow.step_states and the view pgflow.job_results");
     rt.shutdown().await?;

@@ -1,7 +1,9 @@
 //! The workspace root package: it owns `examples/` and `tests/`, and the workflows
-//! they share ([`llm`]; [`flows`] for the process tests) — all linked into the `worker` example (the binary a user
+//! they share ([`llm`], [`embedding`], [`agents`]; [`flows`] for the process tests) — all linked into the `worker` example (the binary a user
 //! deploys), the chaos program and the multi-process tests.
 
+pub mod agents;
+pub mod embedding;
 pub mod flows;
 pub mod llm;
 pub mod support;

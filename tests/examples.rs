@@ -71,18 +71,28 @@ async fn llm_request_routes_calls_and_records_costs(pool: PgPool) {
 #[sqlx::test]
 async fn quickstart_runs_the_batch_and_prints_the_results(pool: PgPool) {
     let out = run("quickstart", &pool, &[]);
-    assert!(out.contains("300/300 finished"), "{out}");
-    for row in ["complex", "medium", "simple", "translate"] {
+    assert!(out.contains("310/310 finished"), "{out}");
+    for row in ["agent_coordination", "embedding", "llm_request"] {
         assert!(
             out.lines().any(|l| l.starts_with(row)),
             "no results row for {row}:\n{out}"
         );
     }
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.job_results")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(runs, 300);
+    let per_workflow: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT workflow, count(*), count(*) FILTER (WHERE status = 'success')
+         FROM pgflow.job_results GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        per_workflow,
+        [
+            ("agent_coordination".to_owned(), 64, 40),
+            ("embedding".to_owned(), 6, 6),
+            ("llm_request".to_owned(), 240, 200)
+        ]
+    );
 }
 
 #[test]
@@ -99,4 +109,45 @@ fn quickstart_explains_an_unreachable_database() {
     );
     assert!(err.contains("pg_ctlcluster"), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
+}
+
+#[sqlx::test]
+async fn embedding_maps_chunks_stores_vectors_and_answers_the_query(pool: PgPool) {
+    let out = run("embedding", &pool, &["--extra-docs", "12"]);
+    assert!(out.contains("embedding: OK"), "{out}");
+    let models: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT model, max(dims), count(*) FROM embedding_demo.chunks GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(models.len(), 2, "{models:?}");
+    assert_eq!((models[0].0.as_str(), models[0].1), ("hash-bow-256", 256));
+    assert_eq!(
+        (models[1].0.as_str(), models[1].1),
+        ("hash-ngram-1024", 1024)
+    );
+    assert_eq!(models[0].2, models[1].2);
+    // one task per chunk: the map step's elements were recorded one by one
+    let elements: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.step_elements")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(elements, 2 * models[0].2);
+}
+
+#[sqlx::test]
+async fn agent_coordination_validates_delivers_and_assigns_tasks_only(pool: PgPool) {
+    let out = run("agent_coordination", &pool, &["--n", "24"]);
+    assert!(out.contains("agent_coordination: OK"), "{out}");
+    let (ok, failed, skipped): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pgflow.runs WHERE status = 'succeeded'),
+                (SELECT count(*) FROM pgflow.runs WHERE status = 'failed'),
+                (SELECT count(*) FROM pgflow.step_states WHERE status = 'skipped')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((ok, failed), (15, 9));
+    assert_eq!(skipped, 6, "queries and notices skip the assignment step");
 }
