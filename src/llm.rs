@@ -152,7 +152,7 @@ impl LlmRequest {
         })
     }
 
-    #[step(timeout = "25s")]
+    #[step(timeout = "25s", max_attempts = 6)]
     async fn call_provider(routed: Routed, ctx: &StepContext) -> Result<Completion, StepError> {
         let client = ctx.data::<LlmClient>()?;
         let mut request = client
