@@ -10,8 +10,8 @@
 //!
 //! Two live runtimes cannot share an id: the second start is refused. A restart
 //! with the id of a process that is gone (same host, its pid no longer exists) or
-//! whose heartbeat expired takes the id over and returns that process's claims to
-//! the queue at once.
+//! whose heartbeat expired takes the id over; at start a runtime returns any claim
+//! still held under its id to the queue at once (attempt counted).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -90,21 +90,13 @@ pub(crate) async fn list(pool: &PgPool) -> Result<Vec<InstanceInfo>, Error> {
         .collect())
 }
 
-/// How a registration went.
-pub(crate) enum Registered {
-    /// A new id, or one whose previous holder shut down cleanly.
-    Fresh,
-    /// The id of a process that died: its claims must go back to the queue.
-    TookOver,
-}
-
 /// Registers this runtime under `id`, refusing an id held by a live instance.
 pub(crate) async fn register(
     pool: &PgPool,
     id: &str,
     queues: &[(String, usize)],
     offline_after: Duration,
-) -> Result<Registered, Error> {
+) -> Result<(), Error> {
     let host = crate::runtime::hostname();
     let pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
     let queue_map: BTreeMap<&str, usize> = queues.iter().map(|(q, c)| (q.as_str(), *c)).collect();
@@ -136,10 +128,13 @@ pub(crate) async fn register(
         .bind(force)
     };
     if let Some((prev,)) = upsert(false).fetch_optional(pool).await? {
-        return Ok(match prev.as_deref() {
-            Some("dead") => Registered::TookOver,
-            _ => Registered::Fresh,
-        });
+        if prev.as_deref() == Some("dead") {
+            warn!(
+                instance = id,
+                "pgflow: taking over the id of an instance that stopped heartbeating"
+            );
+        }
+        return Ok(());
     }
     // Held by an instance whose heartbeat is fresh: is it a dead process here?
     let holder: Option<(String, i32, f64)> = sqlx::query_as(
@@ -160,7 +155,7 @@ pub(crate) async fn register(
                 "pgflow: taking over the id of a process that is gone"
             );
             upsert(true).fetch_optional(pool).await?;
-            return Ok(Registered::TookOver);
+            return Ok(());
         }
         return Err(Error::InstanceIdInUse {
             id: id.to_owned(),
@@ -171,7 +166,7 @@ pub(crate) async fn register(
     }
     // Deleted in between: try once more.
     upsert(false).fetch_optional(pool).await?;
-    Ok(Registered::Fresh)
+    Ok(())
 }
 
 /// One heartbeat: liveness and load.

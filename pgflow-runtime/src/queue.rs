@@ -95,6 +95,8 @@ WITH steps AS (
         SELECT a.id FROM pgflow.tasks a
         WHERE a.queue = $3
           AND a.claimed_by IS NULL
+          -- an instance that was declared dead claims nothing until it heartbeats again
+          AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
           AND a.run_at <= now()
           AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
         ORDER BY a.priority DESC, a.run_at, a.id
@@ -254,21 +256,23 @@ pub(crate) async fn apply(
     let (retries, finals): (Vec<&Completion>, Vec<&Completion>) = batch
         .iter()
         .partition(|c| matches!(c.outcome, Outcome::Retry { .. } | Outcome::Release));
-    let mut accepted: HashSet<i64> = HashSet::with_capacity(batch.len());
+    // Keyed by (task, claim token): two completions of one task from two claims
+    // (a stale one and a fresh one) must not both pass.
+    let mut accepted: HashSet<(i64, i64)> = HashSet::with_capacity(batch.len());
     if !finals.is_empty() {
         let ids: Vec<i64> = finals.iter().map(|c| c.task_id).collect();
         let tokens: Vec<i64> = finals.iter().map(|c| c.token).collect();
-        let rows: Vec<(i64,)> = sqlx::query_as(
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
             "DELETE FROM pgflow.tasks t
              USING unnest($1::bigint[], $2::bigint[]) AS c(id, token)
              WHERE t.id = c.id AND t.claim_token = c.token
-             RETURNING t.id",
+             RETURNING t.id, c.token",
         )
         .bind(&ids)
         .bind(&tokens)
         .fetch_all(&mut *conn)
         .await?;
-        accepted.extend(rows.into_iter().map(|r| r.0));
+        accepted.extend(rows);
     }
     if !retries.is_empty() {
         let ids: Vec<i64> = retries.iter().map(|c| c.task_id).collect();
@@ -292,7 +296,7 @@ pub(crate) async fn apply(
                 }
             }
         }
-        let rows: Vec<(i64, String, bool)> = sqlx::query_as(
+        let rows: Vec<(i64, i64, String, bool)> = sqlx::query_as(
             "UPDATE pgflow.tasks t
              SET claimed_by = NULL, claim_token = NULL, claimed_at = NULL, lease_until = NULL,
                  attempt = t.attempt + CASE WHEN c.counted THEN 1 ELSE 0 END,
@@ -304,7 +308,7 @@ pub(crate) async fn apply(
              FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bool[])
                   AS c(id, token, delay_ms, err, counted)
              WHERE t.id = c.id AND t.claim_token = c.token
-             RETURNING t.id, t.queue, t.run_at <= now()",
+             RETURNING t.id, c.token, t.queue, t.run_at <= now()",
         )
         .bind(&ids)
         .bind(&tokens)
@@ -313,8 +317,8 @@ pub(crate) async fn apply(
         .bind(&counted)
         .fetch_all(&mut *conn)
         .await?;
-        for (id, queue, due) in rows {
-            accepted.insert(id);
+        for (id, token, queue, due) in rows {
+            accepted.insert((id, token));
             if due {
                 out.queues.insert(queue);
             }
@@ -322,12 +326,14 @@ pub(crate) async fn apply(
     }
     out.rejected = batch
         .iter()
-        .filter(|c| !accepted.contains(&c.task_id))
+        .filter(|c| !accepted.contains(&(c.task_id, c.token)))
         .map(|c| c.task_id)
         .collect();
+    // Each accepted claim applies once, even if the batch held it twice.
+    let mut once: HashSet<(i64, i64)> = HashSet::with_capacity(batch.len());
     let applied: Vec<&Completion> = batch
         .iter()
-        .filter(|c| accepted.contains(&c.task_id))
+        .filter(|c| accepted.contains(&(c.task_id, c.token)) && once.insert((c.task_id, c.token)))
         .collect();
 
     // 2. Sort the outcomes: steps done (completed or skipped), map expansions and
@@ -610,6 +616,9 @@ struct Done<'c> {
 
 #[derive(Default)]
 struct StepRows {
+    /// One row per (run, step): an upsert may not touch a row twice (two failed
+    /// elements of one map step fail the same step).
+    seen: HashSet<(i64, i16)>,
     run_ids: Vec<i64>,
     steps: Vec<i16>,
     statuses: Vec<&'static str>,
@@ -631,6 +640,9 @@ impl StepRows {
         errors: Option<String>,
         reason: Option<String>,
     ) {
+        if !self.seen.insert((run_id, step)) {
+            return;
+        }
         self.run_ids.push(run_id);
         self.steps.push(step);
         self.statuses.push(status);

@@ -201,9 +201,7 @@ impl RuntimeBuilder {
             return Err(Error::Config("the instance id is empty".into()));
         }
         let catalog = Catalog::new(&defs, self.config.lease_grace);
-        let registered =
-            instances::register(&pool, &instance_id, &self.queues, self.config.offline_after)
-                .await?;
+        instances::register(&pool, &instance_id, &self.queues, self.config.offline_after).await?;
 
         let (tx, rx) = mpsc::unbounded_channel();
         let (shutdown, _) = watch::channel(false);
@@ -228,10 +226,10 @@ impl RuntimeBuilder {
             stats: StatsCounters::default(),
             executing: AtomicUsize::new(0),
         });
-        if matches!(registered, instances::Registered::TookOver) {
-            // Claims under this id belong to the dead process we replace.
-            worker::rescue_once(&inner, Some(&inner.instance_id)).await?;
-        }
+        // Claims still held under this id belong to a predecessor that is gone
+        // (a dead process whose id we took over, or one that shut down with claims
+        // left): give them back before claiming anything.
+        while worker::rescue_once(&inner, Some(&inner.instance_id)).await? > 0 {}
         let mut handles = vec![
             tokio::spawn(worker::flusher(Arc::clone(&inner), rx)),
             tokio::spawn(worker::heartbeat(Arc::clone(&inner))),

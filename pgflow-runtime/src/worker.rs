@@ -48,8 +48,17 @@ impl Backoff {
 }
 
 async fn claim_connection(inner: &Inner) -> Result<PgConnection, sqlx::Error> {
-    let mut conn = PgConnection::connect_with(&inner.pool.connect_options()).await?;
+    let options = inner.pool.connect_options();
+    let connect = PgConnection::connect_with(&options);
+    let mut conn = tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+    // Claims need no fsync (see the module docs); a claim never runs long, so a
+    // statement timeout bounds a wait on a broken server (and so shutdown).
     sqlx::query("SET synchronous_commit = off")
+        .execute(&mut conn)
+        .await?;
+    sqlx::query("SET statement_timeout = '30s'")
         .execute(&mut conn)
         .await?;
     Ok(conn)
@@ -139,6 +148,7 @@ async fn execute(inner: Arc<Inner>, task: Claimed, token: i64, permit: OwnedSema
     let span = info_span!("pgflow.step", workflow = %task.workflow, run_id = task.run_id, step = task.step, element = task.element, attempt = task.attempt);
     let key = (task.task_id, token);
     let cost = CostMeter::new();
+    inner.executing.fetch_add(1, Ordering::Relaxed);
     inner
         .in_flight
         .lock()
@@ -445,7 +455,7 @@ async fn flush_resilient(inner: &Inner, batch: Vec<Completion>) -> queue::Flushe
                     debug!(error = %db, "pgflow: flush conflicted with another; retrying");
                     tokio::time::sleep(backoff.next()).await;
                 }
-                Err(sqlx::Error::Database(db)) if batch.len() > 1 => {
+                Err(sqlx::Error::Database(db)) if is_content_error(&*db) && batch.len() > 1 => {
                     debug!(error = %db, "pgflow: flush rejected; splitting the batch");
                     let mut batch = batch;
                     let half = batch.split_off(batch.len() / 2);
@@ -453,7 +463,7 @@ async fn flush_resilient(inner: &Inner, batch: Vec<Completion>) -> queue::Flushe
                     pending.push(batch);
                     break;
                 }
-                Err(sqlx::Error::Database(db)) => {
+                Err(sqlx::Error::Database(db)) if is_content_error(&*db) => {
                     let mut c = batch.into_iter().next().expect("a batch of one");
                     if matches!(
                         c.outcome,
@@ -481,6 +491,17 @@ async fn flush_resilient(inner: &Inner, batch: Vec<Completion>) -> queue::Flushe
         }
     }
     total
+}
+
+/// Whether the database refused a flush for what it contains (a value it cannot
+/// store, a constraint, a limit) rather than for its state (restart, failover,
+/// timeouts, lack of resources), which a retry outlives.
+fn is_content_error(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.code().is_some_and(|c| {
+        ["21", "22", "23", "54"]
+            .iter()
+            .any(|class| c.starts_with(class))
+    })
 }
 
 /// Turns `NOTIFY pgflow_tasks` into local wake-ups. Reconnects on its own.
@@ -546,13 +567,12 @@ pub(crate) async fn rescuer(inner: Arc<Inner>) {
 }
 
 /// Heartbeats this instance with its load until shutdown.
+///
+/// It keeps beating during a graceful shutdown's drain (shutdown stops it right
+/// before marking the instance offline), so a long drain is not mistaken for death.
 pub(crate) async fn heartbeat(inner: Arc<Inner>) {
-    let mut shutdown = inner.shutdown_rx();
     loop {
-        sleep_or_shutdown(inner.config.heartbeat_interval, &mut shutdown).await;
-        if *shutdown.borrow() {
-            return;
-        }
+        tokio::time::sleep(inner.config.heartbeat_interval).await;
         let load = inner.executing.load(Ordering::Relaxed);
         if let Err(e) = crate::instances::heartbeat(&inner.pool, &inner.instance_id, load).await {
             warn!(error = %e, "pgflow: heartbeat failed");
@@ -590,10 +610,20 @@ struct Stranded {
 /// token gone) is left alone.
 pub(crate) async fn rescue_once(inner: &Inner, owner: Option<&str>) -> Result<usize, sqlx::Error> {
     let mut tx = inner.pool.begin().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(RESCUE_LOCK)
-        .fetch_one(&mut *tx)
-        .await?;
+    // The periodic rescue skips a round another instance is doing; a takeover waits
+    // for it, so that the dead predecessor's claims are surely given back.
+    let locked: bool = if owner.is_some() {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(RESCUE_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        true
+    } else {
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(RESCUE_LOCK)
+            .fetch_one(&mut *tx)
+            .await?
+    };
     if !locked {
         return Ok(0);
     }
@@ -686,8 +716,28 @@ pub(crate) async fn rescue_once(inner: &Inner, owner: Option<&str>) -> Result<us
         });
     }
     let n = batch.len();
-    let flushed = queue::apply(&mut tx, &inner.catalog, &inner.instance_id, &batch).await?;
-    tx.commit().await?;
+    let flushed = match queue::apply(&mut tx, &inner.catalog, &inner.instance_id, &batch).await {
+        Ok(f) => {
+            tx.commit().await?;
+            f
+        }
+        Err(sqlx::Error::Database(db)) if is_content_error(&*db) => {
+            // Something in the batch cannot be applied as a whole: keep the
+            // offline marks, then give the tasks back through the flush path that
+            // splits a batch down to the completion at fault.
+            drop(tx);
+            debug!(error = %db, "pgflow: rescue batch refused; applying it piecewise");
+            sqlx::query(
+                "UPDATE pgflow.instances SET status = 'offline', load = 0
+                 WHERE status = 'online' AND last_heartbeat < now() - interval '1 millisecond' * $1",
+            )
+            .bind(offline_ms)
+            .execute(&inner.pool)
+            .await?;
+            flush_resilient(inner, batch).await
+        }
+        Err(e) => return Err(e),
+    };
     inner.wake_waiters(&flushed.finished_runs);
     for q in flushed.queues {
         inner.wake_queue(&q);
