@@ -1578,3 +1578,44 @@ async fn an_element_whose_lease_expired_on_its_last_attempt_fails_the_run_with_i
         .unwrap();
     assert_eq!(status, "failed");
 }
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_claim_never_takes_more_tasks_than_free_slots(pool: PgPool) {
+    // Thousands of due tasks and steps that block: the claimed rows must stay at the
+    // concurrency (a claim whose locking subquery is re-run per row would take them all).
+    let gate = Arc::new(Gate::default());
+    let producer = runtime(&pool, &[]).await;
+    for chunk in (0..5_000_u32).collect::<Vec<_>>().chunks(1_000) {
+        producer.start_many::<Gated>(chunk.to_vec()).await.unwrap();
+    }
+    sqlx::query("ANALYZE pgflow.tasks")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .instance_id("bounded")
+        .queue("default", 4)
+        .shutdown_grace(Duration::from_millis(200))
+        .data(Arc::clone(&gate))
+        .start()
+        .await
+        .unwrap();
+    let count = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pgflow.tasks WHERE claimed_by = 'bounded'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    while count().await < 4 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // the claimer is awake (polling every 250 ms) and its slots are full: no more
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(count().await, 4);
+    // the blocked steps are given back at shutdown
+    rt.shutdown().await.unwrap();
+    producer.shutdown().await.unwrap();
+}

@@ -91,17 +91,22 @@ WITH steps AS (
             (SELECT s.lease_ms FROM steps s
              WHERE s.workflow = t.workflow AND s.version = t.version AND s.step = t.step),
             60000)
-    WHERE t.id IN (
+    -- The ids are locked once, in claim order, by an uncorrelated ARRAY(..) (an
+    -- InitPlan, run once). Inside `WHERE id IN (SELECT .. LIMIT n FOR UPDATE SKIP
+    -- LOCKED)` the planner may re-run the subquery per row, and each re-run skips
+    -- the rows this statement already updated and locks the next n: one claim then
+    -- takes thousands of tasks (seen here under load).
+    WHERE t.id = ANY (ARRAY(
         SELECT a.id FROM pgflow.tasks a
         WHERE a.queue = $3
           AND a.claimed_by IS NULL
-          -- an instance that was declared dead claims nothing until it heartbeats again
+          -- an instance declared dead claims nothing until it heartbeats again
           AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
           AND a.run_at <= now()
           AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
         ORDER BY a.priority DESC, a.run_at, a.id
         LIMIT $4
-        FOR UPDATE SKIP LOCKED)
+        FOR UPDATE SKIP LOCKED))
     RETURNING t.id, t.run_id, t.step, t.workflow, t.version, t.attempt, t.errors, t.element,
               t.item
 )
