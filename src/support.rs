@@ -32,3 +32,37 @@ pub async fn fresh_database(
         .ok_or("DATABASE_URL has no database name")?;
     Ok(format!("{prefix}/{name}"))
 }
+
+/// The URL of the database `options` point at (no password: the local server trusts).
+/// Tests use it to hand their `#[sqlx::test]` database to a child process.
+pub fn url_of(options: &sqlx::postgres::PgConnectOptions) -> String {
+    format!(
+        "postgres://{}@{}:{}/{}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("postgres")
+    )
+}
+
+/// The path of example `name` built next to the running test binary
+/// (`target/<profile>/examples/<name>`; `cargo test` builds the examples).
+///
+/// # Panics
+///
+/// When the binary is missing, with the command that builds it.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("examples")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test` builds it, or run `cargo build --example {name}`",
+        bin.display()
+    );
+    bin
+}

@@ -7,30 +7,11 @@ use std::process::Command;
 use sqlx::PgPool;
 
 fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps")
-        .join("examples")
-        .join(name);
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test` builds the examples",
-        bin.display()
-    );
-    bin
+    pgflow_suite::support::example_binary(name)
 }
 
 fn database_url(pool: &PgPool) -> String {
-    let o = pool.connect_options();
-    format!(
-        "postgres://{}@{}:{}/{}",
-        o.get_username(),
-        o.get_host(),
-        o.get_port(),
-        o.get_database().unwrap_or("postgres")
-    )
+    pgflow_suite::support::url_of(&pool.connect_options())
 }
 
 /// Runs an example; returns its stdout, failing the test with its output if it fails.

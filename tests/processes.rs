@@ -15,29 +15,11 @@ use pgflow_suite::flows::{EXECUTIONS_DDL, Job, ProcChain3, expected_output};
 use sqlx::{Connection, PgPool};
 
 fn worker_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
-    let bin = dir.join("examples").join("worker");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test` builds it, or run `cargo build --example worker`",
-        bin.display()
-    );
-    bin
+    pgflow_suite::support::example_binary("worker")
 }
 
 fn database_url(pool: &PgPool) -> String {
-    let o = pool.connect_options();
-    format!(
-        "postgres://{}@{}:{}/{}",
-        o.get_username(),
-        o.get_host(),
-        o.get_port(),
-        o.get_database().unwrap_or("postgres")
-    )
+    pgflow_suite::support::url_of(&pool.connect_options())
 }
 
 /// A worker process; killed when dropped.
