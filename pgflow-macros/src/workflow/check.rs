@@ -421,9 +421,9 @@ mod tests {
     fn chain_binds_implicitly() {
         let (g, errors) = check_tokens(quote! {
             impl W {
-                #[step] async fn a(req: Req) -> Result<A, E> { todo!() }
-                #[step] async fn b(x: A, input: Req) -> Result<B, E> { todo!() }
-                #[step] async fn c(y: B) -> Result<C, E> { todo!() }
+                #[step] async fn a(req: Req) -> Result<A, E> { body() }
+                #[step] async fn b(x: A, input: Req) -> Result<B, E> { body() }
+                #[step] async fn c(y: B) -> Result<C, E> { body() }
             }
         });
         let g = g.unwrap_or_else(|| panic!("{errors}"));
@@ -437,10 +437,10 @@ mod tests {
     fn diamond_binds_by_name() {
         let (g, errors) = check_tokens(quote! {
             impl W {
-                #[step] async fn a(req: Req) -> Result<A, E> { todo!() }
-                #[step(depends_on = [a])] async fn b(a: A) -> Result<B, E> { todo!() }
-                #[step(depends_on = [a])] async fn c(a: A) -> Result<C, E> { todo!() }
-                #[step(depends_on = [c, b])] async fn d(b: B, c: C, input: Req) -> Result<D, E> { todo!() }
+                #[step] async fn a(req: Req) -> Result<A, E> { body() }
+                #[step(depends_on = [a])] async fn b(a: A) -> Result<B, E> { body() }
+                #[step(depends_on = [a])] async fn c(a: A) -> Result<C, E> { body() }
+                #[step(depends_on = [c, b])] async fn d(b: B, c: C, input: Req) -> Result<D, E> { body() }
             }
         });
         let g = g.unwrap_or_else(|| panic!("{errors}"));
@@ -456,10 +456,10 @@ mod tests {
     fn cycle_is_reported_with_its_path() {
         let (g, errors) = check_tokens(quote! {
             impl W {
-                #[step] async fn a(req: Req) -> Result<A, E> { todo!() }
-                #[step(depends_on = [c])] async fn b(c: C) -> Result<B, E> { todo!() }
-                #[step(depends_on = [b])] async fn c(b: B) -> Result<C, E> { todo!() }
-                #[step(depends_on = [a, c])] async fn d(a: A, c: C) -> Result<D, E> { todo!() }
+                #[step] async fn a(req: Req) -> Result<A, E> { body() }
+                #[step(depends_on = [c])] async fn b(c: C) -> Result<B, E> { body() }
+                #[step(depends_on = [b])] async fn c(b: B) -> Result<C, E> { body() }
+                #[step(depends_on = [a, c])] async fn d(a: A, c: C) -> Result<D, E> { body() }
             }
         });
         assert!(g.is_none());
@@ -474,9 +474,9 @@ mod tests {
     fn graph_errors_accumulate() {
         let (g, errors) = check_tokens(quote! {
             impl W {
-                #[step] async fn a(req: Req) -> Result<A, E> { todo!() }
-                #[step(depends_on = [nope, a])] async fn b(x: A) -> Result<B, E> { todo!() }
-                #[step(depends_on = [a])] async fn c(a: A) -> Result<C, E> { todo!() }
+                #[step] async fn a(req: Req) -> Result<A, E> { body() }
+                #[step(depends_on = [nope, a])] async fn b(x: A) -> Result<B, E> { body() }
+                #[step(depends_on = [a])] async fn c(a: A) -> Result<C, E> { body() }
             }
         });
         assert!(g.is_none());
@@ -493,9 +493,9 @@ mod tests {
     fn map_steps_find_their_element_parameter() {
         let (g, errors) = check_tokens(quote! {
             impl W {
-                #[step(map)] async fn a(item: u8) -> Result<A, E> { todo!() }
-                #[step] async fn b(all: Vec<A>) -> Result<Vec<B>, E> { todo!() }
-                #[step(map)] async fn c(input: Vec<u8>, one: B) -> Result<C, E> { todo!() }
+                #[step(map)] async fn a(item: u8) -> Result<A, E> { body() }
+                #[step] async fn b(all: Vec<A>) -> Result<Vec<B>, E> { body() }
+                #[step(map)] async fn c(input: Vec<u8>, one: B) -> Result<C, E> { body() }
             }
         });
         let g = g.unwrap_or_else(|| panic!("{errors}"));
@@ -506,12 +506,12 @@ mod tests {
     fn map_errors_accumulate() {
         let (g, errors) = check_tokens(quote! {
             impl W {
-                #[step(depends_on = [], map)] async fn a(input: u8, ctx: &StepContext) -> Result<A, E> { todo!() }
-                #[step(depends_on = [], when = Self::p)] async fn b(input: u8) -> Result<Vec<B>, E> { todo!() }
-                #[step(depends_on = [b], map)] async fn c(b: B) -> Result<C, E> { todo!() }
-                #[step(depends_on = [a, c], map, when = Self::q)] async fn d(a: A, c: C) -> Result<D, E> { todo!() }
-                #[step(depends_on = [a, c], map)] async fn e(a: A, c: C) -> Result<D, E> { todo!() }
-                #[step(depends_on = [], map)] async fn f(ctx: &StepContext) -> Result<D, E> { todo!() }
+                #[step(depends_on = [], map)] async fn a(input: u8, ctx: &StepContext) -> Result<A, E> { body() }
+                #[step(depends_on = [], when = Self::p)] async fn b(input: u8) -> Result<Vec<B>, E> { body() }
+                #[step(depends_on = [b], map)] async fn c(b: B) -> Result<C, E> { body() }
+                #[step(depends_on = [a, c], map, when = Self::q)] async fn d(a: A, c: C) -> Result<D, E> { body() }
+                #[step(depends_on = [a, c], map)] async fn e(a: A, c: C) -> Result<D, E> { body() }
+                #[step(depends_on = [], map)] async fn f(ctx: &StepContext) -> Result<D, E> { body() }
             }
         });
         assert!(g.is_none());
@@ -529,9 +529,9 @@ mod tests {
     fn two_terminals_are_named() {
         let (g, errors) = check_tokens(quote! {
             impl W {
-                #[step] async fn a(req: Req) -> Result<A, E> { todo!() }
-                #[step(depends_on = [a])] async fn b(a: A) -> Result<B, E> { todo!() }
-                #[step(depends_on = [a])] async fn c(a: A) -> Result<C, E> { todo!() }
+                #[step] async fn a(req: Req) -> Result<A, E> { body() }
+                #[step(depends_on = [a])] async fn b(a: A) -> Result<B, E> { body() }
+                #[step(depends_on = [a])] async fn c(a: A) -> Result<C, E> { body() }
             }
         });
         assert!(g.is_none());

@@ -436,10 +436,10 @@ mod tests {
         let (wf, cx) = model(quote! {
             impl W {
                 #[step]
-                async fn a(req: Req, ctx: &StepContext) -> Result<A, StepError> { todo!() }
+                async fn a(req: Req, ctx: &StepContext) -> Result<A, StepError> { body() }
                 fn helper() {}
                 #[pgflow::step(max_attempts = 2)]
-                async fn b(a: A) -> anyhow::Result<B> { todo!() }
+                async fn b(a: A) -> anyhow::Result<B> { body() }
             }
         });
         assert!(!cx.has_errors());
@@ -465,13 +465,13 @@ mod tests {
         let (wf, cx) = model(quote! {
             impl W {
                 #[step]
-                fn not_async(x: u8) -> Result<u8, E> { todo!() }
+                fn not_async(x: u8) -> Result<u8, E> { body() }
                 #[step]
-                async fn generic<T>(x: T) -> Result<T, E> { todo!() }
+                async fn generic<T>(x: T) -> Result<T, E> { body() }
                 #[step]
                 async fn no_result(x: u8) -> u8 { x }
                 #[step]
-                async fn by_ref(x: &u8, ctx: StepContext) -> Result<u8, E> { todo!() }
+                async fn by_ref(x: &u8, ctx: StepContext) -> Result<u8, E> { body() }
             }
         });
         assert_eq!(wf.steps.len(), 4);
