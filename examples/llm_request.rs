@@ -15,18 +15,12 @@
 use std::time::Instant;
 
 use pgflow_runtime::Runtime;
-use pgflow_suite::llm::{LlmClient, LlmInput, LlmRequest, Message, StubEndpoint, TIERS};
+use pgflow_suite::llm::{LlmClient, LlmInput, LlmRequest, Message, TIERS};
 
 async fn run(n: usize) -> Result<Vec<String>, Box<dyn std::error::Error>> {
     let url = pgflow_suite::support::database_url();
-    let (base_url, stub) = match std::env::var("LLM_BASE_URL") {
-        Ok(u) if !u.is_empty() => (u, None),
-        _ => {
-            let stub = StubEndpoint::start(7).await?;
-            (stub.base_url.clone(), Some(stub))
-        }
-    };
-    let client = LlmClient::new(&base_url, std::env::var("LLM_API_KEY").ok())?;
+    let (client, stub) = LlmClient::from_env().await.map_err(|e| e.to_string())?;
+    let base_url = client.base_url.clone();
     let rt = Runtime::builder()
         .database_url(&url)
         .queue("llm", 16)

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use pgflow_runtime::Runtime;
 use pgflow_suite::agents::{self, AgentCoordination};
 use pgflow_suite::embedding::{EmbedRequest, Embedding, EmbeddingModel, demo_corpus};
-use pgflow_suite::llm::{LlmClient, LlmInput, LlmRequest, Message, StubEndpoint};
+use pgflow_suite::llm::{LlmClient, LlmInput, LlmRequest, Message};
 use sqlx::Connection;
 use sqlx::postgres::PgPoolOptions;
 
@@ -64,10 +64,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     };
     // The provider: LLM_BASE_URL, or a local OpenAI-compatible endpoint that fails
     // every 7th call with 429 or 500 (retried).
-    let base_url = match std::env::var("LLM_BASE_URL") {
-        Ok(u) if !u.is_empty() => u,
-        _ => StubEndpoint::start(7).await?.base_url,
-    };
+    let (llm, _stub) = LlmClient::from_env().await.map_err(|e| e.to_string())?;
     agents::setup(&pool).await?;
     let rt = Runtime::builder()
         .pool(pool.clone())
@@ -75,10 +72,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .queue("embeddings", 16)
         .queue("agents", 16)
         .data(pool.clone())
-        .data(LlmClient::new(
-            &base_url,
-            std::env::var("LLM_API_KEY").ok(),
-        )?)
+        .data(llm)
         .instance_id(format!("quickstart-{}", std::process::id()))
         .start()
         .await?;

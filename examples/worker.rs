@@ -20,7 +20,7 @@ use std::time::Duration;
 // The workflows this binary serves: linking the crate registers them.
 use pgflow_runtime::Runtime;
 use pgflow_suite::flows::{EXECUTIONS_DDL, ExecLog};
-use pgflow_suite::llm::{LlmClient, StubEndpoint};
+use pgflow_suite::llm::LlmClient;
 use sqlx::postgres::PgPoolOptions;
 
 struct Args {
@@ -130,16 +130,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     // Shared data the linked workflows read with ctx.data::<T>(): the LLM client
     // (LLM_BASE_URL, or a local OpenAI-compatible endpoint) and the pool.
-    let llm_base = match std::env::var("LLM_BASE_URL") {
-        Ok(u) if !u.is_empty() => u,
-        _ => StubEndpoint::start(7).await?.base_url,
-    };
-    builder = builder
-        .data(LlmClient::new(
-            &llm_base,
-            std::env::var("LLM_API_KEY").ok(),
-        )?)
-        .data(pool.clone());
+    let (llm, _stub) = LlmClient::from_env().await.map_err(|e| e.to_string())?;
+    builder = builder.data(llm).data(pool.clone());
     if args.record_executions {
         sqlx::raw_sql(EXECUTIONS_DDL).execute(&pool).await?;
         builder = builder.data(ExecLog(pool.clone()));

@@ -114,6 +114,27 @@ impl LlmClient {
     }
 }
 
+impl LlmClient {
+    /// The client the example programs use: `LLM_BASE_URL` (with `LLM_API_KEY`, if
+    /// set), or else a [`StubEndpoint`] started here that fails every 7th call with
+    /// 429 or 500. Returns the stub too when one was started.
+    ///
+    /// # Errors
+    ///
+    /// When the stub cannot listen or the client cannot be built.
+    pub async fn from_env()
+    -> Result<(Self, Option<StubEndpoint>), Box<dyn std::error::Error + Send + Sync>> {
+        let key = std::env::var("LLM_API_KEY").ok();
+        match std::env::var("LLM_BASE_URL") {
+            Ok(base) if !base.is_empty() => Ok((Self::new(&base, key)?, None)),
+            _ => {
+                let stub = StubEndpoint::start(7).await?;
+                Ok((Self::new(&stub.base_url, key)?, Some(stub)))
+            }
+        }
+    }
+}
+
 /// The price table: (provider, model, prompt, completion) cents per million tokens.
 pub const TIERS: &[(&str, &str, &str, i64, i64)] = &[
     ("simple", "gemini", "gemini-2.0-flash", 10, 40),
