@@ -222,7 +222,7 @@ impl RuntimeBuilder {
             waiters: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
-            tasks: Mutex::new(Vec::new()),
+            tasks: Mutex::new(None),
             stats: StatsCounters::default(),
             executing: AtomicUsize::new(0),
         });
@@ -248,7 +248,7 @@ impl RuntimeBuilder {
             }
         }
         if let Ok(mut t) = inner.tasks.lock() {
-            t.push(Tasks {
+            *t = Some(Tasks {
                 claimers,
                 others: handles,
             });
@@ -296,7 +296,8 @@ pub(crate) struct Inner {
     cancels: Mutex<HashMap<i64, (CancelToken, usize)>>,
     /// Claims being executed: (task id, token) -> (run, step, workflow, version).
     pub(crate) in_flight: Mutex<HashMap<(i64, i64), InFlight>>,
-    tasks: Mutex<Vec<Tasks>>,
+    /// The loops to stop at shutdown; taken by the first `shutdown`.
+    tasks: Mutex<Option<Tasks>>,
     pub(crate) stats: StatsCounters,
     /// Steps executing now (the load reported in heartbeats).
     pub(crate) executing: AtomicUsize,
@@ -991,52 +992,47 @@ impl Runtime {
     /// Database errors while giving tasks back.
     pub async fn shutdown(&self) -> Result<(), Error> {
         let _ = self.inner.shutdown.send(true);
-        let tasks = self
-            .inner
-            .tasks
-            .lock()
-            .map(|mut t| std::mem::take(&mut *t))
-            .unwrap_or_default();
-        for t in tasks {
-            // Claimers stop claiming and return once their executions are done
-            // (or the grace has passed).
-            for c in t.claimers {
-                let _ = c.await;
-            }
-            // Executions still running past the grace: give their tasks back.
-            let left: Vec<((i64, i64), InFlight)> = self
-                .inner
-                .in_flight
-                .lock()
-                .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
-                .unwrap_or_default();
-            for ((task_id, token), f) in left {
-                let Some(flow) = self.inner.catalog.get(&f.workflow, f.version) else {
-                    continue;
-                };
-                let _ = self.inner.completions.send(Msg::Done(Completion {
-                    task_id,
-                    token,
-                    run_id: f.run_id,
-                    step: f.step,
-                    element: None,
-                    flow: (flow.def.name(), f.version),
-                    attempt: 0,
-                    outcome: crate::queue::Outcome::Release,
-                    cost_cents: 0,
-                }));
-            }
-            // Everything sent so far is applied when the flusher answers.
-            let (ack, flushed) = oneshot::channel();
-            if self.inner.completions.send(Msg::Barrier(ack)).is_ok() {
-                let _ = tokio::time::timeout(self.inner.config.shutdown_grace, flushed).await;
-            }
-            for h in t.others {
-                h.abort();
-                let _ = h.await;
-            }
-            instances::mark_offline(&self.inner.pool, &self.inner.instance_id).await?;
+        let Some(t) = self.inner.tasks.lock().ok().and_then(|mut t| t.take()) else {
+            return Ok(()); // already shut down
+        };
+        // Claimers stop claiming and return once their executions are done
+        // (or the grace has passed).
+        for c in t.claimers {
+            let _ = c.await;
         }
+        // Executions still running past the grace: give their tasks back.
+        let left: Vec<((i64, i64), InFlight)> = self
+            .inner
+            .in_flight
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
+            .unwrap_or_default();
+        for ((task_id, token), f) in left {
+            let Some(flow) = self.inner.catalog.get(&f.workflow, f.version) else {
+                continue;
+            };
+            let _ = self.inner.completions.send(Msg::Done(Completion {
+                task_id,
+                token,
+                run_id: f.run_id,
+                step: f.step,
+                element: None,
+                flow: (flow.def.name(), f.version),
+                attempt: 0,
+                outcome: crate::queue::Outcome::Release,
+                cost_cents: 0,
+            }));
+        }
+        // Everything sent so far is applied when the flusher answers.
+        let (ack, flushed) = oneshot::channel();
+        if self.inner.completions.send(Msg::Barrier(ack)).is_ok() {
+            let _ = tokio::time::timeout(self.inner.config.shutdown_grace, flushed).await;
+        }
+        for h in t.others {
+            h.abort();
+            let _ = h.await;
+        }
+        instances::mark_offline(&self.inner.pool, &self.inner.instance_id).await?;
         Ok(())
     }
 }
