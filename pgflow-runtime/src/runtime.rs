@@ -590,8 +590,12 @@ WITH u AS (
     INSERT INTO pgflow.step_states (run_id, step, status, remaining)
     SELECT r.id, j.step, 'waiting', j.n
     FROM r CROSS JOIN unnest($11::smallint[], $12::int[]) AS j(step, n)
+), notified AS MATERIALIZED (
+    -- wakes the queue's workers, in the same round trip; delivered at commit (of the
+    -- caller's transaction, if any)
+    SELECT pg_notify($13, $7) WHERE EXISTS (SELECT 1 FROM r)
 )
-SELECT id FROM r ORDER BY id";
+SELECT r.id FROM r LEFT JOIN notified ON true ORDER BY r.id";
 
 struct NewRun {
     input: String,
@@ -853,15 +857,10 @@ impl Runtime {
             .bind(&root_attempts)
             .bind(&join_steps)
             .bind(&join_counts)
+            .bind(worker::CHANNEL)
             .fetch_all(&mut *conn)
             .await?;
         if !ids.is_empty() {
-            // Delivered at commit (of the caller's transaction, if any).
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(worker::CHANNEL)
-                .bind(def.queue())
-                .execute(&mut *conn)
-                .await?;
             self.inner.wake_queue(def.queue());
         }
         Ok(ids.into_iter().map(|r| r.0).collect())
