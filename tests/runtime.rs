@@ -655,21 +655,18 @@ async fn claim_uses_the_partial_index(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap();
-    let plan: Vec<String> = sqlx::query_scalar(
-        "EXPLAIN SELECT a.id FROM pgflow.tasks a
-         WHERE a.queue = 'default' AND a.claimed_by IS NULL AND a.run_at <= now()
-           AND (a.workflow, a.version) IN (SELECT * FROM unnest('{w}'::text[], '{1}'::int[]))
-         ORDER BY a.priority DESC, a.run_at, a.id
-         LIMIT 100
-         FOR UPDATE SKIP LOCKED",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    let plan = plan.join("\n");
+    // The very statement the claimer sends, with the parameters it binds (a
+    // producer-only runtime: it claims nothing itself).
+    let rt = Runtime::builder().pool(pool.clone()).start().await.unwrap();
+    let plan = pgflow_runtime::explain_claim(&rt, "default", 100)
+        .await
+        .unwrap()
+        .join("\n");
     assert!(plan.contains("tasks_available"), "{plan}");
-    // and the real statement, with its parameters, plans too
-    assert!(pgflow_runtime::CLAIM_SQL.contains("ORDER BY a.priority DESC, a.run_at, a.id"));
+    // the ids are locked through the index, in claim order, not by a sort of the queue
+    assert!(plan.contains("LockRows"), "{plan}");
+    assert!(!plan.contains("Seq Scan on tasks a"), "{plan}");
+    rt.shutdown().await.unwrap();
 }
 
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
@@ -1616,6 +1613,134 @@ async fn a_claim_never_takes_more_tasks_than_free_slots(pool: PgPool) {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(count().await, 4);
     // the blocked steps are given back at shutdown
+    rt.shutdown().await.unwrap();
+    producer.shutdown().await.unwrap();
+}
+
+/// Fails element 2 while the shared switch is on; a conditional step decides once.
+#[derive(Default)]
+pub struct Switch(std::sync::atomic::AtomicBool);
+
+pub struct MapThenGate;
+
+#[workflow(name = "rt_map_then_gate", max_attempts = 1)]
+impl MapThenGate {
+    #[step]
+    async fn items(n: u32) -> Result<Vec<u32>, StepError> {
+        Ok((0..n).collect())
+    }
+
+    #[step(when = Self::has_many)]
+    async fn note(items: Vec<u32>) -> Result<String, StepError> {
+        Ok(format!("{} items", items.len()))
+    }
+
+    #[step(map, depends_on = [items])]
+    async fn double(items: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        if items == 2 && ctx.data::<Arc<Switch>>()?.0.load(Ordering::SeqCst) {
+            return Err(StepError::permanent("element 2 refused"));
+        }
+        Ok(items * 2)
+    }
+
+    #[step(depends_on = [note, double])]
+    async fn total(note: Option<String>, double: Vec<u32>) -> Result<String, StepError> {
+        let sum: u32 = double.iter().sum();
+        Ok(format!("{sum} ({})", note.unwrap_or_else(|| "few".into())))
+    }
+
+    fn has_many(items: &[u32]) -> bool {
+        items.len() > 10
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn retry_resumes_a_run_with_conditional_and_map_steps(pool: PgPool) {
+    let switch = Arc::new(Switch::default());
+    switch.0.store(true, Ordering::SeqCst);
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .queue("default", 4)
+        .poll_interval(Duration::from_millis(20))
+        .data(Arc::clone(&switch))
+        .start()
+        .await
+        .unwrap();
+    let run = rt.start::<MapThenGate>(5).await.unwrap();
+    let err = run.wait().await.unwrap_err();
+    assert!(err.to_string().contains("element 2 refused"), "{err}");
+    // The map step's elements were fanned out in SQL: no task without an element
+    // ever existed for it (its state counts 5 elements, `step_elements` has the
+    // ones that completed).
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow.step_elements WHERE run_id = $1 AND step = 2",
+    )
+    .bind(run.id().0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(stored <= 4, "{stored}");
+
+    switch.0.store(false, Ordering::SeqCst);
+    let report = pgflow_runtime::admin::retry(&pool, run.id()).await.unwrap();
+    assert_eq!(
+        report.reused,
+        ["items", "note"],
+        "the skip decision is kept"
+    );
+    assert_eq!(report.cleared, ["double"]);
+    assert_eq!(report.enqueued, ["double"]);
+    assert_eq!(run.wait().await.unwrap(), "20 (few)");
+    // the skipped step stayed skipped: it did not run again
+    let note: String =
+        sqlx::query_scalar("SELECT status FROM pgflow.step_states WHERE run_id = $1 AND step = 1")
+            .bind(run.id().0)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(note, "skipped");
+    let detail = pgflow_runtime::admin::run_detail(&pool, run.id())
+        .await
+        .unwrap();
+    let names: Vec<&str> = detail.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["items", "note", "double", "total"]);
+    rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_map_child_fans_out_in_the_flush_that_completes_its_parent(pool: PgPool) {
+    // A runtime that only produces: the run's first task waits in the queue.
+    let producer = Runtime::builder()
+        .pool(pool.clone())
+        .instance_id("producer")
+        .start()
+        .await
+        .unwrap();
+    let run = producer.start::<MapThenGate>(3).await.unwrap();
+    // A worker runs `items`; its flush enqueues the map step as one task per element
+    // (and the conditional step), never a task that carries the vector.
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .queue("default", 4)
+        .poll_interval(Duration::from_millis(20))
+        .data(Arc::new(Switch::default()))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(wait::<String>(&rt, run.id()).await.unwrap(), "6 (few)");
+    // items, note, three elements, total: no task for the map step as a whole
+    assert_eq!(rt.stats().tasks_claimed, 6);
+    let elements: Vec<i32> = sqlx::query_scalar(
+        "SELECT element FROM pgflow.step_elements WHERE run_id = $1 AND step = 2 ORDER BY element",
+    )
+    .bind(run.id().0)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(elements, [0, 1, 2]);
+    // an empty vector completes the map step with `[]`
+    let empty = producer.start::<MapThenGate>(0).await.unwrap();
+    assert_eq!(wait::<String>(&rt, empty.id()).await.unwrap(), "0 (few)");
     rt.shutdown().await.unwrap();
     producer.shutdown().await.unwrap();
 }

@@ -19,10 +19,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use pgflow_runtime::admin::{self, AdminError, RunFilter, RunStatus};
-use pgflow_runtime::pgflow::RunId;
+use pgflow::RunId;
+use pgflow_runtime::admin::{self, RunFilter};
+use pgflow_runtime::{Error, RunStatus};
 use serde::Serialize;
 
+mod duration;
 mod human;
 mod table;
 
@@ -89,8 +91,8 @@ enum Command {
     },
 }
 
-fn parse_since(s: &str) -> Result<Duration, AdminError> {
-    admin::parse_duration(s)
+fn parse_since(s: &str) -> Result<Duration, duration::InvalidDuration> {
+    duration::parse_duration(s)
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -113,7 +115,7 @@ async fn main() -> ExitCode {
 }
 
 /// Runs the command and returns what to print.
-async fn run(cli: Cli) -> Result<String, AdminError> {
+async fn run(cli: Cli) -> Result<String, Error> {
     let url = cli
         .database_url
         .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))

@@ -27,13 +27,13 @@ pub(crate) fn param_source() -> TokenStream {
     quote!(::pgflow::ParamSource)
 }
 pub(crate) fn value_ops() -> TokenStream {
-    quote!(::pgflow::ValueOps)
+    quote!(::pgflow::__private::ValueOps)
 }
 pub(crate) fn step_output() -> TokenStream {
-    quote!(::pgflow::StepOutput)
+    quote!(::pgflow::__private::StepOutput)
 }
 pub(crate) fn map_ops() -> TokenStream {
-    quote!(::pgflow::MapOps)
+    quote!(::pgflow::__private::MapOps)
 }
 pub(crate) fn vec() -> TokenStream {
     quote!(::std::vec::Vec)
@@ -45,10 +45,10 @@ pub(crate) fn step_error() -> TokenStream {
     quote!(::pgflow::StepError)
 }
 pub(crate) fn step_value() -> TokenStream {
-    quote!(::pgflow::StepValue)
+    quote!(::pgflow::__private::StepValue)
 }
 pub(crate) fn step_inputs() -> TokenStream {
-    quote!(::pgflow::StepInputs)
+    quote!(::pgflow::__private::StepInputs)
 }
 pub(crate) fn step_context() -> TokenStream {
     quote!(::pgflow::StepContext)

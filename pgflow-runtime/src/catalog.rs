@@ -1,77 +1,91 @@
-//! What the runtime derives once from the registered step tables: for each step its
-//! children (split into those it alone feeds and joins that count down), the roots
-//! and join steps of each workflow, and the arrays the claim query takes to know each
-//! step's parents, lease and whether it (or each element task of a map step) reads
-//! the run input.
+//! The workflows this runtime serves, looked up by `(name, version)`, with what the
+//! engine derives once from each definition: its [`Plan`] (from `pgflow`, the one
+//! model of the step graph), each step's row values for the enqueue statement, and
+//! the arrays the claim statement binds to know each step's parents, lease and
+//! whether it (or each element task of a map step) reads the run input.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use pgflow::{ParamSource, WorkflowDef};
+use pgflow::{Definition, ParamSource, Plan, StepDef, WorkflowDef};
 
-use crate::definitions::version_i32;
+use crate::store::{step_i16, tasks::lease_ms, version_i32};
 
-/// One registered workflow, with derived tables.
+/// What the enqueue statement needs of a step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepRow {
+    pub(crate) priority: i16,
+    pub(crate) max_attempts: i32,
+    /// For a map step: what it maps over (-1: the run input; else a parent's index).
+    pub(crate) map_from: Option<i16>,
+}
+
+/// One registered workflow and what is derived from it.
 #[derive(Debug)]
 pub(crate) struct Flow {
     pub(crate) def: &'static WorkflowDef,
-    /// Steps with no parents: enqueued at start.
-    pub(crate) roots: Vec<i16>,
-    /// Steps with more than one parent and their parent count: a `waiting` row is
-    /// created at start and counted down as parents complete.
-    pub(crate) joins: Vec<(i16, i32)>,
-    /// Per step: children with this step as their only parent.
-    pub(crate) direct_children: Vec<Vec<i16>>,
-    /// Per step: children with several parents.
-    pub(crate) join_children: Vec<Vec<i16>>,
+    pub(crate) plan: &'static Plan,
+    rows: Vec<StepRow>,
 }
 
 impl Flow {
     fn new(def: &'static WorkflowDef) -> Self {
-        let steps = def.steps();
-        let mut direct_children = vec![Vec::new(); steps.len()];
-        let mut join_children = vec![Vec::new(); steps.len()];
-        let mut roots = Vec::new();
-        let mut joins = Vec::new();
-        for s in steps {
-            let idx = step_i16(s.index());
-            match s.parents() {
-                [] => roots.push(idx),
-                [p] => direct_children[*p].push(idx),
-                many => {
-                    joins.push((idx, i32::try_from(many.len()).unwrap_or(i32::MAX)));
-                    for &p in many {
-                        join_children[p].push(idx);
-                    }
-                }
-            }
-        }
+        let rows = step_rows(&def.to_definition());
         Self {
             def,
-            roots,
-            joins,
-            direct_children,
-            join_children,
+            plan: def.plan(),
+            rows,
         }
     }
 
-    pub(crate) fn is_terminal(&self, step: i16) -> bool {
-        usize::try_from(step).is_ok_and(|s| s == self.def.terminal().index())
+    /// Step `step`'s definition.
+    pub(crate) fn step(&self, step: usize) -> Option<&'static StepDef> {
+        self.def.steps().get(step)
+    }
+
+    /// Step `step`'s values for the enqueue statement.
+    pub(crate) fn step_row(&self, step: usize) -> Option<&StepRow> {
+        self.rows.get(step)
+    }
+
+    /// Whether `step` is the terminal step (its output is the run's).
+    pub(crate) fn is_terminal(&self, step: usize) -> bool {
+        step == self.def.terminal().index()
     }
 }
 
-pub(crate) fn step_i16(i: usize) -> i16 {
-    i16::try_from(i).unwrap_or(i16::MAX)
+/// Row values of each step of a definition, compiled or stored (a tool repairing
+/// runs has only the stored one).
+pub(crate) fn step_rows(def: &Definition) -> Vec<StepRow> {
+    def.steps
+        .iter()
+        .map(|s| StepRow {
+            priority: s.priority,
+            max_attempts: i32::try_from(s.max_attempts.max(1)).unwrap_or(i32::MAX),
+            map_from: s.map.as_ref().map(|m| {
+                let from = s
+                    .params
+                    .iter()
+                    .find(|p| p.name == m.param)
+                    .map(|p| p.from.as_str());
+                match from {
+                    Some("input") | None => -1,
+                    Some(parent) => def.step_index(parent).map_or(-1, step_i16),
+                }
+            }),
+        })
+        .collect()
 }
 
-/// Every registered workflow, and the claim query's parameters.
+/// Every registered workflow, and the claim statement's parameters.
 #[derive(Debug, Default)]
 pub(crate) struct Catalog {
     flows: HashMap<&'static str, Vec<(i32, Flow)>>,
     pub(crate) claim: ClaimParams,
 }
 
-/// Arrays bound to the claim query (see `queue::claim`).
+/// Arrays bound to the claim statement (see `store::tasks::claim`), one entry per
+/// step (or per edge) of every registered workflow.
 #[derive(Debug, Default)]
 pub(crate) struct ClaimParams {
     pub(crate) step_workflow: Vec<&'static str>,
@@ -98,9 +112,8 @@ impl Catalog {
                 c.step_workflow.push(def.name());
                 c.step_version.push(version);
                 c.step_index.push(step_i16(s.index()));
-                let lease = s.options().timeout.saturating_add(lease_grace);
                 c.step_lease_ms
-                    .push(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+                    .push(lease_ms(s.options().timeout, lease_grace));
                 let element = s.map().map(|m| m.param());
                 let reads_input = |skip: Option<usize>| {
                     s.params()
@@ -126,6 +139,7 @@ impl Catalog {
         catalog
     }
 
+    /// The workflow `name` at `version`, if this runtime serves it.
     pub(crate) fn get(&self, name: &str, version: i32) -> Option<&Flow> {
         self.flows
             .get(name)?
@@ -134,6 +148,7 @@ impl Catalog {
             .map(|(_, f)| f)
     }
 
+    /// The entry of a linked definition.
     pub(crate) fn flow_of(&self, def: &'static WorkflowDef) -> Option<&Flow> {
         self.get(def.name(), version_i32(def.version()))
     }

@@ -1,4 +1,5 @@
-//! The runtime's error type.
+//! The runtime's error type: one for the engine, the API and the operator
+//! functions of [`admin`](crate::admin).
 
 use pgflow::{RegistryError, RunError, RunId};
 
@@ -21,7 +22,13 @@ pub enum Error {
     },
     /// A query failed.
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] sqlx::Error),
+    /// The database has no (or an incomplete) pgflow schema.
+    #[error(
+        "the pgflow schema is missing in this database ({0}); run `pgflow migrate` or start a \
+         runtime against it first"
+    )]
+    NotMigrated(#[source] sqlx::Error),
     /// Applying the migrations failed.
     #[error("applying pgflow migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -52,11 +59,22 @@ pub enum Error {
         /// What is registered, for the message.
         registered: String,
     },
-    /// An input (or a stored value) does not fit the workflow's type.
+    /// An input does not fit the workflow's input type (or does not serialize).
     #[error("invalid input for workflow `{workflow}`: {message}")]
     InvalidInput {
         /// The workflow.
         workflow: String,
+        /// What is wrong, with the serde path.
+        message: String,
+    },
+    /// A value stored in the database (a run's output) does not deserialize into the
+    /// type asked for: the workflow's output type changed, or the wrong type was named.
+    #[error("workflow `{workflow}`: the stored {what} does not fit: {message}")]
+    StoredValue {
+        /// The workflow.
+        workflow: String,
+        /// What was read (`output`).
+        what: &'static str,
         /// What is wrong, with the serde path.
         message: String,
     },
@@ -87,6 +105,60 @@ pub enum Error {
     /// The runtime was shut down.
     #[error("the runtime is shut down")]
     ShutDown,
+    /// A retry was asked for a run that is not failed.
+    #[error("run {id} is {status}, not failed: only a failed run can be retried")]
+    NotFailed {
+        /// The run.
+        id: RunId,
+        /// Its status.
+        status: String,
+    },
+    /// A cancel was asked for a run that already finished.
+    #[error("run {id} has already {status}: only a running run can be cancelled")]
+    NotRunning {
+        /// The run.
+        id: RunId,
+        /// Its status.
+        status: String,
+    },
+    /// A run's workflow version has no row in `pgflow.workflows`.
+    #[error(
+        "workflow `{workflow}` version {version} has no stored definition in pgflow.workflows \
+         (a runtime that links it stores it at start)"
+    )]
+    MissingDefinition {
+        /// The workflow.
+        workflow: String,
+        /// Its version.
+        version: i32,
+    },
+    /// A stored definition cannot be read, or a repair cannot use it.
+    #[error("workflow `{workflow}` version {version}: {message}")]
+    Definition {
+        /// The workflow.
+        workflow: String,
+        /// Its version.
+        version: i32,
+        /// What is wrong.
+        message: String,
+    },
+    /// A run status did not parse.
+    #[error("invalid run status {0:?}: expected one of running, succeeded, failed, cancelled")]
+    InvalidStatus(String),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        // undefined_table, invalid_schema_name: the migrations were never applied.
+        let code = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .map(|c| c.into_owned());
+        match code.as_deref() {
+            Some("42P01" | "3F000") => Self::NotMigrated(e),
+            _ => Self::Database(e),
+        }
+    }
 }
 
 /// Masks the password of a PostgreSQL URL: `postgres://u:secret@h/db` ->

@@ -28,29 +28,36 @@
 //! # Ok(()) }
 //! ```
 //!
-//! How it works: [`queue`](crate) claims tasks in batches with `FOR UPDATE SKIP
-//! LOCKED` over a partial index, completions are flushed in batches (one transaction
-//! stores outputs, counts down joins, enqueues ready children and finishes runs), and
-//! every completion is fenced on its claim token so a lost claim cannot overwrite
+//! How it works: workers claim tasks in batches with `FOR UPDATE SKIP LOCKED` over a
+//! partial index; completions are flushed in batches (one transaction stores
+//! outputs, counts down joins, enqueues ready children and finishes runs), and every
+//! completion is fenced on its claim token so a lost claim cannot overwrite
 //! anything. A conditional step whose predicate is false is stored as `skipped`
-//! (its children read `None`); a map step becomes one task per element, whose
-//! outputs (`pgflow.step_elements`) are aggregated in order when the last one
-//! completes. The schema is in `migrations/` (schema `pgflow`).
+//! (its children read `None`); a map step becomes one task per element, fanned out
+//! in SQL from the value it maps over, and its outputs (`pgflow.step_elements`) are
+//! aggregated in order when the last one completes. The schema is in `migrations/`
+//! (schema `pgflow`).
+//!
+//! The crate's layout, for readers of its source: `runtime` is the public API,
+//! `builder` starts it, `engine/` holds the shared state and one file per loop
+//! (claimer, executor, flusher, listener, rescuer, heartbeat, maintenance), `store/`
+//! holds every SQL statement, `catalog` what is derived once from the linked
+//! definitions, and [`admin`] the operator functions the CLI runs.
 
 pub mod admin;
+mod builder;
 mod catalog;
 mod config;
-mod definitions;
+mod engine;
 mod error;
-mod instances;
-mod queue;
 mod runtime;
-mod worker;
+mod store;
 
+pub use builder::RuntimeBuilder;
 pub use error::{Error, mask_password};
-pub use instances::InstanceInfo;
-pub use pgflow;
-pub use runtime::{RunHandle, RunOutcome, Runtime, RuntimeBuilder, StartOptions, Stats, Summary};
+pub use runtime::{
+    InstanceInfo, RunHandle, RunOutcome, RunStatus, Runtime, StartOptions, Stats, Summary,
+};
 
 /// The schema migrations (`migrations/` at the workspace root), applied by
 /// [`RuntimeBuilder::start`] unless disabled; usable with `#[sqlx::test(migrator =
@@ -88,6 +95,16 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The claim statement, for tests and `EXPLAIN`.
+/// The plan of the claim statement as the runtime sends it (`EXPLAIN`, not run),
+/// for the runtime's own plan tests.
 #[doc(hidden)]
-pub const CLAIM_SQL: &str = queue::CLAIM_SQL;
+pub async fn explain_claim(rt: &Runtime, queue: &str, limit: usize) -> Result<Vec<String>, Error> {
+    let mut conn = rt.pool().acquire().await?;
+    let req = store::tasks::ClaimRequest {
+        instance: rt.instance_id(),
+        token: 1,
+        queue,
+        limit,
+    };
+    Ok(store::tasks::explain_claim(&mut conn, &rt.engine.catalog, req).await?)
+}

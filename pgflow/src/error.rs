@@ -374,6 +374,15 @@ pub enum RunError {
         /// What failed, with the serde path.
         message: String,
     },
+    /// An executor broke one of its own invariants (a bug in pgflow: please report
+    /// it with the message).
+    #[error("workflow `{workflow}`: internal error: {message}")]
+    Internal {
+        /// The workflow's name.
+        workflow: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl RunError {

@@ -34,10 +34,11 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 
+use crate::engine::{StepInputs, StepOutput, StepValue, policy};
 use crate::workflow::ParamSource;
 use crate::{
     AttemptFailure, CancelToken, CostMeter, Data, ErrorKind, RunError, RunId, StepContext, StepDef,
-    StepError, StepInputs, StepOutput, StepValue, Workflow, WorkflowDef, policy,
+    StepError, Workflow, WorkflowDef,
 };
 
 /// Options of [`execute_with`].
@@ -199,9 +200,9 @@ impl Run<'_> {
     }
 
     fn internal(&self, message: String) -> RunError {
-        RunError::Serde {
+        RunError::Internal {
             workflow: self.def.name().to_owned(),
-            message: format!("internal: {message}"),
+            message,
         }
     }
 
@@ -362,7 +363,7 @@ impl Run<'_> {
             StepOutput::Completed(v) => Slot::Value(v),
             StepOutput::Skipped => Slot::Skipped,
         };
-        for &child in &def.plan().children[index] {
+        for &child in def.plan().children(index) {
             self.waiting[child] -= 1;
             if self.waiting[child] == 0 {
                 self.start(&def.steps()[child])?;
@@ -406,12 +407,12 @@ pub async fn execute_definition(
             cancel: options.cancel.clone(),
         }),
         slots,
-        uses: plan.uses.clone(),
+        uses: consumers(def),
         waiting: steps.iter().map(|s| s.parents().len()).collect(),
         maps: steps.iter().map(|_| None).collect(),
         running: Running::new(),
     };
-    for &root in &plan.roots {
+    for &root in plan.roots() {
         run.start(&steps[root])?;
     }
     loop {
@@ -426,10 +427,24 @@ pub async fn execute_definition(
             return Ok(output);
         }
     }
-    Err(RunError::Serde {
+    Err(RunError::Internal {
         workflow: def.name().to_owned(),
-        message: "internal: the terminal step never became ready".to_owned(),
+        message: "the terminal step never became ready".to_owned(),
     })
+}
+
+/// For each value slot (the steps, then the input at `steps.len()`), how many
+/// parameters consume it: the last consumer takes the value, the others a copy.
+fn consumers(def: &WorkflowDef) -> Vec<u32> {
+    let steps = def.steps();
+    let mut uses = vec![0_u32; steps.len() + 1];
+    for param in steps.iter().flat_map(|s| s.params()) {
+        match param.source {
+            ParamSource::Input => uses[steps.len()] += 1,
+            ParamSource::Step(i) => uses[i] += 1,
+        }
+    }
+    uses
 }
 
 /// A step output that does not serialize, as that step's failure.

@@ -122,9 +122,10 @@
 extern crate self as pgflow;
 
 mod context;
+mod definition;
+pub mod engine;
 mod error;
 mod execute;
-pub mod policy;
 pub mod registry;
 mod value;
 mod workflow;
@@ -134,11 +135,10 @@ mod workflow;
 pub mod __private;
 
 pub use context::{CancelToken, CostMeter, Data, RunId, StepContext, StepContextBuilder};
+pub use definition::{Definition, MapDefinition, ParamDefinition, Plan, PlanError, StepDefinition};
 pub use error::{AttemptFailure, ErrorKind, RunError, StepError};
-pub use execute::{ExecuteOptions, execute, execute_definition, execute_with};
+pub use execute::{ExecuteOptions, execute, execute_with};
 pub use pgflow_macros::{step, workflow};
 pub use registry::{Registry, RegistryError, registry};
-pub use value::{StepData, StepInputs, StepOutput, StepValue, ValueOps, from_json, split_json};
-pub use workflow::{
-    MapOps, Param, ParamSource, StepDef, StepFn, StepKind, StepOptions, Workflow, WorkflowDef,
-};
+pub use value::StepData;
+pub use workflow::{Param, ParamSource, StepDef, StepKind, StepOptions, Workflow, WorkflowDef};

@@ -5,7 +5,8 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use pgflow::{policy, StepError, StepOptions};
+//! use pgflow::engine::policy;
+//! use pgflow::{StepError, StepOptions};
 //!
 //! let opts = StepOptions { backoff: Duration::from_millis(100), ..StepOptions::DEFAULT };
 //! let d = policy::retry_delay(&opts, 3, &StepError::retryable("flaky"));
@@ -22,7 +23,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::{StepContext, StepDef, StepError, StepInputs, StepOptions, StepOutput};
+use crate::engine::{StepInputs, StepOutput};
+use crate::{StepContext, StepDef, StepError, StepOptions};
 
 /// The longest delay between two attempts, whatever the backoff and attempt count.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60 * 60);
@@ -83,7 +85,7 @@ pub fn retry_delay(options: &StepOptions, attempt: u32, error: &StepError) -> Du
 ///
 /// ```
 /// let payload = std::panic::catch_unwind(|| panic!("boom {}", 7)).unwrap_err();
-/// assert_eq!(pgflow::policy::panic_message(payload.as_ref()), "boom 7");
+/// assert_eq!(pgflow::engine::policy::panic_message(payload.as_ref()), "boom 7");
 /// ```
 pub fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&'static str>() {

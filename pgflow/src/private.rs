@@ -4,19 +4,21 @@
 pub use futures_util::future::BoxFuture;
 
 /// What a step entry returns.
-pub type StepFuture = BoxFuture<'static, Result<crate::StepOutput, StepError>>;
+pub type StepFuture = BoxFuture<'static, Result<crate::value::StepOutput, StepError>>;
 pub use inventory;
 pub use serde_json;
 
 pub use crate::registry::Registration;
 pub use crate::value::{
-    Dup, DupFn, DupNoClone, DupResult, DupViaClone, collect_vec, finish_optional, split_vec,
+    Dup, DupFn, DupNoClone, DupResult, DupViaClone, StepInputs, StepOutput, StepValue, ValueOps,
+    collect_vec, finish_optional, split_vec,
 };
 
 use std::sync::OnceLock;
 
-use crate::workflow::{MapOps, Param, StepFn, StepOptions};
-use crate::{StepDef, StepError, StepOutput, StepValue, ValueOps, WorkflowDef};
+pub use crate::workflow::MapOps;
+use crate::workflow::{Param, StepFn, StepOptions};
+use crate::{StepDef, StepError, WorkflowDef};
 
 /// The fields of a [`StepDef`], built by the expansion.
 pub struct StepParts {

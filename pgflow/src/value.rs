@@ -8,7 +8,7 @@
 //! the serde path.
 //!
 //! ```
-//! use pgflow::{StepInputs, StepValue, ValueOps};
+//! use pgflow::engine::{StepInputs, StepValue, ValueOps};
 //!
 //! #[derive(serde::Serialize, serde::Deserialize, Debug)]
 //! struct Count { n: u32 }
@@ -94,13 +94,17 @@ pub enum StepValue {
     Typed(Box<dyn Any + Send>, &'static ValueOps),
     /// A JSON document (as stored by the durable runtime).
     Json(Box<RawValue>),
+    /// JSON text read back from the database, known to be valid (Postgres wrote it
+    /// from a `jsonb`): carried as it is and parsed once, by the typed entry that
+    /// consumes it, with no validation pass before.
+    Stored(Box<str>),
 }
 
 impl StepValue {
     /// Wraps a typed value with the operations of its type.
     ///
     /// ```
-    /// use pgflow::{StepValue, ValueOps};
+    /// use pgflow::engine::{StepValue, ValueOps};
     /// static U8: ValueOps = ValueOps::of::<u8>("u8", |v| v.downcast_ref::<u8>().map(|v| Box::new(*v) as _));
     /// let v = StepValue::typed(7_u8, &U8);
     /// assert_eq!(v.to_json().unwrap().get(), "7");
@@ -125,6 +129,9 @@ impl StepValue {
                 ))
             }),
             Self::Json(raw) => Ok(raw.clone()),
+            Self::Stored(text) => RawValue::from_string(text.to_string()).map_err(|e| {
+                StepError::permanent(format!("a stored value is not valid JSON: {e}"))
+            }),
         }
     }
 
@@ -135,7 +142,7 @@ impl StepValue {
     /// As for [`StepValue::to_json`].
     pub fn into_json(self) -> Result<Self, StepError> {
         match self {
-            Self::Json(_) => Ok(self),
+            Self::Json(_) | Self::Stored(_) => Ok(self),
             typed => typed.to_json().map(Self::Json),
         }
     }
@@ -154,6 +161,7 @@ impl StepValue {
                 None => self.to_json().map(Self::Json),
             },
             Self::Json(raw) => Ok(Self::Json(raw.clone())),
+            Self::Stored(text) => Ok(Self::Stored(text.clone())),
         }
     }
 
@@ -172,6 +180,7 @@ impl StepValue {
                 ))
             }),
             Self::Json(raw) => from_json(raw.get()),
+            Self::Stored(text) => from_json(&text),
         }
     }
 }
@@ -181,6 +190,7 @@ impl fmt::Debug for StepValue {
         match self {
             Self::Typed(_, ops) => write!(f, "Typed({})", ops.type_name),
             Self::Json(raw) => write!(f, "Json({})", raw.get()),
+            Self::Stored(text) => write!(f, "Stored({text})"),
         }
     }
 }
@@ -189,7 +199,7 @@ impl fmt::Debug for StepValue {
 /// predicate was false.
 ///
 /// ```
-/// use pgflow::{StepOutput, StepValue, ValueOps};
+/// use pgflow::engine::{StepOutput, StepValue, ValueOps};
 /// static U8: ValueOps = ValueOps::of::<u8>("u8", |_| None);
 /// let ran = StepOutput::Completed(StepValue::typed(1_u8, &U8));
 /// assert!(!ran.is_skipped());
@@ -215,7 +225,7 @@ impl StepOutput {
 /// mismatch and is permanent (the stored data will not change on a retry).
 ///
 /// ```
-/// let err = pgflow::from_json::<Vec<u8>>("[1, 2, 300]").unwrap_err();
+/// let err = pgflow::engine::from_json::<Vec<u8>>("[1, 2, 300]").unwrap_err();
 /// assert_eq!(err.message(), "does not deserialize into `alloc::vec::Vec<u8>` at `[2]`: invalid value: integer `300`, expected u8 at line 1 column 10");
 /// ```
 ///
@@ -266,7 +276,7 @@ impl StepInputs {
     /// conditional step that was skipped (the parameter receives `None`).
     ///
     /// ```
-    /// use pgflow::{StepInputs, StepValue, ValueOps};
+    /// use pgflow::engine::{StepInputs, StepValue, ValueOps};
     /// static U8: ValueOps = ValueOps::of::<u8>("u8", |_| None);
     /// let mut inputs = StepInputs::with_skipped("wf", "step", vec![None, Some(StepValue::typed(3_u8, &U8))]);
     /// assert_eq!(inputs.take_optional::<u8>(0, "a", &U8).unwrap(), None);
@@ -370,6 +380,9 @@ impl StepInputs {
             Some(Slot::Value(StepValue::Json(raw))) => {
                 (ops.from_json)(raw.get()).map_err(context)?
             }
+            Some(Slot::Value(StepValue::Stored(text))) => {
+                (ops.from_json)(&text).map_err(context)?
+            }
             Some(Slot::Skipped) => return Ok(None),
             Some(Slot::Taken) | None => {
                 return Err(context(StepError::permanent(format!(
@@ -413,6 +426,10 @@ pub fn split_vec<T: Send + 'static>(
             .into_iter()
             .map(StepValue::Json)
             .collect()),
+        StepValue::Stored(text) => Ok(split_json(&text)?
+            .into_iter()
+            .map(StepValue::Json)
+            .collect()),
     }
 }
 
@@ -420,10 +437,10 @@ pub fn split_vec<T: Send + 'static>(
 /// turns the `Vec` a map step maps over into one task per element.
 ///
 /// ```
-/// let items = pgflow::split_json(r#"[1, {"a": 2}, "x"]"#).unwrap();
+/// let items = pgflow::engine::split_json(r#"[1, {"a": 2}, "x"]"#).unwrap();
 /// let items: Vec<&str> = items.iter().map(|i| i.get()).collect();
 /// assert_eq!(items, ["1", r#"{"a": 2}"#, r#""x""#]);
-/// assert!(pgflow::split_json("{}").unwrap_err().is_permanent());
+/// assert!(pgflow::engine::split_json("{}").unwrap_err().is_permanent());
 /// ```
 ///
 /// # Errors

@@ -17,41 +17,49 @@ use super::parse::{Arg, Step, Workflow, snake_case, tokens_string, type_string};
 use crate::attr::RetryOptions;
 use crate::paths;
 
-const DEFAULT_MAX_ATTEMPTS: u32 = 3;
-const DEFAULT_TIMEOUT_MS: u64 = 30_000;
-const DEFAULT_BACKOFF_MS: u64 = 1_000;
-
+/// Options as written: a step's own, else its workflow's; what neither sets is
+/// `StepOptions::DEFAULT`'s, named in the expansion (the defaults are written once,
+/// in `pgflow`).
 struct Options {
-    max_attempts: u32,
-    timeout_ms: u64,
-    backoff_ms: u64,
-    priority: i16,
+    max_attempts: Option<u32>,
+    timeout_ms: Option<u64>,
+    backoff_ms: Option<u64>,
+    priority: Option<i16>,
 }
 
 impl Options {
     fn merge(own: &RetryOptions, fallback: &Options) -> Options {
         Options {
-            max_attempts: own.max_attempts.unwrap_or(fallback.max_attempts),
-            timeout_ms: own.timeout.unwrap_or(fallback.timeout_ms),
-            backoff_ms: own.backoff.unwrap_or(fallback.backoff_ms),
-            priority: own.priority.unwrap_or(fallback.priority),
+            max_attempts: own.max_attempts.or(fallback.max_attempts),
+            timeout_ms: own.timeout.or(fallback.timeout_ms),
+            backoff_ms: own.backoff.or(fallback.backoff_ms),
+            priority: own.priority.or(fallback.priority),
         }
     }
 
     fn tokens(&self) -> TokenStream {
         let step_options = paths::step_options();
         let duration = paths::duration();
-        let Options {
-            max_attempts,
-            timeout_ms,
-            backoff_ms,
-            priority,
-        } = self;
+        let max_attempts = self.max_attempts.map_or_else(
+            || quote!(#step_options::DEFAULT.max_attempts),
+            |n| quote!(#n),
+        );
+        let timeout = self.timeout_ms.map_or_else(
+            || quote!(#step_options::DEFAULT.timeout),
+            |ms| quote!(#duration::from_millis(#ms)),
+        );
+        let backoff = self.backoff_ms.map_or_else(
+            || quote!(#step_options::DEFAULT.backoff),
+            |ms| quote!(#duration::from_millis(#ms)),
+        );
+        let priority = self
+            .priority
+            .map_or_else(|| quote!(#step_options::DEFAULT.priority), |p| quote!(#p));
         quote! {
             #step_options {
                 max_attempts: #max_attempts,
-                timeout: #duration::from_millis(#timeout_ms),
-                backoff: #duration::from_millis(#backoff_ms),
+                timeout: #timeout,
+                backoff: #backoff,
                 priority: #priority,
             }
         }
@@ -181,10 +189,10 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
     let defaults = Options::merge(
         &wf.attr.retry,
         &Options {
-            max_attempts: DEFAULT_MAX_ATTEMPTS,
-            timeout_ms: DEFAULT_TIMEOUT_MS,
-            backoff_ms: DEFAULT_BACKOFF_MS,
-            priority: 0,
+            max_attempts: None,
+            timeout_ms: None,
+            backoff_ms: None,
+            priority: None,
         },
     );
 
@@ -435,7 +443,7 @@ fn value_ops_tokens(ops: &Ident, named: &Named) -> TokenStream {
     let type_name = &named.name;
     // The one place that requires `T: StepData`, spanned at the user's type so a
     // type that is not (de)serializable is reported there.
-    let of = quote_spanned!(ty.span()=> ::pgflow::ValueOps::of::<#ty>);
+    let of = quote_spanned!(ty.span()=> ::pgflow::__private::ValueOps::of::<#ty>);
     quote! {
         fn #dup(value: &(dyn #any + ::core::marker::Send)) -> #private::DupResult {
             #[allow(unused_imports)]

@@ -1,0 +1,379 @@
+//! Runs and their steps: [`list_runs`] and [`run_detail`].
+
+use std::collections::HashMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use pgflow::{AttemptFailure, Definition, Plan, RunError, RunId};
+use serde::{Serialize, Serializer};
+use sqlx::{PgConnection, PgPool};
+
+use crate::store::runs::RunRow;
+use crate::store::{StepState, definitions, runs, step_index, steps, tasks};
+use crate::{Error, RunStatus};
+
+/// Which runs [`list_runs`] returns: newest first.
+#[derive(Debug, Clone)]
+pub struct RunFilter {
+    /// Only runs of this workflow.
+    pub workflow: Option<String>,
+    /// Only runs with this status.
+    pub status: Option<RunStatus>,
+    /// At most this many (default 20).
+    pub limit: u32,
+}
+
+impl Default for RunFilter {
+    fn default() -> Self {
+        Self {
+            workflow: None,
+            status: None,
+            limit: 20,
+        }
+    }
+}
+
+/// One run, as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    /// Its id.
+    pub id: i64,
+    /// Its workflow.
+    pub workflow: String,
+    /// The workflow version it runs.
+    pub version: i32,
+    /// `running`, `succeeded`, `failed` or `cancelled`.
+    pub status: String,
+    /// When it was started.
+    pub created_at: DateTime<Utc>,
+    /// When it was due (later than `created_at` for a delayed start).
+    pub run_at: DateTime<Utc>,
+    /// When it finished.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// From due to finished, for a finished run (as in `pgflow.job_results`).
+    pub duration_ms: Option<i64>,
+    /// Cost recorded by its steps.
+    pub cost_cents: i64,
+    /// The instance that finished it.
+    pub instance_id: Option<String>,
+    /// Why it failed, in one line, with the failing step's every attempt.
+    pub error: Option<String>,
+    /// The step that failed it.
+    pub failed_step: Option<String>,
+    /// The last failed attempt of that step: `attempt 3 retryable: HTTP 503`.
+    pub last_error: Option<String>,
+}
+
+impl RunSummary {
+    fn from_row(r: RunRow) -> Self {
+        let error = r
+            .error
+            .as_deref()
+            .map(|json| serde_json::from_str::<RunError>(json).map_err(|_| json.to_owned()));
+        let (failed_step, last_error) = match &error {
+            Some(Ok(e)) => (
+                e.failed_step().map(str::to_owned),
+                e.history().last().map(ToString::to_string),
+            ),
+            _ => (None, None),
+        };
+        Self {
+            id: r.id,
+            workflow: r.workflow,
+            version: r.version,
+            status: r.status,
+            created_at: r.created_at,
+            run_at: r.run_at,
+            completed_at: r.completed_at,
+            duration_ms: r.duration_ms,
+            cost_cents: r.cost_cents,
+            instance_id: r.instance_id,
+            // A stored error that is not a `RunError` is shown as stored.
+            error: error.map(|e| e.map_or_else(|raw| raw, |e| e.to_string())),
+            failed_step,
+            last_error,
+        }
+    }
+}
+
+/// The newest runs matching `filter`.
+///
+/// # Errors
+///
+/// [`Error::NotMigrated`]; database errors.
+pub async fn list_runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunSummary>, Error> {
+    let rows = runs::list(
+        pool,
+        filter.workflow.as_deref(),
+        filter.status.map(RunStatus::as_str),
+        filter.limit,
+    )
+    .await?;
+    Ok(rows.into_iter().map(RunSummary::from_row).collect())
+}
+
+/// Where a step of a run stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StepStatus {
+    /// Its output is stored (or, for the last step, the run succeeded).
+    Completed,
+    /// It failed for good.
+    Failed,
+    /// The run is running and the step waits for its parents.
+    Waiting,
+    /// A task is in the queue (due now, or later for a retry's backoff).
+    Queued,
+    /// An instance is executing it.
+    Running,
+    /// The run finished without it running.
+    NotStarted,
+    /// A state this version of the tool does not know, as stored.
+    Other(String),
+}
+
+impl StepStatus {
+    /// The name shown and serialized: `completed`, `not_started`, ..
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Waiting => "waiting",
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::NotStarted => "not_started",
+            Self::Other(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for StepStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_str().replace('_', " "))
+    }
+}
+
+impl Serialize for StepStatus {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// One step of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepDetail {
+    /// Its index in the workflow's step table.
+    pub index: usize,
+    /// Its name.
+    pub name: String,
+    /// The steps it depends on.
+    pub parents: Vec<String>,
+    /// Where it stands.
+    pub status: StepStatus,
+    /// Attempts made (including the one running); `None` when not recorded (the last
+    /// step of a succeeded run stores no step row).
+    pub attempts: Option<i32>,
+    /// From when the step became ready (its last parent completed, or the run
+    /// became due) to when it finished, or until now while it is queued or running;
+    /// includes queue wait and retry backoff.
+    pub duration_ms: Option<i64>,
+    /// When it finished.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// The instance that finished it, or the one running it.
+    pub instance_id: Option<String>,
+    /// The last failed attempt, in one line.
+    pub error: Option<String>,
+    /// Every failed attempt, oldest first.
+    pub errors: Vec<AttemptFailure>,
+}
+
+/// One run with its steps.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunDetail {
+    /// The run.
+    #[serde(flatten)]
+    pub run: RunSummary,
+    /// Its input.
+    pub input: serde_json::Value,
+    /// Its output, once succeeded.
+    pub output: Option<serde_json::Value>,
+    /// The stored error, once failed.
+    pub error_detail: Option<serde_json::Value>,
+    /// Its steps in graph order (parents before children, then declaration order).
+    pub steps: Vec<StepDetail>,
+}
+
+/// The stored definition of `workflow` at `version` and its plan.
+pub(crate) async fn load_definition(
+    conn: &mut PgConnection,
+    workflow: &str,
+    version: i32,
+) -> Result<(Definition, Plan), Error> {
+    let text = definitions::load(&mut *conn, workflow, version)
+        .await?
+        .ok_or_else(|| Error::MissingDefinition {
+            workflow: workflow.to_owned(),
+            version,
+        })?;
+    let invalid = |message: String| Error::Definition {
+        workflow: workflow.to_owned(),
+        version,
+        message,
+    };
+    let def = definitions::parse(&text)
+        .map_err(|e| invalid(format!("the stored definition is not readable: {e}")))?;
+    let plan = def.plan().map_err(|e| invalid(e.to_string()))?;
+    Ok((def, plan))
+}
+
+fn parse_errors(json: Option<&str>) -> Vec<AttemptFailure> {
+    json.and_then(|j| serde_json::from_str(j).ok())
+        .unwrap_or_default()
+}
+
+fn millis_between(from: DateTime<Utc>, to: DateTime<Utc>) -> i64 {
+    (to - from).num_milliseconds().max(0)
+}
+
+fn json_or_string(text: String) -> serde_json::Value {
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+}
+
+/// Run `id` with each of its steps, in graph order.
+///
+/// # Errors
+///
+/// [`Error::RunNotFound`]; [`Error::MissingDefinition`] / [`Error::Definition`] when
+/// the stored step table is missing or unreadable; database errors.
+pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
+    // One snapshot for the run, its steps and its tasks.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let row = runs::detail(&mut tx, id.0, false)
+        .await?
+        .ok_or(Error::RunNotFound(id))?;
+    let error_json = row.run.error.clone();
+    let now = row.now;
+    let run = RunSummary::from_row(row.run);
+    let (def, plan) = load_definition(&mut tx, &run.workflow, run.version).await?;
+    let states: HashMap<usize, steps::StateRow> = steps::of_run(&mut tx, id.0)
+        .await?
+        .into_iter()
+        .filter_map(|s| step_index(s.step).map(|i| (i, s)))
+        .collect();
+    let mut tasks_of: HashMap<usize, Vec<tasks::RunTask>> = HashMap::new();
+    for t in tasks::of_run(&mut tx, id.0).await? {
+        if let Some(i) = step_index(t.step) {
+            tasks_of.entry(i).or_default().push(t);
+        }
+    }
+    tx.commit().await?;
+
+    let run_start = run.run_at.max(run.created_at);
+    let succeeded = run.status == RunStatus::Succeeded.as_str();
+    let running = run.status == RunStatus::Running.as_str();
+    let mut steps = Vec::with_capacity(plan.len());
+    for &i in plan.order() {
+        let step = &def.steps[i];
+        // When the step became ready: its last parent's completion, or the run start.
+        let ready_at = plan.parents(i).iter().try_fold(run_start, |at, p| {
+            states
+                .get(p)
+                .filter(|s| StepState::from_name(&s.status) == Some(StepState::Completed))
+                .and_then(|s| s.completed_at)
+                .map(|c| at.max(c))
+        });
+        let mut detail = StepDetail {
+            index: i,
+            name: step.name.clone(),
+            parents: plan
+                .parents(i)
+                .iter()
+                .map(|&p| def.steps[p].name.clone())
+                .collect(),
+            status: StepStatus::NotStarted,
+            attempts: None,
+            duration_ms: None,
+            completed_at: None,
+            instance_id: None,
+            error: None,
+            errors: Vec::new(),
+        };
+        let state = states
+            .get(&i)
+            .filter(|s| StepState::from_name(&s.status) != Some(StepState::Waiting));
+        let tasks = tasks_of.get(&i);
+        if let Some(s) = state {
+            detail.status = match StepState::from_name(&s.status) {
+                Some(StepState::Completed) => StepStatus::Completed,
+                Some(StepState::Failed) => StepStatus::Failed,
+                _ => StepStatus::Other(s.status.clone()),
+            };
+            detail.attempts = Some(s.attempts);
+            detail.errors = parse_errors(s.errors.as_deref());
+            detail.instance_id = s.instance_id.clone();
+            detail.completed_at = s.completed_at;
+            detail.duration_ms = ready_at
+                .zip(s.completed_at)
+                .map(|(a, b)| millis_between(a, b));
+        } else if succeeded && !plan.has_children(i) {
+            // The last step's output is the run's output; it keeps no step row.
+            detail.status = StepStatus::Completed;
+            detail.completed_at = run.completed_at;
+            detail.instance_id = run.instance_id.clone();
+            detail.duration_ms = ready_at
+                .zip(run.completed_at)
+                .map(|(a, b)| millis_between(a, b));
+        } else if let Some(ts) = tasks.filter(|t| !t.is_empty()) {
+            let claimed = ts.iter().find(|t| t.claimed_by.is_some());
+            detail.status = if claimed.is_some() {
+                StepStatus::Running
+            } else {
+                StepStatus::Queued
+            };
+            if let Some(t) = claimed.or_else(|| ts.last()) {
+                // A queued task's attempt is the one it will make next.
+                detail.attempts = Some(if claimed.is_some() {
+                    t.attempt
+                } else {
+                    t.attempt.saturating_sub(1)
+                });
+                detail.errors = parse_errors(t.errors.as_deref());
+                detail.instance_id = t.claimed_by.clone();
+                detail.duration_ms = ts
+                    .iter()
+                    .map(|t| t.created_at)
+                    .min()
+                    .map(|enqueued| millis_between(enqueued, now));
+            }
+        } else if running {
+            detail.status = StepStatus::Waiting;
+        }
+        detail.error = detail.errors.last().map(ToString::to_string);
+        steps.push(detail);
+    }
+    Ok(RunDetail {
+        input: json_or_string(row.input),
+        output: row.output.map(json_or_string),
+        error_detail: error_json.map(json_or_string),
+        run,
+        steps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_status_names() {
+        assert_eq!(StepStatus::NotStarted.to_string(), "not started");
+        assert_eq!(
+            serde_json::to_string(&StepStatus::NotStarted).unwrap(),
+            "\"not_started\""
+        );
+        assert_eq!(StepStatus::Other("skipped".into()).to_string(), "skipped");
+    }
+}

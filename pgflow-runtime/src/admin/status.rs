@@ -1,0 +1,125 @@
+//! [`status`]: the state of a cluster — instances, queue depths, runs per workflow.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::Error;
+use crate::store::{instances, runs, tasks};
+
+// status
+
+/// The state of a cluster: instances, queues, runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Registered instances, most recent heartbeat first.
+    pub instances: Vec<Instance>,
+    /// Tasks per queue and state (only queues with tasks).
+    pub queues: Vec<QueueDepth>,
+    /// Runs per workflow and status.
+    pub runs: Vec<WorkflowRuns>,
+}
+
+/// One row of `pgflow.instances`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Instance {
+    /// Its id.
+    pub id: String,
+    /// Its host.
+    pub host: String,
+    /// Its process id.
+    pub pid: i32,
+    /// The queues it serves and their concurrency, as stored (JSON).
+    pub queues: serde_json::Value,
+    /// Steps it can run at once.
+    pub capacity: i32,
+    /// Steps it was running at its last heartbeat.
+    pub load: i32,
+    /// `online` or `offline`, as stored.
+    pub status: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Its last heartbeat.
+    pub last_heartbeat: DateTime<Utc>,
+    /// Time since its last heartbeat (database clock), in milliseconds.
+    pub idle_ms: i64,
+}
+
+/// Tasks of one queue.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueDepth {
+    /// The queue.
+    pub queue: String,
+    /// Unclaimed and due: what workers claim next.
+    pub available: i64,
+    /// Unclaimed and due later (retries waiting for their backoff, delayed starts).
+    pub scheduled: i64,
+    /// Claimed by an instance.
+    pub running: i64,
+}
+
+/// Runs of one workflow (all versions) per status.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkflowRuns {
+    /// The workflow.
+    pub workflow: String,
+    /// Not finished.
+    pub running: i64,
+    /// Finished with an output.
+    pub succeeded: i64,
+    /// Failed.
+    pub failed: i64,
+    /// Cancelled.
+    pub cancelled: i64,
+}
+
+/// Instances, queue depths and run counts. The run counts scan `pgflow.runs`.
+///
+/// # Errors
+///
+/// [`Error::NotMigrated`]; database errors.
+pub async fn status(pool: &PgPool) -> Result<Status, Error> {
+    let mut conn = pool.acquire().await?;
+    let instances = instances::list(&mut *conn, instances::Listing::All)
+        .await?
+        .into_iter()
+        .map(|r| Instance {
+            queues: serde_json::from_str(&r.queues).unwrap_or(serde_json::Value::String(r.queues)),
+            id: r.id,
+            host: r.host,
+            pid: r.pid,
+            capacity: r.capacity,
+            load: r.load,
+            status: r.status,
+            started_at: r.started_at,
+            last_heartbeat: r.last_heartbeat,
+            idle_ms: r.idle_ms,
+        })
+        .collect();
+    let queues = tasks::depths(&mut conn)
+        .await?
+        .into_iter()
+        .map(|r| QueueDepth {
+            queue: r.queue,
+            available: r.available,
+            scheduled: r.scheduled,
+            running: r.running,
+        })
+        .collect();
+    let runs = runs::counts(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| WorkflowRuns {
+            workflow: r.workflow,
+            running: r.running,
+            succeeded: r.succeeded,
+            failed: r.failed,
+            cancelled: r.cancelled,
+        })
+        .collect();
+    Ok(Status {
+        instances,
+        queues,
+        runs,
+    })
+}

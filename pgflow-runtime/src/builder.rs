@@ -1,0 +1,393 @@
+//! [`RuntimeBuilder`]: configures a runtime, and starts it — connect, migrate,
+//! register the linked workflows' definitions and this instance, give back what a
+//! dead predecessor under the same id still held, and start the engine's loops.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use pgflow::{Data, WorkflowDef};
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tracing::warn;
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::engine::rescuer::rescue_once;
+use crate::store::instances::{self, Registered, Registration};
+use crate::store::{definitions, version_i32};
+use crate::{Error, MIGRATOR, Runtime, mask_password};
+
+/// Configures and starts a [`Runtime`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), pgflow_runtime::Error> {
+/// let rt = pgflow_runtime::Runtime::builder()
+///     .database_url("postgres://postgres@127.0.0.1:5432/postgres")
+///     .queue("default", 16)
+///     .queue("llm", 4)
+///     .instance_id("instance_a")
+///     .data(String::from("shared state, read with ctx.data::<String>()"))
+///     .start()
+///     .await?;
+/// rt.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default)]
+pub struct RuntimeBuilder {
+    url: Option<String>,
+    pool: Option<PgPool>,
+    queues: Vec<(String, usize)>,
+    instance_id: Option<String>,
+    data: Data,
+    config: Config,
+}
+
+impl RuntimeBuilder {
+    /// Connects to this URL (the password is never logged or shown in errors).
+    pub fn database_url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// Uses this pool instead of connecting.
+    pub fn pool(mut self, pool: PgPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Serves `queue` with up to `concurrency` steps at once. A runtime with no
+    /// queue only starts and reads runs (a producer).
+    pub fn queue(mut self, queue: impl Into<String>, concurrency: usize) -> Self {
+        self.queues.push((queue.into(), concurrency));
+        self
+    }
+
+    /// This instance's id (default: `$INSTANCE_ID`, else `host-pid`).
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
+        self
+    }
+
+    /// Shared state that steps read with `ctx.data::<T>()`.
+    pub fn data<T: Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.data.insert(value);
+        self
+    }
+
+    /// How often idle workers poll for due tasks (default 250 ms); notifications
+    /// wake them sooner.
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.config.poll_interval = d;
+        self
+    }
+
+    /// The most tasks one claim takes (default 500).
+    pub fn claim_batch(mut self, n: usize) -> Self {
+        self.config.claim_batch = n.max(1);
+        self
+    }
+
+    /// The most completions one flush applies (default 2,000).
+    pub fn flush_batch(mut self, n: usize) -> Self {
+        self.config.flush_batch = n.max(1);
+        self
+    }
+
+    /// Added to each step's timeout to get its lease (default 30 s).
+    pub fn lease_grace(mut self, d: Duration) -> Self {
+        self.config.lease_grace = d;
+        self
+    }
+
+    /// How often this instance heartbeats into `pgflow.instances` (default 5 s).
+    pub fn heartbeat_interval(mut self, d: Duration) -> Self {
+        self.config.heartbeat_interval = d;
+        self
+    }
+
+    /// An instance whose last heartbeat is older than this is marked offline and its
+    /// claimed tasks return to the queue (default 30 s). Keep it several heartbeat
+    /// intervals long.
+    pub fn offline_after(mut self, d: Duration) -> Self {
+        self.config.offline_after = d;
+        self
+    }
+
+    /// How often expired leases and dead instances are looked for (default 1 s).
+    pub fn rescue_interval(mut self, d: Duration) -> Self {
+        self.config.rescue_interval = d;
+        self
+    }
+
+    /// How long `shutdown` lets in-flight steps finish (default 30 s).
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.config.shutdown_grace = d;
+        self
+    }
+
+    /// Whether `start` applies the migrations (default true).
+    pub fn migrate(mut self, on: bool) -> Self {
+        self.config.migrate = on;
+        self
+    }
+
+    /// How often dead rows of the pgflow tables are checked and vacuumed (default
+    /// every 2 s; `None` leaves it to the server's autovacuum).
+    pub fn vacuum_interval(mut self, every: Option<Duration>) -> Self {
+        self.config.vacuum_interval = every;
+        self
+    }
+
+    /// Pool size when the runtime connects itself (default 10).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.config.max_connections = n.max(2);
+        self
+    }
+
+    /// Connects, migrates, registers every linked workflow and starts the workers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Connect`] when the database cannot be reached; [`Error::Migrate`];
+    /// [`Error::Registry`] for two workflows with one name and version;
+    /// [`Error::DefinitionChanged`] for a changed definition under an old version.
+    pub async fn start(self) -> Result<Runtime, Error> {
+        for (q, c) in &self.queues {
+            if *c == 0 || q.is_empty() {
+                return Err(Error::Config(format!(
+                    "queue {q:?} needs a name and a concurrency of at least 1"
+                )));
+            }
+        }
+        let pool = match self.pool {
+            Some(p) => p,
+            None => connect(self.url, self.config.max_connections).await?,
+        };
+        if self.config.migrate {
+            MIGRATOR.run(&pool).await?;
+        }
+        let registry = pgflow::registry()?;
+        let defs: Vec<&'static WorkflowDef> = registry.workflows().to_vec();
+        register_definitions(&pool, &defs).await?;
+        let instance_id = self.instance_id.unwrap_or_else(default_instance_id);
+        if instance_id.is_empty() {
+            return Err(Error::Config("the instance id is empty".into()));
+        }
+        register_instance(&pool, &instance_id, &self.queues, self.config.offline_after).await?;
+        let catalog = Catalog::new(&defs, self.config.lease_grace);
+        let (engine, completions) = Engine::new(
+            pool,
+            instance_id,
+            catalog,
+            self.data,
+            self.config,
+            self.queues,
+        );
+        // Claims still held under this id belong to a predecessor that is gone
+        // (a dead process whose id we took over, or one that shut down with claims
+        // left): give them back before claiming anything.
+        while rescue_once(&engine, Some(&engine.instance_id)).await? > 0 {}
+        engine.start_loops(completions);
+        Ok(Runtime { engine })
+    }
+}
+
+/// Connects a pool to `url` (or `$DATABASE_URL`).
+async fn connect(url: Option<String>, max_connections: u32) -> Result<PgPool, Error> {
+    let url = url
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+        .ok_or_else(|| {
+            Error::Config(
+                "no database: call .database_url(..) or .pool(..), or set DATABASE_URL".into(),
+            )
+        })?;
+    let connect_error = |source| Error::Connect {
+        url: mask_password(&url),
+        source,
+    };
+    let opts: PgConnectOptions = url.parse().map_err(connect_error)?;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts)
+        .await
+        .map_err(connect_error)
+}
+
+fn default_instance_id() -> String {
+    std::env::var("INSTANCE_ID")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()))
+}
+
+fn hostname() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// Stores each linked definition (one round trip) and compares those stored
+/// before: a definition that changed under the same version is refused with the
+/// first differences, so a changed workflow must get a new version (runs in flight
+/// keep the step table they started with).
+async fn register_definitions(pool: &PgPool, defs: &[&'static WorkflowDef]) -> Result<(), Error> {
+    if defs.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = defs.iter().map(|d| d.name()).collect();
+    let versions: Vec<i32> = defs.iter().map(|d| version_i32(d.version())).collect();
+    let described: Vec<Value> = defs.iter().map(|d| d.describe()).collect();
+    let texts: Vec<String> = described.iter().map(Value::to_string).collect();
+    for row in definitions::register(pool, &names, &versions, &texts).await? {
+        let Some(i) = defs
+            .iter()
+            .position(|d| d.name() == row.name && version_i32(d.version()) == row.version)
+        else {
+            continue;
+        };
+        let stored: Value =
+            serde_json::from_str(&row.definition).map_err(|e| Error::DefinitionChanged {
+                workflow: row.name.clone(),
+                version: defs[i].version(),
+                difference: format!("the stored definition is not readable: {e}"),
+            })?;
+        let mut diffs = Vec::new();
+        diff("", &stored, &described[i], &mut diffs);
+        if !diffs.is_empty() {
+            let shown = diffs.iter().take(5).cloned().collect::<Vec<_>>().join("; ");
+            let more = diffs.len().saturating_sub(5);
+            return Err(Error::DefinitionChanged {
+                workflow: row.name,
+                version: defs[i].version(),
+                difference: if more > 0 {
+                    format!("{shown}; and {more} more")
+                } else {
+                    shown
+                },
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Lists the paths where `old` and `new` differ: `steps[1].timeout_ms: 30000 -> 10000`.
+fn diff(path: &str, old: &Value, new: &Value, out: &mut Vec<String>) {
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                diff(
+                    &p,
+                    a.get(k).unwrap_or(&Value::Null),
+                    b.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                diff(&format!("{path}[{i}]"), x, y, out);
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            out.push(format!(
+                "{path}: {} entries -> {} entries",
+                a.len(),
+                b.len()
+            ));
+        }
+        _ if old != new => out.push(format!("{path}: {old} -> {new}")),
+        _ => {}
+    }
+}
+
+/// Registers this runtime under `id`, refusing an id held by a live instance.
+///
+/// Two live runtimes cannot share an id. A restart with the id of a process that is
+/// gone (same host, its pid no longer exists) or whose heartbeat expired takes the
+/// id over.
+async fn register_instance(
+    pool: &PgPool,
+    id: &str,
+    queues: &[(String, usize)],
+    offline_after: Duration,
+) -> Result<(), Error> {
+    let host = hostname();
+    let pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
+    let queue_map: BTreeMap<&str, usize> = queues.iter().map(|(q, c)| (q.as_str(), *c)).collect();
+    let queues_json = serde_json::to_string(&queue_map).unwrap_or_else(|_| "{}".to_owned());
+    let capacity = i32::try_from(queues.iter().map(|q| q.1).sum::<usize>()).unwrap_or(i32::MAX);
+    let registration = Registration {
+        id,
+        host: &host,
+        pid,
+        queues_json: &queues_json,
+        capacity,
+        offline_after,
+    };
+    match instances::register(pool, &registration, false).await? {
+        Registered::Fresh => Ok(()),
+        Registered::TookOverSilent => {
+            warn!(
+                instance = id,
+                "pgflow: taking over the id of an instance that stopped heartbeating"
+            );
+            Ok(())
+        }
+        Registered::Held {
+            host: holder_host,
+            pid: holder_pid,
+            heartbeat_secs_ago,
+        } => {
+            // Held by an instance whose heartbeat is fresh: is it a dead process here?
+            let gone = holder_host == host
+                && holder_pid != pid
+                && !std::path::Path::new(&format!("/proc/{holder_pid}")).exists();
+            if gone {
+                warn!(
+                    instance = id,
+                    pid = holder_pid,
+                    "pgflow: taking over the id of a process that is gone"
+                );
+                instances::register(pool, &registration, true).await?;
+                return Ok(());
+            }
+            Err(Error::InstanceIdInUse {
+                id: id.to_owned(),
+                host: holder_host,
+                pid: holder_pid,
+                heartbeat_secs_ago,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn diff_names_each_changed_path() {
+        let old = json!({"steps": [{"name": "a", "timeout_ms": 30000}], "queue": "q"});
+        let new = json!({"steps": [{"name": "a", "timeout_ms": 10000}], "queue": "q"});
+        let mut out = Vec::new();
+        diff("", &old, &new, &mut out);
+        assert_eq!(out, ["steps[0].timeout_ms: 30000 -> 10000"]);
+        let new = json!({"steps": [], "queue": "r"});
+        let mut out = Vec::new();
+        diff("", &old, &new, &mut out);
+        assert_eq!(
+            out,
+            ["queue: \"q\" -> \"r\"", "steps: 1 entries -> 0 entries"]
+        );
+    }
+}

@@ -1,0 +1,90 @@
+//! The claimer of one queue: claims due tasks while it has free slots (a semaphore
+//! of the queue's concurrency) and spawns one execution per task.
+//!
+//! Claims run on a connection of their own (`store::tasks::claim_connection`), one
+//! statement per batch, woken by notifications, local wake-ups or the poll interval.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tracing::warn;
+
+use crate::engine::{Backoff, Engine, executor, sleep_or_shutdown};
+use crate::store::tasks::{self, ClaimRequest};
+
+/// Claims tasks of `queue` while there are free slots, and spawns their executions;
+/// at shutdown, waits (up to the grace) until every execution gave its slot back.
+pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) {
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let waker = engine.waker(&queue);
+    let mut shutdown = engine.shutdown_rx();
+    let mut conn = None;
+    let mut backoff = Backoff::new();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let free = slots.available_permits();
+        if free == 0 {
+            tokio::select! {
+                permit = Arc::clone(&slots).acquire_owned() => drop(permit),
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        let limit = free.min(engine.config.claim_batch);
+        let c = match &mut conn {
+            Some(c) => c,
+            None => match tasks::claim_connection(&engine.pool).await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    warn!(queue = %queue, error = %e, "pgflow: cannot open a claim connection; retrying");
+                    sleep_or_shutdown(backoff.next(), &mut shutdown).await;
+                    continue;
+                }
+            },
+        };
+        // One random token per batch: see `store::tasks` on fencing.
+        let token = fastrand::i64(1..);
+        let req = ClaimRequest {
+            instance: &engine.instance_id,
+            token,
+            queue: &queue,
+            limit,
+        };
+        match tasks::claim(c, &engine.catalog, req).await {
+            Ok(claimed) => {
+                backoff.reset();
+                let got = claimed.len();
+                if got > 0 {
+                    Engine::count(&engine.counters.claims, 1);
+                    Engine::count(&engine.counters.tasks_claimed, got as u64);
+                }
+                for task in claimed {
+                    // Cannot fail: the claim took at most `free` tasks and only this
+                    // loop takes permits. Should it ever, the task's lease returns it.
+                    let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                        break;
+                    };
+                    tokio::spawn(executor::run(Arc::clone(&engine), task, token, permit));
+                }
+                if got == limit {
+                    continue; // there may be more
+                }
+            }
+            Err(e) => {
+                warn!(queue = %queue, error = %e, "pgflow: claim failed; retrying");
+                conn = None;
+                sleep_or_shutdown(backoff.next(), &mut shutdown).await;
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = waker.notified() => {}
+            _ = tokio::time::sleep(engine.config.poll_interval) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+    let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(engine.config.shutdown_grace, slots.acquire_many(all)).await;
+}

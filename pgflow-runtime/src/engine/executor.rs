@@ -1,0 +1,246 @@
+//! Executing one claimed task: build the step's inputs from the stored JSON (passed
+//! through as raw JSON, deserialized once, by the step's typed entry), run one
+//! attempt under `pgflow`'s policy (timeout, panics, backoff), classify the result
+//! and hand the completion to the flusher.
+
+use std::sync::Arc;
+
+use pgflow::engine::{StepInputs, StepOutput, StepValue, policy};
+use pgflow::{AttemptFailure, CostMeter, ParamSource, RunId, StepContext, StepDef, StepError};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::catalog::Flow;
+use crate::engine::{Engine, FlushMsg, InFlight};
+use crate::store::flush::{Completion, Outcome};
+use crate::store::tasks::Claimed;
+use crate::store::{step_i16, version_i32};
+
+/// Runs one claimed task and hands its completion to the flusher; the slot
+/// (`permit`) is returned when it is handed over.
+pub(crate) async fn run(
+    engine: Arc<Engine>,
+    task: Claimed,
+    token: i64,
+    permit: OwnedSemaphorePermit,
+) {
+    let span = info_span!("pgflow.step", workflow = %task.workflow, run_id = task.run_id, step = task.step, element = task.element, attempt = task.attempt);
+    let key = (task.task_id, token);
+    let cost = CostMeter::new();
+    let flow = engine.catalog.get(&task.workflow, task.version);
+    let (workflow, version) = flow.map_or(("", task.version), |f| {
+        (f.def.name(), version_i32(f.def.version()))
+    });
+    engine
+        .executing
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Ok(mut m) = engine.in_flight.lock() {
+        m.insert(
+            key,
+            InFlight {
+                run_id: task.run_id,
+                step: task.step,
+                element: task.element,
+                workflow,
+                version,
+            },
+        );
+    }
+    let outcome = attempt(&engine, flow, &task, cost.clone())
+        .instrument(span)
+        .await;
+    let completion = Completion {
+        task_id: task.task_id,
+        token,
+        run_id: task.run_id,
+        step: task.step,
+        element: task.element,
+        workflow,
+        version,
+        attempt: task.attempt,
+        outcome,
+        cost_cents: cost.total(),
+    };
+    if let Ok(mut m) = engine.in_flight.lock() {
+        m.remove(&key);
+    }
+    engine
+        .executing
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    if engine
+        .completions
+        .send(FlushMsg::Completion(completion))
+        .is_err()
+    {
+        warn!("pgflow: completion dropped: the flusher stopped (its lease will expire)");
+    }
+    drop(permit);
+}
+
+/// Earlier failed attempts of the task, as stored.
+pub(crate) fn prior_errors(errors: Option<&str>) -> Vec<AttemptFailure> {
+    errors
+        .and_then(|e| serde_json::from_str(e).ok())
+        .unwrap_or_default()
+}
+
+/// One attempt of the task's step, classified.
+async fn attempt(engine: &Engine, flow: Option<&Flow>, task: &Claimed, cost: CostMeter) -> Outcome {
+    if task.run_status != "running" {
+        return Outcome::Discard;
+    }
+    let attempt = u32::try_from(task.attempt).unwrap_or(1).max(1);
+    let element = task.element.and_then(|e| usize::try_from(e).ok());
+    let fail_now = |e: StepError| {
+        let mut history = prior_errors(task.errors.as_deref());
+        history.push(AttemptFailure::new(attempt, &e));
+        Outcome::Failed { history, element }
+    };
+    let Some(flow) = flow else {
+        return fail_now(StepError::permanent(format!(
+            "workflow `{}` version {} is not registered in this instance",
+            task.workflow, task.version
+        )));
+    };
+    let Some(step) = usize::try_from(task.step).ok().and_then(|s| flow.step(s)) else {
+        return fail_now(StepError::permanent(format!(
+            "step {} does not exist",
+            task.step
+        )));
+    };
+    if step.map().is_some() && element.is_none() {
+        return unfanned_map(step, task).unwrap_or_else(fail_now);
+    }
+    let inputs = match build_inputs(flow.def.name(), step, task) {
+        Ok(i) => i,
+        Err(e) => return fail_now(e),
+    };
+    let cancel = engine.cancel_token(task.run_id);
+    let ctx = StepContext::builder(flow.def.name(), step.name())
+        .run_id(RunId(task.run_id))
+        .attempt(attempt)
+        .element(element)
+        .data(Arc::clone(&engine.data))
+        .cost(cost)
+        .cancel(cancel)
+        .build();
+    let result = policy::run_attempt(step, inputs, ctx).await;
+    engine.release_cancel_token(task.run_id);
+    let result = result.and_then(|out| match out {
+        StepOutput::Completed(v) => v.to_json().map(Some),
+        StepOutput::Skipped => Ok(None),
+    });
+    match result {
+        Ok(Some(json)) => Outcome::Succeeded(String::from(Box::<str>::from(json))),
+        Ok(None) => Outcome::Skipped {
+            reason: format!(
+                "`when = {}` was false",
+                step.predicate().unwrap_or("(no predicate)")
+            ),
+        },
+        Err(e) => {
+            debug!(error = %e, "pgflow: step attempt failed");
+            let max = step.options().max_attempts.max(1);
+            if e.is_retryable() && attempt < max {
+                Outcome::Retry {
+                    delay: policy::retry_delay(step.options(), attempt, &e),
+                    failure: AttemptFailure::new(attempt, &e),
+                }
+            } else {
+                fail_now(e)
+            }
+        }
+    }
+}
+
+/// A map step's task without an element: the enqueue found nothing to fan out (an
+/// empty array, which completes the step with `[]`, or something that is not an
+/// array, which fails it); a non-empty array (from a task enqueued before the
+/// fan-out moved into SQL) is fanned out by the flush.
+fn unfanned_map(step: &StepDef, task: &Claimed) -> Result<Outcome, StepError> {
+    let map = step
+        .map()
+        .ok_or_else(|| StepError::permanent(format!("`{}` is not a map step", step.name())))?;
+    let param = step.params().get(map.param()).ok_or_else(|| {
+        StepError::permanent(format!(
+            "map step `{}` has no element parameter",
+            step.name()
+        ))
+    })?;
+    let items = source_json(param.source, param.name, task)?.ok_or_else(|| {
+        StepError::permanent(format!(
+            "map step `{}` maps over a skipped step",
+            step.name()
+        ))
+    })?;
+    // Counting needs no allocation per element.
+    let count = serde_json::from_str::<Vec<serde::de::IgnoredAny>>(items)
+        .map_err(|e| {
+            StepError::permanent(format!(
+                "map step `{}` maps over a JSON array, but parameter `{}` gets something else: {e}",
+                step.name(),
+                param.name
+            ))
+        })?
+        .len();
+    Ok(if count == 0 {
+        Outcome::Succeeded("[]".to_owned())
+    } else {
+        Outcome::FanOut
+    })
+}
+
+/// The stored JSON that feeds a parameter: the run input or a parent's output
+/// (`None` when that parent was skipped).
+fn source_json<'t>(
+    source: ParamSource,
+    name: &str,
+    task: &'t Claimed,
+) -> Result<Option<&'t str>, StepError> {
+    match source {
+        ParamSource::Input => task.input.as_deref().map(Some).ok_or_else(|| {
+            StepError::permanent(format!("the run input for `{name}` was not loaded"))
+        }),
+        ParamSource::Step(i) => {
+            let want = step_i16(i);
+            let pos = task
+                .parent_steps
+                .as_ref()
+                .and_then(|s| s.iter().position(|&x| x == want));
+            pos.and_then(|pos| task.parent_outputs.as_ref().and_then(|o| o.get(pos)))
+                .map(Option::as_deref)
+                .ok_or_else(|| {
+                    StepError::permanent(format!(
+                        "the output of parent step {i} (parameter `{name}`) is missing"
+                    ))
+                })
+        }
+    }
+}
+
+/// The step's inputs as raw JSON, each deserialized once by the step's entry.
+fn build_inputs(
+    workflow: &'static str,
+    step: &'static StepDef,
+    task: &Claimed,
+) -> Result<StepInputs, StepError> {
+    // Postgres wrote this text from a `jsonb`: no validation pass before the typed
+    // entry parses it.
+    let raw = |json: &str| StepValue::Stored(json.into());
+    let element = step
+        .map()
+        .map(|m| m.param())
+        .filter(|_| task.element.is_some());
+    let mut values = Vec::with_capacity(step.params().len());
+    for (k, p) in step.params().iter().enumerate() {
+        let json = if Some(k) == element {
+            Some(task.item.as_deref().ok_or_else(|| {
+                StepError::permanent(format!("the element for `{}` was not loaded", p.name))
+            })?)
+        } else {
+            source_json(p.source, p.name, task)?
+        };
+        values.push(json.map(raw));
+    }
+    Ok(StepInputs::with_skipped(workflow, step.name(), values))
+}

@@ -1,0 +1,172 @@
+//! The flusher: applies completions in batches. Everything that queued up while the
+//! previous flush ran goes into the next one (up to `flush_batch`), so a busy
+//! instance makes few, large transactions and an idle one flushes at once.
+//!
+//! What the database refuses is handled here: deadlocks and serialization failures
+//! are retried as they are; a batch refused for its content is split down to the
+//! completion at fault, which then fails its run with the database's message; any
+//! other error (a lost connection, a restart) is retried with backoff.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pgflow::{AttemptFailure, StepError};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::engine::{Backoff, Engine, FlushMsg};
+use crate::store::flush::{self, Completion, Flushed, Outcome};
+use crate::store::{is_conflict, is_content_error};
+
+/// Receives completions and barriers until every sender is gone.
+pub(crate) async fn run(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<FlushMsg>) {
+    let mut debounce = NotifyDebounce::default();
+    while let Some(first) = rx.recv().await {
+        let mut batch = Vec::new();
+        let mut barriers = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                FlushMsg::Completion(c) => batch.push(c),
+                FlushMsg::Barrier(ack) => {
+                    barriers.push(ack);
+                    break;
+                }
+            }
+            if batch.len() < engine.config.flush_batch {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            let size = batch.len() as u64;
+            let flushed = flush_resilient(&engine, batch, &mut |q| {
+                debounce.due(q, engine.config.notify_debounce)
+            })
+            .await;
+            let c = &engine.counters;
+            Engine::count(&c.flushes, 1);
+            Engine::count(
+                &c.completions,
+                size.saturating_sub(flushed.rejected.len() as u64),
+            );
+            Engine::count(&c.rejected, flushed.rejected.len() as u64);
+            Engine::count(&c.runs_finished, flushed.finished_runs.len() as u64);
+            for id in &flushed.rejected {
+                warn!(
+                    task_id = id,
+                    "pgflow: completion rejected: the claim was lost (lease expired and the task was claimed again)"
+                );
+            }
+            engine.wake_waiters(&flushed.finished_runs);
+            for q in &flushed.queues {
+                engine.wake_queue(q);
+            }
+        }
+        for ack in barriers {
+            let _ = ack.send(());
+        }
+    }
+}
+
+/// At most one NOTIFY per queue per debounce interval from this flusher: NOTIFY
+/// serializes committing transactions on the server, and local claimers are woken
+/// directly anyway.
+#[derive(Default)]
+struct NotifyDebounce(HashMap<String, Instant>);
+
+impl NotifyDebounce {
+    fn due(&mut self, queue: &str, every: std::time::Duration) -> bool {
+        let due = self.0.get(queue).is_none_or(|t| t.elapsed() >= every);
+        if due {
+            self.0.insert(queue.to_owned(), Instant::now());
+        }
+        due
+    }
+}
+
+/// Flushes `batch` in one transaction, retrying and splitting as the module docs
+/// say, until every completion is applied (or rejected by its fence).
+pub(crate) async fn flush_resilient(
+    engine: &Engine,
+    batch: Vec<Completion>,
+    should_notify: &mut (dyn FnMut(&str) -> bool + Send),
+) -> Flushed {
+    let mut backoff = Backoff::new();
+    let mut pending = vec![batch];
+    let mut total = Flushed::default();
+    while let Some(batch) = pending.pop() {
+        loop {
+            match flush_once(engine, &batch, should_notify).await {
+                Ok(f) => {
+                    total.extend(f);
+                    break;
+                }
+                Err(e) if is_conflict(&e) => {
+                    debug!(error = %e, "pgflow: flush conflicted with another; retrying");
+                    tokio::time::sleep(backoff.next()).await;
+                }
+                Err(e) if is_content_error(&e) && batch.len() > 1 => {
+                    debug!(error = %e, "pgflow: flush rejected; splitting the batch");
+                    let mut batch = batch;
+                    let half = batch.split_off(batch.len() / 2);
+                    pending.push(half);
+                    pending.push(batch);
+                    break;
+                }
+                Err(e) if is_content_error(&e) => {
+                    if let Some(c) = batch.into_iter().next().and_then(|c| refused(c, &e)) {
+                        pending.push(vec![c]);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "pgflow: flush failed; retrying");
+                    tokio::time::sleep(backoff.next()).await;
+                }
+            }
+        }
+    }
+    total
+}
+
+async fn flush_once(
+    engine: &Engine,
+    batch: &[Completion],
+    should_notify: &mut (dyn FnMut(&str) -> bool + Send),
+) -> Result<Flushed, sqlx::Error> {
+    let mut tx = engine.pool.begin().await?;
+    let out = flush::apply(
+        &mut tx,
+        &engine.catalog,
+        &engine.instance_id,
+        batch,
+        should_notify,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// A single completion the database refused for its content: a success becomes the
+/// permanent failure of its step (with the database's message); a failure, discard
+/// or release that cannot be applied is left to its lease (`None`).
+fn refused(mut c: Completion, e: &sqlx::Error) -> Option<Completion> {
+    if matches!(
+        c.outcome,
+        Outcome::Failed { .. } | Outcome::Discard | Outcome::Release
+    ) {
+        warn!(error = %e, task_id = c.task_id, "pgflow: a completion could not be applied; its lease will return the task");
+        return None;
+    }
+    let reason = e
+        .as_database_error()
+        .map_or_else(|| e.to_string(), ToString::to_string);
+    let err = StepError::permanent(format!("the database refused the step's result: {reason}"));
+    let attempt = u32::try_from(c.attempt).unwrap_or(1);
+    c.outcome = Outcome::Failed {
+        history: vec![AttemptFailure::new(attempt, &err)],
+        element: c.element.and_then(|e| usize::try_from(e).ok()),
+    };
+    Some(c)
+}

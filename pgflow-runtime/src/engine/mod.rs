@@ -1,0 +1,307 @@
+//! The engine of a runtime: the state its loops share ([`Engine`]) and the loops
+//! themselves, one file each.
+//!
+//! - [`claimer`]: one per queue; claims tasks while there are free slots and spawns
+//!   their executions ([`executor`]).
+//! - [`flusher`]: applies completions in batches (`store::flush`).
+//! - [`listener`]: turns `NOTIFY pgflow_tasks` into wake-ups.
+//! - [`rescuer`]: gives lost claims back to the queue.
+//! - [`heartbeat`]: keeps this instance's row alive with its load.
+//! - [`maintenance`]: vacuums the hot tables.
+//!
+//! Arrows point one way: the API (`Runtime`, the builder) starts and stops the
+//! engine; the engine calls the store; the store knows neither.
+
+pub(crate) mod claimer;
+pub(crate) mod executor;
+pub(crate) mod flusher;
+pub(crate) mod heartbeat;
+pub(crate) mod listener;
+pub(crate) mod maintenance;
+pub(crate) mod rescuer;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgflow::{CancelToken, Data};
+use sqlx::PgPool;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::store::flush::{Completion, Outcome};
+
+/// What the flusher receives.
+#[derive(Debug)]
+pub(crate) enum FlushMsg {
+    /// A completion to apply.
+    Completion(Completion),
+    /// Answered once everything sent before it is applied.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// A claim being executed here, keyed by (task id, claim token).
+#[derive(Debug, Clone)]
+pub(crate) struct InFlight {
+    pub(crate) run_id: i64,
+    pub(crate) step: i16,
+    pub(crate) element: Option<i32>,
+    pub(crate) workflow: &'static str,
+    pub(crate) version: i32,
+}
+
+/// Counters the loops keep (read by `Runtime::stats`).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) claims: AtomicU64,
+    pub(crate) tasks_claimed: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    pub(crate) completions: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) runs_finished: AtomicU64,
+}
+
+/// The running loops, stopped at shutdown.
+#[derive(Debug)]
+pub(crate) struct Loops {
+    /// The claimers: they stop claiming and return once their executions are done.
+    claimers: Vec<JoinHandle<()>>,
+    /// Everything else: aborted last.
+    others: Vec<JoinHandle<()>>,
+}
+
+/// The state shared by a runtime's loops and its API.
+#[derive(Debug)]
+pub(crate) struct Engine {
+    pub(crate) pool: PgPool,
+    pub(crate) instance_id: String,
+    pub(crate) catalog: Catalog,
+    pub(crate) data: Arc<Data>,
+    pub(crate) config: Config,
+    /// Served queues and their concurrency.
+    pub(crate) queues: Vec<(String, usize)>,
+    wakers: HashMap<String, Arc<Notify>>,
+    pub(crate) completions: mpsc::UnboundedSender<FlushMsg>,
+    shutdown: watch::Sender<bool>,
+    /// Callers of `RunHandle::wait`, woken when their run finishes here.
+    waiters: Mutex<HashMap<i64, Vec<oneshot::Sender<()>>>>,
+    /// The cancel token of each run with steps executing here, and how many.
+    cancels: Mutex<HashMap<i64, (CancelToken, usize)>>,
+    /// Claims being executed.
+    pub(crate) in_flight: Mutex<HashMap<(i64, i64), InFlight>>,
+    loops: Mutex<Option<Loops>>,
+    pub(crate) counters: Counters,
+    /// Steps executing now (the load reported in heartbeats).
+    pub(crate) executing: AtomicUsize,
+}
+
+impl Engine {
+    /// The engine's state; nothing runs until [`Engine::start_loops`].
+    pub(crate) fn new(
+        pool: PgPool,
+        instance_id: String,
+        catalog: Catalog,
+        data: Data,
+        config: Config,
+        queues: Vec<(String, usize)>,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<FlushMsg>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (shutdown, _) = watch::channel(false);
+        let wakers = queues
+            .iter()
+            .map(|(q, _)| (q.clone(), Arc::new(Notify::new())))
+            .collect();
+        let engine = Arc::new(Self {
+            pool,
+            instance_id,
+            catalog,
+            data: Arc::new(data),
+            config,
+            queues,
+            wakers,
+            completions: tx,
+            shutdown,
+            waiters: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            loops: Mutex::new(None),
+            counters: Counters::default(),
+            executing: AtomicUsize::new(0),
+        });
+        (engine, rx)
+    }
+
+    /// Spawns the loops: the flusher and heartbeat always; with queues to serve,
+    /// the listener, rescuer, maintainer and one claimer per queue.
+    pub(crate) fn start_loops(self: &Arc<Self>, completions: mpsc::UnboundedReceiver<FlushMsg>) {
+        let mut others = vec![
+            tokio::spawn(flusher::run(Arc::clone(self), completions)),
+            tokio::spawn(heartbeat::run(Arc::clone(self))),
+        ];
+        let mut claimers = Vec::new();
+        if !self.queues.is_empty() {
+            others.push(tokio::spawn(listener::run(Arc::clone(self))));
+            others.push(tokio::spawn(rescuer::run(Arc::clone(self))));
+            others.push(tokio::spawn(maintenance::run(Arc::clone(self))));
+            for (q, c) in &self.queues {
+                claimers.push(tokio::spawn(claimer::run(Arc::clone(self), q.clone(), *c)));
+            }
+        }
+        if let Ok(mut l) = self.loops.lock() {
+            *l = Some(Loops { claimers, others });
+        }
+    }
+
+    /// Stops the loops: claimers stop claiming and wait for their executions (up to
+    /// the shutdown grace); what still runs past it is given back (attempt not
+    /// counted); everything sent to the flusher is applied; the other loops stop.
+    /// Returns false when the loops were already stopped.
+    pub(crate) async fn stop_loops(&self) -> bool {
+        let _ = self.shutdown.send(true);
+        let Some(loops) = self.loops.lock().ok().and_then(|mut l| l.take()) else {
+            return false;
+        };
+        for c in loops.claimers {
+            let _ = c.await;
+        }
+        let left: Vec<((i64, i64), InFlight)> = self
+            .in_flight
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
+            .unwrap_or_default();
+        for ((task_id, token), f) in left {
+            // Attempt 0: a release does not count the attempt (see `store::flush`).
+            let _ = self.completions.send(FlushMsg::Completion(Completion {
+                task_id,
+                token,
+                run_id: f.run_id,
+                step: f.step,
+                element: f.element,
+                workflow: f.workflow,
+                version: f.version,
+                attempt: 0,
+                outcome: Outcome::Release,
+                cost_cents: 0,
+            }));
+        }
+        let (ack, flushed) = oneshot::channel();
+        if self.completions.send(FlushMsg::Barrier(ack)).is_ok() {
+            let _ = tokio::time::timeout(self.config.shutdown_grace, flushed).await;
+        }
+        for h in loops.others {
+            h.abort();
+            let _ = h.await;
+        }
+        true
+    }
+
+    pub(crate) fn shutdown_rx(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub(crate) fn waker(&self, queue: &str) -> Arc<Notify> {
+        self.wakers
+            .get(queue)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Notify::new()))
+    }
+
+    pub(crate) fn wake_queue(&self, queue: &str) {
+        if let Some(w) = self.wakers.get(queue) {
+            w.notify_one();
+        }
+    }
+
+    pub(crate) fn wake_all(&self) {
+        for w in self.wakers.values() {
+            w.notify_one();
+        }
+    }
+
+    /// Wakes the `wait()`ers of these runs.
+    pub(crate) fn wake_waiters(&self, runs: &[i64]) {
+        if runs.is_empty() {
+            return;
+        }
+        if let Ok(mut w) = self.waiters.lock() {
+            for id in runs {
+                for tx in w.remove(id).into_iter().flatten() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    }
+
+    /// A receiver woken when run `run` finishes here.
+    pub(crate) fn register_waiter(&self, run: i64) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut w) = self.waiters.lock() {
+            w.entry(run).or_default().push(tx);
+        }
+        rx
+    }
+
+    /// The cancel token shared by this run's steps executing here; give it back
+    /// with [`release_cancel_token`](Self::release_cancel_token).
+    pub(crate) fn cancel_token(&self, run: i64) -> CancelToken {
+        let Ok(mut c) = self.cancels.lock() else {
+            return CancelToken::new();
+        };
+        let e = c.entry(run).or_insert_with(|| (CancelToken::new(), 0));
+        e.1 += 1;
+        e.0.clone()
+    }
+
+    pub(crate) fn release_cancel_token(&self, run: i64) {
+        if let Ok(mut c) = self.cancels.lock() {
+            if let Some(e) = c.get_mut(&run) {
+                e.1 = e.1.saturating_sub(1);
+                if e.1 == 0 {
+                    c.remove(&run);
+                }
+            }
+        }
+    }
+
+    /// Cancels the steps of `run` executing here.
+    pub(crate) fn cancel_local(&self, run: i64) {
+        if let Ok(c) = self.cancels.lock() {
+            if let Some((t, _)) = c.get(&run) {
+                t.cancel();
+            }
+        }
+    }
+
+    pub(crate) fn count(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Backoff after a database error in a loop: 50 ms doubling to 5 s.
+pub(crate) struct Backoff(u32);
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self(0)
+    }
+    pub(crate) fn reset(&mut self) {
+        self.0 = 0;
+    }
+    pub(crate) fn next(&mut self) -> Duration {
+        let d = Duration::from_millis(50u64.saturating_mul(1 << self.0.min(7)))
+            .min(Duration::from_secs(5));
+        self.0 = self.0.saturating_add(1);
+        d
+    }
+}
+
+/// Sleeps `d`, or less if shutdown begins.
+pub(crate) async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = shutdown.changed() => {}
+    }
+}

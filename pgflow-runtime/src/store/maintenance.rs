@@ -1,0 +1,47 @@
+//! Keeping the hot tables small: dead-row counts and `VACUUM`.
+
+use sqlx::PgExecutor;
+
+/// A pgflow table the maintainer vacuums, with the dead-row count that triggers it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Vacuumed {
+    pub(crate) table: &'static str,
+    pub(crate) threshold: i64,
+    /// The statement (identifiers cannot be bound, so one constant per table).
+    sql: &'static str,
+}
+
+/// The tables vacuumed and when: the queue deletes every finished task and rewrites
+/// claimed ones, so it dies fastest.
+pub(crate) const VACUUMED: &[Vacuumed] = &[
+    Vacuumed {
+        table: "tasks",
+        threshold: 20_000,
+        sql: "VACUUM (SKIP_LOCKED) pgflow.tasks",
+    },
+    Vacuumed {
+        table: "step_states",
+        threshold: 100_000,
+        sql: "VACUUM (SKIP_LOCKED) pgflow.step_states",
+    },
+    Vacuumed {
+        table: "runs",
+        threshold: 100_000,
+        sql: "VACUUM (SKIP_LOCKED) pgflow.runs",
+    },
+];
+
+/// Dead rows per pgflow table (`pg_stat_user_tables`).
+pub(crate) async fn dead_rows(db: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT relname::text, n_dead_tup FROM pg_stat_user_tables WHERE schemaname = 'pgflow'",
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Vacuums `t`; `SKIP_LOCKED` makes a vacuum another instance is running a no-op.
+pub(crate) async fn vacuum(db: impl PgExecutor<'_>, t: &Vacuumed) -> Result<(), sqlx::Error> {
+    sqlx::query(t.sql).execute(db).await?;
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! Every SQL statement of the runtime, by the table it is about. The engine's loops
+//! and the public API call these functions and contain no SQL.
+//!
+//! - [`tasks`]: the hot queue — claim (and its `EXPLAIN`), the one enqueue
+//!   statement (start, ready children, map fan-out, retry), rescue of lost claims.
+//! - [`flush`]: applying a batch of completions in one transaction, phase by phase.
+//! - [`runs`]: starting runs, reading their outcome, cancelling, the aggregates.
+//! - [`steps`]: step states and map elements as tools read and repair them.
+//! - [`instances`]: the instance registry and heartbeats.
+//! - [`definitions`]: the stored step tables.
+//! - [`notify`]: the one NOTIFY policy.
+//! - [`maintenance`]: vacuuming the hot tables.
+//!
+//! Each statement's comment names the index it relies on, and each write that must
+//! be fenced says on what. Rows come back as `FromRow` structs; statuses are the
+//! enums of this module (the SQL text spells them as the schema's CHECK constraints
+//! do).
+
+pub(crate) mod definitions;
+pub(crate) mod flush;
+pub(crate) mod instances;
+pub(crate) mod maintenance;
+pub(crate) mod notify;
+pub(crate) mod runs;
+pub(crate) mod steps;
+pub(crate) mod tasks;
+
+/// The stored status of a step (`pgflow.step_states.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StepState {
+    /// A join waiting for `remaining` parents.
+    Waiting,
+    /// A map step whose elements run; `remaining` counts those not completed.
+    Running,
+    /// Its output is stored.
+    Completed,
+    /// A conditional step whose predicate was false.
+    Skipped,
+    /// It failed for good.
+    Failed,
+}
+
+impl StepState {
+    /// The stored name.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Skipped => "skipped",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// The state stored under `name`.
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
+        [
+            Self::Waiting,
+            Self::Running,
+            Self::Completed,
+            Self::Skipped,
+            Self::Failed,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
+}
+
+/// A workflow version as stored (`integer`).
+pub(crate) fn version_i32(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
+/// A step index as stored (`smallint`; `#[workflow]` cannot make 32,768 steps).
+pub(crate) fn step_i16(i: usize) -> i16 {
+    i16::try_from(i).unwrap_or(i16::MAX)
+}
+
+/// A stored step index back as an index (`None` for a negative one).
+pub(crate) fn step_index(step: i16) -> Option<usize> {
+    usize::try_from(step).ok()
+}
+
+/// A duration as whole milliseconds, for `interval '1 millisecond' * $n`.
+pub(crate) fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Whether the database refused a statement for what it contains (a value it cannot
+/// store, a constraint, a limit) rather than for its state (restart, failover,
+/// timeouts, lack of resources), which a retry outlives.
+pub(crate) fn is_content_error(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|c| {
+            ["21", "22", "23", "54"]
+                .iter()
+                .any(|class| c.starts_with(class))
+        })
+}
+
+/// Whether a statement lost a deadlock or a serialization conflict: nothing is
+/// wrong with it, so running it again applies.
+pub(crate) fn is_conflict(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|c| c == "40P01" || c == "40001")
+}

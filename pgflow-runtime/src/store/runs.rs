@@ -1,0 +1,412 @@
+//! Runs, `pgflow.runs`: starting them (with their first tasks and join counters, in
+//! one statement), reading where they stand, cancelling them, and the aggregates
+//! over finished runs (`pgflow.job_results`).
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgExecutor};
+
+use crate::catalog::Flow;
+use crate::store::tasks::enqueue_ctes;
+use crate::store::{notify::notify_queue, step_i16, version_i32};
+
+/// Runs to start, as the bind arrays of [`start`].
+#[derive(Debug, Default)]
+pub(crate) struct NewRuns {
+    pub(crate) inputs: Vec<String>,
+    pub(crate) priorities: Vec<i16>,
+    pub(crate) run_ats: Vec<Option<DateTime<Utc>>>,
+    pub(crate) keys: Vec<Option<String>>,
+}
+
+/// Inserts runs of `flow` with their root tasks (a root map step fans out over the
+/// input) and the `waiting` rows of its joins, and notifies the queue — in one
+/// statement, delivered at commit of the caller's transaction if any. A run whose
+/// idempotency key is taken is not inserted (unique index `runs_idempotency_key`).
+/// Returns the new ids in input order.
+pub(crate) async fn start(
+    conn: &mut PgConnection,
+    flow: &Flow,
+    runs: &NewRuns,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let def = flow.def;
+    let mut roots = RootSteps::default();
+    for &s in flow.plan.roots() {
+        if let Some(row) = flow.step_row(s) {
+            roots.steps.push(step_i16(s));
+            roots.priorities.push(row.priority);
+            roots.max_attempts.push(row.max_attempts);
+            roots.map_from.push(row.map_from);
+        }
+    }
+    let (join_steps, join_counts): (Vec<i16>, Vec<i32>) = flow
+        .plan
+        .joins()
+        .map(|(s, n)| (step_i16(s), i32::try_from(n).unwrap_or(i32::MAX)))
+        .unzip();
+    sqlx::query_scalar(concat!(
+        "WITH u AS (
+             SELECT * FROM unnest($3::text[], $4::smallint[], $5::timestamptz[], $6::text[])
+                 WITH ORDINALITY AS u(input, priority, run_at, key, ord)
+         ), r AS (
+             INSERT INTO pgflow.runs (workflow, version, input, priority, run_at, idempotency_key)
+             SELECT $1, $2, u.input::jsonb, u.priority, COALESCE(u.run_at, now()), u.key
+             FROM u ORDER BY u.ord
+             ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+             RETURNING id, status, priority, run_at, input
+         ), ready AS (
+             SELECT r.id AS run_id, s.step, $1::text AS workflow, $2::int AS version,
+                    $7::text AS queue, s.priority, s.max_attempts, r.run_at, s.map_from
+             FROM r CROSS JOIN unnest($8::smallint[], $9::smallint[], $10::int[], $11::smallint[])
+                 AS s(step, priority, max_attempts, map_from)
+         ), ",
+        enqueue_ctes!("r"),
+        ", j AS (
+             INSERT INTO pgflow.step_states (run_id, step, status, remaining)
+             SELECT r.id, j.step, 'waiting', j.n
+             FROM r CROSS JOIN unnest($12::smallint[], $13::int[]) AS j(step, n)
+         ), notified AS MATERIALIZED (
+             SELECT ",
+        notify_queue!("$7"),
+        " WHERE EXISTS (SELECT 1 FROM r)
+         )
+         SELECT r.id FROM r LEFT JOIN notified ON true ORDER BY r.id"
+    ))
+    .bind(def.name())
+    .bind(version_i32(def.version()))
+    .bind(&runs.inputs)
+    .bind(&runs.priorities)
+    .bind(&runs.run_ats)
+    .bind(&runs.keys)
+    .bind(def.queue())
+    .bind(&roots.steps)
+    .bind(&roots.priorities)
+    .bind(&roots.max_attempts)
+    .bind(&roots.map_from)
+    .bind(&join_steps)
+    .bind(&join_counts)
+    .fetch_all(conn)
+    .await
+}
+
+#[derive(Default)]
+struct RootSteps {
+    steps: Vec<i16>,
+    priorities: Vec<i16>,
+    max_attempts: Vec<i32>,
+    map_from: Vec<Option<i16>>,
+}
+
+/// The run of `workflow` holding idempotency key `key` (index `runs_idempotency_key`).
+pub(crate) async fn by_idempotency_key(
+    conn: &mut PgConnection,
+    workflow: &str,
+    key: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM pgflow.runs WHERE workflow = $1 AND idempotency_key = $2")
+        .bind(workflow)
+        .bind(key)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Where a run stands, as stored.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Outcome {
+    pub(crate) status: String,
+    pub(crate) workflow: String,
+    pub(crate) output: Option<String>,
+    pub(crate) error: Option<String>,
+}
+
+/// Run `id`'s status, workflow, output and error (by primary key).
+pub(crate) async fn outcome(
+    db: impl PgExecutor<'_>,
+    id: i64,
+) -> Result<Option<Outcome>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT status, workflow, output::text AS output, error::text AS error
+         FROM pgflow.runs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// What [`cancel`] found and did.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Cancelled {
+    /// The status the run had.
+    pub(crate) status: String,
+    /// Whether this call cancelled it.
+    pub(crate) cancelled: bool,
+}
+
+/// Cancels run `id` if it is running: its status becomes `cancelled` and its
+/// pending tasks are deleted (index `tasks_run_id`); steps running somewhere finish
+/// into a cancelled run, which enqueues nothing. `None` when there is no such run.
+pub(crate) async fn cancel(
+    db: impl PgExecutor<'_>,
+    id: i64,
+) -> Result<Option<Cancelled>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH prev AS (
+             SELECT status FROM pgflow.runs WHERE id = $1
+         ), c AS (
+             UPDATE pgflow.runs SET status = 'cancelled', completed_at = now()
+             WHERE id = $1 AND status = 'running' RETURNING id
+         ), d AS (
+             DELETE FROM pgflow.tasks t USING c WHERE t.run_id = c.id AND t.claimed_by IS NULL
+         )
+         SELECT prev.status, EXISTS (SELECT 1 FROM c) AS cancelled FROM prev",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// Aggregates over the runs of one workflow finished since a time.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct SummaryRow {
+    pub(crate) count: i64,
+    pub(crate) success_rate: Option<f64>,
+    pub(crate) p50_ms: Option<f64>,
+    pub(crate) p95_ms: Option<f64>,
+    pub(crate) total_cost_cents: Option<i64>,
+}
+
+/// Count, success rate, p50/p95 duration and cost of `workflow`'s runs finished since
+/// `since` (`pgflow.job_results`).
+pub(crate) async fn summary(
+    db: impl PgExecutor<'_>,
+    workflow: &str,
+    since: DateTime<Utc>,
+) -> Result<SummaryRow, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*) AS count,
+                avg(CASE WHEN status = 'success' THEN 1.0 ELSE 0.0 END)::float8 AS success_rate,
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50_ms,
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms,
+                sum(cost_cents)::bigint AS total_cost_cents
+         FROM pgflow.job_results
+         WHERE workflow = $1 AND completed_at >= $2",
+    )
+    .bind(workflow)
+    .bind(since)
+    .fetch_one(db)
+    .await
+}
+
+/// A run as tools list it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct RunRow {
+    pub(crate) id: i64,
+    pub(crate) workflow: String,
+    pub(crate) version: i32,
+    pub(crate) status: String,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) run_at: DateTime<Utc>,
+    pub(crate) completed_at: Option<DateTime<Utc>>,
+    pub(crate) duration_ms: Option<i64>,
+    pub(crate) cost_cents: i64,
+    pub(crate) instance_id: Option<String>,
+    pub(crate) error: Option<String>,
+}
+
+/// The columns of [`RunRow`]; the duration as in `pgflow.job_results`.
+macro_rules! run_columns {
+    () => {
+        "id, workflow, version, status, created_at, run_at, completed_at,
+         (EXTRACT(EPOCH FROM (completed_at - GREATEST(created_at, run_at))) * 1000)::bigint
+             AS duration_ms,
+         cost_cents, instance_id, error::text AS error"
+    };
+}
+
+/// The newest runs, optionally of one workflow and status (primary key, newest
+/// first).
+pub(crate) async fn list(
+    db: impl PgExecutor<'_>,
+    workflow: Option<&str>,
+    status: Option<&str>,
+    limit: u32,
+) -> Result<Vec<RunRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        run_columns!(),
+        " FROM pgflow.runs
+         WHERE ($1::text IS NULL OR workflow = $1) AND ($2::text IS NULL OR status = $2)
+         ORDER BY id DESC
+         LIMIT $3"
+    ))
+    .bind(workflow)
+    .bind(status)
+    .bind(i64::from(limit))
+    .fetch_all(db)
+    .await
+}
+
+/// A run with its input, output and the database's clock.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct RunDetailRow {
+    #[sqlx(flatten)]
+    pub(crate) run: RunRow,
+    pub(crate) input: String,
+    pub(crate) output: Option<String>,
+    pub(crate) now: DateTime<Utc>,
+}
+
+/// Run `id` in full (by primary key); with `for_update`, its row is locked.
+pub(crate) async fn detail(
+    conn: &mut PgConnection,
+    id: i64,
+    for_update: bool,
+) -> Result<Option<RunDetailRow>, sqlx::Error> {
+    let sql = if for_update {
+        concat!(
+            "SELECT ",
+            run_columns!(),
+            ", input::text AS input, output::text AS output, now() AS now
+             FROM pgflow.runs WHERE id = $1 FOR UPDATE"
+        )
+    } else {
+        concat!(
+            "SELECT ",
+            run_columns!(),
+            ", input::text AS input, output::text AS output, now() AS now
+             FROM pgflow.runs WHERE id = $1"
+        )
+    };
+    sqlx::query_as(sql).bind(id).fetch_optional(conn).await
+}
+
+/// Puts a failed run back to `running` (no error, no completion time, no finishing
+/// instance); its cost so far is kept.
+pub(crate) async fn reopen(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE pgflow.runs SET status = 'running', error = NULL, completed_at = NULL,
+                instance_id = NULL
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Runs per workflow and status.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct CountsRow {
+    pub(crate) workflow: String,
+    pub(crate) running: i64,
+    pub(crate) succeeded: i64,
+    pub(crate) failed: i64,
+    pub(crate) cancelled: i64,
+}
+
+/// Runs per workflow and status (scans `pgflow.runs`).
+pub(crate) async fn counts(db: impl PgExecutor<'_>) -> Result<Vec<CountsRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT workflow,
+                count(*) FILTER (WHERE status = 'running') AS running,
+                count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+                count(*) FILTER (WHERE status = 'failed') AS failed,
+                count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+         FROM pgflow.runs
+         GROUP BY workflow
+         ORDER BY workflow",
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Per workflow, over the runs finished in a window.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct WorkflowResultRow {
+    pub(crate) workflow: String,
+    pub(crate) count: i64,
+    pub(crate) succeeded: i64,
+    pub(crate) avg_ms: Option<f64>,
+    pub(crate) p95_ms: Option<f64>,
+    pub(crate) total_cost_cents: i64,
+}
+
+/// Per instance, over the runs finished in a window.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct InstanceResultRow {
+    pub(crate) instance_id: Option<String>,
+    pub(crate) count: i64,
+    pub(crate) succeeded: i64,
+    pub(crate) failed: i64,
+}
+
+/// Per workflow and status, over the runs finished in a window.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct StatusResultRow {
+    pub(crate) workflow: String,
+    pub(crate) status: String,
+    pub(crate) count: i64,
+    pub(crate) avg_ms: Option<f64>,
+    pub(crate) total_cost_cents: i64,
+}
+
+/// The window of the results aggregates: finished in the last `$1` seconds,
+/// optionally of workflow `$2`.
+macro_rules! results_window {
+    () => {
+        "completed_at >= now() - $1::float8 * interval '1 second' AND ($2::text IS NULL OR workflow = $2)"
+    };
+}
+
+/// The three monitoring aggregates over `pgflow.job_results` for runs finished in
+/// the last `secs` seconds.
+pub(crate) async fn results(
+    conn: &mut PgConnection,
+    secs: f64,
+    workflow: Option<&str>,
+) -> Result<
+    (
+        Vec<WorkflowResultRow>,
+        Vec<InstanceResultRow>,
+        Vec<StatusResultRow>,
+    ),
+    sqlx::Error,
+> {
+    let workflows = sqlx::query_as(concat!(
+        "SELECT workflow, count(*) AS count,
+                count(*) FILTER (WHERE status = 'success') AS succeeded,
+                avg(duration_ms)::float8 AS avg_ms,
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms,
+                COALESCE(sum(cost_cents), 0)::bigint AS total_cost_cents
+         FROM pgflow.job_results WHERE ",
+        results_window!(),
+        " GROUP BY workflow ORDER BY workflow"
+    ))
+    .bind(secs)
+    .bind(workflow)
+    .fetch_all(&mut *conn)
+    .await?;
+    let instances = sqlx::query_as(concat!(
+        "SELECT instance_id, count(*) AS count,
+                count(*) FILTER (WHERE status = 'success') AS succeeded,
+                count(*) FILTER (WHERE status = 'failure') AS failed
+         FROM pgflow.job_results WHERE ",
+        results_window!(),
+        " GROUP BY instance_id ORDER BY count(*) DESC, instance_id"
+    ))
+    .bind(secs)
+    .bind(workflow)
+    .fetch_all(&mut *conn)
+    .await?;
+    let statuses = sqlx::query_as(concat!(
+        "SELECT workflow, status, count(*) AS count, avg(duration_ms)::float8 AS avg_ms,
+                COALESCE(sum(cost_cents), 0)::bigint AS total_cost_cents
+         FROM pgflow.job_results WHERE ",
+        results_window!(),
+        " GROUP BY workflow, status ORDER BY workflow, status DESC"
+    ))
+    .bind(secs)
+    .bind(workflow)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok((workflows, instances, statuses))
+}

@@ -1,0 +1,476 @@
+//! The hot queue, `pgflow.tasks`: one row per step attempt that is ready or running
+//! (and per element of a map step). A row leaves the table when its step completes
+//! or fails for good; a retry puts it back with a later `run_at`.
+//!
+//! **Claim** ([`claim`]) is one statement: an `UPDATE .. WHERE id = ANY (ARRAY(SELECT
+//! .. FOR UPDATE SKIP LOCKED LIMIT n))` over the partial index `tasks_available`
+//! (`queue, priority DESC, run_at, id WHERE claimed_by IS NULL`), stamping each row
+//! with this instance, the batch's claim token and a lease; the same statement
+//! returns what the steps need: the run's status and input and the parents' outputs.
+//!
+//! **Fencing.** The claim token is random and drawn once per claim batch: every
+//! completion carries the token its claim stamped, and every write of the flush
+//! applies only where the row still carries it. A claim that was lost (lease expired,
+//! the task given back and claimed again by someone else, or taken away by a retry or
+//! cancel) has a token the row no longer holds, so nothing of it applies. A random
+//! token (not a counter) needs no coordination between instances; per batch (not per
+//! row) it costs one value per claim.
+//!
+//! **Enqueue** is written once ([`enqueue_ctes!`]) and used by start (in the start
+//! statement), by the flush (ready children), and by retry: a ready step becomes one
+//! task, or — for a map step — one task per element of the JSON array it maps over,
+//! read in SQL from the run input or the parent's stored output, so the vector never
+//! travels to a worker and back. A map step over an empty array (or, from a damaged
+//! row, over something that is not an array) becomes one task without an element,
+//! which the worker completes with `[]` (or fails with a clear error).
+
+use sqlx::PgConnection;
+
+use crate::catalog::{Catalog, Flow, StepRow};
+use crate::store::{millis, step_i16, version_i32};
+
+/// The CTEs that enqueue the rows of a CTE named `ready` (`run_id, step, workflow,
+/// version, queue, priority, max_attempts, run_at, map_from`), whose runs are read
+/// from `$runs` (`id, status, priority, input`): only runs still `running` get tasks;
+/// a task's priority is its step's plus its run's, clamped to `smallint`.
+/// `map_from` is NULL for a step that is not a map step, -1 for a map step over the
+/// run input and the parent's index for one over a parent's output. Defines
+/// `enqueued (queue, due)`.
+///
+/// The element tasks are inserted in element order, so they enter
+/// `tasks_available` (and are claimed) in that order. The parent's output is read by
+/// the primary key of `step_states`.
+macro_rules! enqueue_ctes {
+    ($runs:literal) => {
+        concat!(
+            "src AS (
+    SELECT q.run_id, q.step, q.workflow, q.version, q.queue, q.max_attempts, q.run_at,
+           LEAST(GREATEST(q.priority::int + rr.priority, -32768), 32767)::smallint AS priority,
+           CASE WHEN q.map_from IS NULL THEN NULL
+                WHEN q.map_from < 0 THEN rr.input
+                ELSE (SELECT ss.output FROM pgflow.step_states ss
+                      WHERE ss.run_id = q.run_id AND ss.step = q.map_from)
+           END AS items
+    FROM ready q JOIN ",
+            $runs,
+            " rr ON rr.id = q.run_id AND rr.status = 'running'
+), fan AS (
+    SELECT src.*, CASE WHEN jsonb_typeof(src.items) = 'array'
+                       THEN jsonb_array_length(src.items) ELSE 0 END AS n
+    FROM src
+), map_states AS (
+    INSERT INTO pgflow.step_states (run_id, step, status, remaining, attempts)
+    SELECT run_id, step, 'running', n, 1 FROM fan WHERE n > 0
+    ON CONFLICT (run_id, step) DO NOTHING
+), enqueued AS (
+    INSERT INTO pgflow.tasks (run_id, step, element, item, workflow, version, queue,
+                              priority, max_attempts, run_at)
+    SELECT t.run_id, t.step, t.element, t.item, t.workflow, t.version, t.queue,
+           t.priority, t.max_attempts, t.run_at
+    FROM (
+        SELECT f.run_id, f.step, NULL::int AS element, NULL::jsonb AS item, f.workflow,
+               f.version, f.queue, f.priority, f.max_attempts, f.run_at
+        FROM fan f WHERE f.n = 0
+        UNION ALL
+        SELECT f.run_id, f.step, (e.ord - 1)::int, e.item, f.workflow, f.version, f.queue,
+               f.priority, f.max_attempts, f.run_at
+        FROM fan f CROSS JOIN LATERAL jsonb_array_elements(f.items) WITH ORDINALITY AS e(item, ord)
+        WHERE f.n > 0
+    ) t
+    ORDER BY t.run_id, t.step, t.element
+    RETURNING queue, run_at <= now() AS due
+)"
+        )
+    };
+}
+pub(crate) use enqueue_ctes;
+
+/// Steps to enqueue, as the bind arrays of [`enqueue`].
+#[derive(Debug, Default)]
+pub(crate) struct NewTasks {
+    run_ids: Vec<i64>,
+    steps: Vec<i16>,
+    workflows: Vec<String>,
+    versions: Vec<i32>,
+    queues: Vec<String>,
+    priorities: Vec<i16>,
+    max_attempts: Vec<i32>,
+    map_from: Vec<Option<i16>>,
+}
+
+impl NewTasks {
+    /// Adds step `step` of run `run_id` of `flow`.
+    pub(crate) fn push(&mut self, flow: &Flow, run_id: i64, step: usize) {
+        if let Some(row) = flow.step_row(step) {
+            let def = flow.def;
+            self.push_row(
+                run_id,
+                step,
+                (def.name(), version_i32(def.version()), def.queue()),
+                row,
+            );
+        }
+    }
+
+    /// Adds step `step` of run `run_id` of the workflow `(name, version, queue)`.
+    pub(crate) fn push_row(
+        &mut self,
+        run_id: i64,
+        step: usize,
+        (workflow, version, queue): (&str, i32, &str),
+        row: &StepRow,
+    ) {
+        self.run_ids.push(run_id);
+        self.steps.push(step_i16(step));
+        self.workflows.push(workflow.to_owned());
+        self.versions.push(version);
+        self.queues.push(queue.to_owned());
+        self.priorities.push(row.priority);
+        self.max_attempts.push(row.max_attempts);
+        self.map_from.push(row.map_from);
+    }
+
+    /// Whether nothing was added.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.run_ids.is_empty()
+    }
+}
+
+/// Enqueues `tasks`, due now (see [`enqueue_ctes!`]). Returns the queues that got
+/// tasks.
+pub(crate) async fn enqueue(
+    conn: &mut PgConnection,
+    tasks: &NewTasks,
+) -> Result<Vec<String>, sqlx::Error> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(concat!(
+        "WITH ready AS (
+             SELECT u.*, now() AS run_at
+             FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::int[], $5::text[],
+                         $6::smallint[], $7::int[], $8::smallint[])
+                  AS u(run_id, step, workflow, version, queue, priority, max_attempts, map_from)
+         ), ",
+        enqueue_ctes!("pgflow.runs"),
+        "
+         SELECT DISTINCT queue FROM enqueued WHERE due"
+    ))
+    .bind(&tasks.run_ids)
+    .bind(&tasks.steps)
+    .bind(&tasks.workflows)
+    .bind(&tasks.versions)
+    .bind(&tasks.queues)
+    .bind(&tasks.priorities)
+    .bind(&tasks.max_attempts)
+    .bind(&tasks.map_from)
+    .fetch_all(conn)
+    .await
+}
+
+/// A claimed task with what its step needs.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Claimed {
+    pub(crate) task_id: i64,
+    pub(crate) run_id: i64,
+    pub(crate) step: i16,
+    pub(crate) workflow: String,
+    pub(crate) version: i32,
+    pub(crate) attempt: i32,
+    /// Earlier failed attempts (JSON array of `AttemptFailure`).
+    pub(crate) errors: Option<String>,
+    pub(crate) run_status: String,
+    /// The run input, when the step reads it.
+    pub(crate) input: Option<String>,
+    pub(crate) parent_steps: Option<Vec<i16>>,
+    /// The parents' outputs, in `parent_steps` order; `None` for a skipped parent.
+    pub(crate) parent_outputs: Option<Vec<Option<String>>>,
+    /// For an element task of a map step: its index.
+    pub(crate) element: Option<i32>,
+    /// For an element task of a map step: the element.
+    pub(crate) item: Option<String>,
+}
+
+/// The claim statement. The inner SELECT walks `tasks_available` in claim order
+/// (the `claim_uses_the_partial_index` test explains this very statement). An element
+/// task of a map step reads its element (`item`) instead of its parent's whole
+/// output, and the run input only when another parameter takes it.
+macro_rules! claim_sql {
+    () => {
+        "
+WITH steps AS (
+    SELECT * FROM unnest($5::text[], $6::int[], $7::smallint[], $8::bigint[], $9::bool[],
+                         $14::bool[])
+        AS s(workflow, version, step, lease_ms, needs_input, element_needs_input)
+), edges AS (
+    SELECT * FROM unnest($10::text[], $11::int[], $12::smallint[], $13::smallint[])
+        AS e(workflow, version, step, parent)
+), claimed AS (
+    UPDATE pgflow.tasks t
+    SET claimed_by = $1,
+        claim_token = $2,
+        claimed_at = now(),
+        lease_until = now() + interval '1 millisecond' * COALESCE(
+            (SELECT s.lease_ms FROM steps s
+             WHERE s.workflow = t.workflow AND s.version = t.version AND s.step = t.step),
+            60000)
+    -- The ids are locked once, in claim order, by an uncorrelated ARRAY(..) (an
+    -- InitPlan, run once). Inside `WHERE id IN (SELECT .. LIMIT n FOR UPDATE SKIP
+    -- LOCKED)` the planner may re-run the subquery per row, and each re-run skips
+    -- the rows this statement already updated and locks the next n: one claim then
+    -- takes thousands of tasks (seen here under load).
+    WHERE t.id = ANY (ARRAY(
+        SELECT a.id FROM pgflow.tasks a
+        WHERE a.queue = $3
+          AND a.claimed_by IS NULL
+          -- an instance declared dead claims nothing until it heartbeats again
+          AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
+          AND a.run_at <= now()
+          AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
+        ORDER BY a.priority DESC, a.run_at, a.id
+        LIMIT $4
+        FOR UPDATE SKIP LOCKED))
+    RETURNING t.id, t.run_id, t.step, t.workflow, t.version, t.attempt, t.errors, t.element,
+              t.item
+)
+SELECT c.id AS task_id, c.run_id, c.step, c.workflow, c.version, c.attempt,
+       c.errors::text AS errors, r.status AS run_status,
+       CASE WHEN CASE WHEN c.element IS NULL THEN s.needs_input ELSE s.element_needs_input END
+            THEN r.input::text END AS input,
+       p.steps AS parent_steps, p.outputs AS parent_outputs, c.element, c.item::text AS item
+FROM claimed c
+JOIN pgflow.runs r ON r.id = c.run_id
+LEFT JOIN steps s ON s.workflow = c.workflow AND s.version = c.version AND s.step = c.step
+LEFT JOIN LATERAL (
+    SELECT array_agg(ss.step) AS steps, array_agg(ss.output::text) AS outputs
+    FROM pgflow.step_states ss
+    WHERE c.element IS NULL
+      AND ss.run_id = c.run_id
+      AND ss.status IN ('completed', 'skipped')
+      AND ss.step IN (SELECT e.parent FROM edges e
+                      WHERE e.workflow = c.workflow AND e.version = c.version AND e.step = c.step)
+) p ON true"
+    };
+}
+pub(crate) const CLAIM_SQL: &str = claim_sql!();
+
+/// `EXPLAIN` of [`CLAIM_SQL`].
+const EXPLAIN_CLAIM_SQL: &str = concat!("EXPLAIN ", claim_sql!());
+
+/// What one claim asks for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClaimRequest<'a> {
+    /// The claiming instance.
+    pub(crate) instance: &'a str,
+    /// The batch's claim token (see the module docs).
+    pub(crate) token: i64,
+    /// The queue.
+    pub(crate) queue: &'a str,
+    /// The most tasks to take.
+    pub(crate) limit: usize,
+}
+
+fn claim_query<'q>(
+    sql: &'q str,
+    catalog: &'q Catalog,
+    req: ClaimRequest<'q>,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let c = &catalog.claim;
+    sqlx::query(sql)
+        .bind(req.instance)
+        .bind(req.token)
+        .bind(req.queue)
+        .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
+        .bind(&c.step_workflow)
+        .bind(&c.step_version)
+        .bind(&c.step_index)
+        .bind(&c.step_lease_ms)
+        .bind(&c.step_needs_input)
+        .bind(&c.edge_workflow)
+        .bind(&c.edge_version)
+        .bind(&c.edge_step)
+        .bind(&c.edge_parent)
+        .bind(&c.step_element_needs_input)
+}
+
+/// Claims up to `req.limit` due tasks of `req.queue` (see the module docs).
+pub(crate) async fn claim(
+    conn: &mut PgConnection,
+    catalog: &Catalog,
+    req: ClaimRequest<'_>,
+) -> Result<Vec<Claimed>, sqlx::Error> {
+    use sqlx::FromRow;
+    let rows = claim_query(CLAIM_SQL, catalog, req).fetch_all(conn).await?;
+    rows.iter().map(Claimed::from_row).collect()
+}
+
+/// The plan of the claim statement with these parameters (`EXPLAIN`, not run).
+#[doc(hidden)]
+pub(crate) async fn explain_claim(
+    conn: &mut PgConnection,
+    catalog: &Catalog,
+    req: ClaimRequest<'_>,
+) -> Result<Vec<String>, sqlx::Error> {
+    use sqlx::Row;
+    let rows = claim_query(EXPLAIN_CLAIM_SQL, catalog, req)
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(|r| r.try_get::<String, _>(0)).collect()
+}
+
+/// A claimed task whose lease expired or whose instance died.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Stranded {
+    pub(crate) id: i64,
+    pub(crate) token: i64,
+    pub(crate) run_id: i64,
+    pub(crate) step: i16,
+    pub(crate) workflow: String,
+    pub(crate) version: i32,
+    pub(crate) attempt: i32,
+    pub(crate) max_attempts: i32,
+    pub(crate) errors: Option<String>,
+    pub(crate) owner: Option<String>,
+    pub(crate) owner_offline: bool,
+    /// For an element task of a map step: its index.
+    pub(crate) element: Option<i32>,
+}
+
+/// Locks (SKIP LOCKED) up to 1,000 claimed tasks of the catalog's workflows to give
+/// back: with `owner`, every claim of that instance id; otherwise those whose lease
+/// expired or whose instance is offline. Walks `tasks_leased` (`lease_until WHERE
+/// claimed_by IS NOT NULL`), soonest expiry first.
+pub(crate) async fn stranded(
+    conn: &mut PgConnection,
+    catalog: &Catalog,
+    owner: Option<&str>,
+) -> Result<Vec<Stranded>, sqlx::Error> {
+    let c = &catalog.claim;
+    sqlx::query_as(
+        "SELECT t.id, t.claim_token AS token, t.run_id, t.step, t.workflow, t.version,
+                t.attempt, t.max_attempts, t.errors::text AS errors,
+                t.claimed_by AS owner, COALESCE(i.status = 'offline', false) AS owner_offline,
+                t.element
+         FROM pgflow.tasks t
+         LEFT JOIN pgflow.instances i ON i.id = t.claimed_by
+         WHERE t.claimed_by IS NOT NULL
+           AND CASE WHEN $3::text IS NULL
+                    THEN t.lease_until < now() OR i.status = 'offline'
+                    ELSE t.claimed_by = $3 END
+           AND (t.workflow, t.version) IN
+               (SELECT DISTINCT * FROM unnest($1::text[], $2::int[]))
+         ORDER BY t.lease_until
+         LIMIT 1000
+         FOR UPDATE OF t SKIP LOCKED",
+    )
+    .bind(&c.step_workflow)
+    .bind(&c.step_version)
+    .bind(owner)
+    .fetch_all(conn)
+    .await
+}
+
+/// Tasks of one queue, by state.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct QueueDepthRow {
+    pub(crate) queue: String,
+    pub(crate) available: i64,
+    pub(crate) scheduled: i64,
+    pub(crate) running: i64,
+}
+
+/// Tasks per queue: due, due later, claimed. Scans the queue table.
+pub(crate) async fn depths(conn: &mut PgConnection) -> Result<Vec<QueueDepthRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT queue,
+                count(*) FILTER (WHERE claimed_by IS NULL AND run_at <= now()) AS available,
+                count(*) FILTER (WHERE claimed_by IS NULL AND run_at > now()) AS scheduled,
+                count(*) FILTER (WHERE claimed_by IS NOT NULL) AS running
+         FROM pgflow.tasks
+         GROUP BY queue
+         ORDER BY queue",
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// One task of a run, as tools show it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct RunTask {
+    pub(crate) step: i16,
+    pub(crate) attempt: i32,
+    pub(crate) claimed_by: Option<String>,
+    pub(crate) errors: Option<String>,
+    pub(crate) created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The tasks of run `run_id`, oldest first (index `tasks_run_id`).
+pub(crate) async fn of_run(
+    conn: &mut PgConnection,
+    run_id: i64,
+) -> Result<Vec<RunTask>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT step, attempt, claimed_by, errors::text AS errors, created_at
+         FROM pgflow.tasks WHERE run_id = $1 ORDER BY id",
+    )
+    .bind(run_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Deletes every task of run `run_id` (index `tasks_run_id`): this waits for a flush
+/// that holds one, and makes any later completion of an attempt still executing fail
+/// its fence.
+pub(crate) async fn delete_of_run(conn: &mut PgConnection, run_id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM pgflow.tasks WHERE run_id = $1")
+        .bind(run_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// How long a lease lasts, as the claim statement binds it.
+pub(crate) fn lease_ms(timeout: std::time::Duration, grace: std::time::Duration) -> i64 {
+    millis(timeout.saturating_add(grace))
+}
+
+/// Opens a connection of its own for claiming: claims need no fsync
+/// (`synchronous_commit = off`: a claim lost in a crash only puts the task back, and
+/// its completion would then fail the fence), and a claim never runs long, so a
+/// statement timeout bounds a wait on a broken server (and so shutdown).
+pub(crate) async fn claim_connection(pool: &sqlx::PgPool) -> Result<PgConnection, sqlx::Error> {
+    use sqlx::Connection;
+    let options = pool.connect_options();
+    let connect = PgConnection::connect_with(&options);
+    let mut conn = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut conn)
+        .await?;
+    sqlx::query("SET statement_timeout = '30s'")
+        .execute(&mut conn)
+        .await?;
+    Ok(conn)
+}
+
+/// Advisory lock key under which one instance at a time rescues ("pgflow" in ASCII).
+const RESCUE_LOCK: i64 = 0x7067_666c_6f77;
+
+/// Takes the rescue lock for the caller's transaction: with `wait`, waits for it
+/// (a takeover must surely give its dead predecessor's claims back); otherwise
+/// returns false when another instance holds it (a periodic rescue skips the round).
+pub(crate) async fn lock_rescue(conn: &mut PgConnection, wait: bool) -> Result<bool, sqlx::Error> {
+    if wait {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(RESCUE_LOCK)
+            .execute(conn)
+            .await?;
+        Ok(true)
+    } else {
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(RESCUE_LOCK)
+            .fetch_one(conn)
+            .await
+    }
+}
