@@ -20,15 +20,16 @@ pub(crate) struct StepRow {
     pub(crate) map_from: Option<i16>,
 }
 
-/// One registered workflow and what is derived from it.
+/// The catalog's entry for one workflow version this runtime serves: its
+/// definition, its plan and what is derived from them.
 #[derive(Debug)]
-pub(crate) struct Flow {
+pub(crate) struct Entry {
     pub(crate) def: &'static WorkflowDef,
     pub(crate) plan: &'static Plan,
     rows: Vec<StepRow>,
 }
 
-impl Flow {
+impl Entry {
     fn new(def: &'static WorkflowDef) -> Self {
         let rows = step_rows(&def.to_definition());
         Self {
@@ -80,7 +81,7 @@ pub(crate) fn step_rows(def: &Definition) -> Vec<StepRow> {
 /// Every registered workflow, and the claim statement's parameters.
 #[derive(Debug, Default)]
 pub(crate) struct Catalog {
-    flows: HashMap<&'static str, Vec<(i32, Flow)>>,
+    flows: HashMap<&'static str, Vec<(i32, Entry)>>,
     pub(crate) claim: ClaimParams,
 }
 
@@ -134,13 +135,13 @@ impl Catalog {
                 .flows
                 .entry(def.name())
                 .or_default()
-                .push((version, Flow::new(def)));
+                .push((version, Entry::new(def)));
         }
         catalog
     }
 
     /// The workflow `name` at `version`, if this runtime serves it.
-    pub(crate) fn get(&self, name: &str, version: i32) -> Option<&Flow> {
+    pub(crate) fn get(&self, name: &str, version: i32) -> Option<&Entry> {
         self.flows
             .get(name)?
             .iter()
@@ -149,7 +150,7 @@ impl Catalog {
     }
 
     /// The entry of a linked definition.
-    pub(crate) fn flow_of(&self, def: &'static WorkflowDef) -> Option<&Flow> {
+    pub(crate) fn flow_of(&self, def: &'static WorkflowDef) -> Option<&Entry> {
         self.get(def.name(), version_i32(def.version()))
     }
 }

@@ -38,7 +38,8 @@
 //! aggregated in order when the last one completes. The schema is in `migrations/`
 //! (schema `pgflow`).
 //!
-//! The crate's layout, for readers of its source: `runtime` is the public API,
+//! The crate's layout, for readers of its source: `runtime` and `handle` are the
+//! public API,
 //! `builder` starts it, `engine/` holds the shared state and one file per loop
 //! (claimer, executor, flusher, listener, rescuer, heartbeat, maintenance), `store/`
 //! holds every SQL statement, `catalog` what is derived once from the linked
@@ -50,14 +51,14 @@ mod catalog;
 mod config;
 mod engine;
 mod error;
+mod handle;
 mod runtime;
 mod store;
 
 pub use builder::RuntimeBuilder;
 pub use error::{Error, mask_password};
-pub use runtime::{
-    InstanceInfo, RunHandle, RunOutcome, RunStatus, Runtime, StartOptions, Stats, Summary,
-};
+pub use handle::{RunHandle, RunOutcome, RunStatus};
+pub use runtime::{InstanceInfo, Runtime, StartOptions, Stats, Summary};
 
 /// The schema migrations (`migrations/` at the workspace root), applied by
 /// [`RuntimeBuilder::start`] unless disabled; usable with `#[sqlx::test(migrator =

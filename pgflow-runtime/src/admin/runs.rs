@@ -9,7 +9,7 @@ use serde::{Serialize, Serializer};
 use sqlx::{PgConnection, PgPool};
 
 use crate::store::runs::RunRow;
-use crate::store::{StepState, definitions, runs, step_index, steps, tasks};
+use crate::store::{StepState, definitions, runs, step_index, steps, stored_attempts, tasks};
 use crate::{Error, RunStatus};
 
 /// Which runs [`list_runs`] returns: newest first.
@@ -226,11 +226,6 @@ pub(crate) async fn load_definition(
     Ok((def, plan))
 }
 
-fn parse_errors(json: Option<&str>) -> Vec<AttemptFailure> {
-    json.and_then(|j| serde_json::from_str(j).ok())
-        .unwrap_or_default()
-}
-
 fn millis_between(from: DateTime<Utc>, to: DateTime<Utc>) -> i64 {
     (to - from).num_milliseconds().max(0)
 }
@@ -248,9 +243,7 @@ fn json_or_string(text: String) -> serde_json::Value {
 pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
     // One snapshot for the run, its steps and its tasks.
     let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .execute(&mut *tx)
-        .await?;
+    crate::store::read_snapshot(&mut tx).await?;
     let row = runs::detail(&mut tx, id.0, false)
         .await?
         .ok_or(Error::RunNotFound(id))?;
@@ -312,7 +305,7 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
                 _ => StepStatus::Other(s.status.clone()),
             };
             detail.attempts = Some(s.attempts);
-            detail.errors = parse_errors(s.errors.as_deref());
+            detail.errors = stored_attempts(s.errors.as_deref());
             detail.instance_id = s.instance_id.clone();
             detail.completed_at = s.completed_at;
             detail.duration_ms = ready_at
@@ -340,7 +333,7 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
                 } else {
                     t.attempt.saturating_sub(1)
                 });
-                detail.errors = parse_errors(t.errors.as_deref());
+                detail.errors = stored_attempts(t.errors.as_deref());
                 detail.instance_id = t.claimed_by.clone();
                 detail.duration_ms = ts
                     .iter()

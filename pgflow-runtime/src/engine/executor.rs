@@ -10,11 +10,12 @@ use pgflow::{AttemptFailure, CostMeter, ParamSource, RunId, StepContext, StepDef
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::catalog::Flow;
+use crate::RunStatus;
+use crate::catalog::Entry;
 use crate::engine::{Engine, FlushMsg, InFlight};
 use crate::store::flush::{Completion, Outcome};
 use crate::store::tasks::Claimed;
-use crate::store::{step_i16, version_i32};
+use crate::store::{step_i16, stored_attempts, version_i32};
 
 /// Runs one claimed task and hands its completion to the flusher; the slot
 /// (`permit`) is returned when it is handed over.
@@ -77,22 +78,20 @@ pub(crate) async fn run(
     drop(permit);
 }
 
-/// Earlier failed attempts of the task, as stored.
-pub(crate) fn prior_errors(errors: Option<&str>) -> Vec<AttemptFailure> {
-    errors
-        .and_then(|e| serde_json::from_str(e).ok())
-        .unwrap_or_default()
-}
-
 /// One attempt of the task's step, classified.
-async fn attempt(engine: &Engine, flow: Option<&Flow>, task: &Claimed, cost: CostMeter) -> Outcome {
-    if task.run_status != "running" {
+async fn attempt(
+    engine: &Engine,
+    flow: Option<&Entry>,
+    task: &Claimed,
+    cost: CostMeter,
+) -> Outcome {
+    if !matches!(task.run_status.parse::<RunStatus>(), Ok(RunStatus::Running)) {
         return Outcome::Discard;
     }
     let attempt = u32::try_from(task.attempt).unwrap_or(1).max(1);
     let element = task.element.and_then(|e| usize::try_from(e).ok());
     let fail_now = |e: StepError| {
-        let mut history = prior_errors(task.errors.as_deref());
+        let mut history = stored_attempts(task.errors.as_deref());
         history.push(AttemptFailure::new(attempt, &e));
         Outcome::Failed { history, element }
     };

@@ -13,11 +13,10 @@ use pgflow::engine::policy;
 use pgflow::{AttemptFailure, ErrorKind, StepError};
 use tracing::{debug, warn};
 
-use crate::engine::executor::prior_errors;
 use crate::engine::flusher::flush_resilient;
 use crate::engine::{Backoff, Engine, sleep_or_shutdown};
 use crate::store::flush::{self, Completion, Outcome};
-use crate::store::{instances, is_content_error, step_index, tasks};
+use crate::store::{instances, is_content_error, step_index, stored_attempts, tasks};
 
 pub(crate) async fn run(engine: Arc<Engine>) {
     let mut shutdown = engine.shutdown_rx();
@@ -85,7 +84,7 @@ pub(crate) async fn rescue_once(
                 failure,
             }
         } else {
-            let mut history = prior_errors(r.errors.as_deref());
+            let mut history = stored_attempts(r.errors.as_deref());
             history.push(failure);
             Outcome::Failed {
                 history,

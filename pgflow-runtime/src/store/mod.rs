@@ -106,3 +106,19 @@ pub(crate) fn is_conflict(e: &sqlx::Error) -> bool {
         .and_then(|db| db.code())
         .is_some_and(|c| c == "40P01" || c == "40001")
 }
+
+/// A stored attempt history (`tasks.errors`, `step_states.errors`: a JSON array of
+/// `AttemptFailure`); empty when absent or unreadable.
+pub(crate) fn stored_attempts(json: Option<&str>) -> Vec<pgflow::AttemptFailure> {
+    json.and_then(|j| serde_json::from_str(j).ok())
+        .unwrap_or_default()
+}
+
+/// Makes the caller's transaction one read-only snapshot (for a tool reading a run,
+/// its steps and its tasks consistently).
+pub(crate) async fn read_snapshot(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(conn)
+        .await?;
+    Ok(())
+}

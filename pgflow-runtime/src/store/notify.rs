@@ -2,7 +2,7 @@
 //! notifies it with the queue's name as payload, **inside the transaction that
 //! inserted them**, so the notification is delivered at commit and never before the
 //! tasks are visible. Postgres folds identical notifications of one transaction.
-//! The start statement does it in its own CTE ([`NOTIFY_QUEUE`]); the flush and
+//! The start statement does it in a CTE of its own (`notify_queue!`); the flush and
 //! repairs call [`queues`]. Notifying is an optimization: pollers find due tasks
 //! within the poll interval anyway.
 

@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 
-use crate::catalog::Flow;
+use crate::catalog::Entry;
 use crate::store::tasks::enqueue_ctes;
 use crate::store::{notify::notify_queue, step_i16, version_i32};
 
@@ -25,7 +25,7 @@ pub(crate) struct NewRuns {
 /// Returns the new ids in input order.
 pub(crate) async fn start(
     conn: &mut PgConnection,
-    flow: &Flow,
+    flow: &Entry,
     runs: &NewRuns,
 ) -> Result<Vec<i64>, sqlx::Error> {
     let def = flow.def;

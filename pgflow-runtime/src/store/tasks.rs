@@ -26,7 +26,7 @@
 
 use sqlx::PgConnection;
 
-use crate::catalog::{Catalog, Flow, StepRow};
+use crate::catalog::{Catalog, Entry, StepRow};
 use crate::store::{millis, step_i16, version_i32};
 
 /// The CTEs that enqueue the rows of a CTE named `ready` (`run_id, step, workflow,
@@ -100,7 +100,7 @@ pub(crate) struct NewTasks {
 
 impl NewTasks {
     /// Adds step `step` of run `run_id` of `flow`.
-    pub(crate) fn push(&mut self, flow: &Flow, run_id: i64, step: usize) {
+    pub(crate) fn push(&mut self, flow: &Entry, run_id: i64, step: usize) {
         if let Some(row) = flow.step_row(step) {
             let def = flow.def;
             self.push_row(

@@ -1,0 +1,133 @@
+//! Phase 1 of the flush: the fence. A completion applies only where its task row
+//! still carries the claim token it was claimed with (see `store::tasks` on why
+//! tokens are random and per batch): final completions delete their row, retries
+//! and releases put it back; anything else is rejected and changes nothing.
+
+use std::collections::HashSet;
+
+use sqlx::PgConnection;
+
+use super::{Completion, Flushed, Outcome};
+use crate::store::millis;
+
+/// Phase 1: deletes the rows of final completions and puts back those of retries
+/// and releases, each only where the row still carries the completion's token.
+/// Returns the completions that passed, each (task, token) once.
+pub(super) async fn fence<'b>(
+    conn: &mut PgConnection,
+    batch: &'b [Completion],
+    out: &mut Flushed,
+) -> Result<Vec<&'b Completion>, sqlx::Error> {
+    let (requeued, finals): (Vec<&Completion>, Vec<&Completion>) =
+        batch.iter().partition(|c| c.outcome.requeues());
+    // Keyed by (task, claim token): two completions of one task from two claims
+    // (a stale one and a fresh one) must not both pass.
+    let mut accepted: HashSet<(i64, i64)> = HashSet::with_capacity(batch.len());
+    if !finals.is_empty() {
+        let ids: Vec<i64> = finals.iter().map(|c| c.task_id).collect();
+        let tokens: Vec<i64> = finals.iter().map(|c| c.token).collect();
+        // By primary key.
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "DELETE FROM pgflow.tasks t
+             USING unnest($1::bigint[], $2::bigint[]) AS c(id, token)
+             WHERE t.id = c.id AND t.claim_token = c.token
+             RETURNING t.id, c.token",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .fetch_all(&mut *conn)
+        .await?;
+        accepted.extend(rows);
+    }
+    if !requeued.is_empty() {
+        let mut rows = RequeueRows::default();
+        for c in &requeued {
+            rows.push(c);
+        }
+        for r in rows.apply(conn).await? {
+            accepted.insert((r.id, r.token));
+            if r.due {
+                out.queues.insert(r.queue);
+            }
+        }
+    }
+    out.rejected = batch
+        .iter()
+        .filter(|c| !accepted.contains(&c.claim()))
+        .map(|c| c.task_id)
+        .collect();
+    // Each accepted claim applies once, even if the batch held it twice.
+    let mut once: HashSet<(i64, i64)> = HashSet::with_capacity(batch.len());
+    Ok(batch
+        .iter()
+        .filter(|c| accepted.contains(&c.claim()) && once.insert(c.claim()))
+        .collect())
+}
+
+/// A task put back in the queue.
+#[derive(sqlx::FromRow)]
+struct Requeued {
+    id: i64,
+    token: i64,
+    queue: String,
+    /// Due now (a release, or a retry without backoff).
+    due: bool,
+}
+
+/// Tasks going back to the queue, as bind arrays.
+#[derive(Default)]
+struct RequeueRows {
+    ids: Vec<i64>,
+    tokens: Vec<i64>,
+    delays_ms: Vec<i64>,
+    errors: Vec<Option<String>>,
+    /// Whether the attempt counts (a retry) or not (a release).
+    counted: Vec<bool>,
+}
+
+impl RequeueRows {
+    fn push(&mut self, c: &Completion) {
+        self.ids.push(c.task_id);
+        self.tokens.push(c.token);
+        match &c.outcome {
+            Outcome::Retry { delay, failure } => {
+                self.delays_ms.push(millis(*delay));
+                self.errors.push(Some(
+                    serde_json::to_string(&[failure]).unwrap_or_else(|_| "[]".to_owned()),
+                ));
+                self.counted.push(true);
+            }
+            _ => {
+                self.delays_ms.push(0);
+                self.errors.push(None);
+                self.counted.push(false);
+            }
+        }
+    }
+
+    /// Puts the rows back (fenced on the token, by primary key); returns each row
+    /// put back.
+    async fn apply(&self, conn: &mut PgConnection) -> Result<Vec<Requeued>, sqlx::Error> {
+        sqlx::query_as(
+            "UPDATE pgflow.tasks t
+             SET claimed_by = NULL, claim_token = NULL, claimed_at = NULL, lease_until = NULL,
+                 attempt = t.attempt + CASE WHEN c.counted THEN 1 ELSE 0 END,
+                 run_at = CASE WHEN c.counted
+                               THEN now() + interval '1 millisecond' * c.delay_ms
+                               ELSE t.run_at END,
+                 errors = CASE WHEN c.err IS NULL THEN t.errors
+                               ELSE COALESCE(t.errors, '[]'::jsonb) || c.err::jsonb END
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bool[])
+                  AS c(id, token, delay_ms, err, counted)
+             WHERE t.id = c.id AND t.claim_token = c.token
+             RETURNING t.id, c.token, t.queue, t.run_at <= now() AS due",
+        )
+        .bind(&self.ids)
+        .bind(&self.tokens)
+        .bind(&self.delays_ms)
+        .bind(&self.errors)
+        .bind(&self.counted)
+        .fetch_all(conn)
+        .await
+    }
+}

@@ -1,0 +1,308 @@
+//! Applying a batch of completions in one transaction: the flush.
+//!
+//! The phases, in order (each one statement, skipped when it has nothing to do):
+//!
+//! 1. **fence** — task rows are deleted (or, for a retry or a release, put back)
+//!    *only where they still carry the completion's claim token*: a completion whose
+//!    claim was lost changes nothing and is reported as rejected (see
+//!    [`tasks`](super::tasks) for why tokens are random and per batch);
+//! 2. **elements** — outputs of map elements are stored and their map steps counted
+//!    down; a map step whose last element completed is done;
+//! 3. **step states** — outputs of completed steps, skipped steps with their reason,
+//!    failed steps with their history (a map step's output is aggregated from its
+//!    elements in SQL, `jsonb_agg` in element order: it never leaves Postgres);
+//! 4. **joins** — steps with several parents are counted down; those at zero are
+//!    ready;
+//! 5. **enqueue** — ready children get tasks (map children fan out in SQL, from the
+//!    output stored in phase 3);
+//! 6. **finish** / 7. **fail** — runs whose terminal step is done succeed; runs with
+//!    a failed step fail and lose their pending tasks;
+//! 8. **costs** — what steps reported is added to their runs;
+//! 9. **notify** — queues that got due tasks are notified, inside the transaction.
+//!
+//! Everything commits together: a step's output is durable before any child can
+//! start, and a run's completion and each step's output apply exactly once.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use pgflow::{AttemptFailure, RunError};
+use sqlx::PgConnection;
+
+mod fence;
+mod write;
+
+use write::{
+    ElementRows, FailedRuns, FinishedRuns, JoinHits, StepStateRow, StepStateRows, add_costs,
+    complete_elements, count_down_joins, fail_runs, finish_runs, store_step_states,
+};
+
+use crate::catalog::{Catalog, Entry};
+use crate::store::tasks::{self, NewTasks};
+use crate::store::{StepState, notify, step_i16, step_index};
+
+/// How an attempt ended.
+#[derive(Debug, Clone)]
+pub(crate) enum Outcome {
+    /// The step's output (or one element's, for an element task), as JSON text.
+    Succeeded(String),
+    /// A conditional step's predicate was false: it completes without output.
+    Skipped { reason: String },
+    /// A map step's task without an element found a non-empty array to map over
+    /// (a task enqueued before the fan-out happened in SQL): fan it out now.
+    FanOut,
+    /// A retryable failure with attempts left: back to the queue after `delay`.
+    Retry {
+        delay: Duration,
+        failure: AttemptFailure,
+    },
+    /// A permanent failure or the last attempt: the run fails with `history`.
+    Failed {
+        history: Vec<AttemptFailure>,
+        element: Option<usize>,
+    },
+    /// The run is no longer running (cancelled or failed): drop the task.
+    Discard,
+    /// Give the task back without counting the attempt (shutdown, or a run whose
+    /// workflow this instance does not serve any more).
+    Release,
+}
+
+impl Outcome {
+    /// Whether the task row goes back to the queue (rather than leaving it).
+    fn requeues(&self) -> bool {
+        matches!(self, Self::Retry { .. } | Self::Release)
+    }
+}
+
+/// One finished (or abandoned) claim, waiting to be flushed.
+#[derive(Debug, Clone)]
+pub(crate) struct Completion {
+    pub(crate) task_id: i64,
+    /// The claim token it was claimed with (its fence).
+    pub(crate) token: i64,
+    pub(crate) run_id: i64,
+    pub(crate) step: i16,
+    /// For an element task of a map step: its index.
+    pub(crate) element: Option<i32>,
+    pub(crate) workflow: &'static str,
+    pub(crate) version: i32,
+    pub(crate) attempt: i32,
+    pub(crate) outcome: Outcome,
+    pub(crate) cost_cents: i64,
+}
+
+impl Completion {
+    /// The claim this completes: (task, token).
+    fn claim(&self) -> (i64, i64) {
+        (self.task_id, self.token)
+    }
+}
+
+/// What a flush did.
+#[derive(Debug, Default)]
+pub(crate) struct Flushed {
+    /// Completions whose claim was lost: nothing of them was applied.
+    pub(crate) rejected: Vec<i64>,
+    /// Runs that finished (succeeded or failed) in this flush.
+    pub(crate) finished_runs: Vec<i64>,
+    /// Queues that received tasks due now.
+    pub(crate) queues: HashSet<String>,
+}
+
+impl Flushed {
+    /// Adds what another flush did.
+    pub(crate) fn extend(&mut self, other: Flushed) {
+        self.rejected.extend(other.rejected);
+        self.finished_runs.extend(other.finished_runs);
+        self.queues.extend(other.queues);
+    }
+}
+
+/// Applies `batch` inside the caller's transaction (see the module docs).
+/// `should_notify` says which queues with new due tasks to NOTIFY (the caller's
+/// debounce); the others are only reported in [`Flushed::queues`].
+pub(crate) async fn apply(
+    conn: &mut PgConnection,
+    catalog: &Catalog,
+    instance: &str,
+    batch: &[Completion],
+    should_notify: &mut (dyn FnMut(&str) -> bool + Send),
+) -> Result<Flushed, sqlx::Error> {
+    let mut out = Flushed::default();
+    let applied = fence::fence(conn, batch, &mut out).await?;
+
+    let mut work = Work::default();
+    for c in applied {
+        let Some(flow) = catalog.get(c.workflow, c.version) else {
+            continue;
+        };
+        work.sort(flow, c);
+    }
+    for (flow, run_id, step) in complete_elements(conn, instance, &work.elements).await? {
+        work.done.push(FinishedStep {
+            flow,
+            run_id,
+            step,
+            attempts: 1,
+            output: StepResult::FromElements,
+            cost_cents: 0,
+        });
+    }
+    work.route_done();
+    store_step_states(conn, instance, &work.states).await?;
+    count_down_joins(conn, catalog, &work.join_hits, &mut work.ready).await?;
+    out.queues.extend(tasks::enqueue(conn, &work.ready).await?);
+    out.finished_runs
+        .extend(finish_runs(conn, instance, &work.finished).await?);
+    out.finished_runs
+        .extend(fail_runs(conn, instance, &work.failed).await?);
+    add_costs(conn, work.costs).await?;
+    let to_notify: Vec<&str> = out
+        .queues
+        .iter()
+        .map(String::as_str)
+        .filter(|q| should_notify(q))
+        .collect();
+    notify::queues(conn, &to_notify).await?;
+    Ok(out)
+}
+
+/// What a step that is done in this flush produced.
+enum StepResult {
+    /// Its output, as JSON text.
+    Output(String),
+    /// Skipped, with the reason.
+    Skipped(String),
+    /// A map step whose elements all completed: its output is aggregated from
+    /// `step_elements` in SQL.
+    FromElements,
+}
+
+/// A step that is done in this flush.
+struct FinishedStep<'c> {
+    flow: &'c Entry,
+    run_id: i64,
+    step: i16,
+    attempts: i32,
+    output: StepResult,
+    cost_cents: i64,
+}
+
+/// What the applied completions amount to, sorted by phase.
+#[derive(Default)]
+struct Work<'c> {
+    done: Vec<FinishedStep<'c>>,
+    elements: ElementRows<'c>,
+    states: StepStateRows,
+    join_hits: JoinHits,
+    ready: NewTasks,
+    finished: FinishedRuns,
+    failed: FailedRuns,
+    costs: HashMap<i64, i64>,
+}
+
+impl<'c> Work<'c> {
+    fn sort(&mut self, flow: &'c Entry, c: &Completion) {
+        match &c.outcome {
+            Outcome::Succeeded(output) => match c.element {
+                Some(element) => {
+                    self.elements.push(flow, c, element, output.clone());
+                    *self.costs.entry(c.run_id).or_default() += c.cost_cents;
+                }
+                None => self.done.push(FinishedStep {
+                    flow,
+                    run_id: c.run_id,
+                    step: c.step,
+                    attempts: c.attempt,
+                    output: StepResult::Output(output.clone()),
+                    cost_cents: c.cost_cents,
+                }),
+            },
+            Outcome::Skipped { reason } => self.done.push(FinishedStep {
+                flow,
+                run_id: c.run_id,
+                step: c.step,
+                attempts: c.attempt,
+                output: StepResult::Skipped(reason.clone()),
+                cost_cents: c.cost_cents,
+            }),
+            Outcome::FanOut => {
+                if let Some(step) = step_index(c.step) {
+                    self.ready.push(flow, c.run_id, step);
+                }
+                *self.costs.entry(c.run_id).or_default() += c.cost_cents;
+            }
+            Outcome::Failed { history, element } => {
+                let errors = serde_json::to_string(history).unwrap_or_else(|_| "[]".to_owned());
+                self.states.push(StepStateRow {
+                    run_id: c.run_id,
+                    step: c.step,
+                    state: StepState::Failed,
+                    attempts: c.attempt,
+                    output: None,
+                    from_elements: false,
+                    errors: Some(errors),
+                    reason: None,
+                });
+                let step_name = step_index(c.step)
+                    .and_then(|s| flow.step(s))
+                    .map_or("?", |s| s.name());
+                let error =
+                    RunError::step_failed(flow.def.name(), step_name, *element, history.clone());
+                self.failed.push(
+                    c.run_id,
+                    serde_json::to_string(&error).unwrap_or_else(|_| "null".to_owned()),
+                    c.cost_cents,
+                );
+            }
+            Outcome::Retry { .. } | Outcome::Discard | Outcome::Release => {
+                *self.costs.entry(c.run_id).or_default() += c.cost_cents;
+            }
+        }
+    }
+
+    /// Routes the steps done: a terminal one finishes its run; the others store
+    /// their state and make their children ready (or count down their joins).
+    fn route_done(&mut self) {
+        for d in std::mem::take(&mut self.done) {
+            let Some(step) = step_index(d.step) else {
+                continue;
+            };
+            if d.flow.is_terminal(step) {
+                let (output, from_elements) = match d.output {
+                    StepResult::Output(o) => (Some(o), None),
+                    StepResult::Skipped(_) => (Some("null".to_owned()), None),
+                    StepResult::FromElements => (None, Some(d.step)),
+                };
+                self.finished
+                    .push(d.run_id, output, from_elements, d.cost_cents);
+                continue;
+            }
+            let (state, output, from_elements, reason) = match d.output {
+                StepResult::Output(o) => (StepState::Completed, Some(o), false, None),
+                StepResult::Skipped(r) => (StepState::Skipped, None, false, Some(r)),
+                StepResult::FromElements => (StepState::Completed, None, true, None),
+            };
+            self.states.push(StepStateRow {
+                run_id: d.run_id,
+                step: d.step,
+                state,
+                attempts: d.attempts,
+                output,
+                from_elements,
+                errors: None,
+                reason,
+            });
+            for &child in d.flow.plan.children(step) {
+                if d.flow.plan.is_join(child) {
+                    self.join_hits.run_ids.push(d.run_id);
+                    self.join_hits.steps.push(step_i16(child));
+                } else {
+                    self.ready.push(d.flow, d.run_id, child);
+                }
+            }
+            *self.costs.entry(d.run_id).or_default() += d.cost_cents;
+        }
+    }
+}

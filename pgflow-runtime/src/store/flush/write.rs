@@ -1,0 +1,358 @@
+//! Phases 2 to 8 of the flush: the statements that write what the fenced
+//! completions amount to (see the parent module for the order and why).
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::PgConnection;
+
+use super::Completion;
+use crate::catalog::{Catalog, Entry};
+use crate::store::StepState;
+use crate::store::step_index;
+use crate::store::tasks::NewTasks;
+
+/// Element completions of map steps, as bind arrays.
+#[derive(Default)]
+pub(super) struct ElementRows<'c> {
+    pub(super) flows: HashMap<(i64, i16), &'c Entry>,
+    pub(super) run_ids: Vec<i64>,
+    pub(super) steps: Vec<i16>,
+    pub(super) elements: Vec<i32>,
+    pub(super) outputs: Vec<String>,
+    pub(super) attempts: Vec<i32>,
+}
+
+impl<'c> ElementRows<'c> {
+    pub(super) fn push(&mut self, flow: &'c Entry, c: &Completion, element: i32, output: String) {
+        self.flows.insert((c.run_id, c.step), flow);
+        self.run_ids.push(c.run_id);
+        self.steps.push(c.step);
+        self.elements.push(element);
+        self.outputs.push(output);
+        self.attempts.push(c.attempt);
+    }
+}
+
+/// Phase 2: stores the elements' outputs and counts down their map steps; returns
+/// the map steps whose last element completed (now `completed`).
+pub(super) async fn complete_elements<'c>(
+    conn: &mut PgConnection,
+    instance: &str,
+    rows: &ElementRows<'c>,
+) -> Result<Vec<(&'c Entry, i64, i16)>, sqlx::Error> {
+    if rows.run_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Rows are locked in (run_id, step) order so that two instances counting down
+    // the same map steps cannot deadlock. Both tables are reached by their primary
+    // keys (`step_elements (run_id, step, element)`, `step_states (run_id, step)`).
+    // A map step that failed (status no longer `running`) counts nothing.
+    let counted: Vec<(i64, i16, i32)> = sqlx::query_as(
+        "WITH ins AS (
+             INSERT INTO pgflow.step_elements (run_id, step, element, output, attempts, instance_id)
+             SELECT u.run_id, u.step, u.element, u.output::jsonb, u.attempts, $6
+             FROM unnest($1::bigint[], $2::smallint[], $3::int[], $4::text[], $5::int[])
+                  AS u(run_id, step, element, output, attempts)
+             ON CONFLICT (run_id, step, element) DO NOTHING
+             RETURNING run_id, step
+         ), d AS (
+             SELECT run_id, step, count(*)::int AS n FROM ins GROUP BY run_id, step
+         ), locked AS (
+             SELECT s.run_id, s.step FROM pgflow.step_states s
+             JOIN d USING (run_id, step)
+             WHERE s.status = 'running'
+             ORDER BY s.run_id, s.step
+             FOR UPDATE OF s
+         )
+         UPDATE pgflow.step_states s
+         SET remaining = s.remaining - d.n,
+             status = CASE WHEN s.remaining = d.n THEN 'completed' ELSE s.status END,
+             completed_at = CASE WHEN s.remaining = d.n THEN now() END
+         FROM d JOIN locked USING (run_id, step)
+         WHERE s.run_id = d.run_id AND s.step = d.step
+         RETURNING s.run_id, s.step, s.remaining",
+    )
+    .bind(&rows.run_ids)
+    .bind(&rows.steps)
+    .bind(&rows.elements)
+    .bind(&rows.outputs)
+    .bind(&rows.attempts)
+    .bind(instance)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(counted
+        .into_iter()
+        .filter(|&(_, _, remaining)| remaining == 0)
+        .filter_map(|(run_id, step, _)| {
+            let flow = rows.flows.get(&(run_id, step))?;
+            Some((*flow, run_id, step))
+        })
+        .collect())
+}
+
+/// One row of the step-state upsert.
+pub(super) struct StepStateRow {
+    pub(super) run_id: i64,
+    pub(super) step: i16,
+    pub(super) state: StepState,
+    pub(super) attempts: i32,
+    pub(super) output: Option<String>,
+    /// The output is the aggregate of the map step's elements.
+    pub(super) from_elements: bool,
+    pub(super) errors: Option<String>,
+    pub(super) reason: Option<String>,
+}
+
+/// Step states to upsert, as bind arrays: one row per (run, step), since an upsert
+/// may not touch a row twice (two failed elements of one map step fail the same
+/// step).
+#[derive(Default)]
+pub(super) struct StepStateRows {
+    pub(super) seen: HashSet<(i64, i16)>,
+    pub(super) run_ids: Vec<i64>,
+    pub(super) steps: Vec<i16>,
+    pub(super) states: Vec<&'static str>,
+    pub(super) attempts: Vec<i32>,
+    pub(super) outputs: Vec<Option<String>>,
+    pub(super) from_elements: Vec<bool>,
+    pub(super) errors: Vec<Option<String>>,
+    pub(super) reasons: Vec<Option<String>>,
+}
+
+impl StepStateRows {
+    pub(super) fn push(&mut self, row: StepStateRow) {
+        if !self.seen.insert((row.run_id, row.step)) {
+            return;
+        }
+        self.run_ids.push(row.run_id);
+        self.steps.push(row.step);
+        self.states.push(row.state.as_str());
+        self.attempts.push(row.attempts);
+        self.outputs.push(row.output);
+        self.from_elements.push(row.from_elements);
+        self.errors.push(row.errors);
+        self.reasons.push(row.reason);
+    }
+}
+
+/// Phase 3: upserts step states (by primary key). A map step's output is its
+/// elements' outputs in element order, aggregated here (primary key of
+/// `step_elements`).
+pub(super) async fn store_step_states(
+    conn: &mut PgConnection,
+    instance: &str,
+    rows: &StepStateRows,
+) -> Result<(), sqlx::Error> {
+    if rows.run_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO pgflow.step_states
+             (run_id, step, status, attempts, output, errors, reason, instance_id, completed_at)
+         SELECT u.run_id, u.step, u.status, u.attempts,
+                CASE WHEN u.from_elements
+                     THEN (SELECT jsonb_agg(e.output ORDER BY e.element)
+                           FROM pgflow.step_elements e
+                           WHERE e.run_id = u.run_id AND e.step = u.step)
+                     ELSE u.output::jsonb END,
+                u.errors::jsonb, u.reason, $9, now()
+         FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::int[], $5::text[], $6::text[],
+                     $7::text[], $8::bool[])
+              AS u(run_id, step, status, attempts, output, errors, reason, from_elements)
+         ON CONFLICT (run_id, step) DO UPDATE
+         SET status = EXCLUDED.status, attempts = EXCLUDED.attempts, output = EXCLUDED.output,
+             errors = EXCLUDED.errors, reason = EXCLUDED.reason,
+             instance_id = EXCLUDED.instance_id, completed_at = EXCLUDED.completed_at",
+    )
+    .bind(&rows.run_ids)
+    .bind(&rows.steps)
+    .bind(&rows.states)
+    .bind(&rows.attempts)
+    .bind(&rows.outputs)
+    .bind(&rows.errors)
+    .bind(&rows.reasons)
+    .bind(&rows.from_elements)
+    .bind(instance)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Parents of joins completed in this flush.
+#[derive(Default)]
+pub(super) struct JoinHits {
+    pub(super) run_ids: Vec<i64>,
+    pub(super) steps: Vec<i16>,
+}
+
+/// Phase 4: counts down the joins (by primary key of `step_states`, the run by its
+/// own); those at zero become ready.
+pub(super) async fn count_down_joins(
+    conn: &mut PgConnection,
+    catalog: &Catalog,
+    hits: &JoinHits,
+    ready: &mut NewTasks,
+) -> Result<(), sqlx::Error> {
+    if hits.run_ids.is_empty() {
+        return Ok(());
+    }
+    #[derive(sqlx::FromRow)]
+    struct Counted {
+        run_id: i64,
+        step: i16,
+        remaining: i32,
+        workflow: String,
+        version: i32,
+    }
+    // Two parents completing in one batch count down twice: group first.
+    let rows: Vec<Counted> = sqlx::query_as(
+        "WITH d AS (
+             SELECT run_id, step, count(*)::int AS n
+             FROM unnest($1::bigint[], $2::smallint[]) AS u(run_id, step)
+             GROUP BY run_id, step
+         )
+         UPDATE pgflow.step_states s SET remaining = s.remaining - d.n
+         FROM d, pgflow.runs r
+         WHERE s.run_id = d.run_id AND s.step = d.step AND s.status = 'waiting'
+           AND r.id = s.run_id
+         RETURNING s.run_id, s.step, s.remaining, r.workflow, r.version",
+    )
+    .bind(&hits.run_ids)
+    .bind(&hits.steps)
+    .fetch_all(conn)
+    .await?;
+    for r in rows.into_iter().filter(|r| r.remaining == 0) {
+        if let (Some(flow), Some(step)) = (catalog.get(&r.workflow, r.version), step_index(r.step))
+        {
+            ready.push(flow, r.run_id, step);
+        }
+    }
+    Ok(())
+}
+
+/// Runs whose terminal step is done.
+#[derive(Default)]
+pub(super) struct FinishedRuns {
+    pub(super) run_ids: Vec<i64>,
+    /// The output; `None` when it is aggregated from a terminal map step's elements.
+    pub(super) outputs: Vec<Option<String>>,
+    /// The terminal map step whose elements make the output.
+    pub(super) from_elements: Vec<Option<i16>>,
+    pub(super) costs: Vec<i64>,
+}
+
+impl FinishedRuns {
+    pub(super) fn push(
+        &mut self,
+        run_id: i64,
+        output: Option<String>,
+        from: Option<i16>,
+        cost: i64,
+    ) {
+        self.run_ids.push(run_id);
+        self.outputs.push(output);
+        self.from_elements.push(from);
+        self.costs.push(cost);
+    }
+}
+
+/// Phase 6: runs still `running` succeed with their output (by primary key).
+pub(super) async fn finish_runs(
+    conn: &mut PgConnection,
+    instance: &str,
+    runs: &FinishedRuns,
+) -> Result<Vec<i64>, sqlx::Error> {
+    if runs.run_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(
+        "UPDATE pgflow.runs r
+         SET status = 'succeeded', completed_at = now(), instance_id = $5,
+             cost_cents = r.cost_cents + u.cost,
+             output = CASE WHEN u.from_elements IS NULL THEN u.output::jsonb
+                           ELSE (SELECT jsonb_agg(e.output ORDER BY e.element)
+                                 FROM pgflow.step_elements e
+                                 WHERE e.run_id = u.id AND e.step = u.from_elements) END
+         FROM unnest($1::bigint[], $2::text[], $3::smallint[], $4::bigint[])
+              AS u(id, output, from_elements, cost)
+         WHERE r.id = u.id AND r.status = 'running'
+         RETURNING r.id",
+    )
+    .bind(&runs.run_ids)
+    .bind(&runs.outputs)
+    .bind(&runs.from_elements)
+    .bind(&runs.costs)
+    .bind(instance)
+    .fetch_all(conn)
+    .await
+}
+
+/// Runs that fail in this flush.
+#[derive(Default)]
+pub(super) struct FailedRuns {
+    pub(super) run_ids: Vec<i64>,
+    pub(super) errors: Vec<String>,
+    pub(super) costs: Vec<i64>,
+}
+
+impl FailedRuns {
+    pub(super) fn push(&mut self, run_id: i64, error: String, cost: i64) {
+        self.run_ids.push(run_id);
+        self.errors.push(error);
+        self.costs.push(cost);
+    }
+}
+
+/// Phase 7: runs still `running` fail with their error; their pending tasks are
+/// deleted (index `tasks_run_id`) so pending siblings never start, while running
+/// ones finish into a failed run.
+pub(super) async fn fail_runs(
+    conn: &mut PgConnection,
+    instance: &str,
+    runs: &FailedRuns,
+) -> Result<Vec<i64>, sqlx::Error> {
+    if runs.run_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(
+        "WITH f AS (
+             UPDATE pgflow.runs r
+             SET status = 'failed', error = u.error::jsonb, completed_at = now(),
+                 instance_id = $4, cost_cents = r.cost_cents + u.cost
+             FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(id, error, cost)
+             WHERE r.id = u.id AND r.status = 'running'
+             RETURNING r.id
+         ), gone AS (
+             DELETE FROM pgflow.tasks t USING f
+             WHERE t.run_id = f.id AND t.claimed_by IS NULL
+         )
+         SELECT id FROM f",
+    )
+    .bind(&runs.run_ids)
+    .bind(&runs.errors)
+    .bind(&runs.costs)
+    .bind(instance)
+    .fetch_all(conn)
+    .await
+}
+
+/// Phase 8: adds the costs of steps that did not finish their run (by primary key).
+pub(super) async fn add_costs(
+    conn: &mut PgConnection,
+    mut costs: HashMap<i64, i64>,
+) -> Result<(), sqlx::Error> {
+    costs.retain(|_, c| *c != 0);
+    if costs.is_empty() {
+        return Ok(());
+    }
+    let (ids, cents): (Vec<i64>, Vec<i64>) = costs.into_iter().unzip();
+    sqlx::query(
+        "UPDATE pgflow.runs r SET cost_cents = r.cost_cents + u.cost
+         FROM unnest($1::bigint[], $2::bigint[]) AS u(id, cost) WHERE r.id = u.id",
+    )
+    .bind(&ids)
+    .bind(&cents)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
