@@ -52,14 +52,16 @@ pub(crate) async fn start(
              SELECT $1, $2, u.input::jsonb, u.priority, COALESCE(u.run_at, now()), u.key
              FROM u ORDER BY u.ord
              ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-             RETURNING id, status, priority, run_at, input
+             RETURNING id, priority, run_at, input
          ), ready AS (
              SELECT r.id AS run_id, s.step, $1::text AS workflow, $2::int AS version,
-                    $7::text AS queue, s.priority, s.max_attempts, r.run_at, s.map_from
+                    $7::text AS queue, s.priority, s.max_attempts, r.run_at, s.map_from,
+                    r.priority AS run_priority,
+                    CASE WHEN s.map_from < 0 THEN r.input END AS run_input
              FROM r CROSS JOIN unnest($8::smallint[], $9::smallint[], $10::int[], $11::smallint[])
                  AS s(step, priority, max_attempts, map_from)
          ), ",
-        enqueue_ctes!("r"),
+        enqueue_ctes!(),
         ", j AS (
              INSERT INTO pgflow.step_states (run_id, step, status, remaining)
              SELECT r.id, j.step, 'waiting', j.n

@@ -30,57 +30,69 @@ use crate::catalog::{Catalog, Entry, StepRow};
 use crate::store::{millis, step_i16, version_i32};
 
 /// The CTEs that enqueue the rows of a CTE named `ready` (`run_id, step, workflow,
-/// version, queue, priority, max_attempts, run_at, map_from`), whose runs are read
-/// from `$runs` (`id, status, priority, input`): only runs still `running` get tasks;
-/// a task's priority is its step's plus its run's, clamped to `smallint`.
-/// `map_from` is NULL for a step that is not a map step, -1 for a map step over the
-/// run input and the parent's index for one over a parent's output. Defines
+/// version, queue, priority, max_attempts, run_at, map_from, run_priority,
+/// run_input`), which holds only steps of runs still `running`. A task's priority
+/// is its step's plus its run's, clamped to `smallint`. `map_from` is NULL for a step
+/// that is not a map step, -1 for a map step over the run input (`run_input`, needed
+/// only then) and the parent's index for one over a parent's output. Defines
 /// `enqueued (queue, due)`.
 ///
-/// The element tasks are inserted in element order, so they enter
-/// `tasks_available` (and are claimed) in that order. The parent's output is read by
-/// the primary key of `step_states`.
+/// Steps that are not map steps take the lean path (`plain`: no sort, no JSON).
+/// Element tasks are inserted in element order, so they enter `tasks_available`
+/// (and are claimed) in that order. The parent's output is read by the primary key
+/// of `step_states`.
 macro_rules! enqueue_ctes {
-    ($runs:literal) => {
-        concat!(
-            "src AS (
-    SELECT q.run_id, q.step, q.workflow, q.version, q.queue, q.max_attempts, q.run_at,
-           LEAST(GREATEST(q.priority::int + rr.priority, -32768), 32767)::smallint AS priority,
-           CASE WHEN q.map_from IS NULL THEN NULL
-                WHEN q.map_from < 0 THEN rr.input
-                ELSE (SELECT ss.output FROM pgflow.step_states ss
-                      WHERE ss.run_id = q.run_id AND ss.step = q.map_from)
-           END AS items
-    FROM ready q JOIN ",
-            $runs,
-            " rr ON rr.id = q.run_id AND rr.status = 'running'
+    () => {
+        "plain AS (
+    -- the common case, kept lean: one task per ready step
+    INSERT INTO pgflow.tasks (run_id, step, workflow, version, queue, priority, max_attempts,
+                              run_at)
+    SELECT q.run_id, q.step, q.workflow, q.version, q.queue,
+           LEAST(GREATEST(q.priority::int + q.run_priority, -32768), 32767)::smallint,
+           q.max_attempts, q.run_at
+    FROM ready q
+    WHERE q.map_from IS NULL
+    RETURNING queue, run_at
 ), fan AS (
-    SELECT src.*, CASE WHEN jsonb_typeof(src.items) = 'array'
-                       THEN jsonb_array_length(src.items) ELSE 0 END AS n
-    FROM src
+    SELECT q.*, LEAST(GREATEST(q.priority::int + q.run_priority, -32768), 32767)::smallint
+               AS prio,
+           s.items,
+           CASE WHEN jsonb_typeof(s.items) = 'array' THEN jsonb_array_length(s.items) ELSE 0 END
+               AS n
+    FROM ready q
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN q.map_from < 0 THEN q.run_input
+                    ELSE (SELECT ss.output FROM pgflow.step_states ss
+                          WHERE ss.run_id = q.run_id AND ss.step = q.map_from)
+               END AS items
+    ) s
+    WHERE q.map_from IS NOT NULL
 ), map_states AS (
     INSERT INTO pgflow.step_states (run_id, step, status, remaining, attempts)
     SELECT run_id, step, 'running', n, 1 FROM fan WHERE n > 0
     ON CONFLICT (run_id, step) DO NOTHING
-), enqueued AS (
+), fanned AS (
     INSERT INTO pgflow.tasks (run_id, step, element, item, workflow, version, queue,
                               priority, max_attempts, run_at)
     SELECT t.run_id, t.step, t.element, t.item, t.workflow, t.version, t.queue,
-           t.priority, t.max_attempts, t.run_at
+           t.prio, t.max_attempts, t.run_at
     FROM (
         SELECT f.run_id, f.step, NULL::int AS element, NULL::jsonb AS item, f.workflow,
-               f.version, f.queue, f.priority, f.max_attempts, f.run_at
+               f.version, f.queue, f.prio, f.max_attempts, f.run_at
         FROM fan f WHERE f.n = 0
         UNION ALL
         SELECT f.run_id, f.step, (e.ord - 1)::int, e.item, f.workflow, f.version, f.queue,
-               f.priority, f.max_attempts, f.run_at
+               f.prio, f.max_attempts, f.run_at
         FROM fan f CROSS JOIN LATERAL jsonb_array_elements(f.items) WITH ORDINALITY AS e(item, ord)
         WHERE f.n > 0
     ) t
     ORDER BY t.run_id, t.step, t.element
-    RETURNING queue, run_at <= now() AS due
+    RETURNING queue, run_at
+), enqueued AS (
+    SELECT queue, run_at <= now() AS due FROM plain
+    UNION ALL
+    SELECT queue, run_at <= now() FROM fanned
 )"
-        )
     };
 }
 pub(crate) use enqueue_ctes;
@@ -147,12 +159,15 @@ pub(crate) async fn enqueue(
     }
     sqlx::query_scalar(concat!(
         "WITH ready AS (
-             SELECT u.*, now() AS run_at
+             -- the runs by primary key; only running ones get tasks
+             SELECT u.*, now() AS run_at, r.priority AS run_priority,
+                    CASE WHEN u.map_from < 0 THEN r.input END AS run_input
              FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::int[], $5::text[],
                          $6::smallint[], $7::int[], $8::smallint[])
                   AS u(run_id, step, workflow, version, queue, priority, max_attempts, map_from)
+             JOIN pgflow.runs r ON r.id = u.run_id AND r.status = 'running'
          ), ",
-        enqueue_ctes!("pgflow.runs"),
+        enqueue_ctes!(),
         "
          SELECT DISTINCT queue FROM enqueued WHERE due"
     ))
