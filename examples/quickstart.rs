@@ -23,42 +23,42 @@ use pgflow_runtime::Runtime;
 use pgflow_suite::agents::{self, AgentCoordination};
 use pgflow_suite::embedding::{EmbedRequest, Embedding, EmbeddingModel, demo_corpus};
 use pgflow_suite::llm::{LlmClient, LlmInput, LlmRequest, Message};
-use sqlx::Connection;
-use sqlx::postgres::PgPoolOptions;
 
 const LLM_RUNS: usize = 240;
 const EMBEDDING_RUNS: usize = 6;
 const AGENT_RUNS: usize = 64;
 const RUNS: usize = LLM_RUNS + EMBEDDING_RUNS + AGENT_RUNS;
 
-fn unreachable_help(url: &str, error: &dyn std::fmt::Display) -> String {
+/// What to say when the database cannot be used: the cause, and how to get a server
+/// when there is none to reach.
+fn connect_help(error: &pgflow_runtime::Error) -> String {
+    let pgflow_runtime::Error::Connect { url, source } = error else {
+        return error.to_string();
+    };
+    if !error.is_unreachable() {
+        // The server answered and refused (password, database, connection limit):
+        // the error says what to fix.
+        return error.to_string();
+    }
     format!(
-        "PostgreSQL is not reachable at {} ({error}). pgflow keeps everything in \
-         PostgreSQL, so the quickstart needs a server: on Debian/Ubuntu start the local one \
-         with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`; \
+        "PostgreSQL is not reachable at {url} ({source}). \
+         pgflow keeps everything in PostgreSQL, so the quickstart needs a server: \
+         on Debian/Ubuntu start the local one with \
+         `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`; \
          anywhere with Docker, `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`; \
          or point DATABASE_URL at a server you have (e.g. \
-         DATABASE_URL=postgres://user:password@host:5432/db cargo run --example quickstart).",
-        pgflow_runtime::mask_password(url)
+         DATABASE_URL=postgres://user:password@host:5432/db cargo run --example quickstart)."
     )
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let url = pgflow_suite::support::database_url();
-    // One plain connection first: its error says why (refused, unknown host, auth).
-    if let Err(e) = sqlx::PgConnection::connect(&url).await {
-        eprintln!("{}", unreachable_help(&url, &e));
-        std::process::exit(1);
-    }
-    let pool = match PgPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&url)
-        .await
-    {
+    // Probes with one plain connection first: its error says why (refused, no
+    // answer, unknown host, authentication, unknown database).
+    let pool = match pgflow_runtime::connect(&url, 8).await {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("{}", unreachable_help(&url, &e));
+            eprintln!("{}", connect_help(&e));
             std::process::exit(1);
         }
     };

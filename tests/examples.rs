@@ -92,6 +92,25 @@ fn quickstart_explains_an_unreachable_database() {
     assert!(!err.contains("s3cret"), "{err}");
 }
 
+#[test]
+fn quickstart_says_what_failed_when_the_server_answers() {
+    // The server is there; the database is not: no advice about starting a server.
+    let out = Command::new(example("quickstart"))
+        .env(
+            "DATABASE_URL",
+            "postgres://postgres:s3cret@127.0.0.1:5432/pgflow_no_such_database",
+        )
+        .output()
+        .expect("run the quickstart");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(err.contains("create it"), "{err}");
+    assert!(!err.contains("not reachable"), "{err}");
+    assert!(!err.contains("pg_ctlcluster"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+}
+
 #[sqlx::test]
 async fn embedding_maps_chunks_stores_vectors_and_answers_the_query(pool: PgPool) {
     let out = run("embedding", &pool, &["--extra-docs", "12"]);

@@ -90,6 +90,14 @@ pub(crate) fn status(s: &Status) -> String {
         ]);
     }
     section(&mut out, &t, "no runs");
+    for u in &s.unserved {
+        let _ = writeln!(
+            out,
+            "\nWARNING: {} run(s) of {} v{} have no instance that serves them: they wait until \
+             an instance that links {} v{} and serves its queue `{}` is online",
+            u.runs, u.workflow, u.version, u.workflow, u.version, u.queue
+        );
+    }
     out
 }
 

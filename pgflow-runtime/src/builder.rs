@@ -8,7 +8,6 @@ use std::time::Duration;
 use pgflow::{Data, WorkflowDef};
 use serde_json::Value;
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tracing::warn;
 
 use crate::catalog::Catalog;
@@ -17,7 +16,7 @@ use crate::engine::Engine;
 use crate::engine::rescuer::rescue_once;
 use crate::store::instances::{self, Registered, Registration};
 use crate::store::{definitions, version_i32};
-use crate::{Error, MIGRATOR, Runtime, mask_password};
+use crate::{Error, Runtime};
 
 /// Configures and starts a [`Runtime`].
 ///
@@ -34,7 +33,7 @@ use crate::{Error, MIGRATOR, Runtime, mask_password};
 /// rt.shutdown().await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct RuntimeBuilder {
     url: Option<String>,
     pool: Option<PgPool>,
@@ -92,6 +91,21 @@ impl RuntimeBuilder {
     /// The most completions one flush applies (default 2,000).
     pub fn flush_batch(mut self, n: usize) -> Self {
         self.config.flush_batch = n.max(1);
+        self
+    }
+
+    /// The most bytes of step outputs one flush carries (default 32 MiB); a larger
+    /// output is flushed on its own.
+    pub fn flush_batch_bytes(mut self, n: usize) -> Self {
+        self.config.flush_batch_bytes = n.max(1);
+        self
+    }
+
+    /// The largest output a step may return, as JSON (default 255 MiB, about the
+    /// most a PostgreSQL `jsonb` holds); a step returning more fails permanently
+    /// with a message saying so.
+    pub fn max_output_bytes(mut self, n: usize) -> Self {
+        self.config.max_output_bytes = n.max(1);
         self
     }
 
@@ -163,10 +177,10 @@ impl RuntimeBuilder {
         }
         let pool = match self.pool {
             Some(p) => p,
-            None => connect(self.url, self.config.max_connections).await?,
+            None => connect(self.url, self.config.max_connections, self.queues.len()).await?,
         };
         if self.config.migrate {
-            MIGRATOR.run(&pool).await?;
+            crate::migrate(&pool).await?;
         }
         let registry = pgflow::registry()?;
         let defs: Vec<&'static WorkflowDef> = registry.workflows().to_vec();
@@ -175,7 +189,32 @@ impl RuntimeBuilder {
         if instance_id.is_empty() {
             return Err(Error::Config("the instance id is empty".into()));
         }
-        register_instance(&pool, &instance_id, &self.queues, self.config.offline_after).await?;
+        let live = crate::engine::live_key(&pool, &instance_id);
+        if !crate::engine::hold_live(&live) {
+            return Err(Error::InstanceIdInUse {
+                id: instance_id,
+                host: hostname(),
+                pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+                heartbeat_secs_ago: 0.0,
+            });
+        }
+        let served: Vec<String> = defs
+            .iter()
+            .filter(|d| self.queues.iter().any(|(q, _)| q == d.queue()))
+            .map(|d| instances::served_key(d.name(), version_i32(d.version())))
+            .collect();
+        let registered = register_instance(
+            &pool,
+            &instance_id,
+            &self.queues,
+            &served,
+            self.config.offline_after,
+        )
+        .await;
+        if let Err(e) = registered {
+            crate::engine::release_live(&live);
+            return Err(e);
+        }
         let catalog = Catalog::new(&defs, self.config.lease_grace);
         let (engine, completions) = Engine::new(
             pool,
@@ -188,14 +227,27 @@ impl RuntimeBuilder {
         // Claims still held under this id belong to a predecessor that is gone
         // (a dead process whose id we took over, or one that shut down with claims
         // left): give them back before claiming anything.
-        while rescue_once(&engine, Some(&engine.instance_id)).await? > 0 {}
+        loop {
+            match rescue_once(&engine, Some(&engine.instance_id)).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    crate::engine::release_live(&live);
+                    return Err(e.into());
+                }
+            }
+        }
         engine.start_loops(completions);
-        Ok(Runtime { engine })
+        Ok(Runtime::new(engine))
     }
 }
 
-/// Connects a pool to `url` (or `$DATABASE_URL`).
-async fn connect(url: Option<String>, max_connections: u32) -> Result<PgPool, Error> {
+/// Connects a pool to `url` (or `$DATABASE_URL`), probing first (see `connect`).
+async fn connect(
+    url: Option<String>,
+    max_connections: u32,
+    queues: usize,
+) -> Result<PgPool, Error> {
     let url = url
         .or_else(|| std::env::var("DATABASE_URL").ok())
         .ok_or_else(|| {
@@ -203,17 +255,9 @@ async fn connect(url: Option<String>, max_connections: u32) -> Result<PgPool, Er
                 "no database: call .database_url(..) or .pool(..), or set DATABASE_URL".into(),
             )
         })?;
-    let connect_error = |source| Error::Connect {
-        url: mask_password(&url),
-        source,
-    };
-    let opts: PgConnectOptions = url.parse().map_err(connect_error)?;
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(opts)
-        .await
-        .map_err(connect_error)
+    // Outside the pool: one connection per claimer (LISTEN holds one of the pool's).
+    let others = u32::try_from(queues).unwrap_or(u32::MAX);
+    crate::connect::pool(&url, max_connections, others).await
 }
 
 fn default_instance_id() -> String {
@@ -312,12 +356,13 @@ fn diff(path: &str, old: &Value, new: &Value, out: &mut Vec<String>) {
 /// Registers this runtime under `id`, refusing an id held by a live instance.
 ///
 /// Two live runtimes cannot share an id. A restart with the id of a process that is
-/// gone (same host, its pid no longer exists) or whose heartbeat expired takes the
-/// id over.
+/// gone (same host, its pid no longer exists, or its pid is ours and no runtime of
+/// this process holds the id) or whose heartbeat expired takes the id over.
 async fn register_instance(
     pool: &PgPool,
     id: &str,
     queues: &[(String, usize)],
+    served: &[String],
     offline_after: Duration,
 ) -> Result<(), Error> {
     let host = hostname();
@@ -331,6 +376,7 @@ async fn register_instance(
         pid,
         queues_json: &queues_json,
         capacity,
+        served,
         offline_after,
     };
     match instances::register(pool, &registration, false).await? {
@@ -348,9 +394,14 @@ async fn register_instance(
             heartbeat_secs_ago,
         } => {
             // Held by an instance whose heartbeat is fresh: is it a dead process here?
+            // Another pid that no longer exists; or our own pid (a container whose
+            // process is PID 1 every time) while no runtime of this process holds
+            // the id: a previous incarnation of this process, which is gone.
+            // (This runtime holds the id in this process, so no other runtime of
+            // this process does.)
             let gone = holder_host == host
-                && holder_pid != pid
-                && !std::path::Path::new(&format!("/proc/{holder_pid}")).exists();
+                && (holder_pid == pid
+                    || !std::path::Path::new(&format!("/proc/{holder_pid}")).exists());
             if gone {
                 warn!(
                     instance = id,
@@ -367,6 +418,19 @@ async fn register_instance(
                 heartbeat_secs_ago,
             })
         }
+    }
+}
+
+impl std::fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("url", &self.url.as_deref().map(crate::mask_password))
+            .field("pool", &self.pool)
+            .field("queues", &self.queues)
+            .field("instance_id", &self.instance_id)
+            .field("data", &self.data)
+            .field("config", &self.config)
+            .finish()
     }
 }
 

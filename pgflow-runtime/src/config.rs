@@ -13,6 +13,12 @@ pub(crate) struct Config {
     pub(crate) claim_batch: usize,
     /// The most completions one flush transaction applies.
     pub(crate) flush_batch: usize,
+    /// The most bytes of outputs one flush transaction carries (a completion larger
+    /// than this is flushed alone): PostgreSQL refuses a message over 1 GiB.
+    pub(crate) flush_batch_bytes: usize,
+    /// The largest output (JSON) a step may return; a larger one fails the step
+    /// permanently. PostgreSQL cannot store a `jsonb` much over 255 MiB.
+    pub(crate) max_output_bytes: usize,
     /// Added to a step's timeout to get its lease: a claim older than that is
     /// considered lost and its task goes back to the queue.
     pub(crate) lease_grace: Duration,
@@ -40,6 +46,8 @@ impl Default for Config {
             poll_interval: Duration::from_millis(250),
             claim_batch: 500,
             flush_batch: 2_000,
+            flush_batch_bytes: 32 << 20,
+            max_output_bytes: 255 << 20,
             lease_grace: Duration::from_secs(30),
             rescue_interval: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(5),

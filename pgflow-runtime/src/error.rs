@@ -9,9 +9,8 @@ use pgflow::{RegistryError, RunError, RunId};
 pub enum Error {
     /// The database could not be reached at start.
     #[error(
-        "cannot connect to PostgreSQL at {url}: {source}. Check that the server is running and \
-         accepts connections there (e.g. `pg_isready -h HOST -p PORT`), and that DATABASE_URL \
-         names the right host, port, user and database"
+        "cannot connect to PostgreSQL at {url}: {source}. {}",
+        connect_hint(source)
     )]
     Connect {
         /// The URL, password masked.
@@ -147,6 +146,68 @@ pub enum Error {
     InvalidStatus(String),
 }
 
+/// What to check, for the cause of a failed connection.
+fn connect_hint(e: &sqlx::Error) -> &'static str {
+    match e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .as_deref()
+        .map(|c| c.to_owned())
+        .as_deref()
+    {
+        Some("28P01" | "28000") => {
+            "The server refused the user or password: check the user and password in \
+             DATABASE_URL (and pg_hba.conf)"
+        }
+        Some("3D000") => {
+            "The database does not exist: create it (`createdb NAME`) or fix its name in \
+             DATABASE_URL"
+        }
+        Some("53300") => {
+            "The role, the database or the server is at its connection limit: close other \
+             connections or raise the limit (ALTER ROLE .. CONNECTION LIMIT, max_connections)"
+        }
+        Some(_) => "Check the settings in DATABASE_URL",
+        None => {
+            "Check that the server is running and accepts connections there (e.g. \
+             `pg_isready -h HOST -p PORT`), and that DATABASE_URL names the right host, port, \
+             user and database"
+        }
+    }
+}
+
+impl Error {
+    /// Whether this is a failure to reach the server at all (refused, no answer,
+    /// unknown host), rather than the server refusing the connection (a wrong
+    /// password, an unknown database, a connection limit).
+    ///
+    /// ```
+    /// let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+    /// let e = pgflow_runtime::Error::Connect { url: "postgres://h/db".into(), source: sqlx::Error::Io(refused) };
+    /// assert!(e.is_unreachable());
+    /// ```
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Connect { source, .. } if source.as_database_error().is_none()
+            && !matches!(source, sqlx::Error::Configuration(_)))
+    }
+
+    /// Whether the error is the database being away for a while (a lost
+    /// connection, a restart, a failover, too many connections, a pool that could
+    /// not get a connection in time, a deadlock): the same call can succeed later.
+    ///
+    /// ```
+    /// let e = pgflow_runtime::Error::Database(sqlx::Error::PoolTimedOut);
+    /// assert!(e.is_transient());
+    /// assert!(!pgflow_runtime::Error::ShutDown.is_transient());
+    /// ```
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Database(e) => crate::store::is_transient(e),
+            _ => false,
+        }
+    }
+}
+
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         // undefined_table, invalid_schema_name: the migrations were never applied.
@@ -158,33 +219,5 @@ impl From<sqlx::Error> for Error {
             Some("42P01" | "3F000") => Self::NotMigrated(e),
             _ => Self::Database(e),
         }
-    }
-}
-
-/// Masks the password of a PostgreSQL URL: `postgres://u:secret@h/db` ->
-/// `postgres://u:***@h/db`.
-///
-/// ```
-/// use pgflow_runtime::mask_password;
-/// assert_eq!(mask_password("postgres://app:s3cret@db:5432/x"), "postgres://app:***@db:5432/x");
-/// assert_eq!(mask_password("postgres://app@db/x"), "postgres://app@db/x");
-/// ```
-pub fn mask_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let Some(at) = rest.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &rest[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end],
-            &userinfo[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
     }
 }

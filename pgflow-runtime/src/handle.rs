@@ -44,15 +44,30 @@ impl<O: serde::de::DeserializeOwned> RunHandle<O> {
     /// # Errors
     ///
     /// [`Error::Run`] when the run failed or was cancelled; [`Error::StoredValue`]
-    /// when the stored output does not deserialize; database errors.
+    /// when the stored output does not deserialize; [`Error::RunNotFound`]. A
+    /// database that is unreachable for a while (a restart, a failover) is waited
+    /// out with backoff, not returned.
     pub async fn wait(&self) -> Result<O, Error> {
         let mut poll = Duration::from_millis(20);
+        let mut backoff = crate::engine::Backoff::new();
         loop {
-            let done = self.rt.engine.register_waiter(self.id.0);
-            if let (workflow, Some(outcome)) = self.rt.outcome::<O>(self.id).await? {
-                return outcome.into_result(&workflow);
+            // Registered before reading, so a finish in between is not missed; the
+            // waiter unregisters itself when this iteration ends.
+            let mut waiter = self.rt.engine.register_waiter(self.id.0);
+            match self.rt.outcome::<O>(self.id).await {
+                Ok((workflow, Some(outcome))) => return outcome.into_result(&workflow),
+                Ok((_, None)) => backoff.reset(),
+                // The database is away (restart, failover, a lost connection): the
+                // run goes on; keep waiting, as the engine's loops do.
+                Err(e) if e.is_transient() => {
+                    let pause = backoff.next();
+                    tracing::debug!(run = self.id.0, error = %e, "pgflow: wait: database unavailable; retrying");
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
             }
-            let _ = tokio::time::timeout(poll, done).await;
+            let _ = tokio::time::timeout(poll, &mut waiter.rx).await;
             poll = (poll * 2).min(Duration::from_secs(1));
         }
     }

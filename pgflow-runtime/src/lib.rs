@@ -49,6 +49,7 @@ pub mod admin;
 mod builder;
 mod catalog;
 mod config;
+mod connect;
 mod engine;
 mod error;
 mod handle;
@@ -56,14 +57,59 @@ mod runtime;
 mod store;
 
 pub use builder::RuntimeBuilder;
-pub use error::{Error, mask_password};
+pub use connect::mask_password;
+pub use error::Error;
 pub use handle::{RunHandle, RunOutcome, RunStatus};
 pub use runtime::{InstanceInfo, Runtime, StartOptions, Stats, Summary};
 
-/// The schema migrations (`migrations/` at the workspace root), applied by
-/// [`RuntimeBuilder::start`] unless disabled; usable with `#[sqlx::test(migrator =
-/// "pgflow_runtime::MIGRATOR")]`.
+/// The schema migrations (`migrations/` at the workspace root), as a sqlx
+/// [`Migrator`](sqlx::migrate::Migrator): what `#[sqlx::test(migrator =
+/// "pgflow_runtime::MIGRATOR")]` applies. Run directly, it records its history in the
+/// `_sqlx_migrations` table of the connection's search path (where an application's
+/// own sqlx migrations are); [`migrate`] (and so [`RuntimeBuilder::start`] and `pgflow
+/// migrate`) keeps it in `pgflow._sqlx_migrations` instead and adopts such a history.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Applies the pgflow migrations not applied yet, keeping their history in
+/// `pgflow._sqlx_migrations` (apart from the application's own sqlx migrations, in
+/// whichever order the two run). What [`RuntimeBuilder::start`] does unless
+/// `.migrate(false)`; call it from your own deploy step to migrate before any
+/// runtime starts.
+///
+/// ```no_run
+/// # async fn demo(
+/// #     pool: sqlx::PgPool,
+/// #     app_migrations: sqlx::migrate::Migrator,
+/// # ) -> Result<(), Box<dyn std::error::Error>> {
+/// app_migrations.run(&pool).await?; // the application's own, e.g. sqlx::migrate!()
+/// pgflow_runtime::migrate(&pool).await?; // pgflow's, in the pgflow schema
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// [`Error::Migrate`]; database errors.
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), Error> {
+    store::migrations::run(pool).await.map(|_| ())
+}
+
+/// Connects a pool of up to `max_connections` the way the runtime does: one plain
+/// connection first, bounded in time, whose error says why it failed (refused, no
+/// answer, authentication, unknown database, a connection limit), and a pool no
+/// larger than the role and database allow.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), pgflow_runtime::Error> {
+/// let pool = pgflow_runtime::connect("postgres://postgres@127.0.0.1:5432/postgres", 8).await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// [`Error::Connect`] naming the URL (password masked) and the cause.
+pub async fn connect(url: &str, max_connections: u32) -> Result<sqlx::PgPool, Error> {
+    connect::pool(url, max_connections.max(1), 0).await
+}
 
 /// Completes when the process receives SIGTERM or SIGINT (Ctrl-C): what a worker
 /// waits on before [`Runtime::shutdown`] (see [`Runtime::run_until_signal`]).

@@ -20,9 +20,61 @@ use crate::store::{instances, runs};
 use crate::{Error, RunHandle, RunOutcome, RunStatus, RuntimeBuilder};
 
 /// A running pgflow engine; cheap to clone. See the crate docs.
+///
+/// Call [`shutdown`](Runtime::shutdown) (or [`run_until_signal`](Runtime::run_until_signal))
+/// to stop it and wait until it has stopped. If the last clone of a runtime (and the
+/// last [`RunHandle`] of its runs) is dropped without that, it shuts down in the
+/// background all the same: it stops claiming, lets in-flight steps finish up to
+/// the shutdown grace, gives back what it still holds and marks the instance
+/// offline — nothing it claimed is stranded until its lease expires.
 #[derive(Clone)]
 pub struct Runtime {
     pub(crate) engine: Arc<Engine>,
+    /// Shared by every clone; its drop stops the engine (see above).
+    _stop_on_drop: Arc<StopOnDrop>,
+}
+
+impl Runtime {
+    pub(crate) fn new(engine: Arc<Engine>) -> Self {
+        Self {
+            _stop_on_drop: Arc::new(StopOnDrop(Arc::clone(&engine))),
+            engine,
+        }
+    }
+}
+
+/// Stops the engine when the last `Runtime` clone is dropped without `shutdown`.
+struct StopOnDrop(Arc<Engine>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if !self.0.is_running() {
+            return;
+        }
+        let engine = Arc::clone(&self.0);
+        // Without a tokio runtime its tasks (the loops) are gone with it, and the
+        // claims return to the queue when the instance is seen dead.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            tracing::info!(
+                instance = %engine.instance_id,
+                "pgflow: the last Runtime handle was dropped without shutdown(); shutting down"
+            );
+            handle.spawn(async move {
+                if let Err(e) = stop(&engine).await {
+                    tracing::warn!(error = %e, "pgflow: shutdown after drop failed");
+                }
+            });
+        }
+    }
+}
+
+/// Stops the engine's loops and marks the instance offline.
+async fn stop(engine: &Engine) -> Result<(), Error> {
+    if !engine.stop_loops().await {
+        return Ok(()); // already stopped
+    }
+    instances::mark_offline(&engine.pool, &engine.instance_id).await?;
+    Ok(())
 }
 
 impl std::fmt::Debug for Runtime {
@@ -291,8 +343,44 @@ impl Runtime {
         let ids = runs::start(conn, flow, new).await?;
         if !ids.is_empty() {
             self.engine.wake_queue(def.queue());
+            self.warn_if_unserved(def);
         }
         Ok(ids)
+    }
+
+    /// At most once a minute per workflow version: in the background, warns when no
+    /// live instance serves the version just started (its runs would wait).
+    fn warn_if_unserved(&self, def: &'static WorkflowDef) {
+        let key = (def.name(), def.version());
+        let due = self.engine.served_checks.lock().is_ok_and(|mut m| {
+            let now = std::time::Instant::now();
+            let due = m
+                .get(&key)
+                .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(60));
+            if due {
+                m.insert(key, now);
+            }
+            due
+        });
+        if !due {
+            return;
+        }
+        let pool = self.engine.pool.clone();
+        tokio::spawn(async move {
+            let version = crate::store::version_i32(def.version());
+            if let Ok(false) = instances::is_served(&pool, def.name(), version).await {
+                tracing::warn!(
+                    workflow = def.name(),
+                    version = def.version(),
+                    queue = def.queue(),
+                    "pgflow: no live instance serves {} v{}: its runs wait until an instance \
+                     that links it and serves queue `{}` is online",
+                    def.name(),
+                    def.version(),
+                    def.queue()
+                );
+            }
+        });
     }
 
     fn flow(&self, def: &'static WorkflowDef) -> Result<&Entry, Error> {
@@ -414,19 +502,24 @@ impl Runtime {
     ///
     /// Database errors while marking the instance offline.
     pub async fn shutdown(&self) -> Result<(), Error> {
-        if !self.engine.stop_loops().await {
-            return Ok(()); // already shut down
-        }
-        instances::mark_offline(&self.engine.pool, &self.engine.instance_id).await?;
-        Ok(())
+        stop(&self.engine).await
+    }
+
+    /// How many `wait()`s are registered on this runtime (for its own tests).
+    #[doc(hidden)]
+    pub fn pending_waiters(&self) -> usize {
+        self.engine.waiter_count()
     }
 }
 
 fn serialize_input<T: serde::Serialize>(def: &WorkflowDef, input: &T) -> Result<String, Error> {
-    serde_json::to_string(input).map_err(|e| Error::InvalidInput {
+    let invalid = |message: String| Error::InvalidInput {
         workflow: def.name().to_owned(),
-        message: e.to_string(),
-    })
+        message,
+    };
+    // A NaN or infinite float would be stored as `null`.
+    pgflow::engine::check_finite(input).map_err(|e| invalid(e.message().to_owned()))?;
+    serde_json::to_string(input).map_err(|e| invalid(e.to_string()))
 }
 
 /// The linked workflows, for error messages.

@@ -15,7 +15,9 @@
 //! ```
 
 pub use crate::execute::execute_definition;
-pub use crate::value::{StepInputs, StepOutput, StepValue, ValueOps, from_json, split_json};
+pub use crate::value::{
+    StepInputs, StepOutput, StepValue, ValueOps, check_finite, from_json, split_json,
+};
 pub use crate::workflow::{MapOps, StepFn};
 
 #[path = "policy.rs"]

@@ -299,13 +299,30 @@ impl AttemptFailure {
     /// use pgflow::{AttemptFailure, ErrorKind, StepError};
     /// let f = AttemptFailure::new(2, &StepError::permanent("no"));
     /// assert_eq!((f.attempt, f.kind, f.message.as_str()), (2, ErrorKind::Permanent, "no"));
+    /// // PostgreSQL cannot store a NUL byte: it is replaced, and the message says so
+    /// let f = AttemptFailure::new(1, &StepError::retryable("bad\0byte"));
+    /// assert_eq!(f.kind, ErrorKind::Retryable);
+    /// assert_eq!(f.message, "bad\u{FFFD}byte (NUL bytes replaced with U+FFFD: they cannot be stored)");
     /// ```
     pub fn new(attempt: u32, error: &StepError) -> Self {
         Self {
             attempt,
             kind: error.kind(),
-            message: error.message().to_owned(),
+            message: storable_message(error.message()),
         }
+    }
+}
+
+/// A message as it can be stored: PostgreSQL text and `jsonb` cannot hold a NUL
+/// byte, so each is replaced with U+FFFD and the message says so.
+fn storable_message(message: &str) -> String {
+    if message.contains('\0') {
+        format!(
+            "{} (NUL bytes replaced with U+FFFD: they cannot be stored)",
+            message.replace('\0', "\u{FFFD}")
+        )
+    } else {
+        message.to_owned()
     }
 }
 

@@ -126,6 +126,7 @@ mod definition;
 pub mod engine;
 mod error;
 mod execute;
+mod finite;
 pub mod registry;
 mod value;
 mod workflow;

@@ -43,7 +43,9 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60 * 60);
 /// # Errors
 ///
 /// The step's own error; [`StepError::timeout`] when it outlives its timeout (the
-/// future is dropped); [`StepError::panic`] with the panic message.
+/// future is dropped); [`StepError::panic`] with the panic message (also for a panic
+/// in the output's `Serialize`); a permanent error for an output holding a NaN or
+/// infinite float, which JSON cannot store.
 pub async fn run_attempt(
     step: &StepDef,
     inputs: StepInputs,
@@ -58,6 +60,11 @@ pub async fn run_attempt(
     match tokio::time::timeout(timeout, CatchUnwind(fut)).await {
         Err(_) => Err(StepError::timeout(timeout)),
         Ok(Err(panic)) => Err(StepError::panic(panic)),
+        // An output that cannot be stored fails here, the same in both executors.
+        Ok(Ok(Ok(StepOutput::Completed(value)))) => {
+            value.check_storable()?;
+            Ok(StepOutput::Completed(value))
+        }
         Ok(Ok(result)) => result,
     }
 }

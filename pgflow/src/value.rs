@@ -60,7 +60,9 @@ pub struct ValueOps {
     /// The Rust type, as written in the workflow (for messages and definitions).
     pub type_name: &'static str,
     #[doc(hidden)]
-    pub to_json: fn(&(dyn Any + Send)) -> Result<Box<RawValue>, serde_json::Error>,
+    pub to_json: fn(&(dyn Any + Send)) -> Result<Box<RawValue>, StepError>,
+    #[doc(hidden)]
+    pub check: fn(&(dyn Any + Send)) -> Result<(), StepError>,
     #[doc(hidden)]
     pub from_json: fn(&str) -> Result<Box<dyn Any + Send>, StepError>,
     #[doc(hidden)]
@@ -74,6 +76,7 @@ impl ValueOps {
         Self {
             type_name,
             to_json: to_json::<T>,
+            check: check_storable::<T>,
             from_json: from_json_any::<T>,
             duplicate,
         }
@@ -122,16 +125,26 @@ impl StepValue {
     /// keys, a custom error): a permanent error, since retrying cannot fix it.
     pub fn to_json(&self) -> Result<Box<RawValue>, StepError> {
         match self {
-            Self::Typed(v, ops) => (ops.to_json)(v.as_ref()).map_err(|e| {
-                StepError::permanent(format!(
-                    "output of type `{}` does not serialize to JSON: {e}",
-                    ops.type_name
-                ))
-            }),
+            Self::Typed(v, ops) => (ops.to_json)(v.as_ref())
+                .map_err(|e| e.context(format_args!("output of type `{}`", ops.type_name))),
             Self::Json(raw) => Ok(raw.clone()),
             Self::Stored(text) => RawValue::from_string(text.to_string()).map_err(|e| {
                 StepError::permanent(format!("a stored value is not valid JSON: {e}"))
             }),
+        }
+    }
+
+    /// Checks that a typed value can be stored as JSON (no NaN or infinite float);
+    /// a JSON value can. A panic in the value's `Serialize` is a failed attempt.
+    ///
+    /// # Errors
+    ///
+    /// A permanent error naming the non-finite float's path; a panic error.
+    pub fn check_storable(&self) -> Result<(), StepError> {
+        match self {
+            Self::Typed(v, ops) => (ops.check)(v.as_ref())
+                .map_err(|e| e.context(format_args!("output of type `{}`", ops.type_name))),
+            Self::Json(_) | Self::Stored(_) => Ok(()),
         }
     }
 
@@ -547,13 +560,48 @@ impl<T> DupNoClone for Dup<T> {
     }
 }
 
-fn type_confusion() -> serde_json::Error {
-    <serde_json::Error as serde::de::Error>::custom("internal: value of an unexpected type")
+fn type_confusion() -> StepError {
+    StepError::permanent("internal: value of an unexpected type")
 }
 
-fn to_json<T: StepData>(v: &(dyn Any + Send)) -> Result<Box<RawValue>, serde_json::Error> {
+/// Runs a user type's `Serialize` (through `f`), turning a panic into a failed
+/// attempt like a panic in the step itself.
+fn serializing<R>(f: impl FnOnce() -> Result<R, StepError>) -> Result<R, StepError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        Err(StepError::panic(format!(
+            "`Serialize` panicked: {}",
+            crate::engine::policy::panic_message(payload.as_ref())
+        )))
+    })
+}
+
+fn to_json<T: StepData>(v: &(dyn Any + Send)) -> Result<Box<RawValue>, StepError> {
     let v = v.downcast_ref::<T>().ok_or_else(type_confusion)?;
-    serde_json::value::to_raw_value(v)
+    serializing(|| {
+        serde_json::value::to_raw_value(v)
+            .map_err(|e| StepError::permanent(format!("does not serialize to JSON: {e}")))
+    })
+}
+
+fn check_storable<T: StepData>(v: &(dyn Any + Send)) -> Result<(), StepError> {
+    let v = v.downcast_ref::<T>().ok_or_else(type_confusion)?;
+    serializing(|| check_finite(v))
+}
+
+/// Refuses a value holding a NaN or infinite float (JSON has neither; stored, it
+/// would silently become `null`): a permanent error naming where.
+///
+/// ```
+/// assert!(pgflow::engine::check_finite(&vec![1.0_f64, 2.0]).is_ok());
+/// let e = pgflow::engine::check_finite(&vec![1.0, f64::NAN]).unwrap_err();
+/// assert!(e.is_permanent() && e.message().contains("NaN at [1]"));
+/// ```
+///
+/// # Errors
+///
+/// A permanent [`StepError`] naming the first non-finite float's path.
+pub fn check_finite<T: Serialize + ?Sized>(value: &T) -> Result<(), StepError> {
+    crate::finite::check(value).map_err(|e| StepError::permanent(e.to_string()))
 }
 
 fn from_json_any<T: StepData>(json: &str) -> Result<Box<dyn Any + Send>, StepError> {

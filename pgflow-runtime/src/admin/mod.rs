@@ -37,50 +37,23 @@ mod status;
 pub use repair::{CancelReport, RetryReport, cancel, retry};
 pub use results::{InstanceResult, Results, StatusResult, WorkflowResult, results};
 pub use runs::{RunDetail, RunFilter, RunSummary, StepDetail, StepStatus, list_runs, run_detail};
-pub use status::{Instance, QueueDepth, Status, WorkflowRuns, status};
-
-use std::collections::HashSet;
-use std::time::Duration;
+pub use status::{Instance, QueueDepth, Status, UnservedRuns, WorkflowRuns, status};
 
 use serde::Serialize;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 
-use crate::{Error, MIGRATOR, mask_password};
+use crate::{Error, MIGRATOR};
 
-/// How long [`connect`] waits for the server.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Connects a small pool (2 connections) to `url`.
+/// Connects a small pool (2 connections) to `url`, after one plain connection that
+/// says why it failed if it does.
 ///
 /// # Errors
 ///
-/// [`Error::Connect`] naming the URL with its password masked and what to check,
-/// when the URL is malformed or the server cannot be reached.
+/// [`Error::Connect`] naming the URL with its password masked and the cause
+/// (refused, no answer within 10 s, authentication, unknown database, a role over
+/// its connection limit), when the URL is malformed or the server cannot be reached.
 pub async fn connect(url: &str) -> Result<PgPool, Error> {
-    let connect_error = |source| Error::Connect {
-        url: mask_password(url),
-        source,
-    };
-    let opts: PgConnectOptions = url.parse().map_err(connect_error)?;
-    // One plain connection first: a pool retries a refused connection until its
-    // acquire timeout and then reports only the timeout, not the cause.
-    let probe = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&opts))
-        .await
-        .map_err(|_| {
-            connect_error(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
-            )))
-        })?
-        .map_err(connect_error)?;
-    let _ = probe.close().await;
-    PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(CONNECT_TIMEOUT)
-        .connect_with(opts)
-        .await
-        .map_err(connect_error)
+    crate::connect::pool(url, 2, 0).await
 }
 
 /// One migration file.
@@ -107,17 +80,7 @@ pub struct MigrateReport {
 ///
 /// [`Error::Migrate`]; database errors.
 pub async fn migrate(pool: &PgPool) -> Result<MigrateReport, Error> {
-    use sqlx::migrate::Migrate;
-    let before: HashSet<i64> = {
-        let mut conn = pool.acquire().await?;
-        conn.ensure_migrations_table().await?;
-        conn.list_applied_migrations()
-            .await?
-            .into_iter()
-            .map(|m| m.version)
-            .collect()
-    };
-    MIGRATOR.run(pool).await?;
+    let before = crate::store::migrations::run(pool).await?;
     let applied = MIGRATOR
         .iter()
         .filter(|m| m.migration_type.is_up_migration() && !before.contains(&m.version))

@@ -18,6 +18,23 @@ pub struct Status {
     pub queues: Vec<QueueDepth>,
     /// Runs per workflow and status.
     pub runs: Vec<WorkflowRuns>,
+    /// Workflow versions with running runs that no online instance serves.
+    pub unserved: Vec<UnservedRuns>,
+}
+
+/// Running runs of a workflow version that no online instance serves: they wait
+/// until an instance that links that version and serves its queue is online (a
+/// version nobody deploys any more strands them).
+#[derive(Debug, Clone, Serialize)]
+pub struct UnservedRuns {
+    /// The workflow.
+    pub workflow: String,
+    /// Its version.
+    pub version: i32,
+    /// Running runs of it.
+    pub runs: i64,
+    /// Its queue (as stored; `?` when no definition is stored).
+    pub queue: String,
 }
 
 /// One row of `pgflow.instances`.
@@ -73,7 +90,8 @@ pub struct WorkflowRuns {
     pub cancelled: i64,
 }
 
-/// Instances, queue depths and run counts. The run counts scan `pgflow.runs`.
+/// Instances, queue depths, run counts, and the running runs no online instance
+/// serves. The run counts scan `pgflow.runs`.
 ///
 /// # Errors
 ///
@@ -117,9 +135,20 @@ pub async fn status(pool: &PgPool) -> Result<Status, Error> {
             cancelled: r.cancelled,
         })
         .collect();
+    let unserved = instances::unserved(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| UnservedRuns {
+            workflow: r.workflow,
+            version: r.version,
+            runs: r.runs,
+            queue: r.queue.unwrap_or_else(|| "?".to_owned()),
+        })
+        .collect();
     Ok(Status {
         instances,
         queues,
         runs,
+        unserved,
     })
 }

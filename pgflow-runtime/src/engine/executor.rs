@@ -17,8 +17,8 @@ use crate::store::flush::{Completion, Outcome};
 use crate::store::tasks::Claimed;
 use crate::store::{step_i16, stored_attempts, version_i32};
 
-/// Runs one claimed task and hands its completion to the flusher; the slot
-/// (`permit`) is returned when it is handed over.
+/// Runs one claimed task and hands its completion to the flusher, with its slot
+/// (`permit`): the slot is free again once the completion is durable.
 pub(crate) async fn run(
     engine: Arc<Engine>,
     task: Claimed,
@@ -68,14 +68,15 @@ pub(crate) async fn run(
     engine
         .executing
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    // The slot goes with the completion: it is free again once the flush made the
+    // completion durable (see `FlushMsg`).
     if engine
         .completions
-        .send(FlushMsg::Completion(completion))
+        .send(FlushMsg::Completion(completion, Some(permit)))
         .is_err()
     {
         warn!("pgflow: completion dropped: the flusher stopped (its lease will expire)");
     }
-    drop(permit);
 }
 
 /// One attempt of the task's step, classified.
@@ -128,6 +129,16 @@ async fn attempt(
     let result = result.and_then(|out| match out {
         StepOutput::Completed(v) => v.to_json().map(Some),
         StepOutput::Skipped => Ok(None),
+    });
+    let max = engine.config.max_output_bytes;
+    let result = result.and_then(|json| match json {
+        Some(j) if j.get().len() > max => Err(StepError::permanent(format!(
+            "the output is {} bytes of JSON, over the {max} bytes a stored output may take \
+             (PostgreSQL's `jsonb` holds about 255 MiB): return a reference to the data \
+             (a key, a URL) instead",
+            j.get().len()
+        ))),
+        other => Ok(other),
     });
     match result {
         Ok(Some(json)) => Outcome::Succeeded(String::from(Box::<str>::from(json))),

@@ -17,24 +17,31 @@ use tracing::{debug, warn};
 
 use crate::engine::{Backoff, Engine, FlushMsg};
 use crate::store::flush::{self, Completion, Flushed, Outcome};
-use crate::store::{is_conflict, is_content_error};
+use crate::store::{self, is_conflict, is_content_error};
 
 /// Receives completions and barriers until every sender is gone.
 pub(crate) async fn run(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<FlushMsg>) {
     let mut debounce = NotifyDebounce::default();
     while let Some(first) = rx.recv().await {
         let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut slots = Vec::new();
         let mut barriers = Vec::new();
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                FlushMsg::Completion(c) => batch.push(c),
+                FlushMsg::Completion(c, slot) => {
+                    bytes += c.size();
+                    batch.push(c);
+                    slots.extend(slot);
+                }
                 FlushMsg::Barrier(ack) => {
                     barriers.push(ack);
                     break;
                 }
             }
-            if batch.len() < engine.config.flush_batch {
+            // Bounded in count and in bytes (PostgreSQL refuses a message over 1 GiB).
+            if batch.len() < engine.config.flush_batch && bytes < engine.config.flush_batch_bytes {
                 next = rx.try_recv().ok();
             }
         }
@@ -58,6 +65,8 @@ pub(crate) async fn run(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<Flu
                     "pgflow: completion rejected: the claim was lost (lease expired and the task was claimed again)"
                 );
             }
+            // Durable now: the executions' slots are free again.
+            drop(slots);
             engine.wake_waiters(&flushed.finished_runs);
             for q in &flushed.queues {
                 engine.wake_queue(q);
@@ -96,6 +105,7 @@ pub(crate) async fn flush_resilient(
     let mut pending = vec![batch];
     let mut total = Flushed::default();
     while let Some(batch) = pending.pop() {
+        let mut failures = 0;
         loop {
             match flush_once(engine, &batch, should_notify).await {
                 Ok(f) => {
@@ -123,6 +133,29 @@ pub(crate) async fn flush_resilient(
                 Err(e) => {
                     warn!(error = %e, "pgflow: flush failed; retrying");
                     tokio::time::sleep(backoff.next()).await;
+                    // Failing again and again while the database answers other
+                    // statements: something in the batch breaks the connection
+                    // (e.g. a message over PostgreSQL's 1 GiB limit). Split down to
+                    // the completion at fault, which fails its step. Failures while
+                    // the database is away do not count.
+                    if store::ping(&engine.pool).await {
+                        failures += 1;
+                    } else {
+                        failures = 0;
+                    }
+                    if failures >= 3 {
+                        if batch.len() > 1 {
+                            let mut batch = batch;
+                            let half = batch.split_off(batch.len() / 2);
+                            pending.push(half);
+                            pending.push(batch);
+                        } else if let Some(c) =
+                            batch.into_iter().next().and_then(|c| refused(c, &e))
+                        {
+                            pending.push(vec![c]);
+                        }
+                        break;
+                    }
                 }
             }
         }

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use pgflow::{CancelToken, Data};
 use sqlx::PgPool;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::catalog::Catalog;
@@ -37,8 +37,10 @@ use crate::store::flush::{Completion, Outcome};
 /// What the flusher receives.
 #[derive(Debug)]
 pub(crate) enum FlushMsg {
-    /// A completion to apply.
-    Completion(Completion),
+    /// A completion to apply, with the slot of its execution: the slot is given back
+    /// only once the completion is durable, so a stalled flusher stops the claimers
+    /// instead of letting un-flushed work pile up.
+    Completion(Completion, Option<OwnedSemaphorePermit>),
     /// Answered once everything sent before it is applied.
     Barrier(oneshot::Sender<()>),
 }
@@ -86,14 +88,19 @@ pub(crate) struct Engine {
     wakers: HashMap<String, Arc<Notify>>,
     pub(crate) completions: mpsc::UnboundedSender<FlushMsg>,
     shutdown: watch::Sender<bool>,
-    /// Callers of `RunHandle::wait`, woken when their run finishes here.
-    waiters: Mutex<HashMap<i64, Vec<oneshot::Sender<()>>>>,
+    /// Callers of `RunHandle::wait`, woken when their run finishes here; each entry
+    /// is removed by its [`Waiter`] when the wait ends, however it ends.
+    waiters: Mutex<HashMap<i64, Vec<WaiterSlot>>>,
+    next_waiter: AtomicU64,
     /// The cancel token of each run with steps executing here, and how many.
     cancels: Mutex<HashMap<i64, (CancelToken, usize)>>,
     /// Claims being executed.
     pub(crate) in_flight: Mutex<HashMap<(i64, i64), InFlight>>,
     loops: Mutex<Option<Loops>>,
     pub(crate) counters: Counters,
+    /// When each workflow version started here was last checked for a live instance
+    /// that serves it.
+    pub(crate) served_checks: Mutex<HashMap<(&'static str, u32), std::time::Instant>>,
     /// Steps executing now (the load reported in heartbeats).
     pub(crate) executing: AtomicUsize,
 }
@@ -125,10 +132,12 @@ impl Engine {
             completions: tx,
             shutdown,
             waiters: Mutex::new(HashMap::new()),
+            next_waiter: AtomicU64::new(0),
             cancels: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             loops: Mutex::new(None),
             counters: Counters::default(),
+            served_checks: Mutex::new(HashMap::new()),
             executing: AtomicUsize::new(0),
         });
         (engine, rx)
@@ -160,7 +169,9 @@ impl Engine {
     /// counted); everything sent to the flusher is applied; the other loops stop.
     /// Returns false when the loops were already stopped.
     pub(crate) async fn stop_loops(&self) -> bool {
-        let _ = self.shutdown.send(true);
+        // `send_replace` stores the value even when no loop has subscribed yet (a
+        // shutdown right after start): a loop that subscribes later sees it.
+        self.shutdown.send_replace(true);
         let Some(loops) = self.loops.lock().ok().and_then(|mut l| l.take()) else {
             return false;
         };
@@ -174,18 +185,21 @@ impl Engine {
             .unwrap_or_default();
         for ((task_id, token), f) in left {
             // Attempt 0: a release does not count the attempt (see `store::flush`).
-            let _ = self.completions.send(FlushMsg::Completion(Completion {
-                task_id,
-                token,
-                run_id: f.run_id,
-                step: f.step,
-                element: f.element,
-                workflow: f.workflow,
-                version: f.version,
-                attempt: 0,
-                outcome: Outcome::Release,
-                cost_cents: 0,
-            }));
+            let _ = self.completions.send(FlushMsg::Completion(
+                Completion {
+                    task_id,
+                    token,
+                    run_id: f.run_id,
+                    step: f.step,
+                    element: f.element,
+                    workflow: f.workflow,
+                    version: f.version,
+                    attempt: 0,
+                    outcome: Outcome::Release,
+                    cost_cents: 0,
+                },
+                None,
+            ));
         }
         let (ack, flushed) = oneshot::channel();
         if self.completions.send(FlushMsg::Barrier(ack)).is_ok() {
@@ -195,6 +209,7 @@ impl Engine {
             h.abort();
             let _ = h.await;
         }
+        release_live(&live_key(&self.pool, &self.instance_id));
         true
     }
 
@@ -228,20 +243,39 @@ impl Engine {
         }
         if let Ok(mut w) = self.waiters.lock() {
             for id in runs {
-                for tx in w.remove(id).into_iter().flatten() {
+                for (_, tx) in w.remove(id).into_iter().flatten() {
                     let _ = tx.send(());
                 }
             }
         }
     }
 
-    /// A receiver woken when run `run` finishes here.
-    pub(crate) fn register_waiter(&self, run: i64) -> oneshot::Receiver<()> {
+    /// A waiter woken when run `run` finishes here; dropping it unregisters it.
+    pub(crate) fn register_waiter(self: &Arc<Self>, run: i64) -> Waiter {
         let (tx, rx) = oneshot::channel();
+        let key = self.next_waiter.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut w) = self.waiters.lock() {
-            w.entry(run).or_default().push(tx);
+            w.entry(run).or_default().push((key, tx));
         }
-        rx
+        Waiter {
+            engine: Arc::clone(self),
+            run,
+            key,
+            rx,
+        }
+    }
+
+    /// How many waits are registered (for the runtime's own tests).
+    pub(crate) fn waiter_count(&self) -> usize {
+        self.waiters
+            .lock()
+            .map(|w| w.values().map(Vec::len).sum())
+            .unwrap_or(0)
+    }
+
+    /// Whether the loops run (not stopped yet).
+    pub(crate) fn is_running(&self) -> bool {
+        self.loops.lock().map(|l| l.is_some()).unwrap_or(false)
     }
 
     /// The cancel token shared by this run's steps executing here; give it back
@@ -277,6 +311,68 @@ impl Engine {
 
     pub(crate) fn count(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The instance ids the runtimes of this process hold, per database (from start to
+/// the end of their shutdown). Two runtimes of one process cannot hold one id; and a
+/// row holding an id with this host and pid that no runtime here holds belongs to a
+/// previous incarnation of this process (a container whose process is PID 1 every
+/// time), which is gone.
+fn live_ids() -> &'static Mutex<std::collections::HashSet<String>> {
+    static LIVE: std::sync::OnceLock<Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    LIVE.get_or_init(Default::default)
+}
+
+/// The key of instance id `id` in the database `pool` connects to.
+pub(crate) fn live_key(pool: &PgPool, id: &str) -> String {
+    let o = pool.connect_options();
+    format!(
+        "{}:{}/{}#{id}",
+        o.get_host(),
+        o.get_port(),
+        o.get_database().unwrap_or_default()
+    )
+}
+
+/// Takes `key` for a runtime of this process; false when another one holds it.
+pub(crate) fn hold_live(key: &str) -> bool {
+    live_ids()
+        .lock()
+        .map(|mut l| l.insert(key.to_owned()))
+        .unwrap_or(true)
+}
+
+/// Gives `key` back.
+pub(crate) fn release_live(key: &str) {
+    if let Ok(mut l) = live_ids().lock() {
+        l.remove(key);
+    }
+}
+
+/// One registered wait: its key and what wakes it.
+type WaiterSlot = (u64, oneshot::Sender<()>);
+
+/// A registered wait for a run (see [`Engine::register_waiter`]).
+pub(crate) struct Waiter {
+    engine: Arc<Engine>,
+    run: i64,
+    key: u64,
+    /// Fires when the run finishes here.
+    pub(crate) rx: oneshot::Receiver<()>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.engine.waiters.lock() {
+            if let Some(list) = w.get_mut(&self.run) {
+                list.retain(|(k, _)| *k != self.key);
+                if list.is_empty() {
+                    w.remove(&self.run);
+                }
+            }
+        }
     }
 }
 

@@ -62,6 +62,8 @@ pub(crate) struct Registration<'a> {
     /// Its queues and their concurrency (a JSON object).
     pub(crate) queues_json: &'a str,
     pub(crate) capacity: i32,
+    /// The workflow versions it serves (`name:version`): linked, and on a served queue.
+    pub(crate) served: &'a [String],
     /// A holder silent for longer than this is taken over.
     pub(crate) offline_after: Duration,
 }
@@ -92,11 +94,11 @@ pub(crate) async fn register(
     let prev: Option<(Option<String>,)> = sqlx::query_as(
         "WITH prev AS (SELECT status FROM pgflow.instances WHERE id = $1)
          INSERT INTO pgflow.instances AS i
-             (id, host, pid, queues, capacity, load, status, started_at, last_heartbeat)
-         VALUES ($1, $2, $3, $4::jsonb, $5, 0, 'online', now(), now())
+             (id, host, pid, queues, capacity, load, status, started_at, last_heartbeat, served)
+         VALUES ($1, $2, $3, $4::jsonb, $5, 0, 'online', now(), now(), $8)
          ON CONFLICT (id) DO UPDATE
          SET host = EXCLUDED.host, pid = EXCLUDED.pid, queues = EXCLUDED.queues,
-             capacity = EXCLUDED.capacity, load = 0, status = 'online',
+             capacity = EXCLUDED.capacity, served = EXCLUDED.served, load = 0, status = 'online',
              started_at = now(), last_heartbeat = now()
          WHERE $7 OR i.status = 'offline'
             OR i.last_heartbeat < now() - interval '1 millisecond' * $6
@@ -109,6 +111,7 @@ pub(crate) async fn register(
     .bind(r.capacity)
     .bind(millis(r.offline_after))
     .bind(force)
+    .bind(r.served)
     .fetch_optional(pool)
     .await?;
     if let Some((prev,)) = prev {
@@ -178,5 +181,54 @@ pub(crate) async fn mark_silent_offline(
     )
     .bind(millis(offline_after))
     .fetch_all(conn)
+    .await
+}
+
+/// `name:version`, as `served` holds workflow versions.
+pub(crate) fn served_key(workflow: &str, version: i32) -> String {
+    format!("{workflow}:{version}")
+}
+
+/// Whether an online instance serves `workflow` at `version`.
+pub(crate) async fn is_served(
+    db: impl PgExecutor<'_>,
+    workflow: &str,
+    version: i32,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pgflow.instances
+                        WHERE status = 'online' AND $1 = ANY (served))",
+    )
+    .bind(served_key(workflow, version))
+    .fetch_one(db)
+    .await
+}
+
+/// Running runs of a workflow version that no online instance serves.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct UnservedRow {
+    pub(crate) workflow: String,
+    pub(crate) version: i32,
+    pub(crate) runs: i64,
+    /// Its queue, from the stored definition (NULL when none is stored).
+    pub(crate) queue: Option<String>,
+}
+
+/// Running runs per workflow version that no online instance serves (scans the
+/// running runs).
+pub(crate) async fn unserved(db: impl PgExecutor<'_>) -> Result<Vec<UnservedRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT r.workflow, r.version, count(*) AS runs,
+                (SELECT w.definition ->> 'queue' FROM pgflow.workflows w
+                 WHERE w.name = r.workflow AND w.version = r.version) AS queue
+         FROM pgflow.runs r
+         WHERE r.status = 'running'
+           AND NOT EXISTS (SELECT 1 FROM pgflow.instances i
+                           WHERE i.status = 'online'
+                             AND (r.workflow || ':' || r.version) = ANY (i.served))
+         GROUP BY r.workflow, r.version
+         ORDER BY r.workflow, r.version",
+    )
+    .fetch_all(db)
     .await
 }

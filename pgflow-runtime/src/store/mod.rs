@@ -10,6 +10,7 @@
 //! - [`definitions`]: the stored step tables.
 //! - [`notify`]: the one NOTIFY policy.
 //! - [`maintenance`]: vacuuming the hot tables.
+//! - [`migrations`]: applying the schema, its history kept in the `pgflow` schema.
 //!
 //! Each statement's comment names the index it relies on, and each write that must
 //! be fenced says on what. Rows come back as `FromRow` structs; statuses are the
@@ -20,6 +21,7 @@ pub(crate) mod definitions;
 pub(crate) mod flush;
 pub(crate) mod instances;
 pub(crate) mod maintenance;
+pub(crate) mod migrations;
 pub(crate) mod notify;
 pub(crate) mod runs;
 pub(crate) mod steps;
@@ -99,6 +101,38 @@ pub(crate) fn is_content_error(e: &sqlx::Error) -> bool {
         })
 }
 
+/// Whether an error is the database being unavailable for a while rather than
+/// something wrong with the statement: I/O, a pool timeout, connection exceptions
+/// (class 08), the server shutting down or starting (57P01-57P03), too many
+/// connections (53300), a deadlock or serialization failure.
+pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Protocol(_) => true,
+        // A connection the server ended or refused (severity FATAL): the database
+        // is going down, restarting or not accepting connections for now.
+        _ if e
+            .as_database_error()
+            .and_then(|db| db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+            .is_some_and(|p| {
+                matches!(
+                    p.severity(),
+                    sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                )
+            }) =>
+        {
+            true
+        }
+        _ => e
+            .as_database_error()
+            .and_then(|db| db.code())
+            .is_some_and(|c| {
+                c.starts_with("08")
+                    || ["57P01", "57P02", "57P03", "53300", "40P01", "40001"].contains(&c.as_ref())
+            }),
+    }
+}
+
 /// Whether a statement lost a deadlock or a serialization conflict: nothing is
 /// wrong with it, so running it again applies.
 pub(crate) fn is_conflict(e: &sqlx::Error) -> bool {
@@ -121,4 +155,29 @@ pub(crate) async fn read_snapshot(conn: &mut sqlx::PgConnection) -> Result<(), s
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// How many more connections this session's role and database allow, counting this
+/// session's own as free (`None`: no limit). `pg_roles.rolconnlimit` and
+/// `pg_database.datconnlimit` against the sessions `pg_stat_activity` shows.
+pub(crate) async fn connection_budget(
+    conn: &mut sqlx::PgConnection,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT LEAST(
+             CASE WHEN r.rolconnlimit >= 0 THEN r.rolconnlimit - (
+                 SELECT count(*) FROM pg_stat_activity WHERE usename = current_user) + 1 END,
+             CASE WHEN d.datconnlimit >= 0 THEN d.datconnlimit - (
+                 SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()) + 1 END)
+         FROM pg_roles r, pg_database d
+         WHERE r.rolname = current_user AND d.datname = current_database()",
+    )
+    .fetch_optional(conn)
+    .await
+    .map(Option::flatten)
+}
+
+/// Whether the database answers a trivial statement now.
+pub(crate) async fn ping(pool: &sqlx::PgPool) -> bool {
+    sqlx::query("SELECT 1").execute(pool).await.is_ok()
 }

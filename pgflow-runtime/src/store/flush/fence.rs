@@ -3,7 +3,7 @@
 //! tokens are random and per batch): final completions delete their row, retries
 //! and releases put it back; anything else is rejected and changes nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::PgConnection;
 
@@ -56,12 +56,34 @@ pub(super) async fn fence<'b>(
         .filter(|c| !accepted.contains(&c.claim()))
         .map(|c| c.task_id)
         .collect();
-    // Each accepted claim applies once, even if the batch held it twice.
-    let mut once: HashSet<(i64, i64)> = HashSet::with_capacity(batch.len());
-    Ok(batch
-        .iter()
-        .filter(|c| accepted.contains(&c.claim()) && once.insert(c.claim()))
-        .collect())
+    Ok(once_per_claim(batch, &accepted))
+}
+
+/// The completions to apply: each accepted claim once, even if the batch held it
+/// twice; a final completion wins over a release or retry of the same claim (a
+/// shutdown gives back a claim whose real completion may sit in the same batch, in
+/// either order: its row was deleted by the final one, which must apply).
+fn once_per_claim<'b>(
+    batch: &'b [Completion],
+    accepted: &HashSet<(i64, i64)>,
+) -> Vec<&'b Completion> {
+    let mut chosen: HashMap<(i64, i64), usize> = HashMap::with_capacity(batch.len());
+    for (i, c) in batch.iter().enumerate() {
+        if !accepted.contains(&c.claim()) {
+            continue;
+        }
+        chosen
+            .entry(c.claim())
+            .and_modify(|k| {
+                if batch[*k].outcome.requeues() && !c.outcome.requeues() {
+                    *k = i;
+                }
+            })
+            .or_insert(i);
+    }
+    let mut picked: Vec<usize> = chosen.into_values().collect();
+    picked.sort_unstable();
+    picked.into_iter().map(|i| &batch[i]).collect()
 }
 
 /// A task put back in the queue.
@@ -129,5 +151,53 @@ impl RequeueRows {
         .bind(&self.counted)
         .fetch_all(conn)
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn completion(task_id: i64, outcome: Outcome) -> Completion {
+        Completion {
+            task_id,
+            token: 7,
+            run_id: 1,
+            step: 0,
+            element: None,
+            workflow: "w",
+            version: 1,
+            attempt: 1,
+            outcome,
+            cost_cents: 0,
+        }
+    }
+
+    #[test]
+    fn a_final_completion_wins_over_a_release_of_the_same_claim_in_either_order() {
+        let accepted = HashSet::from([(1, 7), (2, 7)]);
+        for batch in [
+            vec![
+                completion(1, Outcome::Release),
+                completion(1, Outcome::Succeeded("1".into())),
+            ],
+            vec![
+                completion(1, Outcome::Succeeded("1".into())),
+                completion(1, Outcome::Release),
+            ],
+        ] {
+            let picked = once_per_claim(&batch, &accepted);
+            assert_eq!(picked.len(), 1);
+            assert!(matches!(picked[0].outcome, Outcome::Succeeded(_)));
+        }
+        // a claim that was not accepted applies nothing; duplicates apply once
+        let batch = vec![
+            completion(3, Outcome::Succeeded("3".into())),
+            completion(2, Outcome::Discard),
+            completion(2, Outcome::Discard),
+        ];
+        let picked = once_per_claim(&batch, &accepted);
+        assert_eq!(picked.len(), 1);
+        assert_eq!(picked[0].task_id, 2);
     }
 }

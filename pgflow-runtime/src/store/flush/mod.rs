@@ -93,6 +93,17 @@ pub(crate) struct Completion {
 }
 
 impl Completion {
+    /// About how many bytes it adds to a flush (its output, reason or errors).
+    pub(crate) fn size(&self) -> usize {
+        64 + match &self.outcome {
+            Outcome::Succeeded(output) => output.len(),
+            Outcome::Skipped { reason } => reason.len(),
+            Outcome::Retry { failure, .. } => failure.message.len(),
+            Outcome::Failed { history, .. } => history.iter().map(|f| f.message.len() + 32).sum(),
+            Outcome::FanOut | Outcome::Discard | Outcome::Release => 0,
+        }
+    }
+
     /// The claim this completes: (task, token).
     fn claim(&self) -> (i64, i64) {
         (self.task_id, self.token)
