@@ -17,8 +17,9 @@ use crate::store::flush::{Completion, Outcome};
 use crate::store::tasks::Claimed;
 use crate::store::{step_i16, stored_attempts, version_i32};
 
-/// Runs one claimed task and hands its completion to the flusher, with its slot
-/// (`permit`): the slot is free again once the completion is durable.
+/// Runs one claimed task and hands its completion to the flusher; the slot
+/// (`permit`) is free again once the completion has a place among those awaiting
+/// their flush (see `Engine::unflushed`).
 pub(crate) async fn run(
     engine: Arc<Engine>,
     task: Claimed,
@@ -68,15 +69,17 @@ pub(crate) async fn run(
     engine
         .executing
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    // The slot goes with the completion: it is free again once the flush made the
-    // completion durable (see `FlushMsg`).
+    // A place among the completions not durable yet (see `Engine::unflushed`): while
+    // the flusher is behind, this waits, holding the slot, so claims stop.
+    let place = Arc::clone(&engine.unflushed).acquire_owned().await.ok();
     if engine
         .completions
-        .send(FlushMsg::Completion(completion, Some(permit)))
+        .send(FlushMsg::Completion(completion, place))
         .is_err()
     {
         warn!("pgflow: completion dropped: the flusher stopped (its lease will expire)");
     }
+    drop(permit);
 }
 
 /// One attempt of the task's step, classified.

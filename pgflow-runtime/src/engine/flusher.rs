@@ -65,7 +65,7 @@ pub(crate) async fn run(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<Flu
                     "pgflow: completion rejected: the claim was lost (lease expired and the task was claimed again)"
                 );
             }
-            // Durable now: the executions' slots are free again.
+            // Durable now: their places are free again.
             drop(slots);
             engine.wake_waiters(&flushed.finished_runs);
             for q in &flushed.queues {

@@ -37,9 +37,8 @@ use crate::store::flush::{Completion, Outcome};
 /// What the flusher receives.
 #[derive(Debug)]
 pub(crate) enum FlushMsg {
-    /// A completion to apply, with the slot of its execution: the slot is given back
-    /// only once the completion is durable, so a stalled flusher stops the claimers
-    /// instead of letting un-flushed work pile up.
+    /// A completion to apply, with its place among the completions not yet durable
+    /// (see [`Engine::unflushed`]), given back once it is.
     Completion(Completion, Option<OwnedSemaphorePermit>),
     /// Answered once everything sent before it is applied.
     Barrier(oneshot::Sender<()>),
@@ -98,6 +97,13 @@ pub(crate) struct Engine {
     pub(crate) in_flight: Mutex<HashMap<(i64, i64), InFlight>>,
     loops: Mutex<Option<Loops>>,
     pub(crate) counters: Counters,
+    /// Places for completions that are not durable yet, as many as the runtime's
+    /// total concurrency. An execution takes one before it hands its completion to
+    /// the flusher (and only then frees its slot); the flusher frees it once the
+    /// completion is committed. So a stalled flusher stops the claimers after at most
+    /// twice the concurrency of executed, un-flushed steps, while a working one
+    /// overlaps a flush with the next batch of executions.
+    pub(crate) unflushed: Arc<tokio::sync::Semaphore>,
     /// When each workflow version started here was last checked for a live instance
     /// that serves it.
     pub(crate) served_checks: Mutex<HashMap<(&'static str, u32), std::time::Instant>>,
@@ -117,6 +123,7 @@ impl Engine {
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<FlushMsg>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (shutdown, _) = watch::channel(false);
+        let concurrency = queues.iter().map(|(_, c)| *c).sum::<usize>().max(1);
         let wakers = queues
             .iter()
             .map(|(q, _)| (q.clone(), Arc::new(Notify::new())))
@@ -137,6 +144,7 @@ impl Engine {
             in_flight: Mutex::new(HashMap::new()),
             loops: Mutex::new(None),
             counters: Counters::default(),
+            unflushed: Arc::new(tokio::sync::Semaphore::new(concurrency)),
             served_checks: Mutex::new(HashMap::new()),
             executing: AtomicUsize::new(0),
         });
