@@ -614,3 +614,45 @@ impl Echo {
         Ok("x".repeat(n))
     }
 }
+
+/// Lets `n` steps finish together.
+pub struct Together(tokio::sync::Barrier);
+
+pub struct Huge;
+
+#[workflow(name = "edge_huge", queue = "edge", max_attempts = 1)]
+impl Huge {
+    #[step]
+    async fn fill(mib: usize, ctx: &StepContext) -> Result<String, StepError> {
+        let out = "x".repeat(mib << 20);
+        ctx.data::<Arc<Together>>()?.0.wait().await;
+        Ok(out)
+    }
+}
+
+/// Eleven outputs of 100 MiB finishing together add up to more than PostgreSQL's
+/// 1 GiB message limit: flushes bounded in bytes store them all. Heavy (about 1.1 GB
+/// through the database): run with `cargo test --test edge_cases -- --ignored`.
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+#[ignore = "moves 1.1 GB through PostgreSQL; run on demand"]
+async fn outputs_adding_up_to_over_a_gib_finishing_together_are_all_stored(pool: PgPool) {
+    const N: usize = 11;
+    let rt = builder(&pool)
+        .queue("edge", N)
+        .data(Arc::new(Together(tokio::sync::Barrier::new(N))))
+        .start()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let ids = rt.start_many::<Huge>(vec![100; N]).await.unwrap();
+    for id in ids {
+        let out: String = within(300, rt.handle(id, true).wait()).await.unwrap();
+        assert_eq!(out.len(), 100 << 20);
+    }
+    eprintln!(
+        "{N} x 100 MiB stored in {:.1} s, {:?}",
+        started.elapsed().as_secs_f64(),
+        rt.stats()
+    );
+    rt.shutdown().await.unwrap();
+}
