@@ -62,13 +62,13 @@ pub use error::Error;
 pub use handle::{RunHandle, RunOutcome, RunStatus};
 pub use runtime::{InstanceInfo, Runtime, StartOptions, Stats, Summary};
 
-/// The schema migrations (`migrations/` at the workspace root), as a sqlx
+/// The schema migrations (`migrations/` in this crate), as a sqlx
 /// [`Migrator`](sqlx::migrate::Migrator): what `#[sqlx::test(migrator =
 /// "pgflow_runtime::MIGRATOR")]` applies. Run directly, it records its history in the
 /// `_sqlx_migrations` table of the connection's search path (where an application's
 /// own sqlx migrations are); [`migrate`] (and so [`RuntimeBuilder::start`] and `pgflow
 /// migrate`) keeps it in `pgflow._sqlx_migrations` instead and adopts such a history.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Applies the pgflow migrations not applied yet, keeping their history in
 /// `pgflow._sqlx_migrations` (apart from the application's own sqlx migrations, in
