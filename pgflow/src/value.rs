@@ -51,6 +51,10 @@ use crate::StepError;
 )]
 pub trait StepData: Serialize + DeserializeOwned + Send + 'static {}
 
+// Not recommended: a type that is not serde-ready is reported once, as not
+// `StepData` (with the advice above), rather than once per missing serde trait with
+// rustc's list of every type that implements it.
+#[diagnostic::do_not_recommend]
 impl<T: Serialize + DeserializeOwned + Send + 'static> StepData for T {}
 
 /// The operations the executors need on a type-erased value of one step-data type.

@@ -85,6 +85,9 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
         match &step.attr.depends_on {
             Some(list) => {
                 let mut named: Vec<(usize, &Ident)> = Vec::new();
+                // An unknown name is reported once, at its token: a parameter named
+                // after it (or after the intended step) is not reported again.
+                let mut unknown = false;
                 for dep in list {
                     if *dep == step.name {
                         cx.error_spanned_by(
@@ -107,6 +110,7 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
                             dep,
                             format!("unknown step `{dep}` in `depends_on`; the steps of this workflow are {all_names}"),
                         );
+                        unknown = true;
                         ok = false;
                     }
                 }
@@ -126,6 +130,8 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
                     } else if let Some(k) = named.iter().position(|(_, n)| **n == param.name) {
                         used[k] = true;
                         step_sources.push(Source::Step(named[k].0));
+                    } else if unknown {
+                        ok = false;
                     } else {
                         cx.error_spanned_by(
                             &param.name,
@@ -210,6 +216,12 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
         ok = false;
     }
 
+    for step in steps {
+        if !check_predicate_arity(wf, step, cx) {
+            ok = false;
+        }
+    }
+
     let mapped = check_maps(steps, &parents, &sources, cx);
     if steps
         .iter()
@@ -265,6 +277,65 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
         input: input?,
         mapped,
     })
+}
+
+/// A `when = Self::pred` whose `pred` is an associated fn of this impl block must
+/// take one argument per data parameter of the step (a reference to each, in order):
+/// otherwise the mistake is reported here, at the path, with the signature it needs,
+/// rather than by rustc as a call with the wrong number of arguments (whose "remove
+/// the extra argument" fix would break the step). A predicate defined elsewhere is
+/// left to rustc.
+fn check_predicate_arity(wf: &Workflow, step: &Step, cx: &mut Ctxt) -> bool {
+    let Some((_, path)) = &step.attr.when else {
+        return true;
+    };
+    let segments: Vec<&syn::PathSegment> = path.segments.iter().collect();
+    let [first, name] = segments.as_slice() else {
+        return true;
+    };
+    if first.ident != "Self" {
+        return true;
+    }
+    let Some(pred) = wf.item.items.iter().find_map(|item| match item {
+        syn::ImplItem::Fn(f) if f.sig.ident == name.ident => Some(f),
+        _ => None,
+    }) else {
+        return true;
+    };
+    let takes = pred
+        .sig
+        .inputs
+        .iter()
+        .filter(|a| matches!(a, syn::FnArg::Typed(_)))
+        .count();
+    let params: Vec<&super::parse::DataParam> = step.data_params().collect();
+    if takes == params.len() {
+        return true;
+    }
+    let signature = params
+        .iter()
+        .map(|p| {
+            let ty = &p.ty;
+            format!("{}: &{}", p.name, quote::quote!(#ty).to_string().replace(' ', ""))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let inputs = params
+        .iter()
+        .map(|p| format!("`{}`", p.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    cx.error_spanned_by(
+        path,
+        format!(
+            "the predicate of step `{}` gets a reference to each of its {} input(s), in order ({inputs}), but `{}` takes {takes}: write it as `fn {}({signature}) -> bool`",
+            step.name,
+            params.len(),
+            name.ident,
+            name.ident,
+        ),
+    );
+    false
 }
 
 /// The rules of map steps (DESIGN §2): a map step maps over the `Vec` of its single

@@ -164,12 +164,9 @@ fn vec_element(ty: &Type) -> Option<&Type> {
     }
 }
 
-pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
-    let private = paths::private();
-    let self_ty = &wf.self_ty;
-    let steps = &wf.steps;
-
-    let name = wf.attr.name.as_ref().map_or_else(
+/// The durable name: the `name` option, else the type name in snake_case.
+fn workflow_name(wf: &Workflow) -> String {
+    wf.attr.name.as_ref().map_or_else(
         || {
             snake_case(
                 &wf.type_ident
@@ -179,7 +176,54 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
             )
         },
         syn::LitStr::value,
-    );
+    )
+}
+
+/// What stands in for the expansion when the macro reported errors: an `impl
+/// Workflow` with the types it could tell (the input: a parameter named `input`, else
+/// the first step's first parameter; the output: the last step's), or `()`, so that
+/// code naming the workflow (`rt.start::<W>(..)`) reports nothing more than the real
+/// mistakes. It registers nothing and is never run: the crate does not compile.
+pub(crate) fn placeholder(wf: &Workflow) -> TokenStream {
+    let self_ty = &wf.self_ty;
+    let workflow_trait = paths::workflow_trait();
+    let workflow_def = paths::workflow_def();
+    let unit: Type = syn::parse_quote!(());
+    let input = wf
+        .steps
+        .iter()
+        .flat_map(|s| s.data_params())
+        .find(|p| p.name == "input")
+        .or_else(|| wf.steps.first().and_then(|s| s.data_params().next()))
+        .map_or(&unit, |p| &p.ty);
+    let output = wf
+        .steps
+        .last()
+        .and_then(|s| s.output.as_ref())
+        .unwrap_or(&unit);
+    let name = workflow_name(wf);
+    let version = wf.attr.version.unwrap_or(1);
+    quote! {
+        const _: () = {
+            impl #workflow_trait for #self_ty {
+                type Input = #input;
+                type Output = #output;
+                const NAME: &'static str = #name;
+                const VERSION: u32 = #version;
+                fn definition() -> &'static #workflow_def {
+                    ::core::unreachable!("`#[workflow]` reported errors for this workflow")
+                }
+            }
+        };
+    }
+}
+
+pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
+    let private = paths::private();
+    let self_ty = &wf.self_ty;
+    let steps = &wf.steps;
+
+    let name = workflow_name(wf);
     let version = wf.attr.version.unwrap_or(1);
     let queue = wf
         .attr

@@ -36,8 +36,11 @@ pub(crate) fn workflow(args: TokenStream, item: TokenStream) -> TokenStream {
             quote!(#user_items #generated)
         }
         _ => {
+            // The placeholder keeps code that names the workflow from reporting
+            // follow-on errors ("is not a workflow") at every call site.
+            let placeholder = expand::placeholder(&model);
             let errors = cx.into_compile_errors();
-            quote!(#user_items #errors)
+            quote!(#user_items #placeholder #errors)
         }
     }
 }
