@@ -12,7 +12,7 @@
 //!   the first start to the last durable completion.
 //! - `enqueue`: `start_many` alone (no workers), runs/s.
 //! - `latency`: sequential runs on an idle runtime: start -> first step running, and
-//!   start -> chain3 complete (`wait()` returns), p50/p99 over 200 runs.
+//!   start -> chain3 complete (`wait()` returns), p50/p99 over 200 runs (`--n`).
 //! - `sustained`: chain1 for `--duration` seconds (default 60): throughput of the first
 //!   and the last 10 s (a collapse would show table bloat).
 //! - `inline`: the in-process executor, ns per step of a 10-step chain.
@@ -210,6 +210,8 @@ impl Chain10Retrying {
 struct Args {
     scenario: Option<String>,
     n: u64,
+    /// Whether `--n` was given (latency runs 200 by default, not the throughput 20,000).
+    n_given: bool,
     elements: u64,
     duration: u64,
     concurrency: usize,
@@ -222,6 +224,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         scenario: None,
         n: 20_000,
+        n_given: false,
         elements: 10_000,
         duration: 60,
         concurrency: 256,
@@ -235,7 +238,10 @@ fn parse_args() -> Result<Args, String> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--scenario" => args.scenario = Some(it.next().ok_or("--scenario needs a name")?),
-            "--n" => args.n = num(it.next(), "--n")?.max(1),
+            "--n" => {
+                args.n = num(it.next(), "--n")?.max(1);
+                args.n_given = true;
+            }
             "--elements" => args.elements = num(it.next(), "--elements")?,
             "--database" => {
                 let name = it.next().ok_or("--database needs a name")?;
@@ -249,7 +255,10 @@ fn parse_args() -> Result<Args, String> {
                 args.concurrency = usize::try_from(num(it.next(), "--concurrency")?.max(1))
                     .map_err(|e| e.to_string())?
             }
-            "-h" | "--help" => return Err(USAGE.to_owned()),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             other => return Err(format!("unknown argument {other}; {USAGE}")),
         }
     }
@@ -366,8 +375,7 @@ async fn enqueue(n: u64) -> BenchResult<()> {
     Ok(())
 }
 
-async fn latency(concurrency: usize) -> BenchResult<()> {
-    const RUNS: usize = 200;
+async fn latency(runs: usize, concurrency: usize) -> BenchResult<()> {
     let url = fresh_database(db_name()).await?;
     let first = Arc::new(FirstStep::default());
     let rt = Runtime::builder()
@@ -381,9 +389,10 @@ async fn latency(concurrency: usize) -> BenchResult<()> {
     for i in 0..20 {
         rt.start::<Chain3>(i).await?.wait().await?;
     }
-    let mut to_first = Vec::with_capacity(RUNS);
-    let mut to_done = Vec::with_capacity(RUNS);
-    for i in 0..RUNS as u64 {
+    let mut to_first = Vec::with_capacity(runs);
+    let mut to_done = Vec::with_capacity(runs);
+    let started_at = Instant::now();
+    for i in 0..runs as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await; // idle between runs
         if let Ok(mut t) = first.0.lock() {
             *t = None;
@@ -405,8 +414,9 @@ async fn latency(concurrency: usize) -> BenchResult<()> {
     to_first.sort_by(f64::total_cmp);
     to_done.sort_by(f64::total_cmp);
     println!(
-        "BENCH scenario=latency runs={RUNS} steps={} secs=0 first_step_p50_ms={:.2} first_step_p99_ms={:.2} p50_ms={:.2} p99_ms={:.2}",
-        RUNS * 3,
+        "BENCH scenario=latency runs={runs} steps={} secs={:.2} first_step_p50_ms={:.2} first_step_p99_ms={:.2} p50_ms={:.2} p99_ms={:.2}",
+        runs * 3,
+        started_at.elapsed().as_secs_f64(),
         percentile(&to_first, 0.5),
         percentile(&to_first, 0.99),
         percentile(&to_done, 0.5),
@@ -528,7 +538,10 @@ async fn run(args: Args) -> BenchResult<()> {
         enqueue(args.n.max(50_000)).await?;
     }
     if is("latency") {
-        latency(16).await?;
+        // 200 sequential runs unless --n says otherwise (the default --n is sized
+        // for throughput scenarios)
+        let runs = if args.n_given { args.n } else { 200 };
+        latency(usize::try_from(runs).unwrap_or(200), 16).await?;
     }
     if args.scenario.as_deref() == Some("sustained") {
         sustained(args.duration, args.concurrency).await?;

@@ -17,7 +17,8 @@
 //! - `max_recovery_ms`: the longest time from a kill until every task the killed
 //!   worker held was released (re-queued and re-claimed or completed).
 //!
-//! It uses a fresh database `pgflow_chaos` on the server of `DATABASE_URL` and the
+//! It uses a fresh database (`--database`, default `pgflow_chaos`, dropped WITH FORCE
+//! first) on the server of `DATABASE_URL` and the
 //! `worker` example binary next to its own (built on demand with `$CARGO`).
 
 use std::path::PathBuf;
@@ -39,11 +40,13 @@ struct Args {
     kill_every: f64,
     terminate_backends: bool,
     restart_postgres: bool,
+    /// The database it drops and recreates.
+    database: String,
     sleep_ms: u64,
     timeout: u64,
 }
 
-const USAGE: &str = "usage: chaos --runs N --workers K --kill-every SECS [--terminate-backends] [--restart-postgres] [--sleep-ms MS] [--timeout SECS]";
+const USAGE: &str = "usage: chaos --runs N --workers K --kill-every SECS [--terminate-backends] [--restart-postgres] [--sleep-ms MS] [--timeout SECS] [--database NAME]\n\n--database NAME (default pgflow_chaos) is dropped (WITH FORCE) and created anew.\n--restart-postgres restarts the local PostgreSQL server (pg_ctlcluster): every database on it is interrupted.";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -52,6 +55,7 @@ fn parse_args() -> Result<Args, String> {
         kill_every: 2.0,
         terminate_backends: false,
         restart_postgres: false,
+        database: "pgflow_chaos".to_owned(),
         sleep_ms: 2,
         timeout: 600,
     };
@@ -67,9 +71,19 @@ fn parse_args() -> Result<Args, String> {
             "--kill-every" => a.kill_every = val(it.next(), &arg)?,
             "--terminate-backends" => a.terminate_backends = true,
             "--restart-postgres" => a.restart_postgres = true,
+            "--database" => {
+                let name = it.next().ok_or("--database needs a name")?;
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(format!("--database: use letters, digits and `_`: {name}"));
+                }
+                a.database = name;
+            }
             "--sleep-ms" => a.sleep_ms = val(it.next(), &arg)?,
             "--timeout" => a.timeout = val(it.next(), &arg)?,
-            "-h" | "--help" => return Err(USAGE.to_owned()),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
     }
@@ -183,7 +197,7 @@ async fn recovery(pool: PgPool, victim: String, killed: Instant, max_ms: Arc<Ato
 }
 
 async fn run(a: Args) -> Res<()> {
-    let url = fresh_database("pgflow_chaos").await?;
+    let url = fresh_database(&a.database).await?;
     let pool = PgPool::connect(&url).await?;
     pgflow_runtime::MIGRATOR.run(&pool).await?;
     sqlx::raw_sql(EXECUTIONS_DDL).execute(&pool).await?;

@@ -5,8 +5,10 @@
 //! cargo run --example quickstart
 //! ```
 //!
-//! It connects to `DATABASE_URL` (default: the local server), applies the pgflow
-//! migrations, starts a runtime in this process and enqueues a mixed batch:
+//! It makes a database of its own, `pgflow_quickstart`, afresh on the server of
+//! `DATABASE_URL` (default: the local server; `--here` uses `DATABASE_URL`'s own
+//! database instead), applies the pgflow migrations, starts a runtime in this process
+//! and enqueues a mixed batch (some runs fail on purpose):
 //! - 240 `llm_request` runs of mixed task types (a few invalid; the provider — a local
 //!   OpenAI-compatible endpoint unless `LLM_BASE_URL` is set — answers 429 or 500 now
 //!   and then, which is retried);
@@ -23,6 +25,9 @@ use pgflow_runtime::Runtime;
 use pgflow_suite::agents::{self, AgentCoordination};
 use pgflow_suite::embedding::{EmbedRequest, Embedding, EmbeddingModel, demo_corpus};
 use pgflow_suite::llm::{LlmClient, LlmInput, LlmRequest, Message};
+
+/// The database the quickstart makes afresh on the server of `DATABASE_URL`.
+const QUICKSTART_DATABASE: &str = "pgflow_quickstart";
 
 const LLM_RUNS: usize = 240;
 const EMBEDDING_RUNS: usize = 6;
@@ -52,9 +57,21 @@ fn connect_help(error: &pgflow_runtime::Error) -> String {
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let url = pgflow_suite::support::database_url();
+    let server = pgflow_suite::support::database_url();
     // Probes with one plain connection first: its error says why (refused, no
     // answer, unknown host, authentication, unknown database).
+    if let Err(e) = pgflow_runtime::connect(&server, 1).await {
+        eprintln!("{}", connect_help(&e));
+        std::process::exit(1);
+    }
+    // A database of its own, made afresh, unless told to use DATABASE_URL's (`--here`).
+    let url = if std::env::args().any(|a| a == "--here") {
+        server
+    } else {
+        pgflow_suite::support::fresh_database(QUICKSTART_DATABASE)
+            .await
+            .map_err(|e| format!("cannot create database {QUICKSTART_DATABASE}: {e}"))?
+    };
     let pool = match pgflow_runtime::connect(&url, 8).await {
         Ok(p) => p,
         Err(e) => {
@@ -62,6 +79,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(1);
         }
     };
+    println!(
+        "pgflow quickstart in database {} — some runs fail on purpose (a few invalid LLM \
+         requests, messages that agents refuse) to show how failures are retried and recorded.",
+        url.rsplit('/').next().unwrap_or_default()
+    );
     // The provider: LLM_BASE_URL, or a local OpenAI-compatible endpoint that fails
     // every 7th call with 429 or 500 (retried).
     let (llm, _stub) = LlmClient::from_env().await.map_err(|e| e.to_string())?;

@@ -21,7 +21,6 @@ use std::time::Duration;
 use pgflow_runtime::Runtime;
 use pgflow_suite::flows::{EXECUTIONS_DDL, ExecLog};
 use pgflow_suite::llm::LlmClient;
-use sqlx::postgres::PgPoolOptions;
 
 struct Args {
     url: String,
@@ -85,7 +84,10 @@ fn parse_args() -> Result<Args, String> {
             "--lease-grace-ms" => args.lease_grace = ms(it.next(), &a)?,
             "--shutdown-grace-ms" => args.shutdown_grace = ms(it.next(), &a)?,
             "--record-executions" => args.record_executions = true,
-            "-h" | "--help" => return Err(USAGE.to_owned()),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
     }
@@ -93,16 +95,8 @@ fn parse_args() -> Result<Args, String> {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let pool = PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&args.url)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot connect to {}: {e}",
-                pgflow_runtime::mask_password(&args.url)
-            )
-        })?;
+    // Probes first: the error says why (refused, no answer, auth, unknown database).
+    let pool = pgflow_runtime::connect(&args.url, 8).await?;
     let mut queues = args.queues;
     if queues.is_empty() {
         for def in pgflow::registry()?.workflows() {

@@ -51,7 +51,7 @@ async fn llm_request_routes_calls_and_records_costs(pool: PgPool) {
 
 #[sqlx::test]
 async fn quickstart_runs_the_batch_and_prints_the_results(pool: PgPool) {
-    let out = run("quickstart", &pool, &[]);
+    let out = run("quickstart", &pool, &["--here"]);
     assert!(out.contains("310/310 finished"), "{out}");
     for row in ["agent_coordination", "embedding", "llm_request"] {
         assert!(

@@ -22,11 +22,14 @@ fn database_url(pool: &PgPool) -> String {
     pgflow_suite::support::url_of(&pool.connect_options())
 }
 
-/// A worker process; killed when dropped.
+/// A worker process; killed when dropped. Its log (stderr: the WARN lines a kill or a
+/// terminated connection causes are expected here) is kept and shown only if the
+/// test fails.
 struct Worker {
     id: String,
     child: Child,
     lines: mpsc::Receiver<String>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Worker {
@@ -48,9 +51,19 @@ impl Worker {
                 "--record-executions",
             ])
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn the worker");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let keep = std::sync::Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut l) = keep.lock() {
+                    l.push(line);
+                }
+            }
+        });
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -64,6 +77,7 @@ impl Worker {
             id: id.to_owned(),
             child,
             lines,
+            log,
         };
         w.expect_line("ready", Duration::from_secs(60));
         w
@@ -111,6 +125,11 @@ impl Drop for Worker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            if let Ok(log) = self.log.lock() {
+                eprintln!("--- log of worker {} ---\n{}", self.id, log.join("\n"));
+            }
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use pgflow_runtime::admin::{
     CancelReport, Instance, MigrateReport, Results, RetryReport, RunDetail, RunFilter, RunSummary,
-    Status,
+    StartReport, Status,
 };
 
 use crate::table::{Table, clip, ms, ms_f, opt_ms, percent, time, window};
@@ -207,6 +207,7 @@ pub(crate) fn run(d: &RunDetail) -> String {
         ("STATUS", false),
         ("ATTEMPTS", true),
         ("DURATION", true),
+        ("WAITED", true),
         ("INSTANCE", false),
         ("ERROR", false),
     ]);
@@ -216,6 +217,7 @@ pub(crate) fn run(d: &RunDetail) -> String {
             s.status.to_string(),
             s.attempts.map_or_else(|| "-".to_owned(), |a| a.to_string()),
             opt_ms(s.duration_ms),
+            opt_ms(s.wait_ms),
             s.instance_id.clone().unwrap_or_default(),
             s.error
                 .as_deref()
@@ -224,6 +226,32 @@ pub(crate) fn run(d: &RunDetail) -> String {
         ]);
     }
     out.push_str(&t.render());
+    // What the table has no room for: why a step was skipped, a map step's elements.
+    for s in &d.steps {
+        if let Some(reason) = &s.reason {
+            let _ = writeln!(out, "  {}: skipped: {reason}", s.name);
+        }
+        if let Some(e) = &s.elements {
+            let total = e.total.map_or_else(|| "?".to_owned(), |t| t.to_string());
+            let mut line = format!(
+                "  {}: {} of {total} elements completed",
+                s.name, e.completed
+            );
+            if e.running > 0 {
+                let _ = write!(line, ", {} running", e.running);
+            }
+            if e.queued > 0 {
+                let _ = write!(line, ", {} queued", e.queued);
+            }
+            if let Some(f) = e.failed {
+                let _ = write!(line, ", element {f} failed");
+            }
+            if let Some(ms) = e.slowest_ms {
+                let _ = write!(line, ", slowest {}", crate::table::ms(ms));
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
     out
 }
 
@@ -309,6 +337,17 @@ pub(crate) fn retry(r: &RetryReport) -> String {
         list(&r.cleared),
         list(&r.enqueued)
     )
+}
+
+pub(crate) fn start(r: &StartReport) -> String {
+    if r.created {
+        format!("run {} of {} v{} started\n", r.id, r.workflow, r.version)
+    } else {
+        format!(
+            "run {} of {} v{} already holds this idempotency key: not started again\n",
+            r.id, r.workflow, r.version
+        )
+    }
 }
 
 pub(crate) fn cancel(r: &CancelReport) -> String {

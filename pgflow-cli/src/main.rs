@@ -8,6 +8,8 @@
 //! pgflow runs --status failed           the newest failed runs
 //! pgflow run 42                         one run, step by step
 //! pgflow results --since 24h            count, success rate, durations, cost
+//! pgflow runs --watch                   the same, refreshed every 2 s
+//! pgflow start llm_request --input '{..}'  start a run by name
 //! pgflow retry 42                       re-run a failed run from its failed steps
 //! ```
 //!
@@ -58,12 +60,30 @@ enum Command {
         /// Only runs of this workflow
         #[arg(long)]
         workflow: Option<String>,
-        /// Only runs with this status: running, succeeded, failed or cancelled
+        /// Only runs with this status: running, succeeded (or success), failed (or
+        /// failure), cancelled
         #[arg(long)]
         status: Option<RunStatus>,
         /// At most this many runs
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// Print the list again every this many seconds until interrupted (Ctrl-C)
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
+    },
+    /// Start a run of a workflow by name, from its stored definition
+    Start {
+        /// The workflow's name
+        workflow: String,
+        /// The run's input, as JSON
+        #[arg(long, value_parser = parse_json)]
+        input: serde_json::Value,
+        /// The workflow version (default: the highest stored one)
+        #[arg(long)]
+        version: Option<i32>,
+        /// A second start with the same key returns the first run
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// One run with each of its steps, in graph order
     Run {
@@ -89,6 +109,10 @@ enum Command {
         /// The run id
         id: i64,
     },
+}
+
+fn parse_json(s: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not valid JSON: {e}"))
 }
 
 fn parse_since(s: &str) -> Result<Duration, duration::InvalidDuration> {
@@ -135,14 +159,27 @@ async fn run(cli: Cli) -> Result<String, Error> {
             workflow,
             status,
             limit,
+            watch,
         } => {
             let filter = RunFilter {
                 workflow,
                 status,
                 limit,
             };
+            if let Some(every) = watch {
+                return watch_runs(&pool, &filter, json, every.max(1)).await;
+            }
             let runs = admin::list_runs(&pool, &filter).await?;
             output(json, &runs, |r| human::runs(r, &filter))
+        }
+        Command::Start {
+            workflow,
+            input,
+            version,
+            idempotency_key,
+        } => {
+            let r = admin::start(&pool, &workflow, version, input, idempotency_key).await?;
+            output(json, &r, human::start)
         }
         Command::Run { id } => {
             let d = admin::run_detail(&pool, RunId(id)).await?;
@@ -163,6 +200,40 @@ async fn run(cli: Cli) -> Result<String, Error> {
     };
     pool.close().await;
     Ok(out)
+}
+
+/// `pgflow runs --watch`: the list again every `every` seconds until Ctrl-C (the
+/// screen is cleared between two lists on a terminal).
+async fn watch_runs(
+    pool: &sqlx::PgPool,
+    filter: &RunFilter,
+    json: bool,
+    every: u64,
+) -> Result<String, Error> {
+    use std::io::IsTerminal;
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        let runs = admin::list_runs(pool, filter).await?;
+        let mut text = output(json, &runs, |r| human::runs(r, filter));
+        if terminal {
+            text.insert_str(0, "\x1b[2J\x1b[H");
+        } else {
+            text.push('\n');
+        }
+        let mut stdout = std::io::stdout().lock();
+        if stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return Ok(String::new()); // the reader went away
+        }
+        drop(stdout);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(every)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(String::new()),
+        }
+    }
 }
 
 fn output<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) -> String {

@@ -651,3 +651,153 @@ async fn an_unreachable_database_is_a_clear_error_without_the_password() {
         assert!(!e.contains("hunter2"), "{e}");
     }
 }
+
+/// A conditional step and a map step, for `pgflow run`.
+pub struct Survey;
+
+#[workflow(name = "cli_survey", queue = "cli")]
+impl Survey {
+    #[step]
+    async fn answers(n: u32) -> Result<Vec<u32>, StepError> {
+        Ok((0..n).collect())
+    }
+
+    #[step(map)]
+    async fn score(answers: u32) -> Result<u32, StepError> {
+        Ok(answers * 2)
+    }
+
+    #[step(when = Self::worth_a_review)]
+    async fn review(score: Vec<u32>) -> Result<String, StepError> {
+        Ok(format!("{} scores", score.len()))
+    }
+
+    #[step]
+    async fn report(review: Option<String>) -> Result<String, StepError> {
+        Ok(review.unwrap_or_else(|| "no review".into()))
+    }
+
+    fn worth_a_review(score: &[u32]) -> bool {
+        score.len() > 10
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn start_by_name_then_run_shows_skips_elements_and_waits(pool: PgPool) {
+    // The definition is stored by a runtime that links it; then the CLI starts a
+    // run by name (it links nothing) and a worker picks it up.
+    let rt = runtime(&pool, Arc::new(Probe::default()), true).await;
+    let out = pgflow(&pool, &["start", "cli_survey", "--input", "4"])
+        .await
+        .ok();
+    let id: i64 = out
+        .strip_prefix("run ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(out, format!("run {id} of cli_survey v1 started\n"));
+    assert_eq!(
+        finished::<String>(&rt, RunId(id)).await.unwrap(),
+        "no review"
+    );
+    let out = pgflow(&pool, &["run", &id.to_string()]).await.ok();
+    assert_eq!(cells(row(&out, "review"))[1], "skipped", "{out}");
+    assert!(
+        out.contains("review: skipped: `when = Self::worth_a_review` was false"),
+        "{out}"
+    );
+    assert!(out.contains("score: 4 of 4 elements completed"), "{out}");
+    let v = pgflow(&pool, &["run", &id.to_string(), "--json"])
+        .await
+        .json();
+    let score = &v["steps"][1];
+    assert_eq!(score["name"], "score");
+    assert_eq!(score["elements"]["completed"], 4);
+    assert!(
+        score["elements"]["slowest_ms"].as_i64().is_some(),
+        "{score}"
+    );
+    // every step that ran knows when it started: duration excludes the wait
+    for s in v["steps"].as_array().unwrap() {
+        if s["status"] == "completed" {
+            assert!(s["started_at"].is_string(), "{s}");
+            assert!(s["wait_ms"].as_i64().is_some(), "{s}");
+        }
+    }
+    // the same key twice: one run
+    let first = pgflow(
+        &pool,
+        &[
+            "start",
+            "cli_greet",
+            "--input",
+            "\"amy\"",
+            "--idempotency-key",
+            "k1",
+        ],
+    )
+    .await
+    .json_or_text();
+    let again = pgflow(
+        &pool,
+        &[
+            "start",
+            "cli_greet",
+            "--input",
+            "\"amy\"",
+            "--idempotency-key",
+            "k1",
+            "--json",
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(again["created"], false);
+    assert!(first.contains(&format!("run {} ", again["id"])), "{first}");
+    // unknown workflows and bad JSON are clear errors
+    let e = pgflow(&pool, &["start", "nope", "--input", "1"])
+        .await
+        .err();
+    assert!(e.contains("no definition of it is stored"), "{e}");
+    let e = pgflow_env(&[], &["start", "cli_greet", "--input", "{nope"]).await;
+    assert_ne!(e.code, 0);
+    assert!(e.stderr.contains("not valid JSON"), "{e:?}");
+    rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn runs_take_the_words_results_prints_and_watch_repeats(pool: PgPool) {
+    let rt = runtime(&pool, Arc::new(Probe::default()), true).await;
+    let run = rt.start::<Greet>("bo".to_owned()).await.unwrap();
+    finished::<String>(&rt, run.id()).await.unwrap();
+    let a = pgflow(&pool, &["runs", "--status", "success", "--json"])
+        .await
+        .json();
+    let b = pgflow(&pool, &["runs", "--status", "succeeded", "--json"])
+        .await
+        .json();
+    assert_eq!(a, b);
+    assert_eq!(a.as_array().map(Vec::len), Some(1));
+    let none = pgflow(&pool, &["runs", "--status", "failure"]).await.ok();
+    assert_eq!(none, "no failed runs\n");
+    // --watch prints the list again until interrupted
+    let url = url_of(&pool);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgflow"))
+        .args(["--database-url", &url, "runs", "--watch", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.matches("cli_greet").count() >= 2, "{text}");
+    rt.shutdown().await.unwrap();
+}
+
+impl Out {
+    /// The output of a successful command, whatever its form.
+    fn json_or_text(self) -> String {
+        self.ok()
+    }
+}

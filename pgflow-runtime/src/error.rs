@@ -142,7 +142,10 @@ pub enum Error {
         message: String,
     },
     /// A run status did not parse.
-    #[error("invalid run status {0:?}: expected one of running, succeeded, failed, cancelled")]
+    #[error(
+        "invalid run status {0:?}: expected one of running, succeeded, failed, cancelled (or \
+         success and failure, the words of `pgflow results`)"
+    )]
     InvalidStatus(String),
 }
 

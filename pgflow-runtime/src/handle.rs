@@ -137,12 +137,21 @@ impl std::fmt::Display for RunStatus {
 impl std::str::FromStr for RunStatus {
     type Err = Error;
 
+    /// The stored names, and the words of `pgflow.job_results` (`success`,
+    /// `failure`) for the finished states.
+    ///
     /// ```
     /// use pgflow_runtime::RunStatus;
     /// assert_eq!("failed".parse::<RunStatus>().unwrap(), RunStatus::Failed);
+    /// assert_eq!("success".parse::<RunStatus>().unwrap(), RunStatus::Succeeded);
     /// assert!("done".parse::<RunStatus>().is_err());
     /// ```
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "success" => return Ok(Self::Succeeded),
+            "failure" => return Ok(Self::Failed),
+            _ => {}
+        }
         [
             Self::Running,
             Self::Succeeded,

@@ -340,7 +340,7 @@ impl Runtime {
         new: &runs::NewRuns,
     ) -> Result<Vec<i64>, Error> {
         let flow = self.flow(def)?;
-        let ids = runs::start(conn, flow, new).await?;
+        let ids = runs::start(conn, &runs::Shape::of_entry(flow), new).await?;
         if !ids.is_empty() {
             self.engine.wake_queue(def.queue());
             self.warn_if_unserved(def);

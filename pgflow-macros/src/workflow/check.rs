@@ -316,7 +316,11 @@ fn check_predicate_arity(wf: &Workflow, step: &Step, cx: &mut Ctxt) -> bool {
         .iter()
         .map(|p| {
             let ty = &p.ty;
-            format!("{}: &{}", p.name, quote::quote!(#ty).to_string().replace(' ', ""))
+            format!(
+                "{}: &{}",
+                p.name,
+                quote::quote!(#ty).to_string().replace(' ', "")
+            )
         })
         .collect::<Vec<_>>()
         .join(", ");

@@ -8,6 +8,7 @@
 //! - [`status`]: instances, queue depths, runs per workflow;
 //! - [`list_runs`], [`run_detail`]: runs and their steps;
 //! - [`results`]: the monitoring aggregates;
+//! - [`start`]: a run by name, from the stored definition;
 //! - [`retry`], [`cancel`]: repairs.
 //!
 //! ```no_run
@@ -32,11 +33,15 @@
 mod repair;
 mod results;
 mod runs;
+mod start;
 mod status;
 
 pub use repair::{CancelReport, RetryReport, cancel, retry};
 pub use results::{InstanceResult, Results, StatusResult, WorkflowResult, results};
-pub use runs::{RunDetail, RunFilter, RunSummary, StepDetail, StepStatus, list_runs, run_detail};
+pub use runs::{
+    ElementsDetail, RunDetail, RunFilter, RunSummary, StepDetail, StepStatus, list_runs, run_detail,
+};
+pub use start::{StartReport, start};
 pub use status::{Instance, QueueDepth, Status, UnservedRuns, WorkflowRuns, status};
 
 use serde::Serialize;

@@ -126,6 +126,8 @@ pub enum StepStatus {
     Queued,
     /// An instance is executing it.
     Running,
+    /// A conditional step whose predicate was false (see [`StepDetail::reason`]).
+    Skipped,
     /// The run finished without it running.
     NotStarted,
     /// A state this version of the tool does not know, as stored.
@@ -141,6 +143,7 @@ impl StepStatus {
             Self::Waiting => "waiting",
             Self::Queued => "queued",
             Self::Running => "running",
+            Self::Skipped => "skipped",
             Self::NotStarted => "not_started",
             Self::Other(s) => s,
         }
@@ -173,10 +176,20 @@ pub struct StepDetail {
     /// Attempts made (including the one running); `None` when not recorded (the last
     /// step of a succeeded run stores no step row).
     pub attempts: Option<i32>,
-    /// From when the step became ready (its last parent completed, or the run
-    /// became due) to when it finished, or until now while it is queued or running;
-    /// includes queue wait and retry backoff.
+    /// From the start of its last attempt (its claim) to when it finished, or until
+    /// now while it runs: the time it took, without the time it waited. For steps
+    /// recorded before start times were kept: from when it became ready.
     pub duration_ms: Option<i64>,
+    /// From when the step became ready (its last parent completed, or the run became
+    /// due) to the start of its last attempt: queue wait and retry backoff; until
+    /// now while it is queued.
+    pub wait_ms: Option<i64>,
+    /// When its last attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Why a skipped step was skipped (`` `when = Self::pred` was false ``).
+    pub reason: Option<String>,
+    /// For a map step: its elements.
+    pub elements: Option<ElementsDetail>,
     /// When it finished.
     pub completed_at: Option<DateTime<Utc>>,
     /// The instance that finished it, or the one running it.
@@ -185,6 +198,23 @@ pub struct StepDetail {
     pub error: Option<String>,
     /// Every failed attempt, oldest first.
     pub errors: Vec<AttemptFailure>,
+}
+
+/// The elements of a map step.
+#[derive(Debug, Clone, Serialize)]
+pub struct ElementsDetail {
+    /// Elements in all, once the step fanned out.
+    pub total: Option<i64>,
+    /// Elements completed.
+    pub completed: i64,
+    /// Elements executing now.
+    pub running: i64,
+    /// Elements in the queue (due, or waiting for a retry's backoff).
+    pub queued: i64,
+    /// The element that failed the step, if one did.
+    pub failed: Option<usize>,
+    /// The longest completed element, from its start to its end.
+    pub slowest_ms: Option<i64>,
 }
 
 /// One run with its steps.
@@ -226,6 +256,68 @@ pub(crate) async fn load_definition(
     Ok((def, plan))
 }
 
+/// Sets a step's wait (ready -> started) and duration (started -> done, or now),
+/// falling back to ready -> done for a step stored without a start time.
+fn timing(
+    detail: &mut StepDetail,
+    ready_at: Option<DateTime<Utc>>,
+    started_at: Option<DateTime<Utc>>,
+    done_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) {
+    match started_at {
+        Some(started) => {
+            detail.wait_ms = ready_at.map(|r| millis_between(r, started));
+            detail.duration_ms = Some(millis_between(started, done_at.unwrap_or(now)));
+        }
+        None if done_at.is_some() => {
+            detail.duration_ms = ready_at.zip(done_at).map(|(a, b)| millis_between(a, b));
+        }
+        None => detail.wait_ms = ready_at.map(|r| millis_between(r, now)),
+    }
+}
+
+/// The element of map step `step` that failed the run, if one did.
+fn failed_element(error: Option<&RunError>, step: &str) -> Option<usize> {
+    match error {
+        Some(RunError::StepFailed {
+            step: failed,
+            element,
+            ..
+        }) if failed == step => *element,
+        _ => None,
+    }
+}
+
+fn elements_detail(
+    state: Option<&steps::StateRow>,
+    done: Option<&steps::ElementsRow>,
+    tasks: &[tasks::RunTask],
+    failed: Option<usize>,
+) -> ElementsDetail {
+    let completed = done.map_or(0, |e| e.completed);
+    let element_tasks = tasks.iter().filter(|t| t.element.is_some());
+    let running = element_tasks
+        .clone()
+        .filter(|t| t.claimed_by.is_some())
+        .count() as i64;
+    let queued = element_tasks.filter(|t| t.claimed_by.is_none()).count() as i64;
+    let total = match state.map(|s| StepState::from_name(&s.status)) {
+        Some(Some(StepState::Running)) => state.map(|s| completed + i64::from(s.remaining)),
+        Some(Some(StepState::Completed)) => Some(completed),
+        _ if completed > 0 => Some(completed + running + queued),
+        _ => None,
+    };
+    ElementsDetail {
+        total,
+        completed,
+        running,
+        queued,
+        failed,
+        slowest_ms: done.and_then(|e| e.slowest_ms),
+    }
+}
+
 fn millis_between(from: DateTime<Utc>, to: DateTime<Utc>) -> i64 {
     (to - from).num_milliseconds().max(0)
 }
@@ -248,6 +340,9 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
         .await?
         .ok_or(Error::RunNotFound(id))?;
     let error_json = row.run.error.clone();
+    let run_error: Option<RunError> = error_json
+        .as_deref()
+        .and_then(|e| serde_json::from_str(e).ok());
     let now = row.now;
     let run = RunSummary::from_row(row.run);
     let (def, plan) = load_definition(&mut tx, &run.workflow, run.version).await?;
@@ -255,6 +350,11 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
         .await?
         .into_iter()
         .filter_map(|s| step_index(s.step).map(|i| (i, s)))
+        .collect();
+    let elements: HashMap<usize, steps::ElementsRow> = steps::elements_of_run(&mut tx, id.0)
+        .await?
+        .into_iter()
+        .filter_map(|e| step_index(e.step).map(|i| (i, e)))
         .collect();
     let mut tasks_of: HashMap<usize, Vec<tasks::RunTask>> = HashMap::new();
     for t in tasks::of_run(&mut tx, id.0).await? {
@@ -270,11 +370,17 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
     let mut steps = Vec::with_capacity(plan.len());
     for &i in plan.order() {
         let step = &def.steps[i];
-        // When the step became ready: its last parent's completion, or the run start.
+        // When the step became ready: its last parent's completion (or skip), or the
+        // run start.
         let ready_at = plan.parents(i).iter().try_fold(run_start, |at, p| {
             states
                 .get(p)
-                .filter(|s| StepState::from_name(&s.status) == Some(StepState::Completed))
+                .filter(|s| {
+                    matches!(
+                        StepState::from_name(&s.status),
+                        Some(StepState::Completed | StepState::Skipped)
+                    )
+                })
                 .and_then(|s| s.completed_at)
                 .map(|c| at.max(c))
         });
@@ -289,6 +395,10 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
             status: StepStatus::NotStarted,
             attempts: None,
             duration_ms: None,
+            wait_ms: None,
+            started_at: None,
+            reason: None,
+            elements: None,
             completed_at: None,
             instance_id: None,
             error: None,
@@ -302,23 +412,31 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
             detail.status = match StepState::from_name(&s.status) {
                 Some(StepState::Completed) => StepStatus::Completed,
                 Some(StepState::Failed) => StepStatus::Failed,
+                Some(StepState::Skipped) => StepStatus::Skipped,
+                // a map step whose elements run
+                Some(StepState::Running) => StepStatus::Running,
                 _ => StepStatus::Other(s.status.clone()),
             };
             detail.attempts = Some(s.attempts);
             detail.errors = stored_attempts(s.errors.as_deref());
             detail.instance_id = s.instance_id.clone();
             detail.completed_at = s.completed_at;
-            detail.duration_ms = ready_at
-                .zip(s.completed_at)
-                .map(|(a, b)| millis_between(a, b));
+            detail.reason = s.reason.clone();
+            detail.started_at = s.started_at;
+            timing(&mut detail, ready_at, s.started_at, s.completed_at, now);
         } else if succeeded && !plan.has_children(i) {
             // The last step's output is the run's output; it keeps no step row.
             detail.status = StepStatus::Completed;
             detail.completed_at = run.completed_at;
             detail.instance_id = run.instance_id.clone();
-            detail.duration_ms = ready_at
-                .zip(run.completed_at)
-                .map(|(a, b)| millis_between(a, b));
+            detail.started_at = row.terminal_started_at;
+            timing(
+                &mut detail,
+                ready_at,
+                row.terminal_started_at,
+                run.completed_at,
+                now,
+            );
         } else if let Some(ts) = tasks.filter(|t| !t.is_empty()) {
             let claimed = ts.iter().find(|t| t.claimed_by.is_some());
             detail.status = if claimed.is_some() {
@@ -335,14 +453,21 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
                 });
                 detail.errors = stored_attempts(t.errors.as_deref());
                 detail.instance_id = t.claimed_by.clone();
-                detail.duration_ms = ts
-                    .iter()
-                    .map(|t| t.created_at)
-                    .min()
-                    .map(|enqueued| millis_between(enqueued, now));
+                detail.started_at = claimed.and_then(|t| t.claimed_at);
+                let enqueued = ts.iter().map(|t| t.created_at).min();
+                let started = detail.started_at;
+                timing(&mut detail, enqueued, started, None, now);
             }
         } else if running {
             detail.status = StepStatus::Waiting;
+        }
+        if step.kind == pgflow::StepKind::Map {
+            detail.elements = Some(elements_detail(
+                state,
+                elements.get(&i),
+                tasks.map_or(&[][..], Vec::as_slice),
+                failed_element(run_error.as_ref(), &step.name),
+            ));
         }
         detail.error = detail.errors.last().map(ToString::to_string);
         steps.push(detail);

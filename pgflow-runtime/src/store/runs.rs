@@ -5,7 +5,9 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 
-use crate::catalog::Entry;
+use pgflow::{Definition, Plan};
+
+use crate::catalog::{Entry, StepRow, step_rows};
 use crate::store::tasks::enqueue_ctes;
 use crate::store::{notify::notify_queue, step_i16, version_i32};
 
@@ -18,31 +20,83 @@ pub(crate) struct NewRuns {
     pub(crate) keys: Vec<Option<String>>,
 }
 
-/// Inserts runs of `flow` with their root tasks (a root map step fans out over the
-/// input) and the `waiting` rows of its joins, and notifies the queue — in one
-/// statement, delivered at commit of the caller's transaction if any. A run whose
-/// idempotency key is taken is not inserted (unique index `runs_idempotency_key`).
-/// Returns the new ids in input order.
+/// What starting a run of a workflow version inserts besides the run: its root
+/// tasks and its join counters. From a linked definition ([`Shape::of_entry`]) or
+/// a stored one ([`Shape::of_stored`], for tools that link no workflow).
+#[derive(Debug)]
+pub(crate) struct Shape<'a> {
+    workflow: &'a str,
+    version: i32,
+    queue: &'a str,
+    root_steps: Vec<i16>,
+    root_priorities: Vec<i16>,
+    root_attempts: Vec<i32>,
+    root_map_from: Vec<Option<i16>>,
+    join_steps: Vec<i16>,
+    join_counts: Vec<i32>,
+}
+
+impl<'a> Shape<'a> {
+    fn new(
+        (workflow, version, queue): (&'a str, i32, &'a str),
+        plan: &Plan,
+        rows: &[StepRow],
+    ) -> Self {
+        let mut shape = Shape {
+            workflow,
+            version,
+            queue,
+            root_steps: Vec::new(),
+            root_priorities: Vec::new(),
+            root_attempts: Vec::new(),
+            root_map_from: Vec::new(),
+            join_steps: Vec::new(),
+            join_counts: Vec::new(),
+        };
+        for &s in plan.roots() {
+            if let Some(row) = rows.get(s) {
+                shape.root_steps.push(step_i16(s));
+                shape.root_priorities.push(row.priority);
+                shape.root_attempts.push(row.max_attempts);
+                shape.root_map_from.push(row.map_from);
+            }
+        }
+        for (s, n) in plan.joins() {
+            shape.join_steps.push(step_i16(s));
+            shape.join_counts.push(i32::try_from(n).unwrap_or(i32::MAX));
+        }
+        shape
+    }
+
+    /// The shape of a workflow this runtime links.
+    pub(crate) fn of_entry(entry: &'a Entry) -> Self {
+        let def = entry.def;
+        let rows: Vec<StepRow> = (0..def.steps().len())
+            .filter_map(|s| entry.step_row(s).copied())
+            .collect();
+        Self::new(
+            (def.name(), version_i32(def.version()), def.queue()),
+            entry.plan,
+            &rows,
+        )
+    }
+
+    /// The shape of a stored definition.
+    pub(crate) fn of_stored(def: &'a Definition, version: i32, plan: &Plan) -> Self {
+        Self::new((&def.name, version, &def.queue), plan, &step_rows(def))
+    }
+}
+
+/// Inserts runs of the workflow version `shape` describes, with their root tasks (a
+/// root map step fans out over the input) and the `waiting` rows of its joins, and
+/// notifies the queue — in one statement, delivered at commit of the caller's
+/// transaction if any. A run whose idempotency key is taken is not inserted (unique
+/// index `runs_idempotency_key`). Returns the new ids in input order.
 pub(crate) async fn start(
     conn: &mut PgConnection,
-    flow: &Entry,
+    shape: &Shape<'_>,
     runs: &NewRuns,
 ) -> Result<Vec<i64>, sqlx::Error> {
-    let def = flow.def;
-    let mut roots = RootSteps::default();
-    for &s in flow.plan.roots() {
-        if let Some(row) = flow.step_row(s) {
-            roots.steps.push(step_i16(s));
-            roots.priorities.push(row.priority);
-            roots.max_attempts.push(row.max_attempts);
-            roots.map_from.push(row.map_from);
-        }
-    }
-    let (join_steps, join_counts): (Vec<i16>, Vec<i32>) = flow
-        .plan
-        .joins()
-        .map(|(s, n)| (step_i16(s), i32::try_from(n).unwrap_or(i32::MAX)))
-        .unzip();
     sqlx::query_scalar(concat!(
         "WITH u AS (
              SELECT * FROM unnest($3::text[], $4::smallint[], $5::timestamptz[], $6::text[])
@@ -73,29 +127,32 @@ pub(crate) async fn start(
          )
          SELECT r.id FROM r LEFT JOIN notified ON true ORDER BY r.id"
     ))
-    .bind(def.name())
-    .bind(version_i32(def.version()))
+    .bind(shape.workflow)
+    .bind(shape.version)
     .bind(&runs.inputs)
     .bind(&runs.priorities)
     .bind(&runs.run_ats)
     .bind(&runs.keys)
-    .bind(def.queue())
-    .bind(&roots.steps)
-    .bind(&roots.priorities)
-    .bind(&roots.max_attempts)
-    .bind(&roots.map_from)
-    .bind(&join_steps)
-    .bind(&join_counts)
+    .bind(shape.queue)
+    .bind(&shape.root_steps)
+    .bind(&shape.root_priorities)
+    .bind(&shape.root_attempts)
+    .bind(&shape.root_map_from)
+    .bind(&shape.join_steps)
+    .bind(&shape.join_counts)
     .fetch_all(conn)
     .await
 }
 
-#[derive(Default)]
-struct RootSteps {
-    steps: Vec<i16>,
-    priorities: Vec<i16>,
-    max_attempts: Vec<i32>,
-    map_from: Vec<Option<i16>>,
+/// The highest stored version of `workflow` (primary key of `pgflow.workflows`).
+pub(crate) async fn latest_stored_version(
+    db: impl PgExecutor<'_>,
+    workflow: &str,
+) -> Result<Option<i32>, sqlx::Error> {
+    sqlx::query_scalar("SELECT max(version) FROM pgflow.workflows WHERE name = $1")
+        .bind(workflow)
+        .fetch_one(db)
+        .await
 }
 
 /// The run of `workflow` holding idempotency key `key` (index `runs_idempotency_key`).
@@ -254,6 +311,8 @@ pub(crate) struct RunDetailRow {
     pub(crate) run: RunRow,
     pub(crate) input: String,
     pub(crate) output: Option<String>,
+    /// When the terminal step's last attempt started.
+    pub(crate) terminal_started_at: Option<DateTime<Utc>>,
     pub(crate) now: DateTime<Utc>,
 }
 
@@ -267,14 +326,14 @@ pub(crate) async fn detail(
         concat!(
             "SELECT ",
             run_columns!(),
-            ", input::text AS input, output::text AS output, now() AS now
+            ", input::text AS input, output::text AS output, terminal_started_at, now() AS now
              FROM pgflow.runs WHERE id = $1 FOR UPDATE"
         )
     } else {
         concat!(
             "SELECT ",
             run_columns!(),
-            ", input::text AS input, output::text AS output, now() AS now
+            ", input::text AS input, output::text AS output, terminal_started_at, now() AS now
              FROM pgflow.runs WHERE id = $1"
         )
     };

@@ -11,7 +11,10 @@ pub(crate) struct StateRow {
     pub(crate) status: String,
     pub(crate) attempts: i32,
     pub(crate) errors: Option<String>,
+    pub(crate) reason: Option<String>,
+    pub(crate) remaining: i32,
     pub(crate) instance_id: Option<String>,
+    pub(crate) started_at: Option<DateTime<Utc>>,
     pub(crate) completed_at: Option<DateTime<Utc>>,
 }
 
@@ -21,8 +24,35 @@ pub(crate) async fn of_run(
     run_id: i64,
 ) -> Result<Vec<StateRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT step, status, attempts, errors::text AS errors, instance_id, completed_at
+        "SELECT step, status, attempts, errors::text AS errors, reason, remaining, instance_id,
+                started_at, completed_at
          FROM pgflow.step_states WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// The completed elements of each map step of a run.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct ElementsRow {
+    pub(crate) step: i16,
+    pub(crate) completed: i64,
+    /// The longest element, from its start to its completion.
+    pub(crate) slowest_ms: Option<i64>,
+}
+
+/// Per map step of run `run_id`: completed elements and the slowest (primary key
+/// prefix of `step_elements`).
+pub(crate) async fn elements_of_run(
+    conn: &mut PgConnection,
+    run_id: i64,
+) -> Result<Vec<ElementsRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT step, count(*) AS completed,
+                max((EXTRACT(EPOCH FROM (completed_at - started_at)) * 1000)::bigint)
+                    AS slowest_ms
+         FROM pgflow.step_elements WHERE run_id = $1 GROUP BY step",
     )
     .bind(run_id)
     .fetch_all(conn)

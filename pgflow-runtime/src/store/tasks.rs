@@ -413,8 +413,11 @@ pub(crate) async fn depths(conn: &mut PgConnection) -> Result<Vec<QueueDepthRow>
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct RunTask {
     pub(crate) step: i16,
+    /// For an element task of a map step: its index.
+    pub(crate) element: Option<i32>,
     pub(crate) attempt: i32,
     pub(crate) claimed_by: Option<String>,
+    pub(crate) claimed_at: Option<chrono::DateTime<chrono::Utc>>,
     pub(crate) errors: Option<String>,
     pub(crate) created_at: chrono::DateTime<chrono::Utc>,
 }
@@ -425,7 +428,7 @@ pub(crate) async fn of_run(
     run_id: i64,
 ) -> Result<Vec<RunTask>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT step, attempt, claimed_by, errors::text AS errors, created_at
+        "SELECT step, element, attempt, claimed_by, claimed_at, errors::text AS errors, created_at
          FROM pgflow.tasks WHERE run_id = $1 ORDER BY id",
     )
     .bind(run_id)

@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::{Completion, Flushed, Outcome};
@@ -17,27 +18,34 @@ pub(super) async fn fence<'b>(
     conn: &mut PgConnection,
     batch: &'b [Completion],
     out: &mut Flushed,
-) -> Result<Vec<&'b Completion>, sqlx::Error> {
+) -> Result<Vec<Applied<'b>>, sqlx::Error> {
     let (requeued, finals): (Vec<&Completion>, Vec<&Completion>) =
         batch.iter().partition(|c| c.outcome.requeues());
     // Keyed by (task, claim token): two completions of one task from two claims
     // (a stale one and a fresh one) must not both pass.
     let mut accepted: HashSet<(i64, i64)> = HashSet::with_capacity(batch.len());
+    // When each final completion's attempt started: its claim.
+    let mut started: HashMap<(i64, i64), DateTime<Utc>> = HashMap::with_capacity(finals.len());
     if !finals.is_empty() {
         let ids: Vec<i64> = finals.iter().map(|c| c.task_id).collect();
         let tokens: Vec<i64> = finals.iter().map(|c| c.token).collect();
         // By primary key.
-        let rows: Vec<(i64, i64)> = sqlx::query_as(
+        let rows: Vec<(i64, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
             "DELETE FROM pgflow.tasks t
              USING unnest($1::bigint[], $2::bigint[]) AS c(id, token)
              WHERE t.id = c.id AND t.claim_token = c.token
-             RETURNING t.id, c.token",
+             RETURNING t.id, c.token, t.claimed_at",
         )
         .bind(&ids)
         .bind(&tokens)
         .fetch_all(&mut *conn)
         .await?;
-        accepted.extend(rows);
+        for (id, token, claimed_at) in rows {
+            accepted.insert((id, token));
+            if let Some(at) = claimed_at {
+                started.insert((id, token), at);
+            }
+        }
     }
     if !requeued.is_empty() {
         let mut rows = RequeueRows::default();
@@ -56,7 +64,20 @@ pub(super) async fn fence<'b>(
         .filter(|c| !accepted.contains(&c.claim()))
         .map(|c| c.task_id)
         .collect();
-    Ok(once_per_claim(batch, &accepted))
+    Ok(once_per_claim(batch, &accepted)
+        .into_iter()
+        .map(|c| Applied {
+            completion: c,
+            started_at: started.get(&c.claim()).copied(),
+        })
+        .collect())
+}
+
+/// A completion that passed the fence.
+pub(super) struct Applied<'b> {
+    pub(super) completion: &'b Completion,
+    /// When its attempt started (its claim), for a completion that ends its task.
+    pub(super) started_at: Option<DateTime<Utc>>,
 }
 
 /// The completions to apply: each accepted claim once, even if the batch held it

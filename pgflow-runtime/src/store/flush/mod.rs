@@ -26,6 +26,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use pgflow::{AttemptFailure, RunError};
 use sqlx::PgConnection;
 
@@ -144,11 +145,12 @@ pub(crate) async fn apply(
     let applied = fence::fence(conn, batch, &mut out).await?;
 
     let mut work = Work::default();
-    for c in applied {
+    for a in applied {
+        let c = a.completion;
         let Some(flow) = catalog.get(c.workflow, c.version) else {
             continue;
         };
-        work.sort(flow, c);
+        work.sort(flow, c, a.started_at);
     }
     for (flow, run_id, step) in complete_elements(conn, instance, &work.elements).await? {
         work.done.push(FinishedStep {
@@ -158,6 +160,7 @@ pub(crate) async fn apply(
             attempts: 1,
             output: StepResult::FromElements,
             cost_cents: 0,
+            started_at: None,
         });
     }
     work.route_done();
@@ -198,6 +201,8 @@ struct FinishedStep<'c> {
     attempts: i32,
     output: StepResult,
     cost_cents: i64,
+    /// When its (last) attempt started; for a map step, its elements' earliest.
+    started_at: Option<DateTime<Utc>>,
 }
 
 /// What the applied completions amount to, sorted by phase.
@@ -214,11 +219,12 @@ struct Work<'c> {
 }
 
 impl<'c> Work<'c> {
-    fn sort(&mut self, flow: &'c Entry, c: &Completion) {
+    fn sort(&mut self, flow: &'c Entry, c: &Completion, started_at: Option<DateTime<Utc>>) {
         match &c.outcome {
             Outcome::Succeeded(output) => match c.element {
                 Some(element) => {
-                    self.elements.push(flow, c, element, output.clone());
+                    self.elements
+                        .push(flow, c, element, output.clone(), started_at);
                     *self.costs.entry(c.run_id).or_default() += c.cost_cents;
                 }
                 None => self.done.push(FinishedStep {
@@ -228,6 +234,7 @@ impl<'c> Work<'c> {
                     attempts: c.attempt,
                     output: StepResult::Output(output.clone()),
                     cost_cents: c.cost_cents,
+                    started_at,
                 }),
             },
             Outcome::Skipped { reason } => self.done.push(FinishedStep {
@@ -237,6 +244,7 @@ impl<'c> Work<'c> {
                 attempts: c.attempt,
                 output: StepResult::Skipped(reason.clone()),
                 cost_cents: c.cost_cents,
+                started_at,
             }),
             Outcome::FanOut => {
                 if let Some(step) = step_index(c.step) {
@@ -255,6 +263,7 @@ impl<'c> Work<'c> {
                     from_elements: false,
                     errors: Some(errors),
                     reason: None,
+                    started_at,
                 });
                 let step_name = step_index(c.step)
                     .and_then(|s| flow.step(s))
@@ -287,7 +296,7 @@ impl<'c> Work<'c> {
                     StepResult::FromElements => (None, Some(d.step)),
                 };
                 self.finished
-                    .push(d.run_id, output, from_elements, d.cost_cents);
+                    .push(d.run_id, output, from_elements, d.cost_cents, d.started_at);
                 continue;
             }
             let (state, output, from_elements, reason) = match d.output {
@@ -304,6 +313,7 @@ impl<'c> Work<'c> {
                 from_elements,
                 errors: None,
                 reason,
+                started_at: d.started_at,
             });
             for &child in d.flow.plan.children(step) {
                 if d.flow.plan.is_join(child) {

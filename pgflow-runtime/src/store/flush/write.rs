@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::Completion;
@@ -20,10 +21,19 @@ pub(super) struct ElementRows<'c> {
     pub(super) elements: Vec<i32>,
     pub(super) outputs: Vec<String>,
     pub(super) attempts: Vec<i32>,
+    pub(super) started: Vec<Option<DateTime<Utc>>>,
 }
 
 impl<'c> ElementRows<'c> {
-    pub(super) fn push(&mut self, flow: &'c Entry, c: &Completion, element: i32, output: String) {
+    pub(super) fn push(
+        &mut self,
+        flow: &'c Entry,
+        c: &Completion,
+        element: i32,
+        output: String,
+        started_at: Option<DateTime<Utc>>,
+    ) {
+        self.started.push(started_at);
         self.flows.insert((c.run_id, c.step), flow);
         self.run_ids.push(c.run_id);
         self.steps.push(c.step);
@@ -49,10 +59,12 @@ pub(super) async fn complete_elements<'c>(
     // A map step that failed (status no longer `running`) counts nothing.
     let counted: Vec<(i64, i16, i32)> = sqlx::query_as(
         "WITH ins AS (
-             INSERT INTO pgflow.step_elements (run_id, step, element, output, attempts, instance_id)
-             SELECT u.run_id, u.step, u.element, u.output::jsonb, u.attempts, $6
-             FROM unnest($1::bigint[], $2::smallint[], $3::int[], $4::text[], $5::int[])
-                  AS u(run_id, step, element, output, attempts)
+             INSERT INTO pgflow.step_elements
+                 (run_id, step, element, output, attempts, instance_id, started_at)
+             SELECT u.run_id, u.step, u.element, u.output::jsonb, u.attempts, $6, u.started_at
+             FROM unnest($1::bigint[], $2::smallint[], $3::int[], $4::text[], $5::int[],
+                         $7::timestamptz[])
+                  AS u(run_id, step, element, output, attempts, started_at)
              ON CONFLICT (run_id, step, element) DO NOTHING
              RETURNING run_id, step
          ), d AS (
@@ -78,6 +90,7 @@ pub(super) async fn complete_elements<'c>(
     .bind(&rows.outputs)
     .bind(&rows.attempts)
     .bind(instance)
+    .bind(&rows.started)
     .fetch_all(&mut *conn)
     .await?;
     Ok(counted
@@ -101,6 +114,7 @@ pub(super) struct StepStateRow {
     pub(super) from_elements: bool,
     pub(super) errors: Option<String>,
     pub(super) reason: Option<String>,
+    pub(super) started_at: Option<DateTime<Utc>>,
 }
 
 /// Step states to upsert, as bind arrays: one row per (run, step), since an upsert
@@ -117,6 +131,7 @@ pub(super) struct StepStateRows {
     pub(super) from_elements: Vec<bool>,
     pub(super) errors: Vec<Option<String>>,
     pub(super) reasons: Vec<Option<String>>,
+    pub(super) started: Vec<Option<DateTime<Utc>>>,
 }
 
 impl StepStateRows {
@@ -132,6 +147,7 @@ impl StepStateRows {
         self.from_elements.push(row.from_elements);
         self.errors.push(row.errors);
         self.reasons.push(row.reason);
+        self.started.push(row.started_at);
     }
 }
 
@@ -148,21 +164,27 @@ pub(super) async fn store_step_states(
     }
     sqlx::query(
         "INSERT INTO pgflow.step_states
-             (run_id, step, status, attempts, output, errors, reason, instance_id, completed_at)
+             (run_id, step, status, attempts, output, errors, reason, instance_id, completed_at,
+              started_at)
          SELECT u.run_id, u.step, u.status, u.attempts,
-                CASE WHEN u.from_elements
-                     THEN (SELECT jsonb_agg(e.output ORDER BY e.element)
-                           FROM pgflow.step_elements e
-                           WHERE e.run_id = u.run_id AND e.step = u.step)
-                     ELSE u.output::jsonb END,
-                u.errors::jsonb, u.reason, $9, now()
+                CASE WHEN u.from_elements THEN agg.output ELSE u.output::jsonb END,
+                u.errors::jsonb, u.reason, $9, now(),
+                CASE WHEN u.from_elements THEN agg.started_at ELSE u.started_at END
          FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::int[], $5::text[], $6::text[],
-                     $7::text[], $8::bool[])
-              AS u(run_id, step, status, attempts, output, errors, reason, from_elements)
+                     $7::text[], $8::bool[], $10::timestamptz[])
+              AS u(run_id, step, status, attempts, output, errors, reason, from_elements,
+                   started_at)
+         LEFT JOIN LATERAL (
+             SELECT jsonb_agg(e.output ORDER BY e.element) AS output,
+                    min(e.started_at) AS started_at
+             FROM pgflow.step_elements e
+             WHERE u.from_elements AND e.run_id = u.run_id AND e.step = u.step
+         ) agg ON true
          ON CONFLICT (run_id, step) DO UPDATE
          SET status = EXCLUDED.status, attempts = EXCLUDED.attempts, output = EXCLUDED.output,
              errors = EXCLUDED.errors, reason = EXCLUDED.reason,
-             instance_id = EXCLUDED.instance_id, completed_at = EXCLUDED.completed_at",
+             instance_id = EXCLUDED.instance_id, completed_at = EXCLUDED.completed_at,
+             started_at = EXCLUDED.started_at",
     )
     .bind(&rows.run_ids)
     .bind(&rows.steps)
@@ -173,6 +195,7 @@ pub(super) async fn store_step_states(
     .bind(&rows.reasons)
     .bind(&rows.from_elements)
     .bind(instance)
+    .bind(&rows.started)
     .execute(conn)
     .await?;
     Ok(())
@@ -239,6 +262,7 @@ pub(super) struct FinishedRuns {
     /// The terminal map step whose elements make the output.
     pub(super) from_elements: Vec<Option<i16>>,
     pub(super) costs: Vec<i64>,
+    pub(super) started: Vec<Option<DateTime<Utc>>>,
 }
 
 impl FinishedRuns {
@@ -248,7 +272,9 @@ impl FinishedRuns {
         output: Option<String>,
         from: Option<i16>,
         cost: i64,
+        started_at: Option<DateTime<Utc>>,
     ) {
+        self.started.push(started_at);
         self.run_ids.push(run_id);
         self.outputs.push(output);
         self.from_elements.push(from);
@@ -269,12 +295,17 @@ pub(super) async fn finish_runs(
         "UPDATE pgflow.runs r
          SET status = 'succeeded', completed_at = now(), instance_id = $5,
              cost_cents = r.cost_cents + u.cost,
-             output = CASE WHEN u.from_elements IS NULL THEN u.output::jsonb
-                           ELSE (SELECT jsonb_agg(e.output ORDER BY e.element)
-                                 FROM pgflow.step_elements e
-                                 WHERE e.run_id = u.id AND e.step = u.from_elements) END
-         FROM unnest($1::bigint[], $2::text[], $3::smallint[], $4::bigint[])
-              AS u(id, output, from_elements, cost)
+             output = CASE WHEN u.from_elements IS NULL THEN u.output::jsonb ELSE agg.output END,
+             terminal_started_at = CASE WHEN u.from_elements IS NULL THEN u.started_at
+                                        ELSE agg.started_at END
+         FROM unnest($1::bigint[], $2::text[], $3::smallint[], $4::bigint[], $6::timestamptz[])
+              AS u(id, output, from_elements, cost, started_at)
+         LEFT JOIN LATERAL (
+             SELECT jsonb_agg(e.output ORDER BY e.element) AS output,
+                    min(e.started_at) AS started_at
+             FROM pgflow.step_elements e
+             WHERE u.from_elements IS NOT NULL AND e.run_id = u.id AND e.step = u.from_elements
+         ) agg ON true
          WHERE r.id = u.id AND r.status = 'running'
          RETURNING r.id",
     )
@@ -283,6 +314,7 @@ pub(super) async fn finish_runs(
     .bind(&runs.from_elements)
     .bind(&runs.costs)
     .bind(instance)
+    .bind(&runs.started)
     .fetch_all(conn)
     .await
 }
