@@ -283,7 +283,7 @@ fn parse_duration(input: ParseStream<'_>, zero_ok: bool) -> syn::Result<u64> {
         syn::Error::new(
             lit.span(),
             format!(
-                "malformed duration {:?}: {why}; write a number and a unit (`ms`, `s`, `m`, `h`), e.g. \"30s\", \"500ms\", \"1m30s\"",
+                "malformed duration {:?}: {why}; write numbers with units (`ms`, `s`, `m`, `h`, `d`), e.g. \"30s\", \"500ms\", \"1m30s\"",
                 lit.value()
             ),
         )
@@ -297,42 +297,23 @@ fn parse_duration(input: ParseStream<'_>, zero_ok: bool) -> syn::Result<u64> {
     Ok(ms)
 }
 
-/// Parses `"1h2m3s4ms"`-style durations into milliseconds.
+/// Parses a duration (`"30s"`, `"500ms"`, `"1m30s"`, `"1h 30m"`) into milliseconds
+/// with `humantime`, and says in a few words what is wrong otherwise.
 pub(crate) fn parse_duration_str(s: &str) -> Result<u64, String> {
-    if s.is_empty() {
-        return Err("it is empty".into());
-    }
-    let mut total: u64 = 0;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!("expected a number at {rest:?}"));
+    use humantime::DurationError as E;
+    let d = humantime::parse_duration(s).map_err(|e| match e {
+        E::Empty => "it is empty".to_owned(),
+        E::NumberExpected(at) => format!("expected a number at {:?}", &s[at.min(s.len())..]),
+        E::InvalidCharacter(at) => {
+            format!("unexpected character at {:?}", &s[at.min(s.len())..])
         }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| "number too large".to_string())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let factor = match &rest[..unit_len] {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "" => return Err(format!("the number {n} has no unit")),
-            other => return Err(format!("unknown unit {other:?}")),
-        };
-        rest = &rest[unit_len..];
-        total = n
-            .checked_mul(factor)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| "duration too large".to_string())?;
-    }
-    Ok(total)
+        E::UnknownUnit { unit, value, .. } if unit.is_empty() => {
+            format!("the number {value} has no unit")
+        }
+        E::UnknownUnit { unit, .. } => format!("unknown unit {unit:?}"),
+        E::NumberOverflow => "duration too large".to_owned(),
+    })?;
+    u64::try_from(d.as_millis()).map_err(|_| "duration too large".to_owned())
 }
 
 #[cfg(test)]
@@ -348,10 +329,11 @@ mod tests {
         assert_eq!(parse_duration_str("2h"), Ok(7_200_000));
         assert!(parse_duration_str("30").unwrap_err().contains("no unit"));
         assert!(
-            parse_duration_str("3 s")
+            parse_duration_str("3 sekunden")
                 .unwrap_err()
                 .contains("unknown unit")
         );
+        assert_eq!(parse_duration_str("1h 30m"), Ok(5_400_000));
         assert!(parse_duration_str("").is_err());
         assert!(parse_duration_str("s").is_err());
         assert!(parse_duration_str("99999999999999999999h").is_err());

@@ -86,8 +86,8 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
             Some(list) => {
                 let mut named: Vec<(usize, &Ident)> = Vec::new();
                 // An unknown name is reported once, at its token: a parameter named
-                // after it (or after the intended step) is not reported again.
-                let mut unknown = false;
+                // after it (or close to it: the intended step) is not reported again.
+                let mut unknown: Vec<String> = Vec::new();
                 for dep in list {
                     if *dep == step.name {
                         cx.error_spanned_by(
@@ -110,7 +110,7 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
                             dep,
                             format!("unknown step `{dep}` in `depends_on`; the steps of this workflow are {all_names}"),
                         );
-                        unknown = true;
+                        unknown.push(dep.to_string());
                         ok = false;
                     }
                 }
@@ -130,7 +130,7 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
                     } else if let Some(k) = named.iter().position(|(_, n)| **n == param.name) {
                         used[k] = true;
                         step_sources.push(Source::Step(named[k].0));
-                    } else if unknown {
+                    } else if unknown.iter().any(|u| similar(u, &param.name.to_string())) {
                         ok = false;
                     } else {
                         cx.error_spanned_by(
@@ -277,6 +277,23 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
         input: input?,
         mapped,
     })
+}
+
+/// Whether two names are the same or one typo apart (at most two single-character
+/// edits): a parameter named so was meant for the misspelled parent.
+fn similar(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()] <= 2
 }
 
 /// A `when = Self::pred` whose `pred` is an associated fn of this impl block must
