@@ -1,4 +1,5 @@
-//! The benchmark program (DESIGN §6). Prints one line per scenario:
+//! The benchmark program: throughput, enqueue rate, latency, in-process overhead
+//! and map fan-out against a local PostgreSQL. Prints one line per scenario:
 //! `BENCH scenario=NAME key=value ...`.
 //!
 //! ```text

@@ -341,7 +341,14 @@ impl Runtime {
     ) -> Result<Vec<i64>, Error> {
         let flow = self.flow(def)?;
         let ids = runs::start(conn, &runs::Shape::of_entry(flow), new).await?;
-        if !ids.is_empty() {
+        if let Some(first) = ids.first() {
+            tracing::info!(
+                workflow = def.name(),
+                version = def.version(),
+                runs = ids.len(),
+                run_id = first,
+                "pgflow: run started"
+            );
             self.engine.wake_queue(def.queue());
             self.warn_if_unserved(def);
         }

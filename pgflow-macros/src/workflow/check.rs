@@ -4,7 +4,7 @@
 //! takes the workflow input). Every problem is recorded; the resolved [`Graph`] is
 //! returned when the graph could be built.
 //!
-//! Binding rules (DESIGN §2):
+//! Binding rules (the `#[workflow]` docs state them for users):
 //! - without `depends_on`, a step depends on the step declared just before it and
 //!   its one non-`input` parameter takes that step's output; the first step's takes
 //!   the workflow input;
@@ -359,7 +359,7 @@ fn check_predicate_arity(wf: &Workflow, step: &Step, cx: &mut Ctxt) -> bool {
     false
 }
 
-/// The rules of map steps (DESIGN §2): a map step maps over the `Vec` of its single
+/// The rules of map steps: a map step maps over the `Vec` of its single
 /// parent, or over the workflow input when it is a root; that parent always runs;
 /// `map` and `when` do not combine. Returns, for each valid map step, the index of
 /// its element parameter. (That the source is a `Vec` is left to rustc.)

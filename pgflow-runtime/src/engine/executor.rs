@@ -8,7 +8,7 @@ use std::sync::Arc;
 use pgflow::engine::{StepInputs, StepOutput, StepValue, policy};
 use pgflow::{AttemptFailure, CostMeter, ParamSource, RunId, StepContext, StepDef, StepError};
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::RunStatus;
 use crate::catalog::Entry;
@@ -152,14 +152,16 @@ async fn attempt(
             ),
         },
         Err(e) => {
-            debug!(error = %e, "pgflow: step attempt failed");
             let max = step.options().max_attempts.max(1);
             if e.is_retryable() && attempt < max {
+                let delay = policy::retry_delay(step.options(), attempt, &e);
+                info!(error = %e, retry_in_ms = delay.as_millis() as u64, "pgflow: step attempt failed; it will be retried");
                 Outcome::Retry {
-                    delay: policy::retry_delay(step.options(), attempt, &e),
+                    delay,
                     failure: AttemptFailure::new(attempt, &e),
                 }
             } else {
+                warn!(error = %e, "pgflow: step failed for good; its run fails");
                 fail_now(e)
             }
         }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use pgflow::{AttemptFailure, StepError};
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::engine::{Backoff, Engine, FlushMsg};
 use crate::store::flush::{self, Completion, Flushed, Outcome};
@@ -67,6 +67,7 @@ pub(crate) async fn run(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<Flu
             }
             // Durable now: their places are free again.
             drop(slots);
+            log_finished(&flushed);
             engine.wake_waiters(&flushed.finished_runs);
             for q in &flushed.queues {
                 engine.wake_queue(q);
@@ -75,6 +76,17 @@ pub(crate) async fn run(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<Flu
         for ack in barriers {
             let _ = ack.send(());
         }
+    }
+}
+
+/// One INFO event per run that finished (and so per failed run: its error is in
+/// `pgflow.runs` and in the step failure logged when it happened).
+pub(crate) fn log_finished(flushed: &Flushed) {
+    for (run_id, workflow) in &flushed.succeeded {
+        info!(run_id, workflow, "pgflow: run succeeded");
+    }
+    for (run_id, workflow) in &flushed.failed {
+        info!(run_id, workflow, "pgflow: run failed");
     }
 }
 

@@ -132,6 +132,7 @@ pub(crate) async fn rescue_once(
         }
         Err(e) => return Err(e),
     };
+    crate::engine::flusher::log_finished(&flushed);
     engine.wake_waiters(&flushed.finished_runs);
     for q in &flushed.queues {
         engine.wake_queue(q);

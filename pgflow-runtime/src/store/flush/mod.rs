@@ -118,6 +118,9 @@ pub(crate) struct Flushed {
     pub(crate) rejected: Vec<i64>,
     /// Runs that finished (succeeded or failed) in this flush.
     pub(crate) finished_runs: Vec<i64>,
+    /// Of those, the ones that succeeded and failed, with their workflow.
+    pub(crate) succeeded: Vec<(i64, &'static str)>,
+    pub(crate) failed: Vec<(i64, &'static str)>,
     /// Queues that received tasks due now.
     pub(crate) queues: HashSet<String>,
 }
@@ -127,6 +130,8 @@ impl Flushed {
     pub(crate) fn extend(&mut self, other: Flushed) {
         self.rejected.extend(other.rejected);
         self.finished_runs.extend(other.finished_runs);
+        self.succeeded.extend(other.succeeded);
+        self.failed.extend(other.failed);
         self.queues.extend(other.queues);
     }
 }
@@ -167,10 +172,13 @@ pub(crate) async fn apply(
     store_step_states(conn, instance, &work.states).await?;
     count_down_joins(conn, catalog, &work.join_hits, &mut work.ready).await?;
     out.queues.extend(tasks::enqueue(conn, &work.ready).await?);
-    out.finished_runs
-        .extend(finish_runs(conn, instance, &work.finished).await?);
-    out.finished_runs
-        .extend(fail_runs(conn, instance, &work.failed).await?);
+    let name = |id: &i64| (*id, work.workflows.get(id).copied().unwrap_or(""));
+    let succeeded = finish_runs(conn, instance, &work.finished).await?;
+    out.succeeded.extend(succeeded.iter().map(name));
+    out.finished_runs.extend(succeeded);
+    let failed = fail_runs(conn, instance, &work.failed).await?;
+    out.failed.extend(failed.iter().map(name));
+    out.finished_runs.extend(failed);
     add_costs(conn, work.costs).await?;
     let to_notify: Vec<&str> = out
         .queues
@@ -216,10 +224,13 @@ struct Work<'c> {
     finished: FinishedRuns,
     failed: FailedRuns,
     costs: HashMap<i64, i64>,
+    /// The workflow of each run touched, for the log.
+    workflows: HashMap<i64, &'static str>,
 }
 
 impl<'c> Work<'c> {
     fn sort(&mut self, flow: &'c Entry, c: &Completion, started_at: Option<DateTime<Utc>>) {
+        self.workflows.insert(c.run_id, flow.def.name());
         match &c.outcome {
             Outcome::Succeeded(output) => match c.element {
                 Some(element) => {
