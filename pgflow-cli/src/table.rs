@@ -1,4 +1,6 @@
-//! Aligned text tables and the small formatters the human output uses.
+//! Aligned text tables (rendered by `comfy-table`: widths in terminal columns,
+//! long cells wrapped to a terminal's width, colour on a terminal only) and the small
+//! formatters the human output uses.
 
 use std::fmt::Write as _;
 
@@ -29,33 +31,32 @@ impl Table {
         self.rows.is_empty()
     }
 
-    /// The table, two spaces between columns, no trailing spaces.
+    /// The table, two spaces between columns, no trailing spaces; statuses in colour
+    /// on a terminal only, long cells wrapped to the terminal's width.
     pub(crate) fn render(&self) -> String {
-        let n = self.headers.len();
-        let mut widths: Vec<usize> = self.headers.iter().map(|h| width(h)).collect();
+        use comfy_table::{Cell, CellAlignment, ContentArrangement, presets::NOTHING};
+        let mut t = comfy_table::Table::new();
+        t.load_preset(NOTHING)
+            .set_header(self.headers.iter().map(|h| Cell::new(*h)));
+        // Wrap long cells to a real terminal's width; a pipe, or a terminal too
+        // narrow to tell, gets whole lines.
+        if t.width().is_some_and(|w| w >= 60) {
+            t.set_content_arrangement(ContentArrangement::Dynamic);
+        }
         for r in &self.rows {
-            for (i, c) in r.iter().enumerate().take(n) {
-                widths[i] = widths[i].max(width(c));
-            }
+            t.add_row(r.iter().map(|c| styled(c)));
+        }
+        let last = self.headers.len().saturating_sub(1);
+        for (i, col) in t.column_iter_mut().enumerate() {
+            col.set_padding((0, if i == last { 0 } else { 2 }));
+            col.set_cell_alignment(if self.right.get(i).copied().unwrap_or(false) {
+                CellAlignment::Right
+            } else {
+                CellAlignment::Left
+            });
         }
         let mut out = String::new();
-        let header: Vec<String> = self.headers.iter().map(|h| (*h).to_owned()).collect();
-        for cells in std::iter::once(&header).chain(&self.rows) {
-            let mut line = String::new();
-            for (i, w) in widths.iter().enumerate() {
-                let cell = cells.get(i).map_or("", String::as_str);
-                if i > 0 {
-                    line.push_str("  ");
-                }
-                let pad = w.saturating_sub(width(cell));
-                if self.right[i] {
-                    line.push_str(&" ".repeat(pad));
-                    line.push_str(cell);
-                } else {
-                    line.push_str(cell);
-                    line.push_str(&" ".repeat(pad));
-                }
-            }
+        for line in t.lines() {
             out.push_str(line.trim_end());
             out.push('\n');
         }
@@ -63,8 +64,16 @@ impl Table {
     }
 }
 
-fn width(s: &str) -> usize {
-    s.chars().count()
+/// A cell, in colour when it is a status (only shown on a terminal).
+fn styled(text: &str) -> comfy_table::Cell {
+    use comfy_table::{Cell, Color};
+    let cell = Cell::new(text);
+    match text {
+        "failed" | "failure" | "offline" => cell.fg(Color::Red),
+        "succeeded" | "success" | "completed" | "online" => cell.fg(Color::Green),
+        "running" | "queued" | "waiting" => cell.fg(Color::Yellow),
+        _ => cell,
+    }
 }
 
 /// A duration in milliseconds, short and without spaces (one cell for `awk`):
