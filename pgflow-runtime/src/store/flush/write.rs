@@ -167,19 +167,22 @@ pub(super) async fn store_step_states(
              (run_id, step, status, attempts, output, errors, reason, instance_id, completed_at,
               started_at)
          SELECT u.run_id, u.step, u.status, u.attempts,
-                CASE WHEN u.from_elements THEN agg.output ELSE u.output::jsonb END,
+                -- CASE evaluates the aggregates only for a map step (no cost for the
+                -- others, the common case)
+                CASE WHEN u.from_elements
+                     THEN (SELECT jsonb_agg(e.output ORDER BY e.element)
+                           FROM pgflow.step_elements e
+                           WHERE e.run_id = u.run_id AND e.step = u.step)
+                     ELSE u.output::jsonb END,
                 u.errors::jsonb, u.reason, $9, now(),
-                CASE WHEN u.from_elements THEN agg.started_at ELSE u.started_at END
+                CASE WHEN u.from_elements
+                     THEN (SELECT min(e.started_at) FROM pgflow.step_elements e
+                           WHERE e.run_id = u.run_id AND e.step = u.step)
+                     ELSE u.started_at END
          FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::int[], $5::text[], $6::text[],
                      $7::text[], $8::bool[], $10::timestamptz[])
               AS u(run_id, step, status, attempts, output, errors, reason, from_elements,
                    started_at)
-         LEFT JOIN LATERAL (
-             SELECT jsonb_agg(e.output ORDER BY e.element) AS output,
-                    min(e.started_at) AS started_at
-             FROM pgflow.step_elements e
-             WHERE u.from_elements AND e.run_id = u.run_id AND e.step = u.step
-         ) agg ON true
          ON CONFLICT (run_id, step) DO UPDATE
          SET status = EXCLUDED.status, attempts = EXCLUDED.attempts, output = EXCLUDED.output,
              errors = EXCLUDED.errors, reason = EXCLUDED.reason,
@@ -295,17 +298,16 @@ pub(super) async fn finish_runs(
         "UPDATE pgflow.runs r
          SET status = 'succeeded', completed_at = now(), instance_id = $5,
              cost_cents = r.cost_cents + u.cost,
-             output = CASE WHEN u.from_elements IS NULL THEN u.output::jsonb ELSE agg.output END,
+             output = CASE WHEN u.from_elements IS NULL THEN u.output::jsonb
+                           ELSE (SELECT jsonb_agg(e.output ORDER BY e.element)
+                                 FROM pgflow.step_elements e
+                                 WHERE e.run_id = u.id AND e.step = u.from_elements) END,
              terminal_started_at = CASE WHEN u.from_elements IS NULL THEN u.started_at
-                                        ELSE agg.started_at END
+                                        ELSE (SELECT min(e.started_at) FROM pgflow.step_elements e
+                                              WHERE e.run_id = u.id AND e.step = u.from_elements)
+                                        END
          FROM unnest($1::bigint[], $2::text[], $3::smallint[], $4::bigint[], $6::timestamptz[])
               AS u(id, output, from_elements, cost, started_at)
-         LEFT JOIN LATERAL (
-             SELECT jsonb_agg(e.output ORDER BY e.element) AS output,
-                    min(e.started_at) AS started_at
-             FROM pgflow.step_elements e
-             WHERE u.from_elements IS NOT NULL AND e.run_id = u.id AND e.step = u.from_elements
-         ) agg ON true
          WHERE r.id = u.id AND r.status = 'running'
          RETURNING r.id",
     )
