@@ -303,49 +303,28 @@ impl Checker {
     }
 }
 
-impl ser::SerializeSeq for Compound {
-    type Ok = ();
-    type Error = NotFinite;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), NotFinite> {
-        self.next_element(v)
-    }
-    fn end(self) -> Result<(), NotFinite> {
-        Ok(())
-    }
+/// The sequence-like compounds: each element is the next index.
+macro_rules! elements {
+    ($($trait:ident :: $method:ident),*) => {$(
+        impl ser::$trait for Compound {
+            type Ok = ();
+            type Error = NotFinite;
+            fn $method<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), NotFinite> {
+                self.next_element(v)
+            }
+            fn end(self) -> Result<(), NotFinite> {
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTuple for Compound {
-    type Ok = ();
-    type Error = NotFinite;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), NotFinite> {
-        self.next_element(v)
-    }
-    fn end(self) -> Result<(), NotFinite> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleStruct for Compound {
-    type Ok = ();
-    type Error = NotFinite;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), NotFinite> {
-        self.next_element(v)
-    }
-    fn end(self) -> Result<(), NotFinite> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleVariant for Compound {
-    type Ok = ();
-    type Error = NotFinite;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), NotFinite> {
-        self.next_element(v)
-    }
-    fn end(self) -> Result<(), NotFinite> {
-        Ok(())
-    }
-}
+elements!(
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field
+);
 
 impl ser::SerializeMap for Compound {
     type Ok = ();
@@ -363,35 +342,27 @@ impl ser::SerializeMap for Compound {
     }
 }
 
-impl ser::SerializeStruct for Compound {
-    type Ok = ();
-    type Error = NotFinite;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        name: &'static str,
-        v: &T,
-    ) -> Result<(), NotFinite> {
-        self.field(name, v)
-    }
-    fn end(self) -> Result<(), NotFinite> {
-        Ok(())
-    }
+/// The struct-like compounds: each field is named.
+macro_rules! fields {
+    ($($trait:ident),*) => {$(
+        impl ser::$trait for Compound {
+            type Ok = ();
+            type Error = NotFinite;
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                name: &'static str,
+                v: &T,
+            ) -> Result<(), NotFinite> {
+                self.field(name, v)
+            }
+            fn end(self) -> Result<(), NotFinite> {
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeStructVariant for Compound {
-    type Ok = ();
-    type Error = NotFinite;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        name: &'static str,
-        v: &T,
-    ) -> Result<(), NotFinite> {
-        self.field(name, v)
-    }
-    fn end(self) -> Result<(), NotFinite> {
-        Ok(())
-    }
-}
+fields!(SerializeStruct, SerializeStructVariant);
 
 #[cfg(test)]
 mod tests {
