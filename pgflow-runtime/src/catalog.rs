@@ -49,6 +49,11 @@ impl Entry {
         self.rows.get(step)
     }
 
+    /// Every step's values for the enqueue statement, in step order.
+    pub(crate) fn step_rows(&self) -> &[StepRow] {
+        &self.rows
+    }
+
     /// Whether `step` is the terminal step (its output is the run's).
     pub(crate) fn is_terminal(&self, step: usize) -> bool {
         step == self.def.terminal().index()

@@ -71,13 +71,10 @@ impl<'a> Shape<'a> {
     /// The shape of a workflow this runtime links.
     pub(crate) fn of_entry(entry: &'a Entry) -> Self {
         let def = entry.def;
-        let rows: Vec<StepRow> = (0..def.steps().len())
-            .filter_map(|s| entry.step_row(s).copied())
-            .collect();
         Self::new(
             (def.name(), version_i32(def.version()), def.queue()),
             entry.plan,
-            &rows,
+            entry.step_rows(),
         )
     }
 
@@ -322,20 +319,22 @@ pub(crate) async fn detail(
     id: i64,
     for_update: bool,
 ) -> Result<Option<RunDetailRow>, sqlx::Error> {
+    // One text per case (prepared statements are cached by text).
+    macro_rules! detail_sql {
+        ($lock:literal) => {
+            concat!(
+                "SELECT ",
+                run_columns!(),
+                ", input::text AS input, output::text AS output, terminal_started_at, now() AS now
+                 FROM pgflow.runs WHERE id = $1",
+                $lock
+            )
+        };
+    }
     let sql = if for_update {
-        concat!(
-            "SELECT ",
-            run_columns!(),
-            ", input::text AS input, output::text AS output, terminal_started_at, now() AS now
-             FROM pgflow.runs WHERE id = $1 FOR UPDATE"
-        )
+        detail_sql!(" FOR UPDATE")
     } else {
-        concat!(
-            "SELECT ",
-            run_columns!(),
-            ", input::text AS input, output::text AS output, terminal_started_at, now() AS now
-             FROM pgflow.runs WHERE id = $1"
-        )
+        detail_sql!("")
     };
     sqlx::query_as(sql).bind(id).fetch_optional(conn).await
 }

@@ -97,20 +97,21 @@ macro_rules! enqueue_ctes {
 }
 pub(crate) use enqueue_ctes;
 
-/// Steps to enqueue, as the bind arrays of [`enqueue`].
+/// Steps to enqueue, as the bind arrays of [`enqueue`]. Names are borrowed (from
+/// the linked definitions, or a stored one): nothing is copied per task.
 #[derive(Debug, Default)]
-pub(crate) struct NewTasks {
+pub(crate) struct NewTasks<'a> {
     run_ids: Vec<i64>,
     steps: Vec<i16>,
-    workflows: Vec<String>,
+    workflows: Vec<&'a str>,
     versions: Vec<i32>,
-    queues: Vec<String>,
+    queues: Vec<&'a str>,
     priorities: Vec<i16>,
     max_attempts: Vec<i32>,
     map_from: Vec<Option<i16>>,
 }
 
-impl NewTasks {
+impl<'a> NewTasks<'a> {
     /// Adds step `step` of run `run_id` of `flow`.
     pub(crate) fn push(&mut self, flow: &Entry, run_id: i64, step: usize) {
         if let Some(row) = flow.step_row(step) {
@@ -129,14 +130,14 @@ impl NewTasks {
         &mut self,
         run_id: i64,
         step: usize,
-        (workflow, version, queue): (&str, i32, &str),
+        (workflow, version, queue): (&'a str, i32, &'a str),
         row: &StepRow,
     ) {
         self.run_ids.push(run_id);
         self.steps.push(step_i16(step));
-        self.workflows.push(workflow.to_owned());
+        self.workflows.push(workflow);
         self.versions.push(version);
-        self.queues.push(queue.to_owned());
+        self.queues.push(queue);
         self.priorities.push(row.priority);
         self.max_attempts.push(row.max_attempts);
         self.map_from.push(row.map_from);
@@ -152,7 +153,7 @@ impl NewTasks {
 /// tasks.
 pub(crate) async fn enqueue(
     conn: &mut PgConnection,
-    tasks: &NewTasks,
+    tasks: &NewTasks<'_>,
 ) -> Result<Vec<String>, sqlx::Error> {
     if tasks.is_empty() {
         return Ok(Vec::new());

@@ -220,7 +220,7 @@ struct Work<'c> {
     elements: ElementRows<'c>,
     states: StepStateRows,
     join_hits: JoinHits,
-    ready: NewTasks,
+    ready: NewTasks<'static>,
     finished: FinishedRuns,
     failed: FailedRuns,
     costs: HashMap<i64, i64>,

@@ -217,7 +217,7 @@ pub(super) async fn count_down_joins(
     conn: &mut PgConnection,
     catalog: &Catalog,
     hits: &JoinHits,
-    ready: &mut NewTasks,
+    ready: &mut NewTasks<'static>,
 ) -> Result<(), sqlx::Error> {
     if hits.run_ids.is_empty() {
         return Ok(());
