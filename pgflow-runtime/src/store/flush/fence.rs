@@ -3,7 +3,7 @@
 //! tokens are random and per batch): final completions delete their row, retries
 //! and releases put it back; anything else is rejected and changes nothing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -21,11 +21,12 @@ pub(super) async fn fence<'b>(
 ) -> Result<Vec<Applied<'b>>, sqlx::Error> {
     let (requeued, finals): (Vec<&Completion>, Vec<&Completion>) =
         batch.iter().partition(|c| c.outcome.requeues());
-    // Keyed by (task, claim token): two completions of one task from two claims
-    // (a stale one and a fresh one) must not both pass.
-    let mut accepted: HashSet<(i64, i64)> = HashSet::with_capacity(batch.len());
-    // When each final completion's attempt started: its claim.
-    let mut started: HashMap<(i64, i64), DateTime<Utc>> = HashMap::with_capacity(finals.len());
+    // The claims that passed, keyed by (task, claim token): two completions of one
+    // task from two claims (a stale one and a fresh one) must not both pass. The
+    // value is when the attempt started (its claim), for a completion that ends its
+    // task.
+    let mut accepted: HashMap<(i64, i64), Option<DateTime<Utc>>> =
+        HashMap::with_capacity(batch.len());
     if !finals.is_empty() {
         let ids: Vec<i64> = finals.iter().map(|c| c.task_id).collect();
         let tokens: Vec<i64> = finals.iter().map(|c| c.token).collect();
@@ -40,12 +41,10 @@ pub(super) async fn fence<'b>(
         .bind(&tokens)
         .fetch_all(&mut *conn)
         .await?;
-        for (id, token, claimed_at) in rows {
-            accepted.insert((id, token));
-            if let Some(at) = claimed_at {
-                started.insert((id, token), at);
-            }
-        }
+        accepted.extend(
+            rows.into_iter()
+                .map(|(id, token, claimed_at)| ((id, token), claimed_at)),
+        );
     }
     if !requeued.is_empty() {
         let mut rows = RequeueRows::default();
@@ -53,7 +52,7 @@ pub(super) async fn fence<'b>(
             rows.push(c);
         }
         for r in rows.apply(conn).await? {
-            accepted.insert((r.id, r.token));
+            accepted.insert((r.id, r.token), None);
             if r.due {
                 out.queues.insert(r.queue);
             }
@@ -61,14 +60,14 @@ pub(super) async fn fence<'b>(
     }
     out.rejected = batch
         .iter()
-        .filter(|c| !accepted.contains(&c.claim()))
+        .filter(|c| !accepted.contains_key(&c.claim()))
         .map(|c| c.task_id)
         .collect();
-    Ok(once_per_claim(batch, &accepted)
+    Ok(once_per_claim(batch, |claim| accepted.contains_key(claim))
         .into_iter()
         .map(|c| Applied {
             completion: c,
-            started_at: started.get(&c.claim()).copied(),
+            started_at: accepted.get(&c.claim()).copied().flatten(),
         })
         .collect())
 }
@@ -84,13 +83,13 @@ pub(super) struct Applied<'b> {
 /// twice; a final completion wins over a release or retry of the same claim (a
 /// shutdown gives back a claim whose real completion may sit in the same batch, in
 /// either order: its row was deleted by the final one, which must apply).
-fn once_per_claim<'b>(
-    batch: &'b [Completion],
-    accepted: &HashSet<(i64, i64)>,
-) -> Vec<&'b Completion> {
+fn once_per_claim(
+    batch: &[Completion],
+    accepted: impl Fn(&(i64, i64)) -> bool,
+) -> Vec<&Completion> {
     let mut chosen: HashMap<(i64, i64), usize> = HashMap::with_capacity(batch.len());
     for (i, c) in batch.iter().enumerate() {
-        if !accepted.contains(&c.claim()) {
+        if !accepted(&c.claim()) {
             continue;
         }
         chosen
@@ -177,6 +176,8 @@ impl RequeueRows {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     fn completion(task_id: i64, outcome: Outcome) -> Completion {
@@ -207,7 +208,7 @@ mod tests {
                 completion(1, Outcome::Release),
             ],
         ] {
-            let picked = once_per_claim(&batch, &accepted);
+            let picked = once_per_claim(&batch, |k| accepted.contains(k));
             assert_eq!(picked.len(), 1);
             assert!(matches!(picked[0].outcome, Outcome::Succeeded(_)));
         }
@@ -217,7 +218,7 @@ mod tests {
             completion(2, Outcome::Discard),
             completion(2, Outcome::Discard),
         ];
-        let picked = once_per_claim(&batch, &accepted);
+        let picked = once_per_claim(&batch, |k| accepted.contains(k));
         assert_eq!(picked.len(), 1);
         assert_eq!(picked[0].task_id, 2);
     }
