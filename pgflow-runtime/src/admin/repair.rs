@@ -111,8 +111,9 @@ pub async fn retry(pool: &PgPool, id: RunId) -> Result<RetryReport, Error> {
     for &i in &ready {
         new.push_row(id.0, i, (&def.name, run.version, &def.queue), &rows[i]);
     }
-    tasks::enqueue(&mut tx, &new).await?;
-    notify::queues(&mut tx, &[def.queue.as_str()]).await?;
+    // Workers of the queues that got due tasks are notified at commit.
+    let due = tasks::enqueue(&mut tx, &new).await?;
+    notify::queues(&mut tx, &due.iter().map(String::as_str).collect::<Vec<_>>()).await?;
     tx.commit().await?;
 
     let name = |i: usize| def.steps[i].name.clone();

@@ -15,7 +15,7 @@ use crate::catalog::Entry;
 use crate::engine::{Engine, FlushMsg, InFlight};
 use crate::store::flush::{Completion, Outcome};
 use crate::store::tasks::Claimed;
-use crate::store::{step_i16, stored_attempts, version_i32};
+use crate::store::{step_i16, stored_attempts};
 
 /// Runs one claimed task and hands its completion to the flusher; the slot
 /// (`permit`) is free again once the completion has a place among those awaiting
@@ -30,12 +30,9 @@ pub(crate) async fn run(
     let key = (task.task_id, token);
     let cost = CostMeter::new();
     let flow = engine.catalog.get(&task.workflow, task.version);
-    let (workflow, version) = flow.map_or(("", task.version), |f| {
-        (f.def.name(), version_i32(f.def.version()))
-    });
-    engine
-        .executing
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let workflow = flow.map_or("", |f| f.def.name());
+    let version = task.version;
+    // Executing now: the load the heartbeat reports.
     if let Ok(mut m) = engine.in_flight.lock() {
         m.insert(
             key,
@@ -66,9 +63,6 @@ pub(crate) async fn run(
     if let Ok(mut m) = engine.in_flight.lock() {
         m.remove(&key);
     }
-    engine
-        .executing
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     // A place among the completions not durable yet (see `Engine::unflushed`): while
     // the flusher is behind, this waits, holding the slot, so claims stop.
     let place = Arc::clone(&engine.unflushed).acquire_owned().await.ok();

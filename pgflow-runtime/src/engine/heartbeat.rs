@@ -5,7 +5,6 @@
 //! before marking the instance offline), so a long drain is not mistaken for death.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tracing::warn;
 
@@ -15,7 +14,7 @@ use crate::store::instances;
 pub(crate) async fn run(engine: Arc<Engine>) {
     loop {
         tokio::time::sleep(engine.config.heartbeat_interval).await;
-        let load = engine.executing.load(Ordering::Relaxed);
+        let load = engine.in_flight.lock().map_or(0, |m| m.len());
         if let Err(e) = instances::heartbeat(&engine.pool, &engine.instance_id, load).await {
             warn!(error = %e, "pgflow: heartbeat failed");
         }

@@ -21,7 +21,7 @@ pub(crate) mod maintenance;
 pub(crate) mod rescuer;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -93,7 +93,7 @@ pub(crate) struct Engine {
     next_waiter: AtomicU64,
     /// The cancel token of each run with steps executing here, and how many.
     cancels: Mutex<HashMap<i64, (CancelToken, usize)>>,
-    /// Claims being executed.
+    /// Claims being executed (their count is the load reported in heartbeats).
     pub(crate) in_flight: Mutex<HashMap<(i64, i64), InFlight>>,
     loops: Mutex<Option<Loops>>,
     pub(crate) counters: Counters,
@@ -108,8 +108,6 @@ pub(crate) struct Engine {
     /// When each workflow version started here was last checked for a live instance
     /// that serves it.
     pub(crate) served_checks: Mutex<HashMap<(&'static str, u32), std::time::Instant>>,
-    /// Steps executing now (the load reported in heartbeats).
-    pub(crate) executing: AtomicUsize,
 }
 
 impl Engine {
@@ -147,7 +145,6 @@ impl Engine {
             counters: Counters::default(),
             unflushed: Arc::new(tokio::sync::Semaphore::new(places)),
             served_checks: Mutex::new(HashMap::new()),
-            executing: AtomicUsize::new(0),
         });
         (engine, rx)
     }

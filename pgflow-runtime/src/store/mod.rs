@@ -123,13 +123,15 @@ pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
         {
             true
         }
-        _ => e
-            .as_database_error()
-            .and_then(|db| db.code())
-            .is_some_and(|c| {
-                c.starts_with("08")
-                    || ["57P01", "57P02", "57P03", "53300", "40P01", "40001"].contains(&c.as_ref())
-            }),
+        _ => {
+            is_conflict(e)
+                || e.as_database_error()
+                    .and_then(|db| db.code())
+                    .is_some_and(|c| {
+                        c.starts_with("08")
+                            || ["57P01", "57P02", "57P03", "53300"].contains(&c.as_ref())
+                    })
+        }
     }
 }
 
