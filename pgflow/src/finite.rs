@@ -8,23 +8,30 @@ use std::fmt;
 
 use serde::ser::{self, Serialize};
 
-/// Why a value cannot be stored as JSON.
+/// Why the walk stopped.
 #[derive(Debug)]
-pub(crate) struct NotFinite(pub(crate) String);
+pub(crate) enum NotFinite {
+    /// A non-finite float, with where and what.
+    Float(String),
+    /// Another error of the value's own `Serialize`: the JSON serializer reports it
+    /// later with its own words; the check only looks for floats.
+    Other,
+}
 
 impl fmt::Display for NotFinite {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Self::Float(m) => f.write_str(m),
+            Self::Other => f.write_str("the value does not serialize"),
+        }
     }
 }
 
 impl std::error::Error for NotFinite {}
 
 impl ser::Error for NotFinite {
-    fn custom<T: fmt::Display>(msg: T) -> Self {
-        // Another error of the value's own `Serialize`: the JSON serializer reports
-        // it later with its own words; the check only looks for floats.
-        Self(format!("custom:{msg}"))
+    fn custom<T: fmt::Display>(_: T) -> Self {
+        Self::Other
     }
 }
 
@@ -34,7 +41,7 @@ pub(crate) fn check<T: Serialize + ?Sized>(value: &T) -> Result<(), NotFinite> {
     match value.serialize(Checker {
         path: String::new(),
     }) {
-        Err(NotFinite(m)) if m.starts_with("custom:") => Ok(()),
+        Err(NotFinite::Other) => Ok(()),
         other => other,
     }
 }
@@ -53,7 +60,7 @@ impl Checker {
             } else {
                 &self.path
             };
-            Err(NotFinite(format!(
+            Err(NotFinite::Float(format!(
                 "{v} at {at} cannot be stored: JSON has no NaN or infinity (it would be stored as null)"
             )))
         }
@@ -84,113 +91,6 @@ impl Compound {
         value.serialize(Checker {
             path: format!("{}.{name}", self.path),
         })
-    }
-}
-
-/// Renders a map key for a path (keys are strings or numbers in JSON).
-struct KeyName;
-
-macro_rules! key_as_display {
-    ($($method:ident: $ty:ty),*) => {
-        $(fn $method(self, v: $ty) -> Result<String, NotFinite> { Ok(v.to_string()) })*
-    };
-}
-
-impl ser::Serializer for KeyName {
-    type Ok = String;
-    type Error = NotFinite;
-    type SerializeSeq = ser::Impossible<String, NotFinite>;
-    type SerializeTuple = ser::Impossible<String, NotFinite>;
-    type SerializeTupleStruct = ser::Impossible<String, NotFinite>;
-    type SerializeTupleVariant = ser::Impossible<String, NotFinite>;
-    type SerializeMap = ser::Impossible<String, NotFinite>;
-    type SerializeStruct = ser::Impossible<String, NotFinite>;
-    type SerializeStructVariant = ser::Impossible<String, NotFinite>;
-
-    key_as_display!(serialize_bool: bool, serialize_i8: i8, serialize_i16: i16, serialize_i32: i32,
-        serialize_i64: i64, serialize_i128: i128, serialize_u8: u8, serialize_u16: u16,
-        serialize_u32: u32, serialize_u64: u64, serialize_u128: u128, serialize_f32: f32,
-        serialize_f64: f64, serialize_char: char, serialize_str: &str);
-
-    fn serialize_bytes(self, _: &[u8]) -> Result<String, NotFinite> {
-        Ok("?".into())
-    }
-    fn serialize_none(self) -> Result<String, NotFinite> {
-        Ok("?".into())
-    }
-    fn serialize_some<T: Serialize + ?Sized>(self, v: &T) -> Result<String, NotFinite> {
-        v.serialize(self)
-    }
-    fn serialize_unit(self) -> Result<String, NotFinite> {
-        Ok("?".into())
-    }
-    fn serialize_unit_struct(self, name: &'static str) -> Result<String, NotFinite> {
-        Ok(name.into())
-    }
-    fn serialize_unit_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        variant: &'static str,
-    ) -> Result<String, NotFinite> {
-        Ok(variant.into())
-    }
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(
-        self,
-        _: &'static str,
-        v: &T,
-    ) -> Result<String, NotFinite> {
-        v.serialize(self)
-    }
-    fn serialize_newtype_variant<T: Serialize + ?Sized>(
-        self,
-        _: &'static str,
-        _: u32,
-        variant: &'static str,
-        _: &T,
-    ) -> Result<String, NotFinite> {
-        Ok(variant.into())
-    }
-    fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, NotFinite> {
-        Err(NotFinite("custom:key".into()))
-    }
-    fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, NotFinite> {
-        Err(NotFinite("custom:key".into()))
-    }
-    fn serialize_tuple_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeTupleStruct, NotFinite> {
-        Err(NotFinite("custom:key".into()))
-    }
-    fn serialize_tuple_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeTupleVariant, NotFinite> {
-        Err(NotFinite("custom:key".into()))
-    }
-    fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, NotFinite> {
-        Err(NotFinite("custom:key".into()))
-    }
-    fn serialize_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStruct, NotFinite> {
-        Err(NotFinite("custom:key".into()))
-    }
-    fn serialize_struct_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStructVariant, NotFinite> {
-        Err(NotFinite("custom:key".into()))
     }
 }
 
@@ -330,7 +230,12 @@ impl ser::SerializeMap for Compound {
     type Ok = ();
     type Error = NotFinite;
     fn serialize_key<T: Serialize + ?Sized>(&mut self, k: &T) -> Result<(), NotFinite> {
-        self.key = Some(k.serialize(KeyName).unwrap_or_else(|_| "?".into()));
+        // A key as serde_json writes it (a string, or a number as one).
+        self.key = Some(match serde_json::to_value(k) {
+            Ok(serde_json::Value::String(key)) => key,
+            Ok(other) => other.to_string(),
+            Err(_) => "?".to_owned(),
+        });
         Ok(())
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), NotFinite> {
