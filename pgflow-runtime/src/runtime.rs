@@ -359,16 +359,11 @@ impl Runtime {
     /// live instance serves the version just started (its runs would wait).
     fn warn_if_unserved(&self, def: &'static WorkflowDef) {
         let key = (def.name(), def.version());
-        let due = self.engine.served_checks.lock().is_ok_and(|mut m| {
-            let now = std::time::Instant::now();
-            let due = m
-                .get(&key)
-                .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(60));
-            if due {
-                m.insert(key, now);
-            }
-            due
-        });
+        let due = self
+            .engine
+            .served_checks
+            .lock()
+            .is_ok_and(|mut m| m.due(key, Duration::from_secs(60)));
         if !due {
             return;
         }

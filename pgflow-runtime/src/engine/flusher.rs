@@ -7,21 +7,22 @@
 //! completion at fault, which then fails its run with the database's message; any
 //! other error (a lost connection, a restart) is retried with backoff.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use pgflow::{AttemptFailure, StepError};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::engine::{Backoff, Engine, FlushMsg};
+use crate::engine::{Backoff, Engine, Every, FlushMsg};
 use crate::store::flush::{self, Completion, Flushed, Outcome};
 use crate::store::{self, is_conflict, is_content_error};
 
 /// Receives completions and barriers until every sender is gone.
 pub(crate) async fn run(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<FlushMsg>) {
-    let mut debounce = NotifyDebounce::default();
+    // At most one NOTIFY per queue per debounce interval from this flusher: NOTIFY
+    // serializes committing transactions on the server, and local claimers are
+    // woken directly anyway.
+    let mut debounce: Every<String> = Every::default();
     while let Some(first) = rx.recv().await {
         let mut batch = Vec::new();
         let mut bytes = 0;
@@ -48,7 +49,7 @@ pub(crate) async fn run(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<Flu
         if !batch.is_empty() {
             let size = batch.len() as u64;
             let flushed = flush_resilient(&engine, batch, &mut |q| {
-                debounce.due(q, engine.config.notify_debounce)
+                debounce.due(q.to_owned(), engine.config.notify_debounce)
             })
             .await;
             let c = &engine.counters;
@@ -87,22 +88,6 @@ pub(crate) fn log_finished(flushed: &Flushed) {
     }
     for (run_id, workflow) in &flushed.failed {
         info!(run_id, workflow, "pgflow: run failed");
-    }
-}
-
-/// At most one NOTIFY per queue per debounce interval from this flusher: NOTIFY
-/// serializes committing transactions on the server, and local claimers are woken
-/// directly anyway.
-#[derive(Default)]
-struct NotifyDebounce(HashMap<String, Instant>);
-
-impl NotifyDebounce {
-    fn due(&mut self, queue: &str, every: std::time::Duration) -> bool {
-        let due = self.0.get(queue).is_none_or(|t| t.elapsed() >= every);
-        if due {
-            self.0.insert(queue.to_owned(), Instant::now());
-        }
-        due
     }
 }
 

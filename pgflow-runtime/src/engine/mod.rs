@@ -107,7 +107,7 @@ pub(crate) struct Engine {
     pub(crate) unflushed: Arc<tokio::sync::Semaphore>,
     /// When each workflow version started here was last checked for a live instance
     /// that serves it.
-    pub(crate) served_checks: Mutex<HashMap<(&'static str, u32), std::time::Instant>>,
+    pub(crate) served_checks: Mutex<Every<(&'static str, u32)>>,
 }
 
 impl Engine {
@@ -144,7 +144,7 @@ impl Engine {
             loops: Mutex::new(None),
             counters: Counters::default(),
             unflushed: Arc::new(tokio::sync::Semaphore::new(places)),
-            served_checks: Mutex::new(HashMap::new()),
+            served_checks: Mutex::new(Every::default()),
         });
         (engine, rx)
     }
@@ -379,6 +379,32 @@ impl Drop for Waiter {
                 }
             }
         }
+    }
+}
+
+/// "At most once per interval, per key": when each key last passed.
+#[derive(Debug)]
+pub(crate) struct Every<K>(HashMap<K, std::time::Instant>);
+
+impl<K> Default for Every<K> {
+    fn default() -> Self {
+        Self(HashMap::new())
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Every<K> {
+    /// Whether `key` may pass now (its last pass is at least `interval` ago); if so,
+    /// now is its last pass.
+    pub(crate) fn due(&mut self, key: K, interval: Duration) -> bool {
+        let now = std::time::Instant::now();
+        let due = self
+            .0
+            .get(&key)
+            .is_none_or(|t| now.duration_since(*t) >= interval);
+        if due {
+            self.0.insert(key, now);
+        }
+        due
     }
 }
 
