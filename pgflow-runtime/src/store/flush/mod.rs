@@ -191,11 +191,11 @@ pub(crate) async fn apply(
 }
 
 /// What a step that is done in this flush produced.
-enum StepResult {
+enum StepResult<'c> {
     /// Its output, as JSON text.
-    Output(String),
+    Output(&'c str),
     /// Skipped, with the reason.
-    Skipped(String),
+    Skipped(&'c str),
     /// A map step whose elements all completed: its output is aggregated from
     /// `step_elements` in SQL.
     FromElements,
@@ -207,7 +207,7 @@ struct FinishedStep<'c> {
     run_id: i64,
     step: i16,
     attempts: i32,
-    output: StepResult,
+    output: StepResult<'c>,
     cost_cents: i64,
     /// When its (last) attempt started; for a map step, its elements' earliest.
     started_at: Option<DateTime<Utc>>,
@@ -218,10 +218,10 @@ struct FinishedStep<'c> {
 struct Work<'c> {
     done: Vec<FinishedStep<'c>>,
     elements: ElementRows<'c>,
-    states: StepStateRows,
+    states: StepStateRows<'c>,
     join_hits: JoinHits,
     ready: NewTasks<'static>,
-    finished: FinishedRuns,
+    finished: FinishedRuns<'c>,
     failed: FailedRuns,
     costs: HashMap<i64, i64>,
     /// The workflow of each run touched, for the log.
@@ -229,13 +229,12 @@ struct Work<'c> {
 }
 
 impl<'c> Work<'c> {
-    fn sort(&mut self, flow: &'c Entry, c: &Completion, started_at: Option<DateTime<Utc>>) {
+    fn sort(&mut self, flow: &'c Entry, c: &'c Completion, started_at: Option<DateTime<Utc>>) {
         self.workflows.insert(c.run_id, flow.def.name());
         match &c.outcome {
             Outcome::Succeeded(output) => match c.element {
                 Some(element) => {
-                    self.elements
-                        .push(flow, c, element, output.clone(), started_at);
+                    self.elements.push(flow, c, element, output, started_at);
                     *self.costs.entry(c.run_id).or_default() += c.cost_cents;
                 }
                 None => self.done.push(FinishedStep {
@@ -243,7 +242,7 @@ impl<'c> Work<'c> {
                     run_id: c.run_id,
                     step: c.step,
                     attempts: c.attempt,
-                    output: StepResult::Output(output.clone()),
+                    output: StepResult::Output(output),
                     cost_cents: c.cost_cents,
                     started_at,
                 }),
@@ -253,7 +252,7 @@ impl<'c> Work<'c> {
                 run_id: c.run_id,
                 step: c.step,
                 attempts: c.attempt,
-                output: StepResult::Skipped(reason.clone()),
+                output: StepResult::Skipped(reason),
                 cost_cents: c.cost_cents,
                 started_at,
             }),
@@ -303,7 +302,7 @@ impl<'c> Work<'c> {
             if d.flow.is_terminal(step) {
                 let (output, from_elements) = match d.output {
                     StepResult::Output(o) => (Some(o), None),
-                    StepResult::Skipped(_) => (Some("null".to_owned()), None),
+                    StepResult::Skipped(_) => (Some("null"), None),
                     StepResult::FromElements => (None, Some(d.step)),
                 };
                 self.finished

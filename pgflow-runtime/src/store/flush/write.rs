@@ -19,7 +19,7 @@ pub(super) struct ElementRows<'c> {
     pub(super) run_ids: Vec<i64>,
     pub(super) steps: Vec<i16>,
     pub(super) elements: Vec<i32>,
-    pub(super) outputs: Vec<String>,
+    pub(super) outputs: Vec<&'c str>,
     pub(super) attempts: Vec<i32>,
     pub(super) started: Vec<Option<DateTime<Utc>>>,
 }
@@ -30,7 +30,7 @@ impl<'c> ElementRows<'c> {
         flow: &'c Entry,
         c: &Completion,
         element: i32,
-        output: String,
+        output: &'c str,
         started_at: Option<DateTime<Utc>>,
     ) {
         self.started.push(started_at);
@@ -104,16 +104,16 @@ pub(super) async fn complete_elements<'c>(
 }
 
 /// One row of the step-state upsert.
-pub(super) struct StepStateRow {
+pub(super) struct StepStateRow<'c> {
     pub(super) run_id: i64,
     pub(super) step: i16,
     pub(super) state: StepState,
     pub(super) attempts: i32,
-    pub(super) output: Option<String>,
+    pub(super) output: Option<&'c str>,
     /// The output is the aggregate of the map step's elements.
     pub(super) from_elements: bool,
     pub(super) errors: Option<String>,
-    pub(super) reason: Option<String>,
+    pub(super) reason: Option<&'c str>,
     pub(super) started_at: Option<DateTime<Utc>>,
 }
 
@@ -121,21 +121,21 @@ pub(super) struct StepStateRow {
 /// may not touch a row twice (two failed elements of one map step fail the same
 /// step).
 #[derive(Default)]
-pub(super) struct StepStateRows {
+pub(super) struct StepStateRows<'c> {
     pub(super) seen: HashSet<(i64, i16)>,
     pub(super) run_ids: Vec<i64>,
     pub(super) steps: Vec<i16>,
     pub(super) states: Vec<&'static str>,
     pub(super) attempts: Vec<i32>,
-    pub(super) outputs: Vec<Option<String>>,
+    pub(super) outputs: Vec<Option<&'c str>>,
     pub(super) from_elements: Vec<bool>,
     pub(super) errors: Vec<Option<String>>,
-    pub(super) reasons: Vec<Option<String>>,
+    pub(super) reasons: Vec<Option<&'c str>>,
     pub(super) started: Vec<Option<DateTime<Utc>>>,
 }
 
-impl StepStateRows {
-    pub(super) fn push(&mut self, row: StepStateRow) {
+impl<'c> StepStateRows<'c> {
+    pub(super) fn push(&mut self, row: StepStateRow<'c>) {
         if !self.seen.insert((row.run_id, row.step)) {
             return;
         }
@@ -157,7 +157,7 @@ impl StepStateRows {
 pub(super) async fn store_step_states(
     conn: &mut PgConnection,
     instance: &str,
-    rows: &StepStateRows,
+    rows: &StepStateRows<'_>,
 ) -> Result<(), sqlx::Error> {
     if rows.run_ids.is_empty() {
         return Ok(());
@@ -258,21 +258,21 @@ pub(super) async fn count_down_joins(
 
 /// Runs whose terminal step is done.
 #[derive(Default)]
-pub(super) struct FinishedRuns {
+pub(super) struct FinishedRuns<'c> {
     pub(super) run_ids: Vec<i64>,
     /// The output; `None` when it is aggregated from a terminal map step's elements.
-    pub(super) outputs: Vec<Option<String>>,
+    pub(super) outputs: Vec<Option<&'c str>>,
     /// The terminal map step whose elements make the output.
     pub(super) from_elements: Vec<Option<i16>>,
     pub(super) costs: Vec<i64>,
     pub(super) started: Vec<Option<DateTime<Utc>>>,
 }
 
-impl FinishedRuns {
+impl<'c> FinishedRuns<'c> {
     pub(super) fn push(
         &mut self,
         run_id: i64,
-        output: Option<String>,
+        output: Option<&'c str>,
         from: Option<i16>,
         cost: i64,
         started_at: Option<DateTime<Utc>>,
@@ -289,7 +289,7 @@ impl FinishedRuns {
 pub(super) async fn finish_runs(
     conn: &mut PgConnection,
     instance: &str,
-    runs: &FinishedRuns,
+    runs: &FinishedRuns<'_>,
 ) -> Result<Vec<i64>, sqlx::Error> {
     if runs.run_ids.is_empty() {
         return Ok(Vec::new());
