@@ -501,7 +501,10 @@ async fn run_with_retries(
             .cost(shared.cost.clone())
             .cancel(shared.cancel.clone())
             .build();
-        match policy::run_attempt(step, inputs, ctx).await {
+        let attempt_result = policy::run_attempt(step, inputs, ctx)
+            .await
+            .and_then(|out| policy::storable(&out).map(|()| out));
+        match attempt_result {
             Ok(value) => return Ok(value),
             Err(error) => {
                 if error.kind() == ErrorKind::Cancelled || shared.cancel.is_cancelled() {

@@ -43,9 +43,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60 * 60);
 /// # Errors
 ///
 /// The step's own error; [`StepError::timeout`] when it outlives its timeout (the
-/// future is dropped); [`StepError::panic`] with the panic message (also for a panic
-/// in the output's `Serialize`); a permanent error for an output holding a NaN or
-/// infinite float, which JSON cannot store.
+/// future is dropped); [`StepError::panic`] with the panic message. Whether the
+/// output can be stored is the executor's next question ([`storable`]).
 pub async fn run_attempt(
     step: &StepDef,
     inputs: StepInputs,
@@ -60,12 +59,24 @@ pub async fn run_attempt(
     match tokio::time::timeout(timeout, CatchUnwind(fut)).await {
         Err(_) => Err(StepError::timeout(timeout)),
         Ok(Err(panic)) => Err(StepError::panic(panic)),
-        // An output that cannot be stored fails here, the same in both executors.
-        Ok(Ok(Ok(StepOutput::Completed(value)))) => {
-            value.check_storable()?;
-            Ok(StepOutput::Completed(value))
-        }
         Ok(Ok(result)) => result,
+    }
+}
+
+/// Checks that a step's output can be stored as JSON: no NaN or infinite float (a
+/// permanent error naming where), and a panic in its `Serialize` is a failed
+/// attempt. The in-process executor asks this of every typed output. The durable one
+/// asks only when the output's JSON holds a `null` — a non-finite float cannot hide
+/// anywhere else, since `serde_json` writes it as `null` — so that a plain output is
+/// walked once (to serialize it), not twice.
+///
+/// # Errors
+///
+/// As said: a permanent error or a panic error.
+pub fn storable(output: &StepOutput) -> Result<(), StepError> {
+    match output {
+        StepOutput::Completed(value) => value.check_storable(),
+        StepOutput::Skipped => Ok(()),
     }
 }
 

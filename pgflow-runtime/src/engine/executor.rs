@@ -124,7 +124,15 @@ async fn attempt(
     let result = policy::run_attempt(step, inputs, ctx).await;
     engine.release_cancel_token(task.run_id);
     let result = result.and_then(|out| match out {
-        StepOutput::Completed(v) => v.to_json().map(Some),
+        StepOutput::Completed(v) => {
+            let json = v.to_json()?;
+            // NaN and infinity serialize as `null`: only then is the output walked
+            // for them (see `policy::storable`).
+            if json.get().contains("null") {
+                v.check_storable()?;
+            }
+            Ok(Some(json))
+        }
         StepOutput::Skipped => Ok(None),
     });
     let max = engine.config.max_output_bytes;
