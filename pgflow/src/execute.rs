@@ -170,6 +170,25 @@ enum Slot {
     Skipped,
 }
 
+/// What a replay gives a step in advance instead of calling it (see
+/// [`crate::replay`]).
+pub(crate) enum Injected {
+    /// The step completes with this output (or is skipped) as soon as it is ready:
+    /// its body and predicate are not called, and its inputs are dropped.
+    Output(StepOutput),
+    /// A map step: the outputs of some elements, by element index; only the other
+    /// elements run.
+    Elements(Vec<Option<StepValue>>),
+}
+
+/// What a replay changes in a run: the id the steps see and, per step, what is
+/// injected.
+pub(crate) struct Injection {
+    pub(crate) run_id: RunId,
+    /// One per step, in declaration order.
+    pub(crate) steps: Vec<Option<Injected>>,
+}
+
 /// The elements of a map step still running, and the outputs of those done.
 struct MapState {
     outputs: Vec<Option<StepValue>>,
@@ -189,6 +208,8 @@ struct Run<'o> {
     waiting: Vec<usize>,
     maps: Vec<Option<MapState>>,
     running: Running,
+    /// What a replay injects, per step (`None` outside a replay: one check per step).
+    injected: Option<Vec<Option<Injected>>>,
 }
 
 impl Run<'_> {
@@ -239,8 +260,46 @@ impl Run<'_> {
         Ok(values)
     }
 
-    /// Starts `step`: one future, or one per element of a map step.
+    /// Counts `step`'s parameters as consumed without taking their values (an
+    /// injected step): a slot whose last consumer this was is freed.
+    fn release_inputs(&mut self, step: &'static StepDef) {
+        let input_slot = self.def.steps().len();
+        for p in step.params() {
+            let slot = match p.source {
+                ParamSource::Input => input_slot,
+                ParamSource::Step(i) => i,
+            };
+            self.uses[slot] -= 1;
+            if self.uses[slot] == 0 && matches!(self.slots[slot], Slot::Value(_)) {
+                self.slots[slot] = Slot::Empty;
+            }
+        }
+    }
+
+    /// Queues `step` (or one element of it) as finished with `output`, not called.
+    fn finish_now(&mut self, step: &'static StepDef, element: Option<usize>, output: StepOutput) {
+        self.running.push(Box::pin(std::future::ready(Finished {
+            step: step.index(),
+            element,
+            result: Ok(output),
+        })));
+    }
+
+    /// Starts `step`: one future, or one per element of a map step. An injected step
+    /// (a replay) finishes at once with its injected output instead.
     fn start(&mut self, step: &'static StepDef) -> Result<(), RunError> {
+        let mut given = None;
+        if let Some(injected) = &mut self.injected {
+            match injected.get_mut(step.index()).and_then(Option::take) {
+                Some(Injected::Output(output)) => {
+                    self.release_inputs(step);
+                    self.finish_now(step, None, output);
+                    return Ok(());
+                }
+                Some(Injected::Elements(elements)) => given = Some(elements),
+                None => {}
+            }
+        }
         let mut values = self.inputs(step)?;
         let def = self.def;
         let Some(map) = step.map() else {
@@ -284,6 +343,10 @@ impl Run<'_> {
             remaining: n,
         });
         for (e, item) in items.into_iter().enumerate() {
+            if let Some(output) = given.as_mut().and_then(|g| g.get_mut(e)?.take()) {
+                self.finish_now(step, Some(e), StepOutput::Completed(output));
+                continue;
+            }
             let mut own = if e + 1 == n {
                 std::mem::take(&mut values)
             } else {
@@ -384,6 +447,16 @@ pub async fn execute_definition(
     input: StepValue,
     options: &ExecuteOptions,
 ) -> Result<StepValue, RunError> {
+    run_definition(def, input, options, None).await
+}
+
+/// [`execute_definition`] with what a replay injects.
+pub(crate) async fn run_definition(
+    def: &'static WorkflowDef,
+    input: StepValue,
+    options: &ExecuteOptions,
+    injection: Option<Injection>,
+) -> Result<StepValue, RunError> {
     let steps = def.steps();
     let plan = def.plan();
     let input = if options.json_roundtrip {
@@ -401,7 +474,10 @@ pub async fn execute_definition(
         def,
         options,
         shared: Arc::new(Shared {
-            run_id: RunId(NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed)),
+            run_id: injection.as_ref().map_or_else(
+                || RunId(NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed)),
+                |i| i.run_id,
+            ),
             data: Arc::new(options.data.clone()),
             cost: options.cost.clone(),
             cancel: options.cancel.clone(),
@@ -411,6 +487,7 @@ pub async fn execute_definition(
         waiting: steps.iter().map(|s| s.parents().len()).collect(),
         maps: steps.iter().map(|_| None).collect(),
         running: Running::new(),
+        injected: injection.map(|i| i.steps),
     };
     for &root in plan.roots() {
         run.start(&steps[root])?;

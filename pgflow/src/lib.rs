@@ -6,8 +6,9 @@
 //!
 //! This crate is what a library that *defines* workflows depends on: the
 //! [`Workflow`] trait, the step table types, [`StepError`], [`StepContext`], the
-//! [`registry()`] of linked workflows and the in-process executor [`execute`]. It has
-//! no database code; the durable engine is the `pgflow-runtime` crate.
+//! [`registry()`] of linked workflows, the in-process executor [`execute`] and
+//! [`replay()`], which re-runs a recorded run in process. It has no database code;
+//! the durable engine is the `pgflow-runtime` crate.
 //!
 //! ```
 //! use pgflow::{workflow, StepContext, StepError};
@@ -128,6 +129,7 @@ mod error;
 mod execute;
 mod finite;
 pub mod registry;
+pub mod replay;
 mod value;
 mod workflow;
 
@@ -141,5 +143,8 @@ pub use error::{AttemptFailure, ErrorKind, RunError, StepError};
 pub use execute::{ExecuteOptions, execute, execute_with};
 pub use pgflow_macros::{step, workflow};
 pub use registry::{Registry, RegistryError, registry};
+pub use replay::{
+    Recorded, RecordedElement, RecordedStatus, RecordedStep, Replay, ReplayError, replay,
+};
 pub use value::StepData;
 pub use workflow::{Param, ParamSource, StepDef, StepKind, StepOptions, Workflow, WorkflowDef};
