@@ -3,8 +3,8 @@
 use std::fmt::Write as _;
 
 use pgflow_runtime::admin::{
-    CancelReport, Instance, MigrateReport, Results, RetryReport, RunDetail, RunFilter, RunSummary,
-    StartReport, Status,
+    CancelReport, ForkReport, Instance, MigrateReport, Results, RetryReport, RunDetail, RunFilter,
+    RunSummary, StartReport, Status,
 };
 
 use crate::table::{Table, clip, ms, ms_f, opt_ms, percent, time, window};
@@ -90,6 +90,32 @@ pub(crate) fn status(s: &Status) -> String {
         ]);
     }
     section(&mut out, &t, "no runs");
+
+    out.push_str("\nVERSIONS\n");
+    let mut t = Table::new(&[
+        ("WORKFLOW", false),
+        ("VERSION", true),
+        ("QUEUE", false),
+        ("RUNNING", true),
+        ("SERVED BY", false),
+    ]);
+    for v in &s.versions {
+        let served = if v.is_stranded() {
+            "NOBODY (runs stranded)".to_owned()
+        } else if v.instances.is_empty() {
+            "-".to_owned()
+        } else {
+            v.instances.join(" ")
+        };
+        t.row(vec![
+            v.workflow.clone(),
+            v.version.to_string(),
+            v.queue.clone(),
+            v.running.to_string(),
+            served,
+        ]);
+    }
+    section(&mut out, &t, "no workflow registered");
     for u in &s.unserved {
         let _ = writeln!(
             out,
@@ -190,6 +216,14 @@ pub(crate) fn run(d: &RunDetail) -> String {
     facts.push(("cost", format!("{} cents", r.cost_cents)));
     if let Some(i) = &r.instance_id {
         facts.push(("instance", i.clone()));
+    }
+    if let Some(f) = d.forked_from {
+        let at = d.forked_at.as_deref().unwrap_or("?");
+        facts.push(("forked", format!("from run {f} at step {at}")));
+    }
+    if !d.forks.is_empty() {
+        let ids: Vec<String> = d.forks.iter().map(ToString::to_string).collect();
+        facts.push(("forks", ids.join(", ")));
     }
     facts.push(("input", clip(&d.input.to_string(), 100)));
     if let Some(o) = &d.output {
@@ -321,20 +355,43 @@ pub(crate) fn results(r: &Results) -> String {
     out
 }
 
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".to_owned()
+    } else {
+        v.join(", ")
+    }
+}
+
 pub(crate) fn retry(r: &RetryReport) -> String {
-    let list = |v: &[String]| {
-        if v.is_empty() {
-            "none".to_owned()
-        } else {
-            v.join(", ")
-        }
-    };
-    format!(
+    let mut out = format!(
         "run {} ({}) is running again\n  reused   {}\n  cleared  {}\n  enqueued {}\n",
         r.id,
         r.workflow,
         list(&r.reused),
         list(&r.cleared),
+        list(&r.enqueued)
+    );
+    for m in &r.resumed {
+        let _ = writeln!(
+            out,
+            "  resumed  {}: {} elements kept, {} run again",
+            m.step, m.kept, m.rerun
+        );
+    }
+    out
+}
+
+pub(crate) fn fork(r: &ForkReport) -> String {
+    format!(
+        "run {} ({} v{}) forked from run {} at step {}\n  reused   {}\n  rerun    {}\n  enqueued {}\n",
+        r.id,
+        r.workflow,
+        r.version,
+        r.forked_from,
+        r.from,
+        list(&r.reused),
+        list(&r.rerun),
         list(&r.enqueued)
     )
 }

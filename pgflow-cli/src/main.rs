@@ -10,7 +10,9 @@
 //! pgflow results --since 24h            count, success rate, durations, cost
 //! pgflow runs --watch                   the same, refreshed every 2 s
 //! pgflow start llm_request --input '{..}'  start a run by name
-//! pgflow retry 42                       re-run a failed run from its failed steps
+//! pgflow retry 42                       resume a failed or cancelled run where it stopped
+//! pgflow fork 42 --from summarize       a new run redoing `summarize` and what follows
+//! pgflow export 42 > run42.json         a run as JSON, to replay it in a test
 //! ```
 //!
 //! Tables by default, `--json` for scripts. The database is `--database-url`, else
@@ -99,8 +101,29 @@ enum Command {
         #[arg(long)]
         workflow: Option<String>,
     },
-    /// Re-run a failed run from its failed steps, reusing the completed steps' outputs
+    /// Resume a failed or cancelled run: completed steps (and completed map elements) are
+    /// reused, the rest runs again
     Retry {
+        /// The run id
+        id: i64,
+    },
+    /// Start a new run from a run, reusing the outputs of the steps upstream of --from
+    Fork {
+        /// The run id
+        id: i64,
+        /// The first step to run again (it and everything downstream of it run)
+        #[arg(long)]
+        from: String,
+        /// The new run's input (JSON); default: the original's
+        #[arg(long, value_parser = parse_json)]
+        input: Option<serde_json::Value>,
+        /// The workflow version of the new run; default: the original's
+        #[arg(long)]
+        version: Option<u32>,
+    },
+    /// Print a run as JSON (input, step outputs, errors) to replay it in a test with
+    /// `pgflow::replay`
+    Export {
         /// The run id
         id: i64,
     },
@@ -192,6 +215,21 @@ async fn run(cli: Cli) -> Result<String, Error> {
         Command::Retry { id } => {
             let r = admin::retry(&pool, RunId(id)).await?;
             output(json, &r, human::retry)
+        }
+        Command::Fork {
+            id,
+            from,
+            input,
+            version,
+        } => {
+            let opts = admin::ForkOptions { input, version };
+            let r = admin::fork(&pool, RunId(id), &from, opts).await?;
+            output(json, &r, human::fork)
+        }
+        Command::Export { id } => {
+            // Always JSON: the document `pgflow::replay` reads.
+            let r = admin::export(&pool, RunId(id)).await?;
+            output(true, &r, |_| String::new())
         }
         Command::Cancel { id } => {
             let r = admin::cancel(&pool, RunId(id)).await?;

@@ -312,7 +312,9 @@ async fn retry_reruns_a_failed_run_from_its_failed_step(pool: PgPool) {
     // A second retry is refused: the run is running.
     let e = pgflow(&pool, &["retry", &id]).await.err();
     assert!(
-        e.contains(&format!("run {id} is running, not failed")),
+        e.contains(&format!(
+            "run {id} has status `running`: only a failed or cancelled run can be retried"
+        )),
         "{e}"
     );
 
@@ -339,7 +341,7 @@ async fn retry_reruns_a_failed_run_from_its_failed_step(pool: PgPool) {
     }
     assert_eq!(cells(row(&out, "fetch"))[2], "1", "{out}");
     let e = pgflow(&pool, &["retry", &id]).await.err();
-    assert!(e.contains("is succeeded, not failed"), "{e}");
+    assert!(e.contains("has status `succeeded`: only a failed"), "{e}");
 }
 
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
@@ -579,9 +581,15 @@ async fn cancel_stops_a_run_and_refuses_finished_ones(pool: PgPool) {
     let s = pgflow(&pool, &["status", "--json"]).await.json();
     assert_eq!(s["queues"], Value::Array(vec![]), "its task is gone");
     assert_eq!(s["runs"][0]["cancelled"], 1);
+    // A cancelled run resumes: its first step is enqueued again, due now.
+    let out = pgflow(&pool, &["retry", &id]).await.ok();
+    assert!(
+        out.contains("is running again") && out.contains("enqueued hello"),
+        "{out}"
+    );
     let e = pgflow(&pool, &["retry", &id]).await.err();
     assert!(
-        e.contains("is cancelled, not failed: only a failed run can be retried"),
+        e.contains("has status `running`: only a failed or cancelled run can be retried"),
         "{e}"
     );
     rt.shutdown().await.unwrap();
@@ -800,4 +808,88 @@ impl Out {
     fn json_or_text(self) -> String {
         self.ok()
     }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn fork_starts_a_new_run_and_status_shows_versions(pool: PgPool) {
+    let rt = runtime(&pool, Arc::new(Probe::default()), true).await;
+    let original = rt.start::<Greet>("amy".to_owned()).await.unwrap();
+    finished::<String>(&rt, original.id()).await.unwrap();
+    let id = original.id().0.to_string();
+
+    let out = pgflow(&pool, &["fork", &id, "--from", "shout"]).await.ok();
+    let fork_id: i64 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no run id in {out}"));
+    assert_eq!(
+        out,
+        format!(
+            "run {fork_id} (cli_greet v1) forked from run {id} at step shout\n  reused   hello\n  \
+             rerun    shout\n  enqueued shout\n"
+        )
+    );
+    assert_eq!(
+        finished::<String>(&rt, RunId(fork_id)).await.unwrap(),
+        "HELLO AMY"
+    );
+    let detail = pgflow(&pool, &["run", &fork_id.to_string()]).await.ok();
+    assert!(
+        detail.contains(&format!("forked    from run {id} at step shout")),
+        "{detail}"
+    );
+
+    let v = pgflow(
+        &pool,
+        &[
+            "fork", &id, "--from", "hello", "--input", "\"bob\"", "--json",
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(v["reused"], Value::Array(vec![]));
+    assert_eq!(v["rerun"], serde_json::json!(["hello", "shout"]));
+    let bob = RunId(v["id"].as_i64().unwrap());
+    assert_eq!(finished::<String>(&rt, bob).await.unwrap(), "HELLO BOB");
+
+    let detail = pgflow(&pool, &["run", &id]).await.ok();
+    assert!(
+        detail.contains(&format!("forks     {fork_id}, {}", bob.0)),
+        "{detail}"
+    );
+    let e = pgflow(&pool, &["fork", &id, "--from", "nope"]).await.err();
+    assert!(
+        e.contains("has no step `nope`; its steps: hello, shout"),
+        "{e}"
+    );
+    let e = pgflow(&pool, &["fork", &id, "--from", "hello", "--version", "7"])
+        .await
+        .err();
+    assert!(e.contains("cli_greet") && e.contains('7'), "{e}");
+
+    let status = pgflow(&pool, &["status"]).await.ok();
+    let versions = &status[status.find("VERSIONS").expect("a VERSIONS table")..];
+    assert_eq!(
+        cells(row(versions, "cli_greet")),
+        ["cli_greet", "1", "cli", "0", "cli-test"],
+        "{status}"
+    );
+    rt.shutdown().await.unwrap();
+    let status = pgflow(&pool, &["status", "--json"]).await.json();
+    let v = status["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["workflow"] == "cli_greet")
+        .expect("cli_greet is registered");
+    assert_eq!(
+        (&v["workflow"], &v["running"]),
+        (&Value::from("cli_greet"), &Value::from(0))
+    );
+    assert_eq!(
+        v["instances"],
+        Value::Array(vec![]),
+        "the instance went offline"
+    );
 }

@@ -104,13 +104,52 @@ pub enum Error {
     /// The runtime was shut down.
     #[error("the runtime is shut down")]
     ShutDown,
-    /// A retry was asked for a run that is not failed.
-    #[error("run {id} is {status}, not failed: only a failed run can be retried")]
+    /// A retry was asked for a run that is neither failed nor cancelled.
+    #[error("run {id} has status `{status}`: only a failed or cancelled run can be retried")]
     NotFailed {
         /// The run.
         id: RunId,
         /// Its status.
         status: String,
+    },
+    /// A fork named a step its target workflow version does not have.
+    #[error("workflow `{workflow}` version {version} has no step `{step}`; its steps: {known}")]
+    UnknownStep {
+        /// The workflow.
+        workflow: String,
+        /// Its version.
+        version: i32,
+        /// The step asked for.
+        step: String,
+        /// Its steps, comma-separated.
+        known: String,
+    },
+    /// A fork into another workflow version would reuse outputs whose types changed.
+    #[error(
+        "run {id} cannot be forked into `{workflow}` version {to}: {}",
+        differences.join("; ")
+    )]
+    Incompatible {
+        /// The run forked from.
+        id: RunId,
+        /// The workflow.
+        workflow: String,
+        /// The version of the run forked from.
+        from: i32,
+        /// The version asked for.
+        to: i32,
+        /// What differs, one entry per reused step (or the input).
+        differences: Vec<String>,
+    },
+    /// A typed call named a run of another workflow.
+    #[error("run {id} is a run of `{actual}`, not of `{expected}`")]
+    WrongWorkflow {
+        /// The run.
+        id: RunId,
+        /// The workflow the caller expected.
+        expected: String,
+        /// The run's workflow.
+        actual: String,
     },
     /// A cancel was asked for a run that already finished.
     #[error("run {id} has already {status}: only a running run can be cancelled")]

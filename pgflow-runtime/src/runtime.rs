@@ -479,6 +479,70 @@ impl Runtime {
         Ok(row.cancelled)
     }
 
+    /// Re-runs a failed or cancelled run from its frontier, reusing every completed
+    /// step's output, every skip decision and every completed element of a map step
+    /// (only the failed or missing elements run again). See
+    /// [`admin::retry`](crate::admin::retry).
+    ///
+    /// ```no_run
+    /// # async fn demo(rt: pgflow_runtime::Runtime, id: pgflow::RunId) -> Result<(), pgflow_runtime::Error> {
+    /// let report = rt.retry(id).await?;
+    /// println!("reused {:?}, running again {:?}", report.reused, report.enqueued);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As for [`admin::retry`](crate::admin::retry).
+    pub async fn retry(&self, id: RunId) -> Result<crate::admin::RetryReport, Error> {
+        crate::admin::retry(&self.engine.pool, id).await
+    }
+
+    /// Starts a new run of `W` from run `id` (a run of the same workflow, any
+    /// version whose reused steps still match): the steps upstream of `from` keep
+    /// their stored outputs, `from` and everything downstream of it run with this
+    /// binary's code. `input: None` keeps the original input. See
+    /// [`admin::fork`](crate::admin::fork).
+    ///
+    /// ```no_run
+    /// # use pgflow::{workflow, StepError};
+    /// # pub struct W;
+    /// # #[workflow] impl W {
+    /// #     #[step] async fn fetch(n: u8) -> Result<u8, StepError> { Ok(n) }
+    /// #     #[step] async fn summarize(fetch: u8) -> Result<u8, StepError> { Ok(fetch) }
+    /// # }
+    /// # async fn demo(rt: pgflow_runtime::Runtime, id: pgflow::RunId) -> Result<(), pgflow_runtime::Error> {
+    /// let fork = rt.fork::<W>(id, "summarize", None).await?;
+    /// let output = fork.wait().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WrongWorkflow`] when run `id` is not a run of `W`;
+    /// [`Error::InvalidInput`]; otherwise as for [`admin::fork`](crate::admin::fork).
+    pub async fn fork<W: Workflow>(
+        &self,
+        id: RunId,
+        from: &str,
+        input: Option<W::Input>,
+    ) -> Result<RunHandle<W::Output>, Error> {
+        let def = W::definition();
+        let json = input.map(|i| serialize_input(def, &i)).transpose()?;
+        let mut conn = self.engine.pool.acquire().await?;
+        let report = crate::admin::repair::fork_on(
+            &mut conn,
+            id,
+            from,
+            json.as_deref(),
+            Some(def.version()),
+            Some(def.name()),
+        )
+        .await?;
+        self.engine.wake_queue(def.queue());
+        Ok(self.handle(RunId(report.id), true))
+    }
+
     /// Count, success rate, p50/p95 duration and total cost of the runs of
     /// `workflow` that finished since `since` (from `pgflow.job_results`).
     ///

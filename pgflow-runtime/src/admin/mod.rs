@@ -9,7 +9,10 @@
 //! - [`list_runs`], [`run_detail`]: runs and their steps;
 //! - [`results`]: the monitoring aggregates;
 //! - [`start`]: a run by name, from the stored definition;
-//! - [`retry`], [`cancel`]: repairs.
+//! - [`export`]: a run with every stored output, to replay it in process
+//!   ([`pgflow::replay()`]);
+//! - [`retry`] (resume a failed or cancelled run), [`fork`] (a new run from a chosen
+//!   step), [`cancel`]: repairs.
 //!
 //! ```no_run
 //! use pgflow_runtime::admin;
@@ -30,19 +33,23 @@
 //! # Ok(()) }
 //! ```
 
-mod repair;
+mod export;
+pub(crate) mod repair;
 mod results;
 mod runs;
 mod start;
 mod status;
 
-pub use repair::{CancelReport, RetryReport, cancel, retry};
+pub use export::export;
+pub use repair::{
+    CancelReport, ForkOptions, ForkReport, ResumedMap, RetryReport, cancel, fork, retry,
+};
 pub use results::{InstanceResult, Results, StatusResult, WorkflowResult, results};
 pub use runs::{
     ElementsDetail, RunDetail, RunFilter, RunSummary, StepDetail, StepStatus, list_runs, run_detail,
 };
 pub use start::{StartReport, start};
-pub use status::{Instance, QueueDepth, Status, UnservedRuns, WorkflowRuns, status};
+pub use status::{Instance, QueueDepth, Status, UnservedRuns, VersionStatus, WorkflowRuns, status};
 
 use serde::Serialize;
 use sqlx::PgPool;

@@ -229,6 +229,12 @@ pub struct RunDetail {
     pub output: Option<serde_json::Value>,
     /// The stored error, once failed.
     pub error_detail: Option<serde_json::Value>,
+    /// The run it was forked from ([`fork`](crate::admin::fork)), if any.
+    pub forked_from: Option<i64>,
+    /// The step a fork ran again from (the steps upstream were copied).
+    pub forked_at: Option<String>,
+    /// The runs forked from this one, oldest first.
+    pub forks: Vec<i64>,
     /// Its steps in graph order (parents before children, then declaration order).
     pub steps: Vec<StepDetail>,
 }
@@ -340,6 +346,7 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
         .await?
         .ok_or(Error::RunNotFound(id))?;
     let error_json = row.run.error.clone();
+    let (forked_from, forked_at) = (row.forked_from, row.forked_at.clone());
     let run_error: Option<RunError> = error_json
         .as_deref()
         .and_then(|e| serde_json::from_str(e).ok());
@@ -362,6 +369,7 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
             tasks_of.entry(i).or_default().push(t);
         }
     }
+    let forks = runs::forks_of(&mut tx, id.0).await?;
     tx.commit().await?;
 
     let run_start = run.run_at.max(run.created_at);
@@ -476,6 +484,9 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
         input: json_or_string(row.input),
         output: row.output.map(json_or_string),
         error_detail: error_json.map(json_or_string),
+        forked_from,
+        forked_at,
+        forks,
         run,
         steps,
     })

@@ -1,4 +1,5 @@
-//! [`status`]: the state of a cluster — instances, queue depths, runs per workflow.
+//! [`status`]: the state of a cluster — instances, queue depths, runs per workflow,
+//! and per workflow version the runs in flight and the instances serving it.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -18,8 +19,37 @@ pub struct Status {
     pub queues: Vec<QueueDepth>,
     /// Runs per workflow and status.
     pub runs: Vec<WorkflowRuns>,
+    /// Every registered workflow version: runs in flight, instances serving it.
+    pub versions: Vec<VersionStatus>,
     /// Workflow versions with running runs that no online instance serves.
     pub unserved: Vec<UnservedRuns>,
+}
+
+/// One registered workflow version (a row of `pgflow.workflows`), as a rolling
+/// deploy watches it: the runs still running on it and the online instances that
+/// can run them. A version with runs and no instance is stranded until one serving
+/// it comes online (see [`Status::unserved`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionStatus {
+    /// The workflow.
+    pub workflow: String,
+    /// The version.
+    pub version: i32,
+    /// Its queue, as stored.
+    pub queue: String,
+    /// When an instance first registered it.
+    pub registered_at: DateTime<Utc>,
+    /// Runs of this version still running (pinned to it until they finish).
+    pub running: i64,
+    /// Ids of the online instances that serve it.
+    pub instances: Vec<String>,
+}
+
+impl VersionStatus {
+    /// Runs are in flight and no online instance serves this version.
+    pub fn is_stranded(&self) -> bool {
+        self.running > 0 && self.instances.is_empty()
+    }
 }
 
 /// Running runs of a workflow version that no online instance serves: they wait
@@ -135,6 +165,18 @@ pub async fn status(pool: &PgPool) -> Result<Status, Error> {
             cancelled: r.cancelled,
         })
         .collect();
+    let versions = instances::versions(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| VersionStatus {
+            workflow: r.workflow,
+            version: r.version,
+            queue: r.queue.unwrap_or_else(|| "?".to_owned()),
+            registered_at: r.registered_at,
+            running: r.running,
+            instances: r.instances,
+        })
+        .collect();
     let unserved = instances::unserved(&mut *conn)
         .await?
         .into_iter()
@@ -149,6 +191,7 @@ pub async fn status(pool: &PgPool) -> Result<Status, Error> {
         instances,
         queues,
         runs,
+        versions,
         unserved,
     })
 }

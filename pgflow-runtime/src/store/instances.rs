@@ -232,3 +232,35 @@ pub(crate) async fn unserved(db: impl PgExecutor<'_>) -> Result<Vec<UnservedRow>
     .fetch_all(db)
     .await
 }
+
+/// A stored workflow version, its running runs and the online instances serving it.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct VersionRow {
+    pub(crate) workflow: String,
+    pub(crate) version: i32,
+    pub(crate) queue: Option<String>,
+    pub(crate) registered_at: chrono::DateTime<chrono::Utc>,
+    pub(crate) running: i64,
+    pub(crate) instances: Vec<String>,
+}
+
+/// Every stored workflow version with its running runs (one scan of the running
+/// runs) and the online instances that serve it.
+pub(crate) async fn versions(db: impl PgExecutor<'_>) -> Result<Vec<VersionRow>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH running AS (
+             SELECT workflow, version, count(*) AS n FROM pgflow.runs
+             WHERE status = 'running' GROUP BY workflow, version
+         )
+         SELECT w.name AS workflow, w.version, w.definition ->> 'queue' AS queue,
+                w.registered_at, COALESCE(r.n, 0) AS running,
+                ARRAY(SELECT i.id FROM pgflow.instances i
+                      WHERE i.status = 'online' AND (w.name || ':' || w.version) = ANY (i.served)
+                      ORDER BY i.id) AS instances
+         FROM pgflow.workflows w
+         LEFT JOIN running r ON r.workflow = w.name AND r.version = w.version
+         ORDER BY w.name, w.version",
+    )
+    .fetch_all(db)
+    .await
+}

@@ -8,6 +8,7 @@
 //! - [`steps`]: step states and map elements as tools read and repair them.
 //! - [`instances`]: the instance registry and heartbeats.
 //! - [`definitions`]: the stored step tables.
+//! - [`export`]: a run with every stored output, for a replay.
 //! - [`notify`]: the one NOTIFY policy.
 //! - [`maintenance`]: vacuuming the hot tables.
 //! - [`migrations`]: applying the schema, its history kept in the `pgflow` schema.
@@ -18,6 +19,7 @@
 //! do).
 
 pub(crate) mod definitions;
+pub(crate) mod export;
 pub(crate) mod flush;
 pub(crate) mod instances;
 pub(crate) mod maintenance;

@@ -310,6 +310,9 @@ pub(crate) struct RunDetailRow {
     pub(crate) output: Option<String>,
     /// When the terminal step's last attempt started.
     pub(crate) terminal_started_at: Option<DateTime<Utc>>,
+    /// The run it was forked from, and the first step it ran again.
+    pub(crate) forked_from: Option<i64>,
+    pub(crate) forked_at: Option<String>,
     pub(crate) now: DateTime<Utc>,
 }
 
@@ -325,7 +328,8 @@ pub(crate) async fn detail(
             concat!(
                 "SELECT ",
                 run_columns!(),
-                ", input::text AS input, output::text AS output, terminal_started_at, now() AS now
+                ", input::text AS input, output::text AS output, terminal_started_at, forked_from,
+                 forked_at, now() AS now
                  FROM pgflow.runs WHERE id = $1",
                 $lock
             )
@@ -337,6 +341,49 @@ pub(crate) async fn detail(
         detail_sql!("")
     };
     sqlx::query_as(sql).bind(id).fetch_optional(conn).await
+}
+
+/// A fork to insert: see [`insert_fork`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewFork<'a> {
+    /// The run forked from.
+    pub(crate) source: i64,
+    /// The workflow version of the fork.
+    pub(crate) workflow: &'a str,
+    pub(crate) version: i32,
+    /// Its input (JSON text); `None` takes the source run's.
+    pub(crate) input: Option<&'a str>,
+    /// The name of the first step it runs again.
+    pub(crate) from: &'a str,
+}
+
+/// Inserts a running run forked from `f.source` (its priority is the source's),
+/// with no task yet. `None` when the source run does not exist.
+pub(crate) async fn insert_fork(
+    conn: &mut PgConnection,
+    f: &NewFork<'_>,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO pgflow.runs (workflow, version, input, priority, forked_from, forked_at)
+         SELECT $2, $3, COALESCE($4::jsonb, r.input), r.priority, r.id, $5
+         FROM pgflow.runs r WHERE r.id = $1
+         RETURNING id",
+    )
+    .bind(f.source)
+    .bind(f.workflow)
+    .bind(f.version)
+    .bind(f.input)
+    .bind(f.from)
+    .fetch_optional(conn)
+    .await
+}
+
+/// The runs forked from run `id`, oldest first (index `runs_forked_from`).
+pub(crate) async fn forks_of(conn: &mut PgConnection, id: i64) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM pgflow.runs WHERE forked_from = $1 ORDER BY id")
+        .bind(id)
+        .fetch_all(conn)
+        .await
 }
 
 /// Puts a failed run back to `running` (no error, no completion time, no finishing

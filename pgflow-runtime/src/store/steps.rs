@@ -59,25 +59,142 @@ pub(crate) async fn elements_of_run(
     .await
 }
 
-/// Deletes the states of run `run_id` that a retry runs again — failed steps, and
-/// map steps caught mid-way (`running`) — with the elements those map steps stored.
-/// Returns the steps cleared.
-pub(crate) async fn clear_for_retry(
+/// Deletes the states of steps `steps` of run `run_id` (and the elements of those
+/// that are map steps): a retry or a fork runs them again from scratch.
+pub(crate) async fn clear(
     conn: &mut PgConnection,
     run_id: i64,
-) -> Result<Vec<i16>, sqlx::Error> {
-    sqlx::query_scalar(
+    steps: &[i16],
+) -> Result<(), sqlx::Error> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
         "WITH cleared AS (
              DELETE FROM pgflow.step_states
-             WHERE run_id = $1 AND status IN ('failed', 'running')
-             RETURNING step
-         ), elements AS (
-             DELETE FROM pgflow.step_elements e USING cleared c
-             WHERE e.run_id = $1 AND e.step = c.step
+             WHERE run_id = $1 AND step = ANY ($2::smallint[])
          )
-         SELECT step FROM cleared ORDER BY step",
+         DELETE FROM pgflow.step_elements WHERE run_id = $1 AND step = ANY ($2::smallint[])",
     )
     .bind(run_id)
+    .bind(steps)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A map step to resume: which one, and how its element tasks are enqueued.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResumeMap<'a> {
+    pub(crate) run_id: i64,
+    pub(crate) step: i16,
+    pub(crate) workflow: &'a str,
+    pub(crate) version: i32,
+    pub(crate) queue: &'a str,
+    pub(crate) priority: i16,
+    pub(crate) max_attempts: i32,
+    /// What it maps over: -1 for the run input, else the parent's index.
+    pub(crate) map_from: i16,
+}
+
+/// Resumes map step `m.step` of a running run: enqueues one task per element of the
+/// array it maps over that has no stored output in `step_elements`, in element
+/// order, and sets the step `running` with that many elements remaining (its error
+/// history is kept). The completed elements stay and are not run again. Returns the
+/// number of elements enqueued; 0 (nothing enqueued, the step left as it was) when
+/// every element has an output or the run is not running.
+pub(crate) async fn resume_map(
+    conn: &mut PgConnection,
+    m: &ResumeMap<'_>,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH src AS (
+             SELECT CASE WHEN $8 < 0 THEN r.input
+                         ELSE (SELECT ss.output FROM pgflow.step_states ss
+                               WHERE ss.run_id = $1 AND ss.step = $8)
+                    END AS items,
+                    r.priority AS run_priority
+             FROM pgflow.runs r WHERE r.id = $1 AND r.status = 'running'
+         ), missing AS (
+             SELECT (e.ord - 1)::int AS element, e.item
+             FROM src CROSS JOIN LATERAL jsonb_array_elements(
+                 CASE WHEN jsonb_typeof(src.items) = 'array' THEN src.items ELSE '[]' END
+             ) WITH ORDINALITY AS e(item, ord)
+             WHERE NOT EXISTS (SELECT 1 FROM pgflow.step_elements x
+                               WHERE x.run_id = $1 AND x.step = $2
+                                 AND x.element = (e.ord - 1)::int)
+         ), n AS (
+             SELECT count(*) AS n FROM missing
+         ), ins AS (
+             INSERT INTO pgflow.tasks (run_id, step, element, item, workflow, version, queue,
+                                       priority, max_attempts)
+             SELECT $1, $2, m.element, m.item, $3, $4, $5,
+                    LEAST(GREATEST($6::int + src.run_priority, -32768), 32767)::smallint, $7
+             FROM missing m CROSS JOIN src
+             ORDER BY m.element
+         ), st AS (
+             UPDATE pgflow.step_states s
+             SET status = 'running', remaining = n.n, reason = NULL, completed_at = NULL,
+                 output = NULL
+             FROM n
+             WHERE s.run_id = $1 AND s.step = $2 AND n.n > 0
+         )
+         SELECT n FROM n",
+    )
+    .bind(m.run_id)
+    .bind(m.step)
+    .bind(m.workflow)
+    .bind(m.version)
+    .bind(m.queue)
+    .bind(m.priority)
+    .bind(m.max_attempts)
+    .bind(m.map_from)
+    .fetch_one(conn)
+    .await
+}
+
+/// Copies the `completed` and `skipped` states of steps `from_steps` of run `source`
+/// to the steps `to_steps` (same positions) of run `target`, with the elements of
+/// the map steps among them. Returns the target steps copied.
+pub(crate) async fn copy_done(
+    conn: &mut PgConnection,
+    source: i64,
+    target: i64,
+    from_steps: &[i16],
+    to_steps: &[i16],
+) -> Result<Vec<i16>, sqlx::Error> {
+    if from_steps.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(
+        "WITH pairs AS (
+             SELECT * FROM unnest($3::smallint[], $4::smallint[]) AS u(src, dst)
+         ), states AS (
+             INSERT INTO pgflow.step_states (run_id, step, status, remaining, attempts, output,
+                                             errors, instance_id, completed_at, reason,
+                                             started_at)
+             SELECT $2, p.dst, s.status, 0, s.attempts, s.output, s.errors, s.instance_id,
+                    s.completed_at, s.reason, s.started_at
+             FROM pairs p
+             JOIN pgflow.step_states s ON s.run_id = $1 AND s.step = p.src
+             WHERE s.status IN ('completed', 'skipped')
+             RETURNING step
+         ), elements AS (
+             INSERT INTO pgflow.step_elements (run_id, step, element, output, attempts,
+                                               instance_id, completed_at, started_at)
+             SELECT $2, p.dst, e.element, e.output, e.attempts, e.instance_id, e.completed_at,
+                    e.started_at
+             FROM pairs p
+             JOIN pgflow.step_states s
+               ON s.run_id = $1 AND s.step = p.src AND s.status = 'completed'
+             JOIN pgflow.step_elements e ON e.run_id = $1 AND e.step = p.src
+         )
+         SELECT step FROM states ORDER BY step",
+    )
+    .bind(source)
+    .bind(target)
+    .bind(from_steps)
+    .bind(to_steps)
     .fetch_all(conn)
     .await
 }
