@@ -1,7 +1,8 @@
 //! Many instances, one queue, with real processes: the `worker` example binary is
 //! spawned (built by `cargo test`, which builds examples), killed with SIGKILL,
 //! stopped with SIGTERM, and its connections terminated, while a producer in this
-//! process starts runs of `ProcChain3`. Each test has its own database.
+//! process starts runs of `ProcChain3`; and a rolling deploy from the `deploy_v1`
+//! binary to `deploy_v2`. Each test has its own database.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -34,10 +35,11 @@ struct Worker {
 
 impl Worker {
     fn spawn(url: &str, id: &str) -> Worker {
-        let mut child = Command::new(worker_bin())
-            .env("DATABASE_URL", url)
-            .env("INSTANCE_ID", id)
-            .args([
+        Worker::spawn_bin(
+            &worker_bin(),
+            url,
+            id,
+            &[
                 "--queue",
                 "default=8",
                 "--heartbeat-ms",
@@ -49,7 +51,16 @@ impl Worker {
                 "--shutdown-grace-ms",
                 "20000",
                 "--record-executions",
-            ])
+            ],
+        )
+    }
+
+    /// Spawns `bin` with `args` and waits until it prints `ready`.
+    fn spawn_bin(bin: &std::path::Path, url: &str, id: &str, args: &[&str]) -> Worker {
+        let mut child = Command::new(bin)
+            .env("DATABASE_URL", url)
+            .env("INSTANCE_ID", id)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -400,4 +411,117 @@ async fn workers_reconnect_after_their_connections_are_terminated(pool: PgPool) 
     assert_exactly_once(&pool, &ids).await;
     drop(workers);
     rt.shutdown().await.unwrap();
+}
+
+/// Runs of `deploy_greet` per (version, status, finishing instance).
+async fn deploy_runs(pool: &PgPool) -> Vec<(i32, String, Option<String>, i64)> {
+    sqlx::query_as(
+        "SELECT version, status, instance_id, count(*) FROM pgflow.runs
+         WHERE workflow = 'deploy_greet' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_rolling_deploy_strands_nothing(pool: PgPool) {
+    use pgflow_runtime::admin;
+    let url = database_url(&pool);
+    let start = |name: String| {
+        let pool = pool.clone();
+        async move {
+            admin::start(&pool, "deploy_greet", None, serde_json::json!(name), None)
+                .await
+                .unwrap()
+        }
+    };
+    // The old binary links version 1 only: starts by name get version 1.
+    let mut old = Worker::spawn_bin(
+        &pgflow_suite::support::example_binary("deploy_v1"),
+        &url,
+        "old",
+        &[],
+    );
+    for i in 0..100 {
+        assert_eq!(start(format!("a{i}")).await.version, 1);
+    }
+    // The new binary links versions 1 and 2; once it has registered, new starts get
+    // version 2 while the runs already started stay pinned to version 1.
+    let _new = Worker::spawn_bin(
+        &pgflow_suite::support::example_binary("deploy_v2"),
+        &url,
+        "new",
+        &[],
+    );
+    for i in 0..50 {
+        assert_eq!(start(format!("b{i}")).await.version, 2);
+    }
+    let status = admin::status(&pool).await.unwrap();
+    let served: Vec<(i32, Vec<String>)> = status
+        .versions
+        .iter()
+        .filter(|v| v.workflow == "deploy_greet")
+        .map(|v| (v.version, v.instances.clone()))
+        .collect();
+    assert_eq!(
+        served,
+        [
+            (1, vec!["new".to_owned(), "old".to_owned()]),
+            (2, vec!["new".to_owned()])
+        ]
+    );
+
+    // Stop the old binary while version 1 runs are in flight.
+    old.sigterm();
+    old.expect_line("stopped", Duration::from_secs(30));
+    assert!(old.wait_exit(Duration::from_secs(10)).success());
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pgflow.runs WHERE workflow = 'deploy_greet' AND status = 'running'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if running == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{running} runs never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let runs = deploy_runs(&pool).await;
+    eprintln!("rolling deploy, runs per (version, status, instance): {runs:?}");
+    let count = |version: i32, instance: &str| {
+        runs.iter()
+            .filter(|r| r.0 == version && r.1 == "succeeded" && r.2.as_deref() == Some(instance))
+            .map(|r| r.3)
+            .sum::<i64>()
+    };
+    // Every run succeeded, on the version it started with; the new binary finished
+    // the version 1 runs the old one left; the old one never ran version 2.
+    assert!(runs.iter().all(|r| r.1 == "succeeded"), "{runs:?}");
+    assert_eq!(count(1, "old") + count(1, "new"), 100, "{runs:?}");
+    assert!(count(1, "new") > 0, "{runs:?}");
+    assert_eq!(count(2, "new"), 50, "{runs:?}");
+    let wrong: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow.runs WHERE workflow = 'deploy_greet'
+           AND output::text NOT LIKE '%(v' || version || ')\"'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(wrong, 0, "an output was signed by another version's code");
+    let old_ran_v2: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow.step_states s JOIN pgflow.runs r ON r.id = s.run_id
+         WHERE r.version = 2 AND s.instance_id = 'old'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(old_ran_v2, 0);
+    let status = admin::status(&pool).await.unwrap();
+    assert!(status.unserved.is_empty(), "{:?}", status.unserved);
+    assert!(status.versions.iter().all(|v| !v.is_stranded()));
 }
