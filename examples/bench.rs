@@ -7,7 +7,7 @@
 //!     [--duration S] [--concurrency C] [--database NAME]
 //! ```
 //!
-//! Scenarios (all by default, except `sustained`):
+//! Scenarios (all by default, except `sustained` and `parked`):
 //! - `chain1`, `chain3`, `diamond` (1 -> 4 -> 1): `--n` runs (default 20,000) started
 //!   with `start_many` in batches of 1,000 while one runtime works; throughput from
 //!   the first start to the last durable completion.
@@ -17,6 +17,9 @@
 //! - `sustained`: chain1 for `--duration` seconds (default 60): throughput of the first
 //!   and the last 10 s (a collapse would show table bloat).
 //! - `inline`: the in-process executor, ns per step of a 10-step chain.
+//! - `parked` (only when named): chain1 alone, then chain1 in a database where
+//!   100,000 runs wait on a one-hour `delay` (parked tasks), and the ratio; then the
+//!   same with those tasks unparked (in the claim's index) for comparison.
 //! - `map`: one run whose root map step maps over `--elements` (default 10,000)
 //!   trivial elements: elements/s from the start to the run's completion.
 //!
@@ -219,7 +222,7 @@ struct Args {
     database: String,
 }
 
-const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline|map] [--n N] [--elements E] [--duration SECS] [--concurrency C] [--database NAME]";
+const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline|map|parked] [--n N] [--elements E] [--duration SECS] [--concurrency C] [--database NAME]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -332,9 +335,20 @@ async fn throughput<W: pgflow::Workflow<Input = u64>>(
     n: u64,
     steps_per_run: u64,
     concurrency: usize,
-) -> BenchResult<()> {
+) -> BenchResult<f64> {
     let url = fresh_database(db_name()).await?;
-    let rt = runtime(&url, concurrency).await?;
+    throughput_in::<W>(&url, label, n, steps_per_run, concurrency).await
+}
+
+/// [`throughput`] in the database at `url`; returns runs/s.
+async fn throughput_in<W: pgflow::Workflow<Input = u64>>(
+    url: &str,
+    label: &str,
+    n: u64,
+    steps_per_run: u64,
+    concurrency: usize,
+) -> BenchResult<f64> {
+    let rt = runtime(url, concurrency).await?;
     let start = Instant::now();
     let mut next = 0;
     while next < n {
@@ -354,6 +368,65 @@ async fn throughput<W: pgflow::Workflow<Input = u64>>(
         stats.claims,
     );
     rt.shutdown().await?;
+    Ok(n as f64 / secs)
+}
+
+/// Waits an hour: its runs stay parked for the whole benchmark.
+pub struct Later;
+
+#[workflow(name = "bench_later", queue = "bench")]
+impl Later {
+    #[step(delay = "1h")]
+    async fn later(n: u64) -> Result<u64, StepError> {
+        Ok(n)
+    }
+}
+
+/// chain1 in a fresh database, then in a fresh database holding `parked` runs
+/// waiting on a one-hour delay: the parked tasks must not slow claims of ready work.
+/// For comparison, the same again with those tasks unparked (in the claim's index,
+/// as every not-yet-due task was before parking existed).
+async fn parked(n: u64, parked: u64, concurrency: usize) -> BenchResult<()> {
+    let alone = throughput::<Chain1>("parked_baseline_chain1", n, 1, concurrency).await?;
+    let mut figures = Vec::new();
+    for unpark in [false, true] {
+        let url = fresh_database(db_name()).await?;
+        let producer = runtime(&url, 0).await?;
+        let mut next = 0;
+        while next < parked {
+            let end = (next + 5_000).min(parked);
+            producer.start_many::<Later>(next..end).await?;
+            next = end;
+        }
+        producer.shutdown().await?;
+        let pool = sqlx::PgPool::connect(&url).await?;
+        if unpark {
+            sqlx::query("UPDATE pgflow.tasks SET parked = false")
+                .execute(&pool)
+                .await?;
+            sqlx::query("VACUUM pgflow.tasks").execute(&pool).await?;
+        }
+        sqlx::query("ANALYZE pgflow.tasks").execute(&pool).await?;
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.tasks")
+            .fetch_one(&pool)
+            .await?;
+        pool.close().await;
+        let label = if unpark {
+            "parked_unparked_chain1"
+        } else {
+            "parked_chain1"
+        };
+        let with = throughput_in::<Chain1>(&url, label, n, 1, concurrency).await?;
+        figures.push((waiting, with));
+    }
+    println!(
+        "BENCH scenario=parked waiting={} chain1_alone_runs_per_sec={alone:.0} chain1_with_parked_runs_per_sec={:.0} with_over_alone={:.2} chain1_with_unparked_runs_per_sec={:.0} unparked_over_alone={:.2}",
+        figures[0].0,
+        figures[0].1,
+        figures[0].1 / alone,
+        figures[1].1,
+        figures[1].1 / alone,
+    );
     Ok(())
 }
 
@@ -520,6 +593,7 @@ async fn run(args: Args) -> BenchResult<()> {
         "sustained",
         "inline",
         "map",
+        "parked",
     ];
     if let Some(s) = &args.scenario {
         if !known.contains(&s.as_str()) {
@@ -534,6 +608,9 @@ async fn run(args: Args) -> BenchResult<()> {
     }
     if is("diamond") {
         throughput::<Diamond>("diamond", args.n, 6, args.concurrency).await?;
+    }
+    if args.scenario.as_deref() == Some("parked") {
+        parked(args.n, 100_000, args.concurrency).await?;
     }
     if is("enqueue") {
         enqueue(args.n.max(50_000)).await?;

@@ -21,6 +21,7 @@ pub(crate) const WORKFLOW_KEYS: &[&str] = &[
     "timeout",
     "backoff",
     "priority",
+    "max_snoozes",
 ];
 
 pub(crate) const STEP_KEYS: &[&str] = &[
@@ -31,6 +32,8 @@ pub(crate) const STEP_KEYS: &[&str] = &[
     "depends_on",
     "when",
     "map",
+    "delay",
+    "max_snoozes",
 ];
 
 /// Options shared by both levels.
@@ -42,6 +45,7 @@ pub(crate) struct RetryOptions {
     /// Milliseconds.
     pub(crate) backoff: Option<u64>,
     pub(crate) priority: Option<i16>,
+    pub(crate) max_snoozes: Option<u32>,
 }
 
 #[derive(Default)]
@@ -60,6 +64,8 @@ pub(crate) struct StepAttr {
     pub(crate) when: Option<(Ident, syn::Path)>,
     /// `map` (one task per element): the `map` key, for error spans.
     pub(crate) map: Option<Ident>,
+    /// `delay = "10m"`, in milliseconds.
+    pub(crate) delay: Option<u64>,
     pub(crate) retry: RetryOptions,
 }
 
@@ -74,6 +80,12 @@ pub(crate) fn parse_workflow_attr(tokens: TokenStream, cx: &mut Ctxt) -> Workflo
                 set(cx, &key, &mut attr.version, v);
             }
             "queue" => set(cx, &key, &mut attr.queue, parse_name(input, "queue")?),
+            "delay" => {
+                return Err(syn::Error::new(
+                    key.span(),
+                    "`delay` is a step option: put it on the `#[step(..)]` that waits",
+                ));
+            }
             _ => return parse_retry_option(&key, input, cx, &mut attr.retry),
         }
         Ok(true)
@@ -112,6 +124,10 @@ pub(crate) fn parse_step_attr(tokens: TokenStream, cx: &mut Ctxt) -> StepAttr {
                 }
                 set(cx, &key, &mut attr.map, key.clone());
             }
+            "delay" => {
+                let v = parse_duration(input, true)?;
+                set(cx, &key, &mut attr.delay, v);
+            }
             _ => return parse_retry_option(&key, input, cx, &mut attr.retry),
         }
         Ok(true)
@@ -119,7 +135,8 @@ pub(crate) fn parse_step_attr(tokens: TokenStream, cx: &mut Ctxt) -> StepAttr {
     attr
 }
 
-/// Parses `max_attempts`, `timeout`, `backoff`, `priority`; `Ok(false)` for any other key.
+/// Parses `max_attempts`, `timeout`, `backoff`, `priority`, `max_snoozes`; `Ok(false)`
+/// for any other key.
 fn parse_retry_option(
     key: &Ident,
     input: ParseStream<'_>,
@@ -134,6 +151,10 @@ fn parse_retry_option(
         "timeout" => {
             let v = parse_duration(input, false)?;
             set(cx, key, &mut retry.timeout, v);
+        }
+        "max_snoozes" => {
+            let v = parse_int::<u32>(input, 0, "max_snoozes")?;
+            set(cx, key, &mut retry.max_snoozes, v);
         }
         "backoff" => {
             let v = parse_duration(input, true)?;
@@ -255,6 +276,12 @@ where
     T::Err: std::fmt::Display,
 {
     input.parse::<Token![=]>()?;
+    if input.peek(Token![-]) {
+        return Err(syn::Error::new(
+            input.span(),
+            format!("`{key}` must be at least {min}"),
+        ));
+    }
     let lit: LitInt = input.parse().map_err(|e| {
         syn::Error::new(
             e.span(),

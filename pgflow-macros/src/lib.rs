@@ -72,9 +72,11 @@ use proc_macro::TokenStream;
 ///
 /// Workflow: `name` (default: the type name in snake_case; it is the durable
 /// identity), `version` (1), `queue` (`"default"`), `max_attempts` (3), `timeout`
-/// (`"30s"`), `backoff` (`"1s"`), `priority` (0). Steps: `max_attempts`, `timeout`,
-/// `backoff`, `priority`, `depends_on`, `when = path::to::predicate`, and the flag
-/// `map`. Durations are strings like `"500ms"`, `"30s"`, `"1m30s"`, `"2h"`.
+/// (`"30s"`), `backoff` (`"1s"`), `priority` (0), `max_snoozes` (1000). Steps:
+/// `max_attempts`, `timeout`, `backoff`, `priority`, `max_snoozes`, `delay` (due that
+/// long after the parents complete; `"0s"`), `depends_on`, `when =
+/// path::to::predicate`, and the flag `map`. Durations are strings like `"500ms"`,
+/// `"30s"`, `"1m30s"`, `"2h"`.
 ///
 /// # Examples
 ///

@@ -16,6 +16,8 @@ use crate::store::{step_i16, tasks::lease_ms, version_i32};
 pub(crate) struct StepRow {
     pub(crate) priority: i16,
     pub(crate) max_attempts: i32,
+    /// Its `delay`, in milliseconds.
+    pub(crate) delay_ms: i64,
     /// For a map step: what it maps over (-1: the run input; else a parent's index).
     pub(crate) map_from: Option<i16>,
 }
@@ -68,6 +70,7 @@ pub(crate) fn step_rows(def: &Definition) -> Vec<StepRow> {
         .map(|s| StepRow {
             priority: s.priority,
             max_attempts: i32::try_from(s.max_attempts.max(1)).unwrap_or(i32::MAX),
+            delay_ms: i64::try_from(s.delay_ms).unwrap_or(i64::MAX),
             map_from: s.map.as_ref().map(|m| {
                 let from = s
                     .params

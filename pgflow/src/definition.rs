@@ -101,6 +101,16 @@ pub struct StepDefinition {
     /// Its priority (higher runs first).
     #[serde(default)]
     pub priority: i16,
+    /// How long after its parents complete it becomes due, in milliseconds (absent
+    /// when zero).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delay_ms: u64,
+    /// How many times it may snooze (absent when the default, 1000).
+    #[serde(
+        default = "default_max_snoozes",
+        skip_serializing_if = "is_default_max_snoozes"
+    )]
+    pub max_snoozes: u32,
     /// The predicate of a conditional step, as written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<String>,
@@ -152,6 +162,15 @@ fn default_timeout_ms() -> u64 {
 fn default_backoff_ms() -> u64 {
     duration_ms(StepOptions::DEFAULT.backoff)
 }
+fn default_max_snoozes() -> u32 {
+    StepOptions::DEFAULT.max_snoozes
+}
+fn is_zero(ms: &u64) -> bool {
+    *ms == 0
+}
+fn is_default_max_snoozes(n: &u32) -> bool {
+    *n == StepOptions::DEFAULT.max_snoozes
+}
 
 pub(crate) fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -184,6 +203,8 @@ impl StepDefinition {
             timeout: Duration::from_millis(self.timeout_ms),
             backoff: Duration::from_millis(self.backoff_ms),
             priority: self.priority,
+            delay: Duration::from_millis(self.delay_ms),
+            max_snoozes: self.max_snoozes,
         }
     }
 }
@@ -278,6 +299,8 @@ impl WorkflowDef {
                         timeout_ms: duration_ms(o.timeout),
                         backoff_ms: duration_ms(o.backoff),
                         priority: o.priority,
+                        delay_ms: duration_ms(o.delay),
+                        max_snoozes: o.max_snoozes,
                         when: s.predicate().map(str::to_owned),
                         map: s.map().map(|m| MapDefinition {
                             param: s

@@ -99,6 +99,8 @@ pub struct StepError {
     kind: ErrorKind,
     message: String,
     retry_after: Option<Duration>,
+    /// Set by [`StepError::snooze`]: back to the queue after this, no attempt counted.
+    snooze: Option<Duration>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -108,6 +110,7 @@ impl StepError {
             kind,
             message,
             retry_after: None,
+            snooze: None,
             source: None,
         }
     }
@@ -129,6 +132,45 @@ impl StepError {
         let mut e = Self::retryable(message);
         e.retry_after = Some(delay);
         e
+    }
+
+    /// Not a failure: "not yet, ask me again in `delay`". The step goes back to the
+    /// queue and runs again after `delay` **without counting an attempt** and
+    /// without holding a worker slot meanwhile — how a step polls something slow
+    /// (a provider's batch job, an export being built). The attempt number and error
+    /// history are unchanged. A step may snooze at most its `max_snoozes` times
+    /// (1000 unless set, see `#[step(max_snoozes = N)]`); one more fails it
+    /// permanently, so a bug cannot snooze forever.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pgflow::{StepError, workflow};
+    ///
+    /// pub struct Batch;
+    /// #[workflow]
+    /// impl Batch {
+    ///     #[step(max_snoozes = 200)]
+    ///     async fn wait_for_batch(job: String) -> Result<String, StepError> {
+    ///         let done = job.len() > 3; // ask the provider
+    ///         if !done {
+    ///             return Err(StepError::snooze(Duration::from_secs(30)));
+    ///         }
+    ///         Ok(format!("results of {job}"))
+    ///     }
+    /// }
+    /// let e = StepError::snooze(Duration::from_secs(30));
+    /// assert_eq!(e.snoozed_for(), Some(Duration::from_secs(30)));
+    /// assert_eq!(e.to_string(), "snooze: not ready, again in 30s");
+    /// ```
+    pub fn snooze(delay: Duration) -> Self {
+        let mut e = Self::retryable(format!("not ready, again in {delay:?}"));
+        e.snooze = Some(delay);
+        e
+    }
+
+    /// The delay of a [`StepError::snooze`], or `None` for a real error.
+    pub fn snoozed_for(&self) -> Option<Duration> {
+        self.snooze
     }
 
     /// The error recorded when a step outlives its timeout.
@@ -171,6 +213,7 @@ impl StepError {
     pub fn into_permanent(mut self) -> Self {
         self.kind = ErrorKind::Permanent;
         self.retry_after = None;
+        self.snooze = None;
         self
     }
 
@@ -229,6 +272,9 @@ impl StepError {
 
 impl fmt::Display for StepError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.snooze.is_some() {
+            return write!(f, "snooze: {}", self.message);
+        }
         write!(f, "{}: {}", self.kind, self.message)
     }
 }
@@ -239,6 +285,9 @@ impl fmt::Debug for StepError {
         d.field("kind", &self.kind).field("message", &self.message);
         if let Some(r) = self.retry_after {
             d.field("retry_after", &r);
+        }
+        if let Some(r) = self.snooze {
+            d.field("snooze", &r);
         }
         if let Some(s) = &self.source {
             d.field("source", s);

@@ -541,9 +541,10 @@ fn step_serde_error(
 }
 
 /// Runs every attempt of one step until it succeeds, fails permanently or exhausts
-/// its attempts. Each attempt gets the inputs themselves; while attempts remain, a
-/// backup is taken first (a clone, or JSON for types that are not `Clone`) for the
-/// next attempt.
+/// its attempts, after the step's `delay`. Each attempt gets the inputs themselves;
+/// while attempts (or snoozes) remain, a backup is taken first (a clone, or JSON for
+/// types that are not `Clone`) for the next one. A snooze sleeps and runs the same
+/// attempt again, up to the step's `max_snoozes`.
 async fn run_with_retries(
     def: &'static WorkflowDef,
     step: &'static StepDef,
@@ -558,18 +559,24 @@ async fn run_with_retries(
     let cancelled = || RunError::Cancelled {
         workflow: def.name().to_owned(),
     };
+    if !options.delay.is_zero() {
+        tokio::select! {
+            () = tokio::time::sleep(options.delay) => {}
+            () = shared.cancel.cancelled() => return Err(cancelled()),
+        }
+    }
     let mut attempt = 1;
+    let mut snoozes = 0;
     loop {
         if shared.cancel.is_cancelled() {
             return Err(cancelled());
         }
-        // Keep a copy for the next attempt; without one, this attempt is the last.
-        let spare = if attempt < max {
+        // Keep a copy for the next attempt or snooze; without one, this is the last.
+        let spare = if attempt < max || snoozes < options.max_snoozes {
             inputs.backup().ok()
         } else {
             None
         };
-        let last = spare.is_none();
         let ctx = StepContext::builder(def.name(), step.name())
             .run_id(shared.run_id)
             .attempt(attempt)
@@ -581,23 +588,41 @@ async fn run_with_retries(
         let attempt_result = policy::run_attempt(step, inputs, ctx)
             .await
             .and_then(|out| policy::storable(&out).map(|()| out));
-        match attempt_result {
+        let error = match attempt_result {
             Ok(value) => return Ok(value),
-            Err(error) => {
-                if error.kind() == ErrorKind::Cancelled || shared.cancel.is_cancelled() {
-                    return Err(cancelled());
-                }
-                history.push(AttemptFailure::new(attempt, &error));
-                let Some(spare) = spare.filter(|_| error.is_retryable() && !last) else {
+            Err(error) => error,
+        };
+        if error.kind() == ErrorKind::Cancelled || shared.cancel.is_cancelled() {
+            return Err(cancelled());
+        }
+        let delay = match error.snoozed_for() {
+            Some(delay) => match policy::snooze(options, snoozes) {
+                Ok(()) => delay,
+                Err(too_many) => {
+                    history.push(AttemptFailure::new(attempt, &too_many));
                     return Err(fail(history));
-                };
-                tokio::select! {
-                    () = tokio::time::sleep(policy::retry_delay(options, attempt, &error)) => {}
-                    () = shared.cancel.cancelled() => return Err(cancelled()),
                 }
-                inputs = spare;
-                attempt += 1;
+            },
+            None => {
+                history.push(AttemptFailure::new(attempt, &error));
+                if !error.is_retryable() || attempt >= max {
+                    return Err(fail(history));
+                }
+                policy::retry_delay(options, attempt, &error)
             }
+        };
+        let Some(spare) = spare else {
+            return Err(fail(history));
+        };
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shared.cancel.cancelled() => return Err(cancelled()),
+        }
+        inputs = spare;
+        if error.snoozed_for().is_some() {
+            snoozes += 1;
+        } else {
+            attempt += 1;
         }
     }
 }

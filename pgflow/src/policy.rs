@@ -99,6 +99,32 @@ pub fn retry_delay(options: &StepOptions, attempt: u32, error: &StepError) -> Du
     half + Duration::from_nanos(fastrand::u64(0..=nanos))
 }
 
+/// Whether a step that has snoozed `snoozes` times may snooze once more.
+///
+/// ```
+/// use pgflow::engine::policy;
+/// use pgflow::StepOptions;
+///
+/// let opts = StepOptions { max_snoozes: 2, ..StepOptions::DEFAULT };
+/// assert!(policy::snooze(&opts, 1).is_ok());
+/// let e = policy::snooze(&opts, 2).unwrap_err();
+/// assert!(e.is_permanent());
+/// assert_eq!(e.message(), "the step snoozed 2 times, its `max_snoozes`; it fails");
+/// ```
+///
+/// # Errors
+///
+/// A permanent error once `max_snoozes` is reached, so a bug cannot snooze forever.
+pub fn snooze(options: &StepOptions, snoozes: u32) -> Result<(), StepError> {
+    if snoozes < options.max_snoozes {
+        Ok(())
+    } else {
+        Err(StepError::permanent(format!(
+            "the step snoozed {snoozes} times, its `max_snoozes`; it fails"
+        )))
+    }
+}
+
 /// The message of a panic payload (`&str` or `String`; anything else is described).
 ///
 /// ```

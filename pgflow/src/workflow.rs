@@ -74,15 +74,24 @@ pub struct StepOptions {
     pub backoff: Duration,
     /// Higher runs first among tasks that are due.
     pub priority: i16,
+    /// How long after its parents complete (a root step: after the run's start) the
+    /// step becomes due; nothing holds a worker slot meanwhile.
+    pub delay: Duration,
+    /// How many times the step may [snooze](crate::StepError::snooze) before one
+    /// more snooze fails it permanently.
+    pub max_snoozes: u32,
 }
 
 impl StepOptions {
-    /// The defaults: 3 attempts, 30 s timeout, 1 s backoff, priority 0.
+    /// The defaults: 3 attempts, 30 s timeout, 1 s backoff, priority 0, no delay,
+    /// 1000 snoozes.
     pub const DEFAULT: Self = Self {
         max_attempts: 3,
         timeout: Duration::from_secs(30),
         backoff: Duration::from_secs(1),
         priority: 0,
+        delay: Duration::ZERO,
+        max_snoozes: 1000,
     };
 }
 

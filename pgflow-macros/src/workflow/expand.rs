@@ -25,6 +25,9 @@ struct Options {
     timeout_ms: Option<u64>,
     backoff_ms: Option<u64>,
     priority: Option<i16>,
+    max_snoozes: Option<u32>,
+    /// A step's own only (no workflow default).
+    delay_ms: Option<u64>,
 }
 
 impl Options {
@@ -34,6 +37,8 @@ impl Options {
             timeout_ms: own.timeout.or(fallback.timeout_ms),
             backoff_ms: own.backoff.or(fallback.backoff_ms),
             priority: own.priority.or(fallback.priority),
+            max_snoozes: own.max_snoozes.or(fallback.max_snoozes),
+            delay_ms: None,
         }
     }
 
@@ -55,12 +60,22 @@ impl Options {
         let priority = self
             .priority
             .map_or_else(|| quote!(#step_options::DEFAULT.priority), |p| quote!(#p));
+        let delay = self.delay_ms.map_or_else(
+            || quote!(#step_options::DEFAULT.delay),
+            |ms| quote!(#duration::from_millis(#ms)),
+        );
+        let max_snoozes = self.max_snoozes.map_or_else(
+            || quote!(#step_options::DEFAULT.max_snoozes),
+            |n| quote!(#n),
+        );
         quote! {
             #step_options {
                 max_attempts: #max_attempts,
                 timeout: #timeout,
                 backoff: #backoff,
                 priority: #priority,
+                delay: #delay,
+                max_snoozes: #max_snoozes,
             }
         }
     }
@@ -237,6 +252,8 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
             timeout_ms: None,
             backoff_ms: None,
             priority: None,
+            max_snoozes: None,
+            delay_ms: None,
         },
     );
 
@@ -358,7 +375,11 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
             None => quote!(::core::option::Option::None),
         };
         let map = &map_refs[i];
-        let options = Options::merge(&s.attr.retry, &defaults).tokens();
+        let options = Options {
+            delay_ms: s.attr.delay,
+            ..Options::merge(&s.attr.retry, &defaults)
+        }
+        .tokens();
         let ops = &step_ops[i];
         let entry = format_ident!("__pgflow_entry_{}", i);
         quote! {

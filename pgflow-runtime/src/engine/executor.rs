@@ -153,6 +153,18 @@ async fn attempt(
                 step.predicate().unwrap_or("(no predicate)")
             ),
         },
+        Err(e) if e.snoozed_for().is_some() => {
+            let snoozes = u32::try_from(task.snoozes).unwrap_or(u32::MAX);
+            match policy::snooze(step.options(), snoozes) {
+                Ok(()) => Outcome::Snooze {
+                    delay: e.snoozed_for().unwrap_or_default(),
+                },
+                Err(too_many) => {
+                    warn!(error = %too_many, "pgflow: step failed for good; its run fails");
+                    fail_now(too_many)
+                }
+            }
+        }
         Err(e) => {
             let max = step.options().max_attempts.max(1);
             if e.is_retryable() && attempt < max {

@@ -31,6 +31,7 @@ pub(crate) struct Shape<'a> {
     root_steps: Vec<i16>,
     root_priorities: Vec<i16>,
     root_attempts: Vec<i32>,
+    root_delays_ms: Vec<i64>,
     root_map_from: Vec<Option<i16>>,
     join_steps: Vec<i16>,
     join_counts: Vec<i32>,
@@ -49,6 +50,7 @@ impl<'a> Shape<'a> {
             root_steps: Vec::new(),
             root_priorities: Vec::new(),
             root_attempts: Vec::new(),
+            root_delays_ms: Vec::new(),
             root_map_from: Vec::new(),
             join_steps: Vec::new(),
             join_counts: Vec::new(),
@@ -58,6 +60,7 @@ impl<'a> Shape<'a> {
                 shape.root_steps.push(step_i16(s));
                 shape.root_priorities.push(row.priority);
                 shape.root_attempts.push(row.max_attempts);
+                shape.root_delays_ms.push(row.delay_ms);
                 shape.root_map_from.push(row.map_from);
             }
         }
@@ -106,11 +109,12 @@ pub(crate) async fn start(
              RETURNING id, priority, run_at, input
          ), ready AS (
              SELECT r.id AS run_id, s.step, $1::text AS workflow, $2::int AS version,
-                    $7::text AS queue, s.priority, s.max_attempts, r.run_at, s.map_from,
-                    r.priority AS run_priority,
+                    $7::text AS queue, s.priority, s.max_attempts, r.run_at, s.delay_ms,
+                    s.map_from, r.priority AS run_priority,
                     CASE WHEN s.map_from < 0 THEN r.input END AS run_input
-             FROM r CROSS JOIN unnest($8::smallint[], $9::smallint[], $10::int[], $11::smallint[])
-                 AS s(step, priority, max_attempts, map_from)
+             FROM r CROSS JOIN unnest($8::smallint[], $9::smallint[], $10::int[], $11::smallint[],
+                                      $14::bigint[])
+                 AS s(step, priority, max_attempts, map_from, delay_ms)
          ), ",
         enqueue_ctes!(),
         ", j AS (
@@ -137,6 +141,7 @@ pub(crate) async fn start(
     .bind(&shape.root_map_from)
     .bind(&shape.join_steps)
     .bind(&shape.join_counts)
+    .bind(&shape.root_delays_ms)
     .fetch_all(conn)
     .await
 }

@@ -4,7 +4,8 @@
 //!
 //! **Claim** ([`claim`]) is one statement: an `UPDATE .. WHERE id = ANY (ARRAY(SELECT
 //! .. FOR UPDATE SKIP LOCKED LIMIT n))` over the partial index `tasks_available`
-//! (`queue, priority DESC, run_at, id WHERE claimed_by IS NULL`), stamping each row
+//! (`queue, priority DESC, run_at, id WHERE claimed_by IS NULL AND NOT parked`: tasks
+//! due more than [`PARK_AHEAD`] ahead are parked, out of it), stamping each row
 //! with this instance, the batch's claim token and a lease; the same statement
 //! returns what the steps need: the run's status and input and the parents' outputs.
 //!
@@ -30,9 +31,11 @@ use crate::catalog::{Catalog, Entry, StepRow};
 use crate::store::{millis, step_i16, version_i32};
 
 /// The CTEs that enqueue the rows of a CTE named `ready` (`run_id, step, workflow,
-/// version, queue, priority, max_attempts, run_at, map_from, run_priority,
+/// version, queue, priority, max_attempts, run_at, delay_ms, map_from, run_priority,
 /// run_input`), which holds only steps of runs still `running`. A task's priority
-/// is its step's plus its run's, clamped to `smallint`. `map_from` is NULL for a step
+/// is its step's plus its run's, clamped to `smallint`; it is due at `run_at` plus
+/// its step's `delay_ms`, and **parked** (out of `tasks_available`, see
+/// [`PARK_AHEAD`]) when that is more than a second ahead. `map_from` is NULL for a step
 /// that is not a map step, -1 for a map step over the run input (`run_input`, needed
 /// only then) and the parent's index for one over a parent's output. Defines
 /// `enqueued (queue, due)`.
@@ -46,16 +49,18 @@ macro_rules! enqueue_ctes {
         "plain AS (
     -- the common case, kept lean: one task per ready step
     INSERT INTO pgflow.tasks (run_id, step, workflow, version, queue, priority, max_attempts,
-                              run_at)
+                              run_at, parked)
     SELECT q.run_id, q.step, q.workflow, q.version, q.queue,
            LEAST(GREATEST(q.priority::int + q.run_priority, -32768), 32767)::smallint,
-           q.max_attempts, q.run_at
+           q.max_attempts, d.due, d.due > now() + interval '1 second'
     FROM ready q
+    CROSS JOIN LATERAL (SELECT q.run_at + interval '1 millisecond' * q.delay_ms AS due) d
     WHERE q.map_from IS NULL
     RETURNING queue, run_at
 ), fan AS (
     SELECT q.*, LEAST(GREATEST(q.priority::int + q.run_priority, -32768), 32767)::smallint
                AS prio,
+           q.run_at + interval '1 millisecond' * q.delay_ms AS due,
            s.items,
            CASE WHEN jsonb_typeof(s.items) = 'array' THEN jsonb_array_length(s.items) ELSE 0 END
                AS n
@@ -73,16 +78,16 @@ macro_rules! enqueue_ctes {
     ON CONFLICT (run_id, step) DO NOTHING
 ), fanned AS (
     INSERT INTO pgflow.tasks (run_id, step, element, item, workflow, version, queue,
-                              priority, max_attempts, run_at)
+                              priority, max_attempts, run_at, parked)
     SELECT t.run_id, t.step, t.element, t.item, t.workflow, t.version, t.queue,
-           t.prio, t.max_attempts, t.run_at
+           t.prio, t.max_attempts, t.due, t.due > now() + interval '1 second'
     FROM (
         SELECT f.run_id, f.step, NULL::int AS element, NULL::jsonb AS item, f.workflow,
-               f.version, f.queue, f.prio, f.max_attempts, f.run_at
+               f.version, f.queue, f.prio, f.max_attempts, f.due
         FROM fan f WHERE f.n = 0
         UNION ALL
         SELECT f.run_id, f.step, (e.ord - 1)::int, e.item, f.workflow, f.version, f.queue,
-               f.prio, f.max_attempts, f.run_at
+               f.prio, f.max_attempts, f.due
         FROM fan f CROSS JOIN LATERAL jsonb_array_elements(f.items) WITH ORDINALITY AS e(item, ord)
         WHERE f.n > 0
     ) t
@@ -97,6 +102,12 @@ macro_rules! enqueue_ctes {
 }
 pub(crate) use enqueue_ctes;
 
+/// How far ahead of its due time a task leaves the parked set for `tasks_available`
+/// (written as `interval '1 second'` in the statements): a task due later than this
+/// is parked when enqueued or put back, and [`promote`] moves it back this long
+/// before it is due. Claims walk only tasks due within it.
+pub(crate) const PARK_AHEAD: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Steps to enqueue, as the bind arrays of [`enqueue`]. Names are borrowed (from
 /// the linked definitions, or a stored one): nothing is copied per task.
 #[derive(Debug, Default)]
@@ -108,6 +119,7 @@ pub(crate) struct NewTasks<'a> {
     queues: Vec<&'a str>,
     priorities: Vec<i16>,
     max_attempts: Vec<i32>,
+    delays_ms: Vec<i64>,
     map_from: Vec<Option<i16>>,
 }
 
@@ -140,6 +152,7 @@ impl<'a> NewTasks<'a> {
         self.queues.push(queue);
         self.priorities.push(row.priority);
         self.max_attempts.push(row.max_attempts);
+        self.delays_ms.push(row.delay_ms);
         self.map_from.push(row.map_from);
     }
 
@@ -147,6 +160,35 @@ impl<'a> NewTasks<'a> {
     pub(crate) fn is_empty(&self) -> bool {
         self.run_ids.is_empty()
     }
+}
+
+/// Promotes up to `limit` parked tasks due within [`PARK_AHEAD`] back into
+/// `tasks_available`, soonest first (index `tasks_parked`), skipping rows another
+/// instance is promoting. Returns the queues of the promoted tasks already due (to
+/// notify) and how many were promoted.
+pub(crate) async fn promote(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<(Vec<String>, i64), sqlx::Error> {
+    let rows: Vec<(String, bool, i64)> = sqlx::query_as(
+        "WITH p AS (
+             UPDATE pgflow.tasks t SET parked = false
+             WHERE t.id = ANY (ARRAY(
+                 SELECT a.id FROM pgflow.tasks a
+                 WHERE a.parked AND a.run_at <= now() + interval '1 second'
+                 ORDER BY a.run_at
+                 LIMIT $1
+                 FOR UPDATE SKIP LOCKED))
+             RETURNING t.queue, t.run_at <= now() AS due
+         )
+         SELECT queue, bool_or(due), count(*) FROM p GROUP BY queue",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    let promoted = rows.iter().map(|r| r.2).sum();
+    let due = rows.into_iter().filter(|r| r.1).map(|r| r.0).collect();
+    Ok((due, promoted))
 }
 
 /// Enqueues `tasks`, due now (see [`enqueue_ctes!`]). Returns the queues that got
@@ -164,8 +206,9 @@ pub(crate) async fn enqueue(
              SELECT u.*, now() AS run_at, r.priority AS run_priority,
                     CASE WHEN u.map_from < 0 THEN r.input END AS run_input
              FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::int[], $5::text[],
-                         $6::smallint[], $7::int[], $8::smallint[])
-                  AS u(run_id, step, workflow, version, queue, priority, max_attempts, map_from)
+                         $6::smallint[], $7::int[], $8::smallint[], $9::bigint[])
+                  AS u(run_id, step, workflow, version, queue, priority, max_attempts, map_from,
+                       delay_ms)
              JOIN pgflow.runs r ON r.id = u.run_id AND r.status = 'running'
          ), ",
         enqueue_ctes!(),
@@ -180,6 +223,7 @@ pub(crate) async fn enqueue(
     .bind(&tasks.priorities)
     .bind(&tasks.max_attempts)
     .bind(&tasks.map_from)
+    .bind(&tasks.delays_ms)
     .fetch_all(conn)
     .await
 }
@@ -193,6 +237,8 @@ pub(crate) struct Claimed {
     pub(crate) workflow: String,
     pub(crate) version: i32,
     pub(crate) attempt: i32,
+    /// How many times it snoozed.
+    pub(crate) snoozes: i32,
     /// Earlier failed attempts (JSON array of `AttemptFailure`).
     pub(crate) errors: Option<String>,
     pub(crate) run_status: String,
@@ -239,6 +285,7 @@ WITH steps AS (
         SELECT a.id FROM pgflow.tasks a
         WHERE a.queue = $3
           AND a.claimed_by IS NULL
+          AND NOT a.parked
           -- an instance declared dead claims nothing until it heartbeats again
           AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
           AND a.run_at <= now()
@@ -247,9 +294,9 @@ WITH steps AS (
         LIMIT $4
         FOR UPDATE SKIP LOCKED))
     RETURNING t.id, t.run_id, t.step, t.workflow, t.version, t.attempt, t.errors, t.element,
-              t.item
+              t.item, t.snoozes
 )
-SELECT c.id AS task_id, c.run_id, c.step, c.workflow, c.version, c.attempt,
+SELECT c.id AS task_id, c.run_id, c.step, c.workflow, c.version, c.attempt, c.snoozes,
        c.errors::text AS errors, r.status AS run_status,
        CASE WHEN CASE WHEN c.element IS NULL THEN s.needs_input ELSE s.element_needs_input END
             THEN r.input::text END AS input,

@@ -1,7 +1,8 @@
 //! Phase 1 of the flush: the fence. A completion applies only where its task row
 //! still carries the claim token it was claimed with (see `store::tasks` on why
-//! tokens are random and per batch): final completions delete their row, retries
-//! and releases put it back; anything else is rejected and changes nothing.
+//! tokens are random and per batch): final completions delete their row, retries,
+//! snoozes and releases put it back (parked when due more than a second ahead);
+//! anything else is rejected and changes nothing.
 
 use std::collections::HashMap;
 
@@ -123,8 +124,10 @@ struct RequeueRows {
     tokens: Vec<i64>,
     delays_ms: Vec<i64>,
     errors: Vec<Option<String>>,
-    /// Whether the attempt counts (a retry) or not (a release).
+    /// Whether the attempt counts (a retry) or not (a snooze, a release).
     counted: Vec<bool>,
+    /// Whether it snoozed.
+    snoozed: Vec<bool>,
 }
 
 impl RequeueRows {
@@ -138,11 +141,19 @@ impl RequeueRows {
                     serde_json::to_string(&[failure]).unwrap_or_else(|_| "[]".to_owned()),
                 ));
                 self.counted.push(true);
+                self.snoozed.push(false);
+            }
+            Outcome::Snooze { delay } => {
+                self.delays_ms.push(millis(*delay));
+                self.errors.push(None);
+                self.counted.push(false);
+                self.snoozed.push(true);
             }
             _ => {
                 self.delays_ms.push(0);
                 self.errors.push(None);
                 self.counted.push(false);
+                self.snoozed.push(false);
             }
         }
     }
@@ -154,13 +165,17 @@ impl RequeueRows {
             "UPDATE pgflow.tasks t
              SET claimed_by = NULL, claim_token = NULL, claimed_at = NULL, lease_until = NULL,
                  attempt = t.attempt + CASE WHEN c.counted THEN 1 ELSE 0 END,
-                 run_at = CASE WHEN c.counted
+                 snoozes = t.snoozes + CASE WHEN c.snoozed THEN 1 ELSE 0 END,
+                 run_at = CASE WHEN c.counted OR c.snoozed
                                THEN now() + interval '1 millisecond' * c.delay_ms
                                ELSE t.run_at END,
+                 -- a put back due more than a second ahead leaves `tasks_available`
+                 parked = (c.counted OR c.snoozed) AND c.delay_ms > 1000,
                  errors = CASE WHEN c.err IS NULL THEN t.errors
                                ELSE COALESCE(t.errors, '[]'::jsonb) || c.err::jsonb END
-             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bool[])
-                  AS c(id, token, delay_ms, err, counted)
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bool[],
+                         $6::bool[])
+                  AS c(id, token, delay_ms, err, counted, snoozed)
              WHERE t.id = c.id AND t.claim_token = c.token
              RETURNING t.id, c.token, t.queue, t.run_at <= now() AS due",
         )
@@ -169,6 +184,7 @@ impl RequeueRows {
         .bind(&self.delays_ms)
         .bind(&self.errors)
         .bind(&self.counted)
+        .bind(&self.snoozed)
         .fetch_all(conn)
         .await
     }

@@ -57,6 +57,9 @@ pub(crate) enum Outcome {
         delay: Duration,
         failure: AttemptFailure,
     },
+    /// The step snoozed: back to the queue after `delay`, the attempt not counted
+    /// (the task's `snoozes` is).
+    Snooze { delay: Duration },
     /// A permanent failure or the last attempt: the run fails with `history`.
     Failed {
         history: Vec<AttemptFailure>,
@@ -72,7 +75,10 @@ pub(crate) enum Outcome {
 impl Outcome {
     /// Whether the task row goes back to the queue (rather than leaving it).
     fn requeues(&self) -> bool {
-        matches!(self, Self::Retry { .. } | Self::Release)
+        matches!(
+            self,
+            Self::Retry { .. } | Self::Snooze { .. } | Self::Release
+        )
     }
 }
 
@@ -101,7 +107,7 @@ impl Completion {
             Outcome::Skipped { reason } => reason.len(),
             Outcome::Retry { failure, .. } => failure.message.len(),
             Outcome::Failed { history, .. } => history.iter().map(|f| f.message.len() + 32).sum(),
-            Outcome::FanOut | Outcome::Discard | Outcome::Release => 0,
+            Outcome::FanOut | Outcome::Snooze { .. } | Outcome::Discard | Outcome::Release => 0,
         }
     }
 
@@ -286,7 +292,10 @@ impl<'c> Work<'c> {
                     c.cost_cents,
                 );
             }
-            Outcome::Retry { .. } | Outcome::Discard | Outcome::Release => {
+            Outcome::Retry { .. }
+            | Outcome::Snooze { .. }
+            | Outcome::Discard
+            | Outcome::Release => {
                 *self.costs.entry(c.run_id).or_default() += c.cost_cents;
             }
         }
