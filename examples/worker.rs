@@ -5,6 +5,7 @@
 //! cargo run --example worker -- [--queue NAME=CONCURRENCY]... [--instance-id ID]
 //!     [--database-url URL] [--heartbeat-ms MS] [--offline-after-ms MS]
 //!     [--lease-grace-ms MS] [--shutdown-grace-ms MS] [--record-executions]
+//!     [--schedule-every-secs N [--schedule-missed skip|run_once|run_each]]
 //! ```
 //!
 //! Environment: `DATABASE_URL`, `INSTANCE_ID`, `PGFLOW_QUEUES` (`default=16,llm=4`),
@@ -13,13 +14,19 @@
 //! Without queues it serves every queue of the linked workflows with 16 slots each.
 //! It prints `pgflow worker <id> ready` once it is serving and `pgflow worker <id>
 //! stopped` after a graceful shutdown.
+//!
+//! With `--schedule-every-secs N` it also registers the schedule `nightly_chain`: a
+//! nightly-style job (in production its expression would be `0 0 3 * * *` in the
+//! `Europe/Paris` time zone) that in this demo starts a `proc_chain3` run every N
+//! seconds (N from 1 to 59: the seconds divisible by N of each minute). Start several
+//! workers with it: each tick starts one run, whichever worker fires it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 // The workflows this binary serves: linking the crate registers them.
-use pgflow_runtime::Runtime;
-use pgflow_suite::flows::{EXECUTIONS_DDL, ExecLog};
+use pgflow_runtime::{Missed, Runtime, Schedule, Tick};
+use pgflow_suite::flows::{EXECUTIONS_DDL, ExecLog, Job, ProcChain3};
 use pgflow_suite::llm::LlmClient;
 
 struct Args {
@@ -31,9 +38,11 @@ struct Args {
     lease_grace: Option<Duration>,
     shutdown_grace: Option<Duration>,
     record_executions: bool,
+    schedule_every_secs: Option<u32>,
+    schedule_missed: Missed,
 }
 
-const USAGE: &str = "usage: worker [--queue NAME=CONCURRENCY]... [--instance-id ID] [--database-url URL] [--heartbeat-ms MS] [--offline-after-ms MS] [--lease-grace-ms MS] [--shutdown-grace-ms MS] [--record-executions]";
+const USAGE: &str = "usage: worker [--queue NAME=CONCURRENCY]... [--instance-id ID] [--database-url URL] [--heartbeat-ms MS] [--offline-after-ms MS] [--lease-grace-ms MS] [--shutdown-grace-ms MS] [--record-executions] [--schedule-every-secs N [--schedule-missed skip|run_once|run_each]]";
 
 fn parse_queue(spec: &str, queues: &mut BTreeMap<String, usize>) -> Result<(), String> {
     let (name, n) = spec
@@ -58,6 +67,8 @@ fn parse_args() -> Result<Args, String> {
         lease_grace: None,
         shutdown_grace: None,
         record_executions: false,
+        schedule_every_secs: None,
+        schedule_missed: Missed::default(),
     };
     if let Ok(spec) = std::env::var("PGFLOW_QUEUES") {
         for q in spec.split(',').filter(|s| !s.trim().is_empty()) {
@@ -84,6 +95,19 @@ fn parse_args() -> Result<Args, String> {
             "--lease-grace-ms" => args.lease_grace = ms(it.next(), &a)?,
             "--shutdown-grace-ms" => args.shutdown_grace = ms(it.next(), &a)?,
             "--record-executions" => args.record_executions = true,
+            "--schedule-every-secs" => {
+                let v = it.next().ok_or("--schedule-every-secs needs a value")?;
+                let n: u32 = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..60).contains(n))
+                    .ok_or(format!("--schedule-every-secs: expected 1 to 59, got {v}"))?;
+                args.schedule_every_secs = Some(n);
+            }
+            "--schedule-missed" => {
+                let v = it.next().ok_or("--schedule-missed needs a value")?;
+                args.schedule_missed = v.parse()?;
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -130,6 +154,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         sqlx::raw_sql(EXECUTIONS_DDL).execute(&pool).await?;
         builder = builder.data(ExecLog(pool.clone()));
     }
+    if let Some(n) = args.schedule_every_secs {
+        builder = builder.schedule(nightly_chain(n, args.schedule_missed)?);
+    }
     let rt = builder.start().await?;
     let served: Vec<String> = queues.iter().map(|(q, n)| format!("{q}={n}")).collect();
     println!(
@@ -146,6 +173,24 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         s.runs_finished
     );
     Ok(())
+}
+
+/// The demo's nightly-style schedule: a `proc_chain3` run every `every_secs`
+/// seconds, its input made from the tick (the tick's Unix time as `n`).
+fn nightly_chain(every_secs: u32, missed: Missed) -> Result<Schedule, pgflow_runtime::Error> {
+    // In production: "0 0 3 * * *" with .time_zone("Europe/Paris").
+    let expression = if every_secs == 1 {
+        "* * * * * *".to_owned()
+    } else {
+        format!("*/{every_secs} * * * * *")
+    };
+    Ok(
+        Schedule::cron::<ProcChain3>("nightly_chain", &expression, |tick: &Tick| Job {
+            n: u64::try_from(tick.at.timestamp()).unwrap_or(0),
+            sleep_ms: 0,
+        })?
+        .missed(missed),
+    )
 }
 
 #[tokio::main]

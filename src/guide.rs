@@ -19,6 +19,12 @@ pub mod running_durably {}
 #[doc = include_str!("../docs/guide/instances-and-deploys.md")]
 pub mod instances_and_deploys {}
 
+#[doc = include_str!("../docs/guide/delays.md")]
+pub mod delays {}
+
+#[doc = include_str!("../docs/guide/schedules.md")]
+pub mod schedules {}
+
 #[doc = include_str!("../docs/guide/operating.md")]
 pub mod operating {}
 

@@ -35,24 +35,26 @@ struct Worker {
 
 impl Worker {
     fn spawn(url: &str, id: &str) -> Worker {
-        Worker::spawn_bin(
-            &worker_bin(),
-            url,
-            id,
-            &[
-                "--queue",
-                "default=8",
-                "--heartbeat-ms",
-                "200",
-                "--offline-after-ms",
-                "1500",
-                "--lease-grace-ms",
-                "3000",
-                "--shutdown-grace-ms",
-                "20000",
-                "--record-executions",
-            ],
-        )
+        Worker::spawn_with(url, id, &[])
+    }
+
+    /// The worker with `extra` arguments after the usual ones.
+    fn spawn_with(url: &str, id: &str, extra: &[&str]) -> Worker {
+        let mut args = vec![
+            "--queue",
+            "default=8",
+            "--heartbeat-ms",
+            "200",
+            "--offline-after-ms",
+            "1500",
+            "--lease-grace-ms",
+            "3000",
+            "--shutdown-grace-ms",
+            "20000",
+            "--record-executions",
+        ];
+        args.extend_from_slice(extra);
+        Worker::spawn_bin(&worker_bin(), url, id, &args)
     }
 
     /// Spawns `bin` with `args` and waits until it prints `ready`.
@@ -524,4 +526,136 @@ async fn a_rolling_deploy_strands_nothing(pool: PgPool) {
     let status = admin::status(&pool).await.unwrap();
     assert!(status.unserved.is_empty(), "{:?}", status.unserved);
     assert!(status.versions.iter().all(|v| !v.is_stranded()));
+}
+
+/// The ticks of schedule `nightly_chain` that started a run, oldest first, with how
+/// many runs each started.
+async fn schedule_ticks(pool: &PgPool) -> Vec<(chrono::DateTime<chrono::Utc>, i64)> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT idempotency_key, count(*) FROM pgflow.runs
+         WHERE idempotency_key LIKE 'schedule:nightly_chain:%'
+         GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(k, n)| {
+            let at = k.trim_start_matches("schedule:nightly_chain:");
+            (at.parse().expect("an RFC 3339 tick"), n)
+        })
+        .collect()
+}
+
+async fn db_now(pool: &PgPool) -> chrono::DateTime<chrono::Utc> {
+    sqlx::query_scalar("SELECT now()")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_ticks(pool: &PgPool, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while schedule_ticks(pool).await.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "the schedule did not fire {n} ticks"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Each tick started exactly one run and no tick between the first and the last is
+/// missing.
+fn assert_one_run_per_tick(ticks: &[(chrono::DateTime<chrono::Utc>, i64)]) {
+    for (i, (at, n)) in ticks.iter().enumerate() {
+        assert_eq!(*n, 1, "tick {at} started {n} runs");
+        if i > 0 {
+            assert_eq!(
+                (*at - ticks[i - 1].0).num_seconds(),
+                1,
+                "a gap or a repeat before {at}: {ticks:?}"
+            );
+        }
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn three_workers_one_schedule_one_run_per_tick(pool: PgPool) {
+    sqlx::raw_sql(EXECUTIONS_DDL).execute(&pool).await.unwrap();
+    let url = database_url(&pool);
+    let scheduled = [
+        "--schedule-every-secs",
+        "1",
+        "--schedule-missed",
+        "run_each",
+    ];
+    let ids = ["instance_a", "instance_b", "instance_c"];
+    let mut workers: Vec<Worker> = ids
+        .iter()
+        .map(|id| Worker::spawn_with(&url, id, &scheduled))
+        .collect();
+    // About 5 s of ticks, every worker racing to fire each one.
+    let started = Instant::now();
+    wait_ticks(&pool, 5).await;
+    let before = schedule_ticks(&pool).await;
+    assert_one_run_per_tick(&before);
+
+    // Every instance dies; the ticks due meanwhile are fired (run_each) by the
+    // first worker back.
+    for w in &mut workers {
+        w.sigkill();
+    }
+    let killed_at = Instant::now();
+    let down_from = db_now(&pool).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = schedule_ticks(&pool).await.len();
+    let down_to = db_now(&pool).await;
+    let workers: Vec<Worker> = ids
+        .iter()
+        .map(|id| Worker::spawn_with(&url, id, &scheduled))
+        .collect();
+    wait_ticks(&pool, during + 6).await;
+    let ticks = schedule_ticks(&pool).await;
+    assert_one_run_per_tick(&ticks);
+    assert_eq!(
+        ticks[..before.len()],
+        before[..],
+        "fired ticks stay as they were"
+    );
+    let missed = ticks
+        .iter()
+        .filter(|(at, _)| *at > down_from && *at <= down_to)
+        .count();
+    assert!(
+        missed > 0,
+        "the ticks due while every worker was down were fired"
+    );
+    let n = ticks.len() as u64;
+    wait_all(&pool, n, Duration::from_secs(60)).await;
+    let failed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow.runs WHERE workflow = 'proc_chain3' AND status <> 'succeeded'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(failed, 0);
+    let finished_by: Vec<(Option<String>, i64)> = sqlx::query_as(
+        "SELECT instance_id, count(*) FROM pgflow.runs WHERE workflow = 'proc_chain3'
+         GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    println!(
+        "{n} ticks from {} to {}, each one run; {} fired before the kill ({:.1} s), {missed} \
+         due while all 3 workers were down (fired on restart, {:.1} s after the kill); runs \
+         finished by {finished_by:?}",
+        ticks[0].0,
+        ticks[ticks.len() - 1].0,
+        before.len(),
+        killed_at.duration_since(started).as_secs_f64(),
+        killed_at.elapsed().as_secs_f64(),
+    );
+    drop(workers);
 }

@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use pgflow_runtime::ScheduleInfo;
 use pgflow_runtime::admin::{
     CancelReport, ForkReport, Instance, MigrateReport, Results, RetryReport, RunDetail, RunFilter,
     RunSummary, StartReport, Status,
@@ -124,7 +125,81 @@ pub(crate) fn status(s: &Status) -> String {
             u.runs, u.workflow, u.version, u.workflow, u.version, u.queue
         );
     }
+
+    out.push_str("\nSCHEDULES\n");
+    out.push_str(&schedule_table(&s.schedules));
     out
+}
+
+/// A schedule whose next tick is this late has no instance firing it.
+const OVERDUE_MS: i64 = 60_000;
+
+/// `pgflow schedules`.
+pub(crate) fn schedules(list: &[ScheduleInfo]) -> String {
+    schedule_table(list)
+}
+
+/// The schedules as a table (`(no schedules)` when there are none), then a warning
+/// per schedule that no instance fires.
+fn schedule_table(list: &[ScheduleInfo]) -> String {
+    let mut out = String::new();
+    let mut t = Table::new(&[
+        ("NAME", false),
+        ("WORKFLOW", false),
+        ("CRON", false),
+        ("TIME ZONE", false),
+        ("MISSED", false),
+        ("NEXT TICK (UTC)", false),
+        ("IN", true),
+        ("LAST TICK (UTC)", false),
+        ("LAST RUN", false),
+    ]);
+    for s in list {
+        let next_in = match s.next_in_ms {
+            Some(ms) if ms < 0 => format!("-{}", crate::table::ms(-ms)),
+            other => opt_ms(other),
+        };
+        let last_run = match (s.last_run_id, &s.last_run_status) {
+            (Some(id), Some(status)) => format!("{id} {status}"),
+            (Some(id), None) => id.to_string(),
+            _ => "-".to_owned(),
+        };
+        t.row(vec![
+            s.name.clone(),
+            s.workflow.clone(),
+            s.cron.clone(),
+            s.time_zone.clone(),
+            s.missed.to_string(),
+            s.next_tick.map_or_else(|| "none left".to_owned(), time),
+            next_in,
+            s.last_tick.map_or_else(|| "-".to_owned(), time),
+            last_run,
+        ]);
+    }
+    section(&mut out, &t, "no schedules");
+    for s in list {
+        if s.next_in_ms.is_some_and(|ms| ms < -OVERDUE_MS) {
+            let _ = writeln!(
+                out,
+                "\nWARNING: schedule {} is {} overdue: no running instance fires it (those that \
+                 register it are down); if no code registers it any more, remove it with \
+                 `pgflow schedules remove {}`",
+                s.name,
+                crate::table::ms(-s.next_in_ms.unwrap_or(0)),
+                s.name
+            );
+        }
+    }
+    out
+}
+
+/// `pgflow schedules remove`.
+pub(crate) fn schedule_removed(s: &ScheduleInfo) -> String {
+    format!(
+        "removed schedule {} ({} `{}` in {}); an instance that registers it in code stores it \
+         again when it starts\n",
+        s.name, s.workflow, s.cron, s.time_zone
+    )
 }
 
 /// `{"default": 16, "llm": 4}` as `default:16 llm:4`.

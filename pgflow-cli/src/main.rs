@@ -13,6 +13,8 @@
 //! pgflow retry 42                       resume a failed or cancelled run where it stopped
 //! pgflow fork 42 --from summarize       a new run redoing `summarize` and what follows
 //! pgflow export 42 > run42.json         a run as JSON, to replay it in a test
+//! pgflow schedules                      cron schedules: next and last tick, last run
+//! pgflow schedules remove nightly       stop a schedule (its code registers it again at start)
 //! ```
 //!
 //! Tables by default, `--json` for scripts. The database is `--database-url`, else
@@ -132,6 +134,24 @@ enum Command {
         /// The run id
         id: i64,
     },
+    /// Cron schedules: expression, time zone, missed-tick policy, next and last tick
+    #[command(args_conflicts_with_subcommands = true)]
+    Schedules {
+        #[command(subcommand)]
+        action: Option<SchedulesAction>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SchedulesAction {
+    /// List the schedules (the default)
+    List,
+    /// Remove a schedule: no instance fires it any more. An instance that registers it
+    /// in code stores it again when it next starts: remove it from the code too
+    Remove {
+        /// The schedule's name
+        name: String,
+    },
 }
 
 fn parse_json(s: &str) -> Result<serde_json::Value, String> {
@@ -235,6 +255,16 @@ async fn run(cli: Cli) -> Result<String, Error> {
             let r = admin::cancel(&pool, RunId(id)).await?;
             output(json, &r, human::cancel)
         }
+        Command::Schedules { action } => match action {
+            None | Some(SchedulesAction::List) => {
+                let r = admin::schedules(&pool).await?;
+                output(json, &r, |s| human::schedules(s))
+            }
+            Some(SchedulesAction::Remove { name }) => {
+                let r = admin::remove_schedule(&pool, &name).await?;
+                output(json, &r, human::schedule_removed)
+            }
+        },
     };
     pool.close().await;
     Ok(out)

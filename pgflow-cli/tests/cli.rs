@@ -893,3 +893,86 @@ async fn fork_starts_a_new_run_and_status_shows_versions(pool: PgPool) {
         "the instance went offline"
     );
 }
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn schedules_are_listed_shown_in_status_and_removed(pool: PgPool) {
+    use pgflow_runtime::{Missed, Schedule};
+    let nightly = Schedule::cron::<Greet>("nightly", "0 0 3 * * *", |_| "night".to_owned())
+        .unwrap()
+        .time_zone("Europe/Paris")
+        .unwrap();
+    let hourly = Schedule::cron::<Greet>("hourly", "0 * * * *", |_| "hour".to_owned())
+        .unwrap()
+        .missed(Missed::Skip);
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .instance_id("cli-test")
+        .schedule(nightly)
+        .schedule(hourly)
+        .start()
+        .await
+        .expect("the runtime starts");
+    rt.shutdown().await.unwrap();
+    // No instance runs `hourly` and its tick is 2 minutes past: it is overdue.
+    sqlx::query(
+        "UPDATE pgflow.schedules SET next_tick = now() - interval '2 minutes' WHERE name = 'hourly'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let out = pgflow(&pool, &["schedules"]).await.ok();
+    let line = cells(row(&out, "nightly"));
+    assert_eq!(
+        line[..9],
+        [
+            "nightly",
+            "cli_greet",
+            "0",
+            "0",
+            "3",
+            "*",
+            "*",
+            "*",
+            "Europe/Paris"
+        ],
+        "{out}"
+    );
+    assert_eq!(line[9], "run_once", "{out}");
+    assert!(
+        out.contains("WARNING: schedule hourly is 2m") && out.contains("overdue"),
+        "{out}"
+    );
+    assert!(!out.contains("schedule nightly is"), "{out}");
+
+    let status = pgflow(&pool, &["status"]).await.ok();
+    let section = &status[status.find("SCHEDULES").expect("a SCHEDULES table")..];
+    assert_eq!(cells(row(section, "hourly"))[1..3], ["cli_greet", "0"]);
+
+    let v = pgflow(&pool, &["schedules", "--json"]).await.json();
+    assert_eq!(v[0]["name"], "hourly");
+    assert_eq!(v[0]["missed"], "skip");
+    assert!(v[0]["next_in_ms"].as_i64().unwrap() < -100_000);
+    assert_eq!(v[1]["time_zone"], "Europe/Paris");
+    let s = pgflow(&pool, &["status", "--json"]).await.json();
+    assert_eq!(s["schedules"].as_array().unwrap().len(), 2);
+
+    let out = pgflow(&pool, &["schedules", "remove", "hourly"]).await.ok();
+    assert!(
+        out.starts_with("removed schedule hourly (cli_greet `0 * * * *` in UTC)"),
+        "{out}"
+    );
+    let e = pgflow(&pool, &["schedules", "remove", "hourly"])
+        .await
+        .err();
+    assert_eq!(
+        e.trim_end(),
+        "error: no schedule named `hourly`; schedules: nightly"
+    );
+    let v = pgflow(&pool, &["schedules", "remove", "nightly", "--json"])
+        .await
+        .json();
+    assert_eq!(v["name"], "nightly");
+    let out = pgflow(&pool, &["schedules", "list"]).await.ok();
+    assert_eq!(out, "  (no schedules)\n");
+}

@@ -16,7 +16,7 @@ use crate::engine::Engine;
 use crate::engine::rescuer::rescue_once;
 use crate::store::instances::{self, Registered, Registration};
 use crate::store::{definitions, version_i32};
-use crate::{Error, Runtime};
+use crate::{Error, Runtime, Schedule};
 
 /// Configures and starts a [`Runtime`].
 ///
@@ -41,6 +41,7 @@ pub struct RuntimeBuilder {
     instance_id: Option<String>,
     data: Data,
     config: Config,
+    schedules: Vec<Schedule>,
 }
 
 impl RuntimeBuilder {
@@ -154,6 +155,37 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Fires `schedule` from this instance: each of its ticks starts a run of its
+    /// workflow (exactly one per tick, however many instances register it). A
+    /// runtime without queues fires its schedules too. See [`Schedule`].
+    ///
+    /// At start the schedule is stored in `pgflow.schedules` under its name: a new
+    /// name is added with its first tick after now; a changed expression or time
+    /// zone replaces the stored one and its ticks start over from now (ticks of the
+    /// old expression that are due are dropped); a changed missed-tick policy or
+    /// workflow replaces the stored one and keeps the due ticks. Every instance fires
+    /// the schedule by the stored definition, so during a rolling deploy the last
+    /// instance to start with a changed definition sets it for all.
+    ///
+    /// ```no_run
+    /// # use pgflow::{workflow, StepError};
+    /// # pub struct Cleanup;
+    /// # #[workflow] impl Cleanup { #[step] async fn run(n: ()) -> Result<(), StepError> { Ok(n) } }
+    /// use pgflow_runtime::{Missed, Runtime, Schedule};
+    ///
+    /// # async fn demo() -> Result<(), pgflow_runtime::Error> {
+    /// let rt = Runtime::builder()
+    ///     .queue("default", 4)
+    ///     .schedule(Schedule::cron::<Cleanup>("cleanup", "*/5 * * * *", |_| ())?.missed(Missed::Skip))
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn schedule(mut self, schedule: Schedule) -> Self {
+        self.schedules.push(schedule);
+        self
+    }
+
     /// Pool size when the runtime connects itself (default 10).
     pub fn max_connections(mut self, n: u32) -> Self {
         self.config.max_connections = n.max(2);
@@ -166,7 +198,8 @@ impl RuntimeBuilder {
     ///
     /// [`Error::Connect`] when the database cannot be reached; [`Error::Migrate`];
     /// [`Error::Registry`] for two workflows with one name and version;
-    /// [`Error::DefinitionChanged`] for a changed definition under an old version.
+    /// [`Error::DefinitionChanged`] for a changed definition under an old version;
+    /// [`Error::InvalidSchedule`] for two schedules with one name.
     pub async fn start(self) -> Result<Runtime, Error> {
         for (q, c) in &self.queues {
             if *c == 0 || q.is_empty() {
@@ -185,6 +218,7 @@ impl RuntimeBuilder {
         let registry = pgflow::registry()?;
         let defs: Vec<&'static WorkflowDef> = registry.workflows().to_vec();
         register_definitions(&pool, &defs).await?;
+        crate::schedule::register(&pool, &defs, &self.schedules).await?;
         let instance_id = self.instance_id.unwrap_or_else(default_instance_id);
         if instance_id.is_empty() {
             return Err(Error::Config("the instance id is empty".into()));
@@ -237,7 +271,7 @@ impl RuntimeBuilder {
                 }
             }
         }
-        engine.start_loops(completions);
+        engine.start_loops(completions, self.schedules.into());
         Ok(Runtime::new(engine))
     }
 }
@@ -430,6 +464,7 @@ impl std::fmt::Debug for RuntimeBuilder {
             .field("instance_id", &self.instance_id)
             .field("data", &self.data)
             .field("config", &self.config)
+            .field("schedules", &self.schedules)
             .finish()
     }
 }

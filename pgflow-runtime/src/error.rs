@@ -180,6 +180,23 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A schedule cannot be registered: a bad cron expression or time zone, or a
+    /// name given twice.
+    #[error("schedule `{name}`: {message}")]
+    InvalidSchedule {
+        /// The schedule.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// No schedule has this name.
+    #[error("no schedule named `{name}`; schedules: {known}")]
+    UnknownSchedule {
+        /// The name asked for.
+        name: String,
+        /// The stored schedules, comma-separated (`none` when there are none).
+        known: String,
+    },
     /// A run status did not parse.
     #[error(
         "invalid run status {0:?}: expected one of running, succeeded, failed, cancelled (or \

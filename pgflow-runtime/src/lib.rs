@@ -40,10 +40,15 @@
 //!
 //! The crate's layout, for readers of its source: `runtime` and `handle` are the
 //! public API,
-//! `builder` starts it, `engine/` holds the shared state and one file per loop
-//! (claimer, executor, flusher, listener, rescuer, heartbeat, maintenance), `store/`
-//! holds every SQL statement, `catalog` what is derived once from the linked
-//! definitions, and [`admin`] the operator functions the CLI runs.
+//! `builder` starts it, `schedule` is the cron schedules' model and tick arithmetic,
+//! `engine/` holds the shared state and one file per loop (claimer, executor,
+//! flusher, listener, rescuer, heartbeat, maintenance, promoter, scheduler), `store/` holds
+//! every SQL statement, `catalog` what is derived once from the linked definitions,
+//! and [`admin`] the operator functions the CLI runs.
+//!
+//! Cron schedules: [`RuntimeBuilder::schedule`] registers a [`Schedule`]; each of its
+//! ticks starts exactly one run across every instance that registers it (the tick is
+//! the run's idempotency key), by its [`Missed`] policy after an outage.
 
 pub mod admin;
 mod builder;
@@ -54,6 +59,7 @@ mod engine;
 mod error;
 mod handle;
 mod runtime;
+mod schedule;
 mod store;
 
 pub use builder::RuntimeBuilder;
@@ -61,6 +67,7 @@ pub use connect::mask_password;
 pub use error::Error;
 pub use handle::{RunHandle, RunOutcome, RunStatus};
 pub use runtime::{InstanceInfo, Runtime, StartOptions, Stats, Summary};
+pub use schedule::{Missed, Schedule, ScheduleInfo, Tick};
 
 /// The schema migrations (`migrations/` in this crate), as a sqlx
 /// [`Migrator`](sqlx::migrate::Migrator): what `#[sqlx::test(migrator =

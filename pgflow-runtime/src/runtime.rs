@@ -164,6 +164,47 @@ impl Runtime {
             .collect())
     }
 
+    /// The cron schedules stored in this database (by every runtime that registers
+    /// one, not only this one), by name: definition, next and last tick, the last
+    /// run's status. See [`admin::schedules`](crate::admin::schedules()).
+    ///
+    /// ```no_run
+    /// # async fn demo(rt: pgflow_runtime::Runtime) -> Result<(), pgflow_runtime::Error> {
+    /// for s in rt.schedules().await? {
+    ///     println!("{}: `{}` in {}, next tick {:?}", s.name, s.cron, s.time_zone, s.next_tick);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn schedules(&self) -> Result<Vec<crate::ScheduleInfo>, Error> {
+        crate::admin::schedules(&self.engine.pool).await
+    }
+
+    /// Removes the stored schedule `name`: no instance fires it any more (runs it
+    /// started are left alone). An instance that registers it in code stores it
+    /// again at its next start, with its first tick after then — to stop a schedule
+    /// for good, remove it from the code too. Returns false when there was none.
+    ///
+    /// ```no_run
+    /// # async fn demo(rt: pgflow_runtime::Runtime) -> Result<(), pgflow_runtime::Error> {
+    /// assert!(rt.remove_schedule("nightly_report").await?);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn remove_schedule(&self, name: &str) -> Result<bool, Error> {
+        match crate::admin::remove_schedule(&self.engine.pool, name).await {
+            Ok(_) => Ok(true),
+            Err(Error::UnknownSchedule { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Runs until SIGTERM or SIGINT (Ctrl-C), then shuts down gracefully: stops
     /// claiming, lets in-flight steps finish up to the shutdown grace, flushes their
     /// completions, gives back what did not finish (attempt not counted) and marks
@@ -578,7 +619,10 @@ impl Runtime {
     }
 }
 
-fn serialize_input<T: serde::Serialize>(def: &WorkflowDef, input: &T) -> Result<String, Error> {
+pub(crate) fn serialize_input<T: serde::Serialize>(
+    def: &WorkflowDef,
+    input: &T,
+) -> Result<String, Error> {
     let invalid = |message: String| Error::InvalidInput {
         workflow: def.name().to_owned(),
         message,

@@ -5,7 +5,8 @@
 //! [`Definition`](pgflow::Definition), and read back as one), so a binary that links
 //! none of the workflows can inspect, retry and cancel their runs.
 //!
-//! - [`status`]: instances, queue depths, runs per workflow;
+//! - [`status`]: instances, queue depths, runs per workflow, schedules;
+//! - [`schedules()`], [`remove_schedule`]: the cron schedules;
 //! - [`list_runs`], [`run_detail`]: runs and their steps;
 //! - [`results`]: the monitoring aggregates;
 //! - [`start`]: a run by name, from the stored definition;
@@ -37,6 +38,7 @@ mod export;
 pub(crate) mod repair;
 mod results;
 mod runs;
+mod schedules;
 mod start;
 mod status;
 
@@ -48,6 +50,7 @@ pub use results::{InstanceResult, Results, StatusResult, WorkflowResult, results
 pub use runs::{
     ElementsDetail, RunDetail, RunFilter, RunSummary, StepDetail, StepStatus, list_runs, run_detail,
 };
+pub use schedules::{remove_schedule, schedules};
 pub use start::{StartReport, start};
 pub use status::{Instance, QueueDepth, Status, UnservedRuns, VersionStatus, WorkflowRuns, status};
 

@@ -1,12 +1,13 @@
 //! [`status`]: the state of a cluster — instances, queue depths, runs per workflow,
-//! and per workflow version the runs in flight and the instances serving it.
+//! per workflow version the runs in flight and the instances serving it, and the
+//! cron schedules.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::Error;
 use crate::store::{instances, runs, tasks};
+use crate::{Error, ScheduleInfo};
 
 // status
 
@@ -23,6 +24,8 @@ pub struct Status {
     pub versions: Vec<VersionStatus>,
     /// Workflow versions with running runs that no online instance serves.
     pub unserved: Vec<UnservedRuns>,
+    /// The cron schedules, by name (see [`admin::schedules`](crate::admin::schedules())).
+    pub schedules: Vec<ScheduleInfo>,
 }
 
 /// One registered workflow version (a row of `pgflow.workflows`), as a rolling
@@ -120,8 +123,8 @@ pub struct WorkflowRuns {
     pub cancelled: i64,
 }
 
-/// Instances, queue depths, run counts, and the running runs no online instance
-/// serves. The run counts scan `pgflow.runs`.
+/// Instances, queue depths, run counts, the running runs no online instance
+/// serves, and the schedules. The run counts scan `pgflow.runs`.
 ///
 /// # Errors
 ///
@@ -187,11 +190,13 @@ pub async fn status(pool: &PgPool) -> Result<Status, Error> {
             queue: r.queue.unwrap_or_else(|| "?".to_owned()),
         })
         .collect();
+    let schedules = super::schedules::list(&mut *conn).await?;
     Ok(Status {
         instances,
         queues,
         runs,
         versions,
         unserved,
+        schedules,
     })
 }

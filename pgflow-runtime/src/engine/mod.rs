@@ -8,6 +8,9 @@
 //! - [`rescuer`]: gives lost claims back to the queue.
 //! - [`heartbeat`]: keeps this instance's row alive with its load.
 //! - [`maintenance`]: vacuums the hot tables.
+//! - [`promoter`]: moves parked tasks (due later) back into the claim's index
+//!   shortly before they are due.
+//! - [`scheduler`]: fires the cron schedules this instance registers.
 //!
 //! Arrows point one way: the API (`Runtime`, the builder) starts and stops the
 //! engine; the engine calls the store; the store knows neither.
@@ -18,7 +21,9 @@ pub(crate) mod flusher;
 pub(crate) mod heartbeat;
 pub(crate) mod listener;
 pub(crate) mod maintenance;
+pub(crate) mod promoter;
 pub(crate) mod rescuer;
+pub(crate) mod scheduler;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -149,18 +154,27 @@ impl Engine {
         (engine, rx)
     }
 
-    /// Spawns the loops: the flusher and heartbeat always; with queues to serve,
-    /// the listener, rescuer, maintainer and one claimer per queue.
-    pub(crate) fn start_loops(self: &Arc<Self>, completions: mpsc::UnboundedReceiver<FlushMsg>) {
+    /// Spawns the loops: the flusher and heartbeat always; the scheduler with
+    /// schedules to fire; with queues to serve, the listener, rescuer, maintainer,
+    /// promoter and one claimer per queue.
+    pub(crate) fn start_loops(
+        self: &Arc<Self>,
+        completions: mpsc::UnboundedReceiver<FlushMsg>,
+        schedules: Arc<[crate::Schedule]>,
+    ) {
         let mut others = vec![
             tokio::spawn(flusher::run(Arc::clone(self), completions)),
             tokio::spawn(heartbeat::run(Arc::clone(self))),
         ];
+        if !schedules.is_empty() {
+            others.push(tokio::spawn(scheduler::run(Arc::clone(self), schedules)));
+        }
         let mut claimers = Vec::new();
         if !self.queues.is_empty() {
             others.push(tokio::spawn(listener::run(Arc::clone(self))));
             others.push(tokio::spawn(rescuer::run(Arc::clone(self))));
             others.push(tokio::spawn(maintenance::run(Arc::clone(self))));
+            others.push(tokio::spawn(promoter::run(Arc::clone(self))));
             for (q, c) in &self.queues {
                 claimers.push(tokio::spawn(claimer::run(Arc::clone(self), q.clone(), *c)));
             }

@@ -8,6 +8,8 @@
 //! - [`steps`]: step states and map elements as tools read and repair them.
 //! - [`instances`]: the instance registry and heartbeats.
 //! - [`definitions`]: the stored step tables.
+//! - [`schedules`]: cron schedules — registering, firing (locked, fenced on the row),
+//!   listing, removing.
 //! - [`export`]: a run with every stored output, for a replay.
 //! - [`notify`]: the one NOTIFY policy.
 //! - [`maintenance`]: vacuuming the hot tables.
@@ -26,6 +28,7 @@ pub(crate) mod maintenance;
 pub(crate) mod migrations;
 pub(crate) mod notify;
 pub(crate) mod runs;
+pub(crate) mod schedules;
 pub(crate) mod steps;
 pub(crate) mod tasks;
 
