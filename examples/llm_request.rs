@@ -2,7 +2,7 @@
 //! endpoint over HTTP, record the cost — durably, with retries on 429/5xx.
 //!
 //! ```text
-//! cargo run --example llm_request -- [--n 60]
+//! cargo run --example llm_request -- [--n 60] [--batches 3]
 //! LLM_BASE_URL=http://localhost:4000 LLM_API_KEY=... cargo run --example llm_request
 //! ```
 //!
@@ -11,15 +11,25 @@
 //! `--n` requests (a few with an unknown task type, which fail permanently), prints a
 //! per-model table from `pgflow.job_results`, checks its own results and ends with
 //! `llm_request: OK` (exit 0) or the list of what was wrong (exit 1).
+//!
+//! With the stub it also sends `--batches` (default 3) batch jobs through the
+//! `llm_batch` workflow, which polls each job with `StepError::snooze` until the
+//! provider completes it: the polls hold no worker slot and count no attempt.
 
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use pgflow_runtime::Runtime;
-use pgflow_suite::llm::{LlmClient, LlmInput, LlmRequest, Message, TIERS};
+use pgflow_suite::llm::{
+    BatchAnswer, BatchInput, LlmBatch, LlmClient, LlmInput, LlmRequest, Message, STUB_BATCH_POLLS,
+    StubEndpoint, TIERS,
+};
 
-async fn run(n: usize) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+async fn run(n: usize, batches: usize) -> Result<Vec<String>, Box<dyn std::error::Error>> {
     let url = pgflow_suite::support::database_url();
-    let (client, stub) = LlmClient::from_env().await.map_err(|e| e.to_string())?;
+    let (mut client, stub) = LlmClient::from_env().await.map_err(|e| e.to_string())?;
+    // The stub's batch jobs complete after a few polls: poll them quickly.
+    client.batch_poll = Duration::from_millis(200);
     let base_url = client.base_url.clone();
     let rt = Runtime::builder()
         .database_url(&url)
@@ -121,24 +131,87 @@ async fn run(n: usize) -> Result<Vec<String>, Box<dyn std::error::Error>> {
     if stub.is_some() && n >= 14 && retried == 0 {
         problems.push("the stub's 429/500 answers were never retried".into());
     }
+    if let Some(stub) = &stub {
+        batch_jobs(&rt, stub, batches, &mut problems).await?;
+    }
     rt.shutdown().await?;
     Ok(problems)
+}
+
+/// Sends `n` batch jobs of 4 prompts through `llm_batch` and checks that each was
+/// polled until complete with snoozes, on its first attempt.
+async fn batch_jobs(
+    rt: &Runtime,
+    stub: &StubEndpoint,
+    n: usize,
+    problems: &mut Vec<String>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let inputs: Vec<BatchInput> = (0..n)
+        .map(|i| BatchInput {
+            batch_ref: format!("batch-{i}"),
+            task_type: ["simple", "medium"][i % 2].to_owned(),
+            prompts: (0..4)
+                .map(|k| format!("Summarise document {i}.{k}"))
+                .collect(),
+        })
+        .collect();
+    let polls_before = stub.batch_polls.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let ids = rt.start_many::<LlmBatch>(inputs).await?;
+    let mut cost = 0;
+    for id in &ids {
+        match rt.handle::<BatchAnswer>(*id, true).wait().await {
+            Ok(a) if a.answers.len() == 4 && a.cost_cents > 0 => cost += a.cost_cents,
+            Ok(a) => problems.push(format!("batch run {id}: unexpected answer {a:?}")),
+            Err(e) => problems.push(format!("batch run {id} failed: {e}")),
+        }
+    }
+    let polls = stub.batch_polls.load(Ordering::Relaxed) - polls_before;
+    let first = ids.first().map_or(0, |i| i.0);
+    // `wait_for_batch` (step 1) completed on attempt 1 in every run: snoozes are not
+    // attempts.
+    let attempts: Vec<i32> = sqlx::query_scalar(
+        "SELECT s.attempts FROM pgflow.step_states s JOIN pgflow.runs r ON r.id = s.run_id
+         WHERE r.workflow = 'llm_batch' AND r.id >= $1 AND s.step = 1",
+    )
+    .bind(first)
+    .fetch_all(rt.pool())
+    .await?;
+    println!(
+        "\n{} batch jobs completed in {:.0} ms after {polls} status polls ({} snoozes), \
+         every one on its first attempt; {cost} cents",
+        ids.len(),
+        started.elapsed().as_secs_f64() * 1e3,
+        polls.saturating_sub(ids.len() as u64),
+    );
+    let expected = (u64::from(STUB_BATCH_POLLS) + 1) * ids.len() as u64;
+    if polls != expected {
+        problems.push(format!("{polls} batch polls, expected {expected}"));
+    }
+    if attempts.len() != ids.len() || attempts.iter().any(|&a| a != 1) {
+        problems.push(format!(
+            "wait_for_batch attempts {attempts:?}: a snooze was counted"
+        ));
+    }
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() {
     let mut n = 60;
+    let mut batches = 3;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), args.next().and_then(|v| v.parse().ok())) {
             ("--n", Some(v)) => n = v,
+            ("--batches", Some(v)) => batches = v,
             _ => {
-                eprintln!("usage: llm_request [--n N]");
+                eprintln!("usage: llm_request [--n N] [--batches N]");
                 std::process::exit(2);
             }
         }
     }
-    match run(n).await {
+    match run(n, batches).await {
         Ok(problems) if problems.is_empty() => println!("llm_request: OK"),
         Ok(problems) => {
             for p in problems {

@@ -8,9 +8,17 @@
 //! `500` — so everything runs offline. HTTP 429 and 5xx are retryable (a
 //! `Retry-After` header sets the delay), other 4xx are permanent. HTTPS needs the
 //! root package's `tls` feature.
+//!
+//! [`LlmBatch`] sends many prompts as one provider *batch job* (cheaper, slower:
+//! `POST {base}/v1/batches`, then `GET {base}/v1/batches/{id}` until it is
+//! `completed`) and polls it with `StepError::snooze`: no worker slot is held between
+//! polls and the polls do not count as attempts. The stub implements that endpoint
+//! (a simplified form of a provider's batch API: the requests travel inline), with a
+//! job that completes after a few polls.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgflow::{StepContext, StepError, workflow};
@@ -95,6 +103,8 @@ pub struct LlmClient {
     pub base_url: String,
     /// Bearer token, if any.
     pub api_key: Option<String>,
+    /// How long a batch job is left alone between two polls.
+    pub batch_poll: Duration,
 }
 
 impl LlmClient {
@@ -110,6 +120,7 @@ impl LlmClient {
                 .build()?,
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key,
+            batch_poll: Duration::from_secs(30),
         })
     }
 }
@@ -246,6 +257,173 @@ pub fn cost_cents(c: &Completion) -> i64 {
     (micro + 999_999) / 1_000_000
 }
 
+/// What [`LlmBatch`] asks for: prompts answered by one model as one batch job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchInput {
+    /// The caller's id for the batch.
+    pub batch_ref: String,
+    /// A tier of [`TIERS`] (`simple`, `medium`, `complex`).
+    pub task_type: String,
+    /// One user prompt per request.
+    pub prompts: Vec<String>,
+}
+
+/// A submitted batch job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmittedBatch {
+    /// The provider's job id.
+    pub job_id: String,
+    /// The model.
+    pub model: String,
+    /// The tier's prices, cents per million prompt / completion tokens.
+    pub prices: (i64, i64),
+}
+
+/// A batch job's results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchAnswer {
+    /// The caller's id for the batch.
+    pub batch_ref: String,
+    /// The model.
+    pub model: String,
+    /// One answer per prompt, in order.
+    pub answers: Vec<String>,
+    /// Tokens used, prompt + completion, over the batch.
+    pub tokens: i64,
+    /// What the batch cost, in cents (rounded up).
+    pub cost_cents: i64,
+}
+
+/// Submits prompts as one batch job, polls it with `snooze` until it completes,
+/// records the cost.
+pub struct LlmBatch;
+
+#[workflow(name = "llm_batch", queue = "llm", max_attempts = 4, backoff = "50ms")]
+impl LlmBatch {
+    #[step]
+    async fn submit(req: BatchInput, ctx: &StepContext) -> Result<SubmittedBatch, StepError> {
+        let Some((_, _, model, p, c)) = TIERS.iter().find(|t| t.0 == req.task_type) else {
+            return Err(StepError::permanent(format!(
+                "unknown task type `{}`: expected simple, medium or complex",
+                req.task_type
+            )));
+        };
+        let client = ctx.data::<LlmClient>()?;
+        let requests: Vec<serde_json::Value> = req
+            .prompts
+            .iter()
+            .map(|p| json!({ "model": model, "messages": [{"role": "user", "content": p}] }))
+            .collect();
+        let body = client
+            .send(
+                client
+                    .http
+                    .post(format!("{}/v1/batches", client.base_url))
+                    .json(&json!({ "metadata": { "ref": req.batch_ref }, "requests": requests })),
+            )
+            .await?;
+        let job_id = body["id"]
+            .as_str()
+            .ok_or_else(|| StepError::permanent("the batch response has no id"))?;
+        Ok(SubmittedBatch {
+            job_id: job_id.to_owned(),
+            model: (*model).to_owned(),
+            prices: (*p, *c),
+        })
+    }
+
+    /// Asks for the job's status; while it runs, snoozes for `LlmClient::batch_poll`
+    /// (at most 720 times: six hours of 30 s polls).
+    #[step(max_snoozes = 720)]
+    async fn wait_for_batch(
+        submit: SubmittedBatch,
+        ctx: &StepContext,
+    ) -> Result<Vec<Completion>, StepError> {
+        let client = ctx.data::<LlmClient>()?;
+        let url = format!("{}/v1/batches/{}", client.base_url, submit.job_id);
+        let body = client.send(client.http.get(url)).await?;
+        match body["status"].as_str() {
+            Some("completed") => {}
+            Some("failed" | "expired" | "cancelled") => {
+                return Err(StepError::permanent(format!(
+                    "batch job {} ended as {}",
+                    submit.job_id, body["status"]
+                )));
+            }
+            _ => return Err(StepError::snooze(client.batch_poll)),
+        }
+        let results = body["results"]
+            .as_array()
+            .ok_or_else(|| StepError::permanent("a completed batch has no results"))?;
+        results
+            .iter()
+            .map(|r| {
+                Ok(Completion {
+                    model: submit.model.clone(),
+                    text: r["choices"][0]["message"]["content"]
+                        .as_str()
+                        .ok_or_else(|| StepError::permanent("a batch result has no content"))?
+                        .to_owned(),
+                    prompt_tokens: r["usage"]["prompt_tokens"].as_i64().unwrap_or(0),
+                    completion_tokens: r["usage"]["completion_tokens"].as_i64().unwrap_or(0),
+                    prompt_cents_per_mtok: submit.prices.0,
+                    completion_cents_per_mtok: submit.prices.1,
+                })
+            })
+            .collect()
+    }
+
+    #[step]
+    async fn record_batch(
+        wait_for_batch: Vec<Completion>,
+        input: BatchInput,
+        ctx: &StepContext,
+    ) -> Result<BatchAnswer, StepError> {
+        let cost: i64 = wait_for_batch.iter().map(cost_cents).sum();
+        ctx.add_cost_cents(cost);
+        Ok(BatchAnswer {
+            batch_ref: input.batch_ref,
+            model: wait_for_batch
+                .first()
+                .map_or_else(String::new, |c| c.model.clone()),
+            tokens: wait_for_batch
+                .iter()
+                .map(|c| c.prompt_tokens + c.completion_tokens)
+                .sum(),
+            answers: wait_for_batch.into_iter().map(|c| c.text).collect(),
+            cost_cents: cost,
+        })
+    }
+}
+
+impl LlmClient {
+    /// Sends a request with the bearer token; HTTP 429 and 5xx are retryable (with
+    /// `Retry-After`), other errors permanent; returns the JSON body.
+    async fn send(
+        &self,
+        mut request: reqwest::RequestBuilder,
+    ) -> Result<serde_json::Value, StepError> {
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        if status.as_u16() == 429 || status.is_server_error() {
+            return Err(StepError::retryable(format!(
+                "the provider answered HTTP {status}"
+            )));
+        }
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(StepError::permanent(format!(
+                "the provider refused the request: HTTP {status}: {}",
+                body.chars().take(200).collect::<String>()
+            )));
+        }
+        Ok(response.json().await?)
+    }
+}
+
 /// A local OpenAI-compatible chat-completions endpoint. Every `fail_every`-th
 /// request answers `429` (with `Retry-After: 0`) or `500` alternately; the others
 /// answer with a completion whose usage is derived from the prompt's length.
@@ -255,7 +433,16 @@ pub struct StubEndpoint {
     pub base_url: String,
     /// Requests answered so far.
     pub requests: Arc<AtomicU64>,
+    /// Batch status requests answered so far (polls).
+    pub batch_polls: Arc<AtomicU64>,
 }
+
+/// Batch jobs of a [`StubEndpoint`]: per job, the polls left before it completes and
+/// its requests.
+type Batches = Arc<Mutex<HashMap<String, (u32, Vec<serde_json::Value>)>>>;
+
+/// How many status polls a stub batch job answers `in_progress` before `completed`.
+pub const STUB_BATCH_POLLS: u32 = 3;
 
 impl StubEndpoint {
     /// Starts the endpoint on an ephemeral port of 127.0.0.1.
@@ -267,27 +454,44 @@ impl StubEndpoint {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let base_url = format!("http://{}", listener.local_addr()?);
         let requests = Arc::new(AtomicU64::new(0));
+        let batch_polls = Arc::new(AtomicU64::new(0));
+        let batches: Batches = Arc::default();
         let counter = Arc::clone(&requests);
+        let polls = Arc::clone(&batch_polls);
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let counter = Arc::clone(&counter);
+                let polls = Arc::clone(&polls);
+                let batches = Arc::clone(&batches);
                 tokio::spawn(async move {
-                    let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
-                    let Some(body) = read_request(&mut stream).await else {
+                    let Some((target, body)) = read_request(&mut stream).await else {
                         return;
                     };
-                    let reply = stub_reply(n, fail_every, &body);
+                    let reply = if target.starts_with("POST /v1/batches") {
+                        stub_batch_create(&batches, &body)
+                    } else if let Some(id) = target.strip_prefix("GET /v1/batches/") {
+                        polls.fetch_add(1, Ordering::Relaxed);
+                        stub_batch_status(&batches, id.split_whitespace().next().unwrap_or(""))
+                    } else {
+                        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                        stub_reply(n, fail_every, &body)
+                    };
                     let _ = stream.write_all(reply.as_bytes()).await;
                     let _ = stream.shutdown().await;
                 });
             }
         });
-        Ok(Self { base_url, requests })
+        Ok(Self {
+            base_url,
+            requests,
+            batch_polls,
+        })
     }
 }
 
-/// Reads one HTTP/1.1 request and returns its body.
-async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+/// Reads one HTTP/1.1 request and returns its request line (`GET /path HTTP/1.1`)
+/// and its body.
+async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0_u8; 4096];
     loop {
@@ -310,18 +514,87 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
                 }
                 buf.extend_from_slice(&chunk[..n]);
             }
-            return Some(buf[end + 4..end + 4 + len].to_vec());
+            let line = String::from_utf8_lossy(&buf[..end])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            return Some((line, buf[end + 4..end + 4 + len].to_vec()));
         }
     }
 }
 
-fn stub_reply(n: u64, fail_every: u64, body: &[u8]) -> String {
-    let http = |status: &str, extra: &str, json: String| {
-        format!(
-            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{json}",
-            json.len()
-        )
+fn http(status: &str, extra: &str, json: String) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{json}",
+        json.len()
+    )
+}
+
+/// `POST /v1/batches`: stores the job (completing after [`STUB_BATCH_POLLS`] polls).
+fn stub_batch_create(batches: &Batches, body: &[u8]) -> String {
+    let requests = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["requests"].as_array().cloned());
+    let Some(requests) = requests else {
+        return http(
+            "400 Bad Request",
+            "",
+            json!({"error": {"message": "expected {\"requests\": [..]}"}}).to_string(),
+        );
     };
+    let Ok(mut jobs) = batches.lock() else {
+        return http("500 Internal Server Error", "", "{}".to_owned());
+    };
+    let id = format!("batch_{}", jobs.len() + 1);
+    jobs.insert(id.clone(), (STUB_BATCH_POLLS, requests));
+    http(
+        "200 OK",
+        "",
+        json!({"id": id, "status": "in_progress"}).to_string(),
+    )
+}
+
+/// `GET /v1/batches/{id}`: `in_progress` until the job's polls run out, then
+/// `completed` with one chat completion per request.
+fn stub_batch_status(batches: &Batches, id: &str) -> String {
+    let Ok(mut jobs) = batches.lock() else {
+        return http("500 Internal Server Error", "", "{}".to_owned());
+    };
+    let Some((left, requests)) = jobs.get_mut(id) else {
+        return http(
+            "404 Not Found",
+            "",
+            json!({"error": {"message": format!("no batch {id}")}}).to_string(),
+        );
+    };
+    if *left > 0 {
+        *left -= 1;
+        return http(
+            "200 OK",
+            "",
+            json!({"id": id, "status": "in_progress"}).to_string(),
+        );
+    }
+    let results: Vec<serde_json::Value> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let reply = stub_reply(0, 0, r.to_string().as_bytes());
+            let body = reply.split("\r\n\r\n").nth(1).unwrap_or("{}");
+            let mut v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            v["custom_id"] = json!(i);
+            v
+        })
+        .collect();
+    http(
+        "200 OK",
+        "",
+        json!({"id": id, "status": "completed", "results": results}).to_string(),
+    )
+}
+
+fn stub_reply(n: u64, fail_every: u64, body: &[u8]) -> String {
     if fail_every > 0 && n % fail_every == 0 {
         return if (n / fail_every) % 2 == 1 {
             http(

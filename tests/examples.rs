@@ -47,6 +47,17 @@ async fn llm_request_routes_calls_and_records_costs(pool: PgPool) {
     .unwrap();
     assert_eq!((ok, failed), (20, 4));
     assert!(cost > 0);
+    // The batch jobs, polled with snoozes: every one succeeded on its first attempt.
+    let (batches, first_attempt): (i64, i64) = sqlx::query_as(
+        "SELECT count(DISTINCT r.id), count(*) FILTER (WHERE s.attempts = 1)
+         FROM pgflow.runs r JOIN pgflow.step_states s ON s.run_id = r.id AND s.step = 1
+         WHERE r.workflow = 'llm_batch' AND r.status = 'succeeded'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((batches, first_attempt), (3, 3));
+    assert!(out.contains("3 batch jobs completed"), "{out}");
 }
 
 #[sqlx::test]
