@@ -66,3 +66,26 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
     );
     bin
 }
+
+/// Waits until run `run_id` has no claimed task left: the attempts still in flight
+/// when it failed or was cancelled have landed (tests read its tables after this).
+///
+/// # Panics
+///
+/// After 10 s, or on a database error.
+pub async fn wait_no_claims(pool: &sqlx::PgPool, run_id: i64) {
+    for _ in 0..500 {
+        let claimed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pgflow.tasks WHERE run_id = $1 AND claimed_by IS NOT NULL",
+        )
+        .bind(run_id)
+        .fetch_one(pool)
+        .await
+        .expect("count the run's claimed tasks");
+        if claimed == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("run {run_id} still has claimed tasks after 10 s");
+}

@@ -57,24 +57,6 @@ async fn settle<O: serde::de::DeserializeOwned>(rt: &Runtime, id: RunId) -> Resu
         .expect("the run did not finish within 30 s")
 }
 
-/// Waits until run `id` has no claimed task left (attempts in flight have landed).
-async fn quiet(pool: &PgPool, id: RunId) {
-    for _ in 0..500 {
-        let claimed: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pgflow.tasks WHERE run_id = $1 AND claimed_by IS NOT NULL",
-        )
-        .bind(id.0)
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        if claimed == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("run {id} still has claimed tasks");
-}
-
 pub struct Squares;
 
 #[workflow(name = "resume_squares", max_attempts = 1)]
@@ -110,7 +92,7 @@ async fn retry_reruns_only_the_failed_elements_of_a_map_step(pool: PgPool) {
     let run = rt.start::<Squares>(20).await.unwrap();
     let err = settle::<u64>(&rt, run.id()).await.unwrap_err();
     assert!(err.to_string().contains("refused"), "{err}");
-    quiet(&pool, run.id()).await;
+    pgflow_suite::support::wait_no_claims(&pool, run.id().0).await;
 
     let stored_before: BTreeSet<i32> = sqlx::query_scalar(
         "SELECT element FROM pgflow.step_elements WHERE run_id = $1 AND step = 1",
@@ -207,7 +189,7 @@ async fn retry_resumes_a_cancelled_run(pool: PgPool) {
     }
     assert!(rt.cancel(run.id()).await.unwrap());
     probe.hold.store(false, Ordering::SeqCst);
-    quiet(&pool, run.id()).await;
+    pgflow_suite::support::wait_no_claims(&pool, run.id().0).await;
     assert!(matches!(
         rt.result::<String>(run.id()).await.unwrap(),
         pgflow_runtime::RunOutcome::Cancelled

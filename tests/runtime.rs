@@ -1670,19 +1670,7 @@ async fn retry_resumes_a_run_with_conditional_and_map_steps(pool: PgPool) {
     let err = run.wait().await.unwrap_err();
     assert!(err.to_string().contains("element 2 refused"), "{err}");
     // Elements still running when the run failed land (in the failed run) first.
-    for _ in 0..500 {
-        let claimed: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pgflow.tasks WHERE run_id = $1 AND claimed_by IS NOT NULL",
-        )
-        .bind(run.id().0)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if claimed == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    pgflow_suite::support::wait_no_claims(&pool, run.id().0).await;
     // The map step's elements were fanned out in SQL: no task without an element
     // ever existed for it (its state counts 5 elements, `step_elements` has the
     // ones that completed).
