@@ -14,7 +14,8 @@
 //! - `enqueue`: `start_many` alone (no workers), runs/s.
 //! - `latency`: sequential runs on an idle runtime: start -> first step running, and
 //!   start -> chain3 complete (`wait()` returns), p50/p99 over 200 runs (`--n`).
-//! - `sustained`: chain1 for `--duration` seconds (default 60): throughput of the first
+//! - `sustained`: chain1 for `--duration` seconds (default 60), with `--prune-after S`
+//!   pruning finished runs older than S seconds meanwhile: throughput of the first
 //!   and the last 10 s (a collapse would show table bloat).
 //! - `inline`: the in-process executor, ns per step of a 10-step chain.
 //! - `parked` (only when named): chain1 alone, then chain1 in a database where
@@ -220,9 +221,12 @@ struct Args {
     duration: u64,
     concurrency: usize,
     database: String,
+    /// `sustained` with retention on: finished runs older than this many seconds
+    /// are pruned while it runs.
+    prune_after: Option<u64>,
 }
 
-const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline|map|parked] [--n N] [--elements E] [--duration SECS] [--concurrency C] [--database NAME]";
+const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline|map|parked] [--n N] [--elements E] [--duration SECS] [--prune-after SECS] [--concurrency C] [--database NAME]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -233,6 +237,7 @@ fn parse_args() -> Result<Args, String> {
         duration: 60,
         concurrency: 256,
         database: "pgflow_bench".to_owned(),
+        prune_after: None,
     };
     let mut it = std::env::args().skip(1);
     let num = |v: Option<String>, flag: &str| -> Result<u64, String> {
@@ -255,6 +260,7 @@ fn parse_args() -> Result<Args, String> {
                 args.database = name;
             }
             "--duration" => args.duration = num(it.next(), "--duration")?.max(1),
+            "--prune-after" => args.prune_after = Some(num(it.next(), "--prune-after")?),
             "--concurrency" => {
                 args.concurrency = usize::try_from(num(it.next(), "--concurrency")?.max(1))
                     .map_err(|e| e.to_string())?
@@ -524,9 +530,25 @@ async fn map(elements: u64, concurrency: usize) -> BenchResult<()> {
     Ok(())
 }
 
-async fn sustained(duration: u64, concurrency: usize) -> BenchResult<()> {
+async fn sustained(duration: u64, concurrency: usize, prune_after: Option<u64>) -> BenchResult<()> {
     let url = fresh_database(db_name()).await?;
     let rt = runtime(&url, concurrency).await?;
+    // Retention on a runtime of its own (as in a deployment, any instance prunes).
+    let pruner = match prune_after {
+        Some(secs) => Some(
+            Runtime::builder()
+                .database_url(&url)
+                .instance_id("bench-pruner")
+                .max_connections(2)
+                .retention(
+                    pgflow_runtime::Retention::after(Duration::from_secs(secs))
+                        .every(Duration::from_secs(1)),
+                )
+                .start()
+                .await?,
+        ),
+        None => None,
+    };
     let start = Instant::now();
     let end = start + Duration::from_secs(duration);
     let producer = {
@@ -576,6 +598,16 @@ async fn sustained(duration: u64, concurrency: usize) -> BenchResult<()> {
         finished as f64 / total,
         last / first.max(1e-9),
     );
+    if let Some(pruner) = pruner {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.runs")
+            .fetch_one(pruner.pool())
+            .await?;
+        println!(
+            "BENCH scenario=sustained_pruning prune_after_secs={} runs_finished={finished} runs_left_in_table={left}",
+            prune_after.unwrap_or(0)
+        );
+        pruner.shutdown().await?;
+    }
     rt.shutdown().await?;
     Ok(())
 }
@@ -622,7 +654,7 @@ async fn run(args: Args) -> BenchResult<()> {
         latency(usize::try_from(runs).unwrap_or(200), 16).await?;
     }
     if args.scenario.as_deref() == Some("sustained") {
-        sustained(args.duration, args.concurrency).await?;
+        sustained(args.duration, args.concurrency, args.prune_after).await?;
     }
     if is("map") {
         map(args.elements, args.concurrency).await?;

@@ -4,8 +4,8 @@ use std::fmt::Write as _;
 
 use pgflow_runtime::ScheduleInfo;
 use pgflow_runtime::admin::{
-    CancelReport, ForkReport, Instance, MigrateReport, Results, RetryReport, RunDetail, RunFilter,
-    RunSummary, StartReport, Status,
+    CancelReport, ForkReport, Instance, MigrateReport, PruneReport, Results, RetryReport,
+    RunDetail, RunFilter, RunSummary, StartReport, Status,
 };
 
 use crate::table::{Table, clip, ms, ms_f, opt_ms, percent, time, window};
@@ -488,4 +488,23 @@ pub(crate) fn cancel(r: &CancelReport) -> String {
     } else {
         format!("run {} was already cancelled\n", r.id)
     }
+}
+
+pub(crate) fn prune(r: &PruneReport) -> String {
+    if r.busy {
+        return "another instance is pruning right now: nothing done (try again later)\n"
+            .to_owned();
+    }
+    let verb = match (r.dry_run, r.archived) {
+        (true, _) => "would prune",
+        (false, true) => "archived",
+        (false, false) => "deleted",
+    };
+    format!(
+        "{verb} {} runs ({} step states, {} map elements) that finished before {} UTC\n",
+        r.runs,
+        r.steps,
+        r.elements,
+        time(r.cutoff)
+    )
 }

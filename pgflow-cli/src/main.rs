@@ -13,6 +13,7 @@
 //! pgflow retry 42                       resume a failed or cancelled run where it stopped
 //! pgflow fork 42 --from summarize       a new run redoing `summarize` and what follows
 //! pgflow export 42 > run42.json         a run as JSON, to replay it in a test
+//! pgflow prune --older-than 7d --dry-run  what retention would delete
 //! pgflow schedules                      cron schedules: next and last tick, last run
 //! pgflow schedules remove nightly       stop a schedule (its code registers it again at start)
 //! ```
@@ -134,6 +135,21 @@ enum Command {
         /// The run id
         id: i64,
     },
+    /// Delete (or archive) finished runs older than an age, with their steps
+    Prune {
+        /// Runs that finished longer ago than this go: 7d, 12h, 90m
+        #[arg(long, value_parser = parse_since)]
+        older_than: Duration,
+        /// Move them to pgflow.archived_runs instead of deleting them
+        #[arg(long)]
+        archive: bool,
+        /// Count what would go; change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Runs per transaction
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
     /// Cron schedules: expression, time zone, missed-tick policy, next and last tick
     #[command(args_conflicts_with_subcommands = true)]
     Schedules {
@@ -254,6 +270,21 @@ async fn run(cli: Cli) -> Result<String, Error> {
         Command::Cancel { id } => {
             let r = admin::cancel(&pool, RunId(id)).await?;
             output(json, &r, human::cancel)
+        }
+        Command::Prune {
+            older_than,
+            archive,
+            dry_run,
+            batch,
+        } => {
+            let opts = admin::PruneOptions {
+                older_than,
+                archive,
+                dry_run,
+                batch,
+            };
+            let r = admin::prune(&pool, opts).await?;
+            output(json, &r, human::prune)
         }
         Command::Schedules { action } => match action {
             None | Some(SchedulesAction::List) => {

@@ -976,3 +976,38 @@ async fn schedules_are_listed_shown_in_status_and_removed(pool: PgPool) {
     let out = pgflow(&pool, &["schedules", "list"]).await.ok();
     assert_eq!(out, "  (no schedules)\n");
 }
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn prune_counts_then_deletes_finished_runs(pool: PgPool) {
+    let rt = runtime(&pool, Arc::new(Probe::default()), true).await;
+    for name in ["ann", "bob"] {
+        let run = rt.start::<Greet>(name.to_owned()).await.unwrap();
+        finished::<String>(&rt, run.id()).await.unwrap();
+    }
+    rt.shutdown().await.unwrap();
+    let out = pgflow(&pool, &["prune", "--older-than", "7d", "--dry-run"])
+        .await
+        .ok();
+    assert!(out.starts_with("would prune 0 runs"), "{out}");
+    let v = pgflow(
+        &pool,
+        &["prune", "--older-than", "0s", "--dry-run", "--json"],
+    )
+    .await
+    .json();
+    assert_eq!(
+        (&v["runs"], &v["steps"]),
+        (&Value::from(2), &Value::from(2))
+    );
+    let out = pgflow(&pool, &["prune", "--older-than", "0s", "--archive"])
+        .await
+        .ok();
+    assert!(
+        out.starts_with("archived 2 runs (2 step states, 0 map elements) that finished before "),
+        "{out}"
+    );
+    let out = pgflow(&pool, &["runs"]).await.ok();
+    assert!(!out.contains("cli_greet"), "{out}");
+    let e = pgflow(&pool, &["prune", "--older-than", "soon"]).await;
+    assert_ne!(e.code, 0);
+}

@@ -155,6 +155,25 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Prunes finished runs older than the retention's age, in batches, from one
+    /// instance at a time (whichever holds the pruning lock); off by default (runs
+    /// are kept). See [`Retention`](crate::Retention).
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # async fn demo() -> Result<(), pgflow_runtime::Error> {
+    /// let rt = pgflow_runtime::Runtime::builder()
+    ///     .queue("default", 8)
+    ///     .retention(pgflow_runtime::Retention::after(Duration::from_secs(30 * 24 * 3600)))
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn retention(mut self, retention: crate::Retention) -> Self {
+        self.config.retention = Some(retention);
+        self
+    }
+
     /// Fires `schedule` from this instance: each of its ticks starts a run of its
     /// workflow (exactly one per tick, however many instances register it). A
     /// runtime without queues fires its schedules too. See [`Schedule`].

@@ -38,6 +38,8 @@ pub(crate) struct Config {
     pub(crate) vacuum_interval: Option<Duration>,
     /// Pool size when the runtime makes its own pool.
     pub(crate) max_connections: u32,
+    /// Pruning of finished runs (`None`: kept forever).
+    pub(crate) retention: Option<crate::Retention>,
 }
 
 impl Default for Config {
@@ -57,6 +59,7 @@ impl Default for Config {
             migrate: true,
             max_connections: 10,
             vacuum_interval: Some(Duration::from_secs(2)),
+            retention: None,
         }
     }
 }

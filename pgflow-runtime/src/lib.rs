@@ -42,7 +42,8 @@
 //! public API,
 //! `builder` starts it, `schedule` is the cron schedules' model and tick arithmetic,
 //! `engine/` holds the shared state and one file per loop (claimer, executor,
-//! flusher, listener, rescuer, heartbeat, maintenance, promoter, scheduler), `store/` holds
+//! flusher, listener, rescuer, heartbeat, maintenance, promoter, pruner,
+//! scheduler), `store/` holds
 //! every SQL statement, `catalog` what is derived once from the linked definitions,
 //! and [`admin`] the operator functions the CLI runs.
 //!
@@ -58,6 +59,7 @@ mod connect;
 mod engine;
 mod error;
 mod handle;
+mod retention;
 mod runtime;
 mod schedule;
 mod store;
@@ -66,6 +68,7 @@ pub use builder::RuntimeBuilder;
 pub use connect::mask_password;
 pub use error::Error;
 pub use handle::{RunHandle, RunOutcome, RunStatus};
+pub use retention::Retention;
 pub use runtime::{InstanceInfo, Runtime, StartOptions, Stats, Summary};
 pub use schedule::{Missed, Schedule, ScheduleInfo, Tick};
 

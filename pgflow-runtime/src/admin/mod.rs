@@ -35,6 +35,7 @@
 //! ```
 
 mod export;
+mod prune;
 pub(crate) mod repair;
 mod results;
 mod runs;
@@ -43,6 +44,7 @@ mod start;
 mod status;
 
 pub use export::export;
+pub use prune::{PruneOptions, PruneReport, prune};
 pub use repair::{
     CancelReport, ForkOptions, ForkReport, ResumedMap, RetryReport, cancel, fork, retry,
 };

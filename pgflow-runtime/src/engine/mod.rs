@@ -10,6 +10,7 @@
 //! - [`maintenance`]: vacuums the hot tables.
 //! - [`promoter`]: moves parked tasks (due later) back into the claim's index
 //!   shortly before they are due.
+//! - [`pruner`]: prunes finished runs past their retention (when configured).
 //! - [`scheduler`]: fires the cron schedules this instance registers.
 //!
 //! Arrows point one way: the API (`Runtime`, the builder) starts and stops the
@@ -22,6 +23,7 @@ pub(crate) mod heartbeat;
 pub(crate) mod listener;
 pub(crate) mod maintenance;
 pub(crate) mod promoter;
+pub(crate) mod pruner;
 pub(crate) mod rescuer;
 pub(crate) mod scheduler;
 
@@ -168,6 +170,9 @@ impl Engine {
         ];
         if !schedules.is_empty() {
             others.push(tokio::spawn(scheduler::run(Arc::clone(self), schedules)));
+        }
+        if let Some(retention) = self.config.retention {
+            others.push(tokio::spawn(pruner::run(Arc::clone(self), retention)));
         }
         let mut claimers = Vec::new();
         if !self.queues.is_empty() {

@@ -27,6 +27,7 @@ pub(crate) mod instances;
 pub(crate) mod maintenance;
 pub(crate) mod migrations;
 pub(crate) mod notify;
+pub(crate) mod retention;
 pub(crate) mod runs;
 pub(crate) mod schedules;
 pub(crate) mod steps;
