@@ -7,7 +7,7 @@
 //!     [--duration S] [--concurrency C] [--database NAME]
 //! ```
 //!
-//! Scenarios (all by default, except `sustained` and `parked`):
+//! Scenarios (all by default, except `sustained`, `parked`, `drain` and `raw`):
 //! - `chain1`, `chain3`, `diamond` (1 -> 4 -> 1): `--n` runs (default 20,000) started
 //!   with `start_many` in batches of 1,000 while one runtime works; throughput from
 //!   the first start to the last durable completion.
@@ -18,6 +18,11 @@
 //!   pruning finished runs older than S seconds meanwhile: throughput of the first
 //!   and the last 10 s (a collapse would show table bloat).
 //! - `inline`: the in-process executor, ns per step of a 10-step chain.
+//! - `drain` (only when named): `--n` one-step runs inserted first, then drained by one
+//!   runtime (the peers' "jobs" figure), with the process's peak RSS; then `raw`.
+//! - `raw` (only when named): the same number of rows of a minimal table drained by 4
+//!   connections looping "claim 500 (UPDATE .. SKIP LOCKED), delete them": the
+//!   server's limit for a queue, no engine; `drain` reports its fraction of it.
 //! - `parked` (only when named): chain1 alone, then chain1 in a database where
 //!   100,000 runs wait on a one-hour `delay` (parked tasks), and the ratio; then the
 //!   same with those tasks unparked (in the claim's index) for comparison.
@@ -226,7 +231,7 @@ struct Args {
     prune_after: Option<u64>,
 }
 
-const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline|map|parked] [--n N] [--elements E] [--duration SECS] [--prune-after SECS] [--concurrency C] [--database NAME]";
+const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline|map|parked|drain|raw] [--n N] [--elements E] [--duration SECS] [--prune-after SECS] [--concurrency C] [--database NAME]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -521,13 +526,120 @@ async fn map(elements: u64, concurrency: usize) -> BenchResult<()> {
     }
     let stats = rt.stats();
     println!(
-        "BENCH scenario=map elements={elements} secs={secs:.2} elements_per_sec={:.0} flushes={} claims={}",
+        "BENCH scenario=map elements={elements} secs={secs:.2} elements_per_sec={:.0} flushes={} claims={} peak_rss_mib={:.0}",
         elements as f64 / secs.max(1e-9),
         stats.flushes,
         stats.claims,
+        peak_rss_mib(),
     );
     rt.shutdown().await?;
     Ok(())
+}
+
+/// The process's peak resident set size (`VmHWM`), in MiB; 0 where unknown.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// `n` one-step runs inserted first (no worker), then drained by one runtime: the
+/// closed-loop figure the peers' harness measures ("jobs").
+async fn drain(n: u64, concurrency: usize) -> BenchResult<f64> {
+    let url = fresh_database(db_name()).await?;
+    let producer = runtime(&url, 0).await?;
+    let mut next = 0;
+    while next < n {
+        let end = (next + 5_000).min(n);
+        producer.start_many::<Chain1>(next..end).await?;
+        next = end;
+    }
+    producer.shutdown().await?;
+    // Timed from the runtime's start (connect, register, first claim) to the last
+    // durable completion.
+    let start = Instant::now();
+    let rt = runtime(&url, concurrency).await?;
+    wait_finished(&rt, n).await;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "BENCH scenario=drain runs={n} steps={n} secs={secs:.2} runs_per_sec={:.0} peak_rss_mib={:.0}",
+        n as f64 / secs,
+        peak_rss_mib()
+    );
+    rt.shutdown().await?;
+    Ok(n as f64 / secs)
+}
+
+/// The physical limit of a queue on this server: `n` rows in a minimal table (a
+/// partial index like `tasks_available`), drained by `workers` connections that
+/// each loop "claim a batch of `batch` (UPDATE .. SKIP LOCKED) then delete it" — no
+/// engine, no outputs, no run rows.
+async fn raw(n: u64, workers: usize, batch: i64) -> BenchResult<f64> {
+    let url = fresh_database(db_name()).await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(u32::try_from(workers + 1).unwrap_or(8))
+        .connect(&url)
+        .await?;
+    sqlx::raw_sql(
+        "CREATE TABLE raw_jobs (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                                queue text NOT NULL, run_at timestamptz NOT NULL DEFAULT now(),
+                                claimed_by text, payload jsonb NOT NULL);
+         CREATE INDEX raw_jobs_available ON raw_jobs (queue, run_at, id) WHERE claimed_by IS NULL;",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO raw_jobs (queue, payload) SELECT 'bench', to_jsonb(g) FROM generate_series(1, $1) g",
+    )
+    .bind(i64::try_from(n).unwrap_or(i64::MAX))
+    .execute(&pool)
+    .await?;
+    sqlx::query("ANALYZE raw_jobs").execute(&pool).await?;
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for w in 0..workers {
+        let pool = pool.clone();
+        handles.push(tokio::spawn(async move {
+            let me = format!("w{w}");
+            loop {
+                let ids: Vec<i64> = sqlx::query_scalar(
+                    "UPDATE raw_jobs SET claimed_by = $1
+                     WHERE id = ANY (ARRAY(SELECT id FROM raw_jobs
+                                           WHERE queue = 'bench' AND claimed_by IS NULL
+                                             AND run_at <= now()
+                                           ORDER BY run_at, id LIMIT $2
+                                           FOR UPDATE SKIP LOCKED))
+                     RETURNING id",
+                )
+                .bind(&me)
+                .bind(batch)
+                .fetch_all(&pool)
+                .await?;
+                if ids.is_empty() {
+                    return Ok::<(), sqlx::Error>(());
+                }
+                sqlx::query("DELETE FROM raw_jobs WHERE id = ANY ($1)")
+                    .bind(&ids)
+                    .execute(&pool)
+                    .await?;
+            }
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "BENCH scenario=raw jobs={n} workers={workers} batch={batch} secs={secs:.2} jobs_per_sec={:.0}",
+        n as f64 / secs
+    );
+    pool.close().await;
+    Ok(n as f64 / secs)
 }
 
 async fn sustained(duration: u64, concurrency: usize, prune_after: Option<u64>) -> BenchResult<()> {
@@ -626,6 +738,8 @@ async fn run(args: Args) -> BenchResult<()> {
         "inline",
         "map",
         "parked",
+        "drain",
+        "raw",
     ];
     if let Some(s) = &args.scenario {
         if !known.contains(&s.as_str()) {
@@ -640,6 +754,17 @@ async fn run(args: Args) -> BenchResult<()> {
     }
     if is("diamond") {
         throughput::<Diamond>("diamond", args.n, 6, args.concurrency).await?;
+    }
+    if args.scenario.as_deref() == Some("drain") {
+        let drained = drain(args.n, args.concurrency).await?;
+        let limit = raw(args.n, 4, 500).await?;
+        println!(
+            "BENCH scenario=drain_over_raw drain_runs_per_sec={drained:.0} raw_jobs_per_sec={limit:.0} fraction={:.2}",
+            drained / limit
+        );
+    }
+    if args.scenario.as_deref() == Some("raw") {
+        raw(args.n, 4, 500).await?;
     }
     if args.scenario.as_deref() == Some("parked") {
         parked(args.n, 100_000, args.concurrency).await?;
