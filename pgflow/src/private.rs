@@ -31,6 +31,8 @@ pub struct StepParts {
     pub when: Option<&'static str>,
     /// How a map step maps.
     pub map: Option<&'static MapOps>,
+    /// The signal the step waits for.
+    pub signal: Option<&'static crate::SignalDef>,
     pub options: StepOptions,
     pub output: &'static ValueOps,
     pub run: StepFn,
