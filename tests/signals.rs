@@ -287,7 +287,10 @@ async fn a_cancelled_run_stops_waiting_and_refuses_signals(pool: PgPool) {
     );
     assert_eq!(
         err.to_string(),
-        format!("run {} is cancelled: it takes no more signals", run.id())
+        format!(
+            "run {} has status `cancelled`: it takes no more signals",
+            run.id()
+        )
     );
     let status: String = sqlx::query_scalar("SELECT status FROM pgflow.runs WHERE id = $1")
         .bind(run.id().0)

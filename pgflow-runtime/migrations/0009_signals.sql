@@ -81,7 +81,7 @@ BEGIN
         RAISE EXCEPTION 'pgflow: run % does not exist', p_run_id USING ERRCODE = 'PGF01';
     END IF;
     IF v_run.status <> 'running' THEN
-        RAISE EXCEPTION 'pgflow: run % is %, it takes no more signals', p_run_id, v_run.status
+        RAISE EXCEPTION 'pgflow: run % has status %: it takes no more signals', p_run_id, v_run.status
             USING ERRCODE = 'PGF02', DETAIL = v_run.status;
     END IF;
     SELECT (s.ord - 1)::smallint INTO v_step

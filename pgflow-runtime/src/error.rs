@@ -84,7 +84,7 @@ pub enum Error {
     #[error("no run with id {0}")]
     RunNotFound(RunId),
     /// A signal was sent to a run that is finished or cancelled.
-    #[error("run {id} is {status}: it takes no more signals")]
+    #[error("run {id} has status `{status}`: it takes no more signals")]
     RunNotRunning {
         /// The run.
         id: RunId,

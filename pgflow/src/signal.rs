@@ -120,8 +120,10 @@ pub struct SignalDef {
     pub timeout: Option<Duration>,
 }
 
-/// What became of a signal sent to a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// What became of a signal sent to a run (serialized as its [`as_str`](Self::as_str)
+/// name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum SignalOutcome {
     /// The step was waiting for it: it is due now.

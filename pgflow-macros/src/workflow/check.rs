@@ -326,7 +326,7 @@ pub(crate) fn option_inner(ty: &syn::Type) -> Option<&syn::Type> {
 /// its signal parameter.
 fn check_signals(steps: &[Step], sources: &[Vec<Source>], cx: &mut Ctxt) -> Vec<Option<usize>> {
     let mut found = vec![None; steps.len()];
-    let mut seen: HashMap<String, &Ident> = HashMap::new();
+    let mut seen: HashMap<String, &Ident> = HashMap::new(); // signal -> its step
     for (i, step) in steps.iter().enumerate() {
         let name = &step.name;
         let Some(signal) = &step.attr.signal else {
@@ -352,12 +352,12 @@ fn check_signals(steps: &[Step], sources: &[Vec<Source>], cx: &mut Ctxt) -> Vec<
             cx.error_spanned_by(
                 signal,
                 format!(
-                    "two steps wait for signal `{signal}` (also the step with `signal = {first}` above): a signal is delivered to one step; give each its own name"
+                    "steps `{first}` and `{name}` both wait for signal `{signal}`, but a signal is delivered to one step of a run: give each its own signal"
                 ),
             );
             valid = false;
         } else {
-            seen.insert(signal.to_string(), signal);
+            seen.insert(signal.to_string(), name);
         }
         if let Some(map) = &step.attr.map {
             cx.error_spanned_by(
@@ -512,6 +512,10 @@ fn check_maps(
     let mut mapped = vec![None; steps.len()];
     for (i, step) in steps.iter().enumerate() {
         let Some(map) = &step.attr.map else { continue };
+        if step.attr.signal.is_some() {
+            // refused by `check_signals`
+            continue;
+        }
         let name = &step.name;
         if step.attr.when.is_some() {
             cx.error_spanned_by(
@@ -752,6 +756,43 @@ mod tests {
             "`c` maps over the output of `b`, a conditional step",
             "depends on `a`, `c`",
             "root map step `f`",
+        ] {
+            assert!(errors.contains(needle), "missing {needle:?} in {errors}");
+        }
+    }
+
+    #[test]
+    fn signal_parameters_bind_to_the_signal() {
+        let (g, errors) = check_tokens(quote! {
+            impl W {
+                #[step] async fn a(req: Req) -> Result<A, E> { body() }
+                #[step(signal = ok, signal_timeout = "1h")] async fn b(ok: Option<Ok>, x: A) -> Result<B, E> { body() }
+                #[step(depends_on = [b], signal = go)] async fn c(b: B, go: Go) -> Result<C, E> { body() }
+            }
+        });
+        let g = g.unwrap_or_else(|| panic!("{errors}"));
+        assert_eq!(g.sources[1], vec![Source::Signal, Source::Step(0)]);
+        assert_eq!(g.sources[2], vec![Source::Step(1), Source::Signal]);
+        assert_eq!(g.signals, vec![None, Some(0), Some(1)]);
+    }
+
+    #[test]
+    fn signal_errors_accumulate() {
+        let (g, errors) = check_tokens(quote! {
+            impl W {
+                #[step(signal = ok)] async fn a(req: Req) -> Result<A, E> { body() }
+                #[step(signal_timeout = "1h")] async fn b(a: A) -> Result<B, E> { body() }
+                #[step(signal = go, signal_timeout = "1h")] async fn c(b: B, go: Go) -> Result<C, E> { body() }
+                #[step(signal = go)] async fn d(c: C, go: Option<Go>) -> Result<D, E> { body() }
+            }
+        });
+        assert!(g.is_none());
+        for needle in [
+            "takes no parameter named `ok`",
+            "`signal_timeout` bounds the wait for a signal, but step `b` waits for none",
+            "write `go: Option<Go>`",
+            "steps `c` and `d` both wait for signal `go`",
+            "signal parameter `go` is an `Option`",
         ] {
             assert!(errors.contains(needle), "missing {needle:?} in {errors}");
         }
