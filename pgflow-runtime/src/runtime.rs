@@ -530,7 +530,7 @@ impl Runtime {
     /// # use serde::{Deserialize, Serialize};
     /// # #[derive(Serialize, Deserialize)] pub struct Approval { pub by: String }
     /// # pub struct Review;
-    /// # #[workflow]
+    /// # #[workflow(name = "runtime_signal_doc")]
     /// # impl Review {
     /// #     #[step(signal = approval, signal_timeout = "72h")]
     /// #     async fn publish(input: String, approval: Option<Approval>) -> Result<String, StepError> { Ok(input) }
@@ -743,7 +743,7 @@ pub struct Summary {
 /// ```no_run
 /// # use pgflow::{workflow, StepError};
 /// # pub struct Review;
-/// # #[workflow]
+/// # #[workflow(name = "signal_in_doc")]
 /// # impl Review {
 /// #     #[step(signal = approval)]
 /// #     async fn publish(input: String, approval: bool) -> Result<String, StepError> { Ok(input) }

@@ -16,7 +16,7 @@
 //!
 //! pub struct Review;
 //!
-//! #[workflow]
+//! #[workflow(name = "signal_doc_review")]
 //! impl Review {
 //!     #[step]
 //!     async fn draft(topic: String) -> Result<String, StepError> { Ok(format!("draft: {topic}")) }
@@ -63,7 +63,7 @@ use crate::{StepError, Workflow};
 /// ```
 /// # use pgflow::{workflow, Signal, StepError};
 /// # pub struct Review;
-/// # #[workflow]
+/// # #[workflow(name = "signal_doc_marker")]
 /// # impl Review {
 /// #     #[step(signal = approval)]
 /// #     async fn publish(input: String, approval: bool) -> Result<String, StepError> { Ok(input) }
@@ -187,7 +187,7 @@ impl fmt::Display for SignalOutcome {
 /// ```
 /// # use pgflow::{workflow, Signals, SignalOutcome, StepError};
 /// # pub struct Gate;
-/// # #[workflow]
+/// # #[workflow(name = "signals_doc_gate")]
 /// # impl Gate {
 /// #     #[step(signal = go)]
 /// #     async fn wait(input: u8, go: u8) -> Result<u8, StepError> { Ok(input + go) }

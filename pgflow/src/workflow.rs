@@ -323,7 +323,7 @@ impl StepDef {
     /// # use pgflow::{workflow, ParamSource, StepError, Workflow};
     /// # use std::time::Duration;
     /// pub struct Review;
-    /// #[workflow]
+    /// #[workflow(name = "step_signal_doc")]
     /// impl Review {
     ///     #[step(signal = approval, signal_timeout = "72h")]
     ///     async fn publish(input: String, approval: Option<bool>) -> Result<String, StepError> { Ok(input) }
