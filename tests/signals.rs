@@ -48,6 +48,22 @@ impl Deadline {
     }
 }
 
+pub struct Followed;
+
+#[workflow(name = "signal_followed")]
+impl Followed {
+    #[step(signal = answer, signal_timeout = "1s")]
+    async fn ask(input: String, answer: Option<u32>) -> Result<String, StepError> {
+        Ok(format!("{input}: {answer:?}"))
+    }
+
+    // keeps the run going after `ask`
+    #[step(delay = "1h")]
+    async fn later(ask: String) -> Result<String, StepError> {
+        Ok(ask)
+    }
+}
+
 async fn runtime(pool: &PgPool) -> Runtime {
     Runtime::builder()
         .pool(pool.clone())
@@ -255,6 +271,26 @@ async fn a_timeout_gives_none_and_a_late_signal_is_reported(pool: PgPool) {
         SignalOutcome::Delivered
     );
     assert_eq!(settle::<String>(&rt, run.id()).await.unwrap(), "again: 42");
+
+    // The step ran with `None` and the run goes on: a later signal is too late.
+    let run = rt.start::<Followed>("late".to_owned()).await.unwrap();
+    reached(&pool, run.id(), 1).await;
+    assert_eq!(
+        rt.signal(run.id(), Followed::answer, 7).await.unwrap(),
+        SignalOutcome::TooLate
+    );
+    let ask: String = sqlx::query_scalar(
+        "SELECT output #>> '{}' FROM pgflow.step_states WHERE run_id = $1 AND step = 0",
+    )
+    .bind(run.id().0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(ask, "late: None");
+    assert_eq!(
+        signal_rows(&pool, run.id()).await,
+        [("answer".to_owned(), "late".to_owned())]
+    );
     rt.shutdown().await.unwrap();
 }
 
@@ -368,4 +404,90 @@ async fn in_process_signals_have_the_same_semantics() {
         run.await.unwrap(),
         Err(RunError::Cancelled { .. })
     ));
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_signal_and_the_enqueue_of_its_step_never_miss_each_other(pool: PgPool) {
+    // Nothing serves the queue: the run stays at its first step.
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .queue("other", 1)
+        .start()
+        .await
+        .unwrap();
+    let run = rt.start::<Review>("race".to_owned()).await.unwrap();
+    let id = run.id().0;
+    let due = "SELECT pgflow.signal_due($1, 'approval', now(), -1) = 'infinity'";
+    let send = "SELECT pgflow.signal($1, 'approval', '{\"by\": \"ada\", \"ok\": true}')";
+
+    // The signal first, uncommitted: the enqueue waits for it, then sees it (due now).
+    let mut signal_tx = pool.begin().await.unwrap();
+    let answer: String = sqlx::query_scalar(send)
+        .bind(id)
+        .fetch_one(&mut *signal_tx)
+        .await
+        .unwrap();
+    assert_eq!(answer, "kept");
+    let enqueue = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            let never: bool = sqlx::query_scalar(due)
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            never
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !enqueue.is_finished(),
+        "the enqueue waits for the signal's commit"
+    );
+    signal_tx.commit().await.unwrap();
+    assert!(!enqueue.await.unwrap(), "due now, not parked forever");
+
+    // The enqueue first, uncommitted: a signal waits for it (then finds the task).
+    let run = rt.start::<Review>("race again".to_owned()).await.unwrap();
+    let id = run.id().0;
+    let mut enqueue_tx = pool.begin().await.unwrap();
+    let never: bool = sqlx::query_scalar(
+        "INSERT INTO pgflow.tasks (run_id, step, workflow, version, queue, max_attempts, run_at,
+                                   parked, waits_for)
+         VALUES ($1, 1, 'signal_review', 1, 'default', 3,
+                 pgflow.signal_due($1, 'approval', now(), -1), true, 'approval')
+         RETURNING run_at = 'infinity'",
+    )
+    .bind(id)
+    .fetch_one(&mut *enqueue_tx)
+    .await
+    .unwrap();
+    assert!(never);
+    let signal = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            sqlx::query_scalar::<_, String>(send)
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !signal.is_finished(),
+        "the signal waits for the enqueue's commit"
+    );
+    enqueue_tx.commit().await.unwrap();
+    assert_eq!(signal.await.unwrap(), "delivered");
+    let parked: bool =
+        sqlx::query_scalar("SELECT parked FROM pgflow.tasks WHERE run_id = $1 AND step = 1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(!parked, "the task is due now");
+    rt.shutdown().await.unwrap();
 }
