@@ -994,6 +994,12 @@ async fn signal_delivers_once_and_refuses_unknown_names_and_finished_runs(pool: 
     let rt = runtime(&pool, Arc::new(Probe::default()), false).await;
     let run = rt.start::<Approve>("deploy".to_owned()).await.unwrap();
     let id = run.id().0.to_string();
+    let out = pgflow(&pool, &["run", &id]).await.ok();
+    assert_eq!(
+        cells(row(&out, "decide"))[1..3],
+        ["awaiting", "signal"],
+        "{out}"
+    );
     let e = pgflow(&pool, &["signal", &id, "aproval", "true"])
         .await
         .err();
@@ -1017,6 +1023,8 @@ async fn signal_delivers_once_and_refuses_unknown_names_and_finished_runs(pool: 
         .json();
     assert_eq!(v["outcome"], "duplicate");
     assert_eq!(v["name"], "approval");
+    let v = pgflow(&pool, &["run", &id, "--json"]).await.json();
+    assert_eq!(v["steps"][0]["status"], "queued", "{v}");
     rt.shutdown().await.unwrap();
     let rt = runtime(&pool, Arc::new(Probe::default()), true).await;
     assert_eq!(

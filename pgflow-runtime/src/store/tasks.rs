@@ -496,16 +496,23 @@ pub(crate) struct RunTask {
     pub(crate) claimed_at: Option<chrono::DateTime<chrono::Utc>>,
     pub(crate) errors: Option<String>,
     pub(crate) created_at: chrono::DateTime<chrono::Utc>,
+    /// Waits for a signal the run does not have yet.
+    pub(crate) awaits_signal: bool,
 }
 
-/// The tasks of run `run_id`, oldest first (index `tasks_run_id`).
+/// The tasks of run `run_id`, oldest first (index `tasks_run_id`; a task waiting
+/// for a signal looks its signal up by `signals_accepted`).
 pub(crate) async fn of_run(
     conn: &mut PgConnection,
     run_id: i64,
 ) -> Result<Vec<RunTask>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT step, element, attempt, claimed_by, claimed_at, errors::text AS errors, created_at
-         FROM pgflow.tasks WHERE run_id = $1 ORDER BY id",
+        "SELECT step, element, attempt, claimed_by, claimed_at, errors::text AS errors, created_at,
+                t.waits_for IS NOT NULL AND t.claimed_by IS NULL
+                AND NOT EXISTS (SELECT 1 FROM pgflow.signals g
+                                WHERE g.run_id = t.run_id AND g.name = t.waits_for
+                                  AND g.status = 'accepted') AS awaits_signal
+         FROM pgflow.tasks t WHERE run_id = $1 ORDER BY id",
     )
     .bind(run_id)
     .fetch_all(conn)
