@@ -64,6 +64,16 @@ impl Followed {
     }
 }
 
+pub struct Patient;
+
+#[workflow(name = "signal_patient")]
+impl Patient {
+    #[step(delay = "2s", signal = go)]
+    async fn wait(input: u32, go: u32) -> Result<u32, StepError> {
+        Ok(input + go)
+    }
+}
+
 async fn runtime(pool: &PgPool) -> Runtime {
     Runtime::builder()
         .pool(pool.clone())
@@ -490,4 +500,35 @@ async fn a_signal_and_the_enqueue_of_its_step_never_miss_each_other(pool: PgPool
             .unwrap();
     assert!(!parked, "the task is due now");
     rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_signal_during_the_delay_waits_for_the_delay(pool: PgPool) {
+    let rt = runtime(&pool).await;
+    let started = std::time::Instant::now();
+    let run = rt.start::<Patient>(1).await.unwrap();
+    assert_eq!(
+        rt.signal(run.id(), Patient::go, 2).await.unwrap(),
+        SignalOutcome::Delivered
+    );
+    assert_eq!(
+        reached(&pool, run.id(), 0).await,
+        (true, false),
+        "still parked"
+    );
+    assert_eq!(settle::<u32>(&rt, run.id()).await.unwrap(), 3);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+    rt.shutdown().await.unwrap();
+
+    // in process too: the delay, then the signal
+    let signals = Signals::new();
+    signals.send(Patient::go, 2).unwrap();
+    let out = pgflow::execute_with::<Patient>(1, ExecuteOptions::new().signals(signals));
+    let start = tokio::time::Instant::now();
+    assert_eq!(out.await.unwrap(), 3);
+    assert!(start.elapsed() >= Duration::from_secs(2));
 }

@@ -20,9 +20,11 @@ CREATE TABLE pgflow.signals (
 CREATE UNIQUE INDEX signals_accepted ON pgflow.signals (run_id, name) WHERE status = 'accepted';
 CREATE INDEX signals_run_id ON pgflow.signals (run_id);
 
--- The signal a task waits for (NULL for every other task; adding it rewrites
--- nothing).
+-- The signal a task waits for, and when its step's `delay` (if any) is over: a
+-- signal makes the task due then, not before. NULL for every other task (adding
+-- them rewrites nothing).
 ALTER TABLE pgflow.tasks ADD COLUMN waits_for text;
+ALTER TABLE pgflow.tasks ADD COLUMN delay_until timestamptz;
 
 -- The advisory lock that orders a signal and the enqueue of the step waiting for it
 -- (both take it, in their transaction): whichever commits second sees the other's
@@ -55,7 +57,8 @@ $$;
 
 -- Sends signal `p_name` with `p_payload` to run `p_run_id`, in the caller's
 -- transaction (the step sees it at commit). Returns
---   'delivered'  the step was waiting: its task is due now (and its queue notified);
+--   'delivered'  the step was waiting: its task is due now (and its queue notified),
+--                or when its `delay` is over;
 --   'kept'       the step is not reached yet: it receives the signal when it is;
 --   'duplicate'  the run already has this signal: the first one wins, this one is
 --                recorded;
@@ -75,6 +78,7 @@ DECLARE
     v_names  text;
     v_id     bigint;
     v_queue  text;
+    v_due    boolean;
 BEGIN
     SELECT id, workflow, version, status INTO v_run FROM pgflow.runs WHERE id = p_run_id;
     IF NOT FOUND THEN
@@ -126,14 +130,18 @@ BEGIN
     -- keeps a claim off it until this transaction commits; a claim that took it
     -- first makes this update find nothing, and the signal is late.
     WITH t AS (
-        UPDATE pgflow.tasks SET run_at = now(), parked = false
+        UPDATE pgflow.tasks
+        SET run_at = GREATEST(now(), COALESCE(delay_until, now())),
+            parked = COALESCE(delay_until, now()) > now() + interval '1 second'
         WHERE run_id = p_run_id AND step = v_step AND waits_for = p_name
           AND claimed_by IS NULL AND attempt = 1 AND snoozes = 0
-        RETURNING queue
+        RETURNING queue, run_at <= now() AS due
     )
-    SELECT min(queue) INTO v_queue FROM t;
+    SELECT min(queue), bool_or(due) INTO v_queue, v_due FROM t;
     IF v_queue IS NOT NULL THEN
-        PERFORM pg_notify('pgflow_tasks', v_queue);
+        IF v_due THEN
+            PERFORM pg_notify('pgflow_tasks', v_queue);
+        END IF;
         RETURN 'delivered';
     END IF;
     IF EXISTS (SELECT 1 FROM pgflow.tasks WHERE run_id = p_run_id AND step = v_step) THEN

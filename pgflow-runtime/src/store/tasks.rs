@@ -53,18 +53,18 @@ macro_rules! enqueue_ctes {
         "plain AS (
     -- the common case, kept lean: one task per ready step
     INSERT INTO pgflow.tasks (run_id, step, workflow, version, queue, priority, max_attempts,
-                              run_at, parked, waits_for)
+                              run_at, parked, waits_for, delay_until)
     SELECT q.run_id, q.step, q.workflow, q.version, q.queue,
            LEAST(GREATEST(q.priority::int + q.run_priority, -32768), 32767)::smallint,
-           q.max_attempts, d.due, d.due > now() + interval '1 second', q.waits_for
+           q.max_attempts, d.due, d.due > now() + interval '1 second', q.waits_for,
+           CASE WHEN q.waits_for IS NOT NULL THEN w.ready END
     FROM ready q
+    CROSS JOIN LATERAL (SELECT q.run_at + interval '1 millisecond' * q.delay_ms AS ready) w
     CROSS JOIN LATERAL (
-        -- a signal step (only): due at once if its signal came, else at its timeout
-        SELECT CASE WHEN q.waits_for IS NULL
-                    THEN q.run_at + interval '1 millisecond' * q.delay_ms
-                    ELSE pgflow.signal_due(q.run_id, q.waits_for,
-                                           q.run_at + interval '1 millisecond' * q.delay_ms,
-                                           q.wait_ms)
+        -- a signal step (only): due after its delay if its signal came, else at its
+        -- timeout (a signal that comes later makes it due, see `pgflow.signal`)
+        SELECT CASE WHEN q.waits_for IS NULL THEN w.ready
+                    ELSE pgflow.signal_due(q.run_id, q.waits_for, w.ready, q.wait_ms)
                END AS due
     ) d
     WHERE q.map_from IS NULL
