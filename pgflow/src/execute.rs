@@ -93,7 +93,25 @@ impl ExecuteOptions {
     /// The handle through which the run receives its signals (see [`Signals`](crate::Signals));
     /// keep a clone to send them, before or during the run. A step waiting for a
     /// signal waits on tokio's clock: with `#[tokio::test(start_paused = true)]` a
-    /// 72-hour `signal_timeout` passes at once when nothing else is left to do.
+    /// 72-hour `signal_timeout` passes at once when nothing else is left to do. A step
+    /// without a timeout waits until its signal is sent: forever if it never is (as in
+    /// the durable runtime), so a test sends it or gives the run a `cancel` token.
+    ///
+    /// ```
+    /// # use pgflow::{workflow, ExecuteOptions, Signals, StepError};
+    /// # pub struct Gate;
+    /// # #[workflow(name = "execute_signals_doc")]
+    /// # impl Gate {
+    /// #     #[step(signal = go)]
+    /// #     async fn wait(input: u8, go: u8) -> Result<u8, StepError> { Ok(input + go) }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let signals = Signals::new();
+    /// let run = tokio::spawn(pgflow::execute_with::<Gate>(1, ExecuteOptions::new().signals(signals.clone())));
+    /// signals.send(Gate::go, 2).unwrap(); // kept, or delivered if the step already waits
+    /// assert_eq!(run.await.unwrap().unwrap(), 3);
+    /// # }
+    /// ```
     pub fn signals(mut self, signals: crate::Signals) -> Self {
         self.signals = signals;
         self

@@ -66,6 +66,11 @@ pub struct MapParts {
     pub collect: fn(Vec<StepValue>) -> Result<StepValue, StepError>,
 }
 
+/// The typed marker of signal `name` of workflow `W` (the constant `W::<name>`).
+pub const fn signal<W, T>(name: &'static str) -> crate::Signal<W, T> {
+    crate::Signal::new(name)
+}
+
 /// Builds the map operations of a map step.
 pub const fn map_ops(parts: MapParts) -> MapOps {
     MapOps { parts }

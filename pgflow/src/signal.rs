@@ -77,9 +77,9 @@ pub struct Signal<W, T> {
 }
 
 impl<W, T> Signal<W, T> {
-    /// The marker of signal `name`; the expansion of `#[workflow]` builds it.
-    #[doc(hidden)]
-    pub const fn new(name: &'static str) -> Self {
+    /// The marker of signal `name`; the expansion of `#[workflow]` builds it (through
+    /// `__private::signal`), so that its payload type is the step's.
+    pub(crate) const fn new(name: &'static str) -> Self {
         Self {
             name,
             _types: PhantomData,

@@ -544,6 +544,7 @@ fn payload_type<'t>(step: &Step, param_ty: &'t Type) -> &'t Type {
 pub(crate) fn signal_senders(wf: &Workflow) -> TokenStream {
     let self_ty = &wf.self_ty;
     let signal = paths::signal();
+    let private = paths::private();
     let mut seen = Vec::new();
     let consts: Vec<TokenStream> = wf
         .steps
@@ -564,7 +565,7 @@ pub(crate) fn signal_senders(wf: &Workflow) -> TokenStream {
             Some(quote! {
                 #[doc = #doc]
                 #[allow(non_upper_case_globals, dead_code)]
-                pub const #name: #signal<#self_ty, #payload> = #signal::new(#text);
+                pub const #name: #signal<#self_ty, #payload> = #private::signal(#text);
             })
         })
         .collect();
