@@ -385,6 +385,11 @@ async fn in_process_signals_have_the_same_semantics() {
         run.await.unwrap().unwrap(),
         "draft about dogs, approved by ada"
     );
+    assert_eq!(
+        sender.send(Review::approval, approval.clone()).unwrap(),
+        SignalOutcome::Duplicate,
+        "delivered and taken: a later one is a duplicate"
+    );
 
     // A timeout: `None`, and a later signal is too late.
     let signals = Signals::new();

@@ -212,8 +212,10 @@ enum SignalState {
     Sent(Box<RawValue>),
     /// A step waits for it.
     Waiting,
-    /// Taken by its step (or its step timed out).
-    Done,
+    /// Taken by its step: a later one is a duplicate.
+    Taken,
+    /// Its step timed out without it: a later one is too late.
+    TimedOut,
 }
 
 impl Signals {
@@ -267,8 +269,8 @@ impl Signals {
                 state.insert(name.to_owned(), SignalState::Sent(payload));
                 SignalOutcome::Delivered
             }
-            Some(SignalState::Sent(_)) => SignalOutcome::Duplicate,
-            Some(SignalState::Done) => SignalOutcome::TooLate,
+            Some(SignalState::Sent(_) | SignalState::Taken) => SignalOutcome::Duplicate,
+            Some(SignalState::TimedOut) => SignalOutcome::TooLate,
         };
         drop(state);
         self.inner.changed.notify_waiters();
@@ -291,11 +293,12 @@ impl Signals {
                 let mut state = self.inner.state.lock().ok()?;
                 match state.remove(name) {
                     Some(SignalState::Sent(payload)) => {
-                        state.insert(name.to_owned(), SignalState::Done);
+                        state.insert(name.to_owned(), SignalState::Taken);
                         return Some(payload);
                     }
-                    Some(SignalState::Done) => {
-                        state.insert(name.to_owned(), SignalState::Done);
+                    // a handle reused for another run: nothing more will come
+                    Some(done @ (SignalState::Taken | SignalState::TimedOut)) => {
+                        state.insert(name.to_owned(), done);
                     }
                     Some(SignalState::Waiting) | None => {
                         state.insert(name.to_owned(), SignalState::Waiting);
@@ -308,8 +311,9 @@ impl Signals {
                         let mut state = self.inner.state.lock().ok()?;
                         // A signal that came at the deadline still wins.
                         if let Some(SignalState::Sent(payload)) =
-                            state.insert(name.to_owned(), SignalState::Done)
+                            state.insert(name.to_owned(), SignalState::TimedOut)
                         {
+                            state.insert(name.to_owned(), SignalState::Taken);
                             return Some(payload);
                         }
                         return None;
