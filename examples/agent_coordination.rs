@@ -1,6 +1,10 @@
 //! Route messages between agents registered in a table: validate sender, recipient
 //! and capability (invalid = permanent error with a clear message), deliver, open an
 //! assignment for tasks only (a conditional step), and record the coordination.
+//! Then an assignment that needs a human approval (a signal with a timeout): one is
+//! approved from the CLI (`pgflow signal <run> approval '{..}'`, when the `pgflow`
+//! binary is built next to this one; else through `admin::signal`, what the CLI
+//! calls), one is never answered and expires.
 //!
 //! ```text
 //! cargo run --example agent_coordination -- [--n 40]
@@ -9,8 +13,95 @@
 //! It checks its own results and ends with `agent_coordination: OK` (exit 0) or what
 //! was wrong (exit 1).
 
+use std::time::Duration;
+
+use pgflow::{StepError, workflow};
 use pgflow_runtime::{Error, Runtime};
 use pgflow_suite::agents::{AgentCoordination, MessageKind, Receipt, demo_messages, setup};
+use serde::{Deserialize, Serialize};
+
+/// A human's answer to an assignment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Approval {
+    /// Who answered.
+    pub by: String,
+    /// Whether the assignment may go ahead.
+    pub approved: bool,
+}
+
+/// An assignment that waits for a human approval, at most 3 seconds here.
+pub struct ApprovedAssignment;
+
+#[workflow(name = "agent_approved_assignment", queue = "agents")]
+impl ApprovedAssignment {
+    #[step(signal = approval, signal_timeout = "3s")]
+    async fn decide(task: String, approval: Option<Approval>) -> Result<String, StepError> {
+        Ok(match approval {
+            Some(a) if a.approved => format!("{task}: approved by {}", a.by),
+            Some(a) => format!("{task}: rejected by {}", a.by),
+            None => format!("{task}: expired without an answer"),
+        })
+    }
+}
+
+/// Approves run `id` with the `pgflow` CLI when it is built next to this example
+/// (`target/<profile>/pgflow`), else through `admin::signal`. Returns what it used.
+async fn approve(
+    pool: &sqlx::PgPool,
+    id: pgflow::RunId,
+) -> Result<&'static str, Box<dyn std::error::Error>> {
+    let payload = r#"{"by": "ada", "approved": true}"#;
+    let cli = std::env::current_exe()?
+        .parent()
+        .and_then(|examples| examples.parent())
+        .map(|profile| profile.join("pgflow"))
+        .filter(|p| p.exists());
+    if let Some(cli) = cli {
+        let out = std::process::Command::new(cli)
+            .env("DATABASE_URL", pgflow_suite::support::database_url())
+            .args(["signal", &id.0.to_string(), "approval", payload])
+            .output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "pgflow signal failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+        print!("pgflow signal: {}", String::from_utf8_lossy(&out.stdout));
+        return Ok("the pgflow CLI");
+    }
+    let outcome =
+        pgflow_runtime::admin::signal(pool, id, "approval", serde_json::from_str(payload)?).await?;
+    println!("admin::signal: {outcome}");
+    Ok("admin::signal")
+}
+
+/// One approved assignment and one that expires.
+async fn approvals(
+    rt: &Runtime,
+    pool: &sqlx::PgPool,
+) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let mut problems = Vec::new();
+    let approved = rt
+        .start::<ApprovedAssignment>("review PR 7".to_owned())
+        .await?;
+    let expires = rt
+        .start::<ApprovedAssignment>("review PR 8".to_owned())
+        .await?;
+    let via = approve(pool, approved.id()).await?;
+    for (run, expected) in [
+        (&approved, "review PR 7: approved by ada"),
+        (&expires, "review PR 8: expired without an answer"),
+    ] {
+        let out = tokio::time::timeout(Duration::from_secs(30), run.wait()).await??;
+        if out != expected {
+            problems.push(format!("approval: expected `{expected}`, got `{out}`"));
+        }
+    }
+    println!("approvals: 1 approved (via {via}), 1 expired");
+    Ok(problems)
+}
 
 async fn run(n: usize) -> Result<Vec<String>, Box<dyn std::error::Error>> {
     let url = pgflow_suite::support::database_url();
@@ -90,6 +181,7 @@ async fn run(n: usize) -> Result<Vec<String>, Box<dyn std::error::Error>> {
     if (inbox, assignments, log) != (delivered, assigned, delivered) {
         problems.push("the tables do not match the results".into());
     }
+    problems.extend(approvals(&rt, &pool).await?);
     rt.shutdown().await?;
     Ok(problems)
 }

@@ -7,7 +7,7 @@
 //!     [--duration S] [--concurrency C] [--database NAME]
 //! ```
 //!
-//! Scenarios (all by default, except `sustained`, `parked`, `drain` and `raw`):
+//! Scenarios (all by default, except `sustained`, `parked`, `drain`, `raw` and `signals`):
 //! - `chain1`, `chain3`, `diamond` (1 -> 4 -> 1): `--n` runs (default 20,000) started
 //!   with `start_many` in batches of 1,000 while one runtime works; throughput from
 //!   the first start to the last durable completion.
@@ -26,6 +26,9 @@
 //! - `parked` (only when named): chain1 alone, then chain1 in a database where
 //!   100,000 runs wait on a one-hour `delay` (parked tasks), and the ratio; then the
 //!   same with those tasks unparked (in the claim's index) for comparison.
+//! - `signals` (only when named): 10,000 runs (`--n`) wait on a signal (parked
+//!   tasks), then each is signalled through `Runtime::signal` by 8 concurrent
+//!   senders: signals delivered/s, and signal sent -> step resumed p50/p99.
 //! - `map`: one run whose root map step maps over `--elements` (default 10,000)
 //!   trivial elements: elements/s from the start to the run's completion.
 //!
@@ -231,7 +234,7 @@ struct Args {
     prune_after: Option<u64>,
 }
 
-const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline|map|parked|drain|raw] [--n N] [--elements E] [--duration SECS] [--prune-after SECS] [--concurrency C] [--database NAME]";
+const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline|map|parked|drain|raw|signals] [--n N] [--elements E] [--duration SECS] [--prune-after SECS] [--concurrency C] [--database NAME]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -438,6 +441,106 @@ async fn parked(n: u64, parked: u64, concurrency: usize) -> BenchResult<()> {
         figures[1].1,
         figures[1].1 / alone,
     );
+    Ok(())
+}
+
+/// When each run's signal was sent (by run id), and how long after it each step
+/// resumed.
+#[derive(Default)]
+pub struct Resumes {
+    sent: Mutex<std::collections::HashMap<i64, Instant>>,
+    waited_ms: Mutex<Vec<f64>>,
+}
+
+/// Waits for the signal `go`.
+pub struct Awaiting;
+
+#[workflow(name = "bench_awaiting", queue = "bench")]
+impl Awaiting {
+    #[step(signal = go)]
+    async fn resume(n: u64, go: u64, ctx: &StepContext) -> Result<u64, StepError> {
+        if let Ok(r) = ctx.data::<Arc<Resumes>>() {
+            let sent = r
+                .sent
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&ctx.run_id().0).copied());
+            if let (Some(sent), Ok(mut w)) = (sent, r.waited_ms.lock()) {
+                w.push(sent.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        Ok(n + go)
+    }
+}
+
+/// `n` runs parked on a signal, then signalled by 8 concurrent senders.
+async fn signals(n: u64, concurrency: usize) -> BenchResult<()> {
+    let url = fresh_database(db_name()).await?;
+    let resumes = Arc::new(Resumes::default());
+    let rt = Runtime::builder()
+        .database_url(&url)
+        .instance_id("bench")
+        .max_connections(16)
+        .data(Arc::clone(&resumes))
+        .queue("bench", concurrency)
+        .start()
+        .await?;
+    let mut ids = Vec::new();
+    let mut next = 0;
+    while next < n {
+        let end = (next + 1_000).min(n);
+        ids.extend(rt.start_many::<Awaiting>(next..end).await?);
+        next = end;
+    }
+    let pool = rt.pool().clone();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pgflow.tasks WHERE parked AND waits_for = 'go'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if u64::try_from(waiting).unwrap_or(0) >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rt = Arc::new(rt);
+    let start = Instant::now();
+    let senders: Vec<_> = ids
+        .chunks(ids.len().div_ceil(8).max(1))
+        .map(|chunk| {
+            let (rt, resumes, chunk) = (Arc::clone(&rt), Arc::clone(&resumes), chunk.to_vec());
+            tokio::spawn(async move {
+                for id in chunk {
+                    if let Ok(mut m) = resumes.sent.lock() {
+                        m.insert(id.0, Instant::now());
+                    }
+                    rt.signal(id, Awaiting::go, 1).await?;
+                }
+                Ok::<_, pgflow_runtime::Error>(())
+            })
+        })
+        .collect();
+    for s in senders {
+        s.await??;
+    }
+    let send_secs = start.elapsed().as_secs_f64();
+    wait_finished(&rt, n).await;
+    let secs = start.elapsed().as_secs_f64();
+    let mut waited = resumes
+        .waited_ms
+        .lock()
+        .map(|w| w.clone())
+        .unwrap_or_default();
+    waited.sort_by(f64::total_cmp);
+    println!(
+        "BENCH scenario=signals runs={n} send_secs={send_secs:.2} signals_per_sec={:.0} secs={secs:.2} resumed_runs_per_sec={:.0} signal_to_resume_p50_ms={:.2} signal_to_resume_p99_ms={:.2}",
+        n as f64 / send_secs,
+        n as f64 / secs,
+        percentile(&waited, 0.5),
+        percentile(&waited, 0.99),
+    );
+    rt.shutdown().await?;
     Ok(())
 }
 
@@ -740,6 +843,7 @@ async fn run(args: Args) -> BenchResult<()> {
         "parked",
         "drain",
         "raw",
+        "signals",
     ];
     if let Some(s) = &args.scenario {
         if !known.contains(&s.as_str()) {
@@ -768,6 +872,10 @@ async fn run(args: Args) -> BenchResult<()> {
     }
     if args.scenario.as_deref() == Some("parked") {
         parked(args.n, 100_000, args.concurrency).await?;
+    }
+    if args.scenario.as_deref() == Some("signals") {
+        let runs = if args.n_given { args.n } else { 10_000 };
+        signals(runs, args.concurrency).await?;
     }
     if is("enqueue") {
         enqueue(args.n.max(50_000)).await?;

@@ -91,3 +91,22 @@ impl ProcChain3 {
 pub fn expected_output(n: u64) -> String {
     format!("n={}", n + 3)
 }
+
+/// Waits for the signal `approval` (a number added to the job's) after one step;
+/// driven across a SIGKILL of the worker that would run it.
+pub struct ProcApproval;
+
+#[workflow(name = "proc_approval", backoff = "200ms", max_attempts = 5)]
+impl ProcApproval {
+    #[step]
+    async fn prepare(job: Job, ctx: &StepContext) -> Result<Job, StepError> {
+        step_body(&job, ctx).await?;
+        Ok(job)
+    }
+
+    #[step(signal = approval)]
+    async fn apply(prepare: Job, approval: u64, ctx: &StepContext) -> Result<String, StepError> {
+        step_body(&prepare, ctx).await?;
+        Ok(format!("n={} approved={approval}", prepare.n))
+    }
+}

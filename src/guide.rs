@@ -25,6 +25,9 @@ pub mod delays {}
 #[doc = include_str!("../docs/guide/schedules.md")]
 pub mod schedules {}
 
+#[doc = include_str!("../docs/guide/signals.md")]
+pub mod signals {}
+
 #[doc = include_str!("../docs/guide/operating.md")]
 pub mod operating {}
 

@@ -151,8 +151,15 @@ async fn embedding_maps_chunks_stores_vectors_and_answers_the_query(pool: PgPool
 async fn agent_coordination_validates_delivers_and_assigns_tasks_only(pool: PgPool) {
     let out = run("agent_coordination", &pool, &["--n", "24"]);
     assert!(out.contains("agent_coordination: OK"), "{out}");
+    // via the CLI when `target/<profile>/pgflow` is built (`cargo test --workspace`)
+    assert!(
+        out.contains("approvals: 1 approved (via the pgflow CLI), 1 expired")
+            || out.contains("approvals: 1 approved (via admin::signal), 1 expired"),
+        "{out}"
+    );
     let (ok, failed, skipped): (i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM pgflow.runs WHERE status = 'succeeded'),
+        "SELECT (SELECT count(*) FROM pgflow.runs
+                 WHERE status = 'succeeded' AND workflow = 'agent_coordination'),
                 (SELECT count(*) FROM pgflow.runs WHERE status = 'failed'),
                 (SELECT count(*) FROM pgflow.step_states WHERE status = 'skipped')",
     )

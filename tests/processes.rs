@@ -659,3 +659,69 @@ async fn three_workers_one_schedule_one_run_per_tick(pool: PgPool) {
     );
     drop(workers);
 }
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn signals_survive_a_sigkill_of_the_worker_that_would_run_the_step(pool: PgPool) {
+    use pgflow_suite::flows::ProcApproval;
+    let url = database_url(&pool);
+    let rt = producer(&pool).await;
+    let mut a = Worker::spawn(&url, "instance_a");
+    let mut ids = Vec::new();
+    for n in 0..50_u64 {
+        let run = rt
+            .start::<ProcApproval>(Job { n, sleep_ms: 0 })
+            .await
+            .unwrap();
+        ids.push(run.id());
+    }
+    // Every run waits for its signal (its second step parked), holding no slot.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pgflow.tasks WHERE step = 1 AND parked AND waits_for = 'approval'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting == 50 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{waiting} of 50 runs wait");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.sigkill();
+    // Half the signals come while no worker is alive, half after one is back.
+    for (k, id) in ids.iter().take(25).enumerate() {
+        let outcome = rt
+            .signal(*id, ProcApproval::approval, k as u64)
+            .await
+            .unwrap();
+        assert_eq!(outcome, pgflow::SignalOutcome::Delivered);
+    }
+    let _b = Worker::spawn(&url, "instance_b");
+    for (k, id) in ids.iter().enumerate().skip(25) {
+        rt.signal(*id, ProcApproval::approval, k as u64)
+            .await
+            .unwrap();
+    }
+    for (k, id) in ids.iter().enumerate() {
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            rt.handle::<String>(*id, true).wait(),
+        )
+        .await
+        .expect("the run finishes")
+        .unwrap();
+        assert_eq!(out, format!("n={k} approved={k}"));
+    }
+    // The signal steps ran on the surviving worker, once each.
+    let applied: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT instance_id, count(*) FROM pgflow_test.executions WHERE step = 'apply'
+         GROUP BY instance_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(applied, [("instance_b".to_owned(), 50)]);
+    rt.shutdown().await.unwrap();
+}

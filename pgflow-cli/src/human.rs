@@ -482,6 +482,29 @@ pub(crate) fn start(r: &StartReport) -> String {
     }
 }
 
+/// What `pgflow signal` reports.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct SignalReport {
+    pub(crate) run_id: i64,
+    pub(crate) name: String,
+    pub(crate) outcome: pgflow::SignalOutcome,
+}
+
+pub(crate) fn signal(r: &SignalReport) -> String {
+    let what = match r.outcome {
+        pgflow::SignalOutcome::Delivered => "delivered: the waiting step runs now",
+        pgflow::SignalOutcome::Kept => "kept: the step receives it when it is reached",
+        pgflow::SignalOutcome::Duplicate => {
+            "a duplicate: the run already has this signal (the first one wins); recorded, not delivered"
+        }
+        pgflow::SignalOutcome::TooLate => {
+            "too late: the step already ran without it (its timeout passed); recorded, not delivered"
+        }
+        _ => "sent",
+    };
+    format!("signal `{}` to run {}: {what}\n", r.name, r.run_id)
+}
+
 pub(crate) fn cancel(r: &CancelReport) -> String {
     if r.cancelled {
         format!("run {} cancelled\n", r.id)

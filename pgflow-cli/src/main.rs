@@ -150,6 +150,18 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
+    /// Send a signal to a run: the step waiting for it (`#[step(signal = NAME)]`) runs
+    /// with the payload, now or when it is reached. Prints delivered, kept, duplicate
+    /// (the first one wins) or too_late (the step's timeout passed first)
+    Signal {
+        /// The run id
+        id: i64,
+        /// The signal's name
+        name: String,
+        /// The payload (JSON), e.g. '{"approved": true}'
+        #[arg(value_parser = parse_json)]
+        payload: serde_json::Value,
+    },
     /// Cron schedules: expression, time zone, missed-tick policy, next and last tick
     #[command(args_conflicts_with_subcommands = true)]
     Schedules {
@@ -285,6 +297,15 @@ async fn run(cli: Cli) -> Result<String, Error> {
             };
             let r = admin::prune(&pool, opts).await?;
             output(json, &r, human::prune)
+        }
+        Command::Signal { id, name, payload } => {
+            let outcome = admin::signal(&pool, RunId(id), &name, payload).await?;
+            let r = human::SignalReport {
+                run_id: id,
+                name,
+                outcome,
+            };
+            output(json, &r, human::signal)
         }
         Command::Schedules { action } => match action {
             None | Some(SchedulesAction::List) => {

@@ -1011,3 +1011,71 @@ async fn prune_counts_then_deletes_finished_runs(pool: PgPool) {
     let e = pgflow(&pool, &["prune", "--older-than", "soon"]).await;
     assert_ne!(e.code, 0);
 }
+
+/// Waits for an approval signal.
+pub struct Approve;
+
+#[workflow(name = "cli_approve", queue = "cli")]
+impl Approve {
+    #[step(signal = approval)]
+    async fn decide(input: String, approval: bool) -> Result<String, StepError> {
+        Ok(format!("{input}: {approval}"))
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn signal_delivers_once_and_refuses_unknown_names_and_finished_runs(pool: PgPool) {
+    // A producer (no queue): the step waits (its task is parked), nothing runs it.
+    let rt = runtime(&pool, Arc::new(Probe::default()), false).await;
+    let run = rt.start::<Approve>("deploy".to_owned()).await.unwrap();
+    let id = run.id().0.to_string();
+    let out = pgflow(&pool, &["run", &id]).await.ok();
+    assert_eq!(
+        cells(row(&out, "decide"))[1..3],
+        ["awaiting", "signal"],
+        "{out}"
+    );
+    let e = pgflow(&pool, &["signal", &id, "aproval", "true"])
+        .await
+        .err();
+    assert_eq!(
+        e,
+        format!(
+            "error: no step of run {id} waits for a signal named `aproval`; it waits for `approval`\n"
+        )
+    );
+    let e = pgflow(&pool, &["signal", &id, "approval", "{yes"]).await;
+    assert_eq!(e.code, 2, "{e:?}");
+    assert!(e.stderr.contains("not valid JSON"), "{e:?}");
+    assert_eq!(
+        pgflow(&pool, &["signal", &id, "approval", "true"])
+            .await
+            .ok(),
+        format!("signal `approval` to run {id}: delivered: the waiting step runs now\n")
+    );
+    let v = pgflow(&pool, &["signal", &id, "approval", "false", "--json"])
+        .await
+        .json();
+    assert_eq!(v["outcome"], "duplicate");
+    assert_eq!(v["name"], "approval");
+    let v = pgflow(&pool, &["run", &id, "--json"]).await.json();
+    assert_eq!(v["steps"][0]["status"], "queued", "{v}");
+    rt.shutdown().await.unwrap();
+    let rt = runtime(&pool, Arc::new(Probe::default()), true).await;
+    assert_eq!(
+        finished::<String>(&rt, run.id()).await.unwrap(),
+        "deploy: true"
+    );
+    let e = pgflow(&pool, &["signal", &id, "approval", "true"])
+        .await
+        .err();
+    assert_eq!(
+        e,
+        format!("error: run {id} has status `succeeded`: it takes no more signals\n")
+    );
+    let e = pgflow(&pool, &["signal", "424242", "approval", "true"])
+        .await
+        .err();
+    assert_eq!(e, "error: no run with id 424242\n");
+    rt.shutdown().await.unwrap();
+}

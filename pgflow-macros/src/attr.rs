@@ -34,6 +34,8 @@ pub(crate) const STEP_KEYS: &[&str] = &[
     "map",
     "delay",
     "max_snoozes",
+    "signal",
+    "signal_timeout",
 ];
 
 /// Options shared by both levels.
@@ -66,6 +68,10 @@ pub(crate) struct StepAttr {
     pub(crate) map: Option<Ident>,
     /// `delay = "10m"`, in milliseconds.
     pub(crate) delay: Option<u64>,
+    /// `signal = approval`: the signal's name.
+    pub(crate) signal: Option<Ident>,
+    /// `signal_timeout = "72h"`: the key (for error spans) and milliseconds.
+    pub(crate) signal_timeout: Option<(Ident, u64)>,
     pub(crate) retry: RetryOptions,
 }
 
@@ -80,10 +86,10 @@ pub(crate) fn parse_workflow_attr(tokens: TokenStream, cx: &mut Ctxt) -> Workflo
                 set(cx, &key, &mut attr.version, v);
             }
             "queue" => set(cx, &key, &mut attr.queue, parse_name(input, "queue")?),
-            "delay" => {
+            "delay" | "signal" | "signal_timeout" => {
                 return Err(syn::Error::new(
                     key.span(),
-                    "`delay` is a step option: put it on the `#[step(..)]` that waits",
+                    format!("`{key}` is a step option: put it on the `#[step(..)]` that waits"),
                 ));
             }
             _ => return parse_retry_option(&key, input, cx, &mut attr.retry),
@@ -127,6 +133,20 @@ pub(crate) fn parse_step_attr(tokens: TokenStream, cx: &mut Ctxt) -> StepAttr {
             "delay" => {
                 let v = parse_duration(input, true)?;
                 set(cx, &key, &mut attr.delay, v);
+            }
+            "signal" => {
+                input.parse::<Token![=]>()?;
+                let name: Ident = input.parse().map_err(|e| {
+                    syn::Error::new(
+                        e.span(),
+                        "`signal` takes the signal's name, e.g. `signal = approval`",
+                    )
+                })?;
+                set(cx, &key, &mut attr.signal, name);
+            }
+            "signal_timeout" => {
+                let v = parse_duration(input, false)?;
+                set(cx, &key, &mut attr.signal_timeout, (key.clone(), v));
             }
             _ => return parse_retry_option(&key, input, cx, &mut attr.retry),
         }

@@ -68,14 +68,29 @@ use proc_macro::TokenStream;
 ///   several parents, over a conditional step, combined with `when`, or a root map
 ///   step with other than one data parameter.
 ///
+/// # Signals
+///
+/// `#[step(signal = approval)]`: after its parents complete, the step waits (holding
+/// no worker slot) until its run receives the signal `approval`; the data parameter
+/// named `approval` takes the payload. With `signal_timeout = "72h"` it stops waiting
+/// after that long, and the parameter is an `Option` (`None` then).
+/// - The expansion adds one constant per signal to the workflow type,
+///   `Review::approval: pgflow::Signal<Review, Approval>`, which the senders take
+///   (`rt.signal(run, Review::approval, payload)`), so a payload of the wrong type
+///   does not compile.
+/// - Compile errors: no parameter named after the signal, `signal_timeout` without
+///   `signal`, a timeout with a parameter that is not an `Option` (or an `Option`
+///   without a timeout), a signal on a map step, two steps waiting for one signal.
+///
 /// # Options
 ///
 /// Workflow: `name` (default: the type name in snake_case; it is the durable
 /// identity), `version` (1), `queue` (`"default"`), `max_attempts` (3), `timeout`
 /// (`"30s"`), `backoff` (`"1s"`), `priority` (0), `max_snoozes` (1000). Steps:
 /// `max_attempts`, `timeout`, `backoff`, `priority`, `max_snoozes`, `delay` (due that
-/// long after the parents complete; `"0s"`), `depends_on`, `when =
-/// path::to::predicate`, and the flag `map`. Durations are strings like `"500ms"`,
+/// long after the parents complete; `"0s"`), `signal = name`, `signal_timeout`
+/// (none: waits forever), `depends_on`, `when = path::to::predicate`, and the flag
+/// `map`. Durations are strings like `"500ms"`,
 /// `"30s"`, `"1m30s"`, `"2h"`.
 ///
 /// # Examples

@@ -65,3 +65,9 @@ pub(crate) fn any() -> TokenStream {
 pub(crate) fn boxed() -> TokenStream {
     quote!(::std::boxed::Box)
 }
+pub(crate) fn signal() -> TokenStream {
+    quote!(::pgflow::Signal)
+}
+pub(crate) fn signal_def() -> TokenStream {
+    quote!(::pgflow::SignalDef)
+}

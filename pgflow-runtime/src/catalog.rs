@@ -12,12 +12,16 @@ use pgflow::{Definition, ParamSource, Plan, StepDef, WorkflowDef};
 use crate::store::{step_i16, tasks::lease_ms, version_i32};
 
 /// What the enqueue statement needs of a step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct StepRow {
     pub(crate) priority: i16,
     pub(crate) max_attempts: i32,
     /// Its `delay`, in milliseconds.
     pub(crate) delay_ms: i64,
+    /// The signal it waits for.
+    pub(crate) waits_for: Option<String>,
+    /// Its `signal_timeout` in milliseconds; -1: none (it waits forever).
+    pub(crate) wait_ms: i64,
     /// For a map step: what it maps over (-1: the run input; else a parent's index).
     pub(crate) map_from: Option<i16>,
 }
@@ -71,6 +75,12 @@ pub(crate) fn step_rows(def: &Definition) -> Vec<StepRow> {
             priority: s.priority,
             max_attempts: i32::try_from(s.max_attempts.max(1)).unwrap_or(i32::MAX),
             delay_ms: i64::try_from(s.delay_ms).unwrap_or(i64::MAX),
+            waits_for: s.signal.as_ref().map(|g| g.name.clone()),
+            wait_ms: s
+                .signal
+                .as_ref()
+                .and_then(|g| g.timeout_ms)
+                .map_or(-1, |ms| i64::try_from(ms).unwrap_or(i64::MAX)),
             map_from: s.map.as_ref().map(|m| {
                 let from = s
                     .params

@@ -83,6 +83,27 @@ pub enum Error {
     /// No run has this id.
     #[error("no run with id {0}")]
     RunNotFound(RunId),
+    /// A signal was sent to a run that is finished or cancelled.
+    #[error("run {id} has status `{status}`: it takes no more signals")]
+    RunNotRunning {
+        /// The run.
+        id: RunId,
+        /// Its status (`succeeded`, `failed` or `cancelled`).
+        status: String,
+    },
+    /// A signal was sent by a name no step of the run waits for.
+    #[error(
+        "no step of run {id} waits for a signal named `{name}`; {}",
+        if known.is_empty() { "its workflow waits for no signal".to_owned() } else { format!("it waits for {known}") }
+    )]
+    UnknownSignal {
+        /// The run.
+        id: RunId,
+        /// The name sent.
+        name: String,
+        /// The names its steps wait for (`` `approval`, `payment` ``), empty if none.
+        known: String,
+    },
     /// Another live instance holds this instance id.
     #[error(
         "instance id `{id}` is in use by a live instance (host {host}, pid {pid}, last heartbeat {heartbeat_secs_ago:.1}s ago); \

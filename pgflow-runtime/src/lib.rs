@@ -69,7 +69,7 @@ pub use connect::mask_password;
 pub use error::Error;
 pub use handle::{RunHandle, RunOutcome, RunStatus};
 pub use retention::Retention;
-pub use runtime::{InstanceInfo, Runtime, StartOptions, Stats, Summary};
+pub use runtime::{InstanceInfo, Runtime, StartOptions, Stats, Summary, signal_in};
 pub use schedule::{Missed, Schedule, ScheduleInfo, Tick};
 
 /// The schema migrations (`migrations/` in this crate), as a sqlx

@@ -520,6 +520,43 @@ impl Runtime {
         Ok(row.cancelled)
     }
 
+    /// Sends signal `signal` of workflow `W` with its payload to run `run`: the step
+    /// waiting for it (`#[step(signal = ..)]`) runs with it, now if it is waiting,
+    /// else when it is reached. The constant `W::<signal name>` that `#[workflow]`
+    /// generates types the payload, so a wrong one does not compile.
+    ///
+    /// ```no_run
+    /// # use pgflow::{workflow, StepError, SignalOutcome};
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Serialize, Deserialize)] pub struct Approval { pub by: String }
+    /// # pub struct Review;
+    /// # #[workflow(name = "runtime_signal_doc")]
+    /// # impl Review {
+    /// #     #[step(signal = approval, signal_timeout = "72h")]
+    /// #     async fn publish(input: String, approval: Option<Approval>) -> Result<String, StepError> { Ok(input) }
+    /// # }
+    /// # async fn demo(rt: pgflow_runtime::Runtime) -> Result<(), pgflow_runtime::Error> {
+    /// let run = rt.start::<Review>("cats".into()).await?;
+    /// let outcome = rt.signal(run.id(), Review::approval, Approval { by: "ada".into() }).await?;
+    /// assert!(matches!(outcome, SignalOutcome::Delivered | SignalOutcome::Kept));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RunNotFound`]; [`Error::RunNotRunning`] for a finished or cancelled
+    /// run; [`Error::UnknownSignal`] when the run is of another workflow (or version)
+    /// whose steps do not wait for it; [`Error::InvalidInput`] when the payload does
+    /// not serialize; database errors.
+    pub async fn signal<W: Workflow, T: serde::Serialize>(
+        &self,
+        run: RunId,
+        signal: pgflow::Signal<W, T>,
+        payload: T,
+    ) -> Result<pgflow::SignalOutcome, Error> {
+        signal_in(&self.engine.pool, run, signal, payload).await
+    }
+
     /// Re-runs a failed or cancelled run from its frontier, reusing every completed
     /// step's output, every skip decision and every completed element of a map step
     /// (only the failed or missing elements run again). See
@@ -697,4 +734,43 @@ pub struct Summary {
     pub p95_ms: f64,
     /// Sum of `cost_cents`.
     pub total_cost_cents: i64,
+}
+
+/// [`Runtime::signal`] through any executor: a pool, a connection, or the
+/// application's own transaction (the signal counts at its commit, with the
+/// application's own writes).
+///
+/// ```no_run
+/// # use pgflow::{workflow, StepError};
+/// # pub struct Review;
+/// # #[workflow(name = "signal_in_doc")]
+/// # impl Review {
+/// #     #[step(signal = approval)]
+/// #     async fn publish(input: String, approval: bool) -> Result<String, StepError> { Ok(input) }
+/// # }
+/// # async fn demo(pool: sqlx::PgPool, run: pgflow::RunId) -> Result<(), pgflow_runtime::Error> {
+/// let mut tx = pool.begin().await?;
+/// // .. the application's own writes ..
+/// pgflow_runtime::signal_in(&mut *tx, run, Review::approval, true).await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// As for [`Runtime::signal`].
+pub async fn signal_in<W: Workflow, T: serde::Serialize>(
+    db: impl sqlx::PgExecutor<'_>,
+    run: RunId,
+    signal: pgflow::Signal<W, T>,
+    payload: T,
+) -> Result<pgflow::SignalOutcome, Error> {
+    let json = serde_json::to_string(&payload).map_err(|e| Error::InvalidInput {
+        workflow: W::NAME.to_owned(),
+        message: format!(
+            "the payload of signal `{}` does not serialize: {e}",
+            signal.name()
+        ),
+    })?;
+    crate::admin::send_json(db, run, signal.name(), &json).await
 }

@@ -117,6 +117,23 @@ pub struct StepDefinition {
     /// How a map step maps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map: Option<MapDefinition>,
+    /// The signal it waits for (absent for a step that waits for none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<SignalDefinition>,
+}
+
+/// The signal a step of a [`Definition`] waits for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalDefinition {
+    /// The signal's name.
+    pub name: String,
+    /// The payload type, as written.
+    #[serde(rename = "payload", default)]
+    pub payload_type: String,
+    /// How long the step waits before it runs without the signal, in milliseconds;
+    /// absent: forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// One data parameter of a [`StepDefinition`].
@@ -124,7 +141,8 @@ pub struct StepDefinition {
 pub struct ParamDefinition {
     /// The parameter's name.
     pub name: String,
-    /// `input`, or the name of the step whose output it takes.
+    /// `input`, the name of the step whose output it takes, or `signal` (the payload
+    /// of the signal its step waits for).
     pub from: String,
     /// Its Rust type, as written.
     #[serde(rename = "type", default)]
@@ -290,6 +308,7 @@ impl WorkflowDef {
                                 from: match p.source {
                                     ParamSource::Input => "input".to_owned(),
                                     ParamSource::Step(i) => name_of(i),
+                                    ParamSource::Signal => "signal".to_owned(),
                                 },
                                 type_name: p.type_name.to_owned(),
                             })
@@ -309,6 +328,11 @@ impl WorkflowDef {
                                 .map_or(String::new(), |p| p.name.to_owned()),
                             item: m.item().type_name.to_owned(),
                             element_output: m.element_output().type_name.to_owned(),
+                        }),
+                        signal: s.signal().map(|g| SignalDefinition {
+                            name: g.name.to_owned(),
+                            payload_type: g.payload_type.to_owned(),
+                            timeout_ms: g.timeout.map(duration_ms),
                         }),
                     }
                 })

@@ -54,6 +54,7 @@ pub struct ExecuteOptions {
     data: Data,
     cost: CostMeter,
     cancel: CancelToken,
+    signals: crate::Signals,
 }
 
 impl ExecuteOptions {
@@ -86,6 +87,33 @@ impl ExecuteOptions {
     /// steps see it through `ctx.is_cancelled()`.
     pub fn cancel(mut self, cancel: CancelToken) -> Self {
         self.cancel = cancel;
+        self
+    }
+
+    /// The handle through which the run receives its signals (see [`Signals`](crate::Signals));
+    /// keep a clone to send them, before or during the run. A step waiting for a
+    /// signal waits on tokio's clock: with `#[tokio::test(start_paused = true)]` a
+    /// 72-hour `signal_timeout` passes at once when nothing else is left to do. A step
+    /// without a timeout waits until its signal is sent: forever if it never is (as in
+    /// the durable runtime), so a test sends it or gives the run a `cancel` token.
+    ///
+    /// ```
+    /// # use pgflow::{workflow, ExecuteOptions, Signals, StepError};
+    /// # pub struct Gate;
+    /// # #[workflow(name = "execute_signals_doc")]
+    /// # impl Gate {
+    /// #     #[step(signal = go)]
+    /// #     async fn wait(input: u8, go: u8) -> Result<u8, StepError> { Ok(input + go) }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let signals = Signals::new();
+    /// let run = tokio::spawn(pgflow::execute_with::<Gate>(1, ExecuteOptions::new().signals(signals.clone())));
+    /// signals.send(Gate::go, 2).unwrap(); // kept, or delivered if the step already waits
+    /// assert_eq!(run.await.unwrap().unwrap(), 3);
+    /// # }
+    /// ```
+    pub fn signals(mut self, signals: crate::Signals) -> Self {
+        self.signals = signals;
         self
     }
 }
@@ -159,6 +187,7 @@ struct Shared {
     data: Arc<Data>,
     cost: CostMeter,
     cancel: CancelToken,
+    signals: crate::Signals,
 }
 
 /// The value of a step (or of the input) for the steps that consume it.
@@ -236,6 +265,11 @@ impl Run<'_> {
             let slot = match p.source {
                 ParamSource::Input => input_slot,
                 ParamSource::Step(i) => i,
+                // given when the signal comes (see `run_with_retries`)
+                ParamSource::Signal => {
+                    values.push(None);
+                    continue;
+                }
             };
             self.uses[slot] -= 1;
             let value = match &self.slots[slot] {
@@ -268,6 +302,7 @@ impl Run<'_> {
             let slot = match p.source {
                 ParamSource::Input => input_slot,
                 ParamSource::Step(i) => i,
+                ParamSource::Signal => continue,
             };
             self.uses[slot] -= 1;
             if self.uses[slot] == 0 && matches!(self.slots[slot], Slot::Value(_)) {
@@ -481,6 +516,7 @@ pub(crate) async fn run_definition(
             data: Arc::new(options.data.clone()),
             cost: options.cost.clone(),
             cancel: options.cancel.clone(),
+            signals: options.signals.clone(),
         }),
         slots,
         uses: consumers(def),
@@ -519,6 +555,7 @@ fn consumers(def: &WorkflowDef) -> Vec<u32> {
         match param.source {
             ParamSource::Input => uses[steps.len()] += 1,
             ParamSource::Step(i) => uses[i] += 1,
+            ParamSource::Signal => {}
         }
     }
     uses
@@ -564,6 +601,18 @@ async fn run_with_retries(
             () = tokio::time::sleep(options.delay) => {}
             () = shared.cancel.cancelled() => return Err(cancelled()),
         }
+    }
+    if let Some(signal) = step.signal() {
+        // Waits holding nothing but this future; `None` (JSON `null`) on timeout.
+        let payload = tokio::select! {
+            p = shared.signals.wait(signal.name, signal.timeout) => p,
+            () = shared.cancel.cancelled() => return Err(cancelled()),
+        };
+        let json = payload.unwrap_or_else(|| {
+            serde_json::value::RawValue::from_string("null".to_owned())
+                .unwrap_or_else(|_| unreachable!("`null` is JSON"))
+        });
+        inputs.put(signal.param, StepValue::Json(json));
     }
     let mut attempt = 1;
     let mut snoozes = 0;

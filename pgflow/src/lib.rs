@@ -130,6 +130,7 @@ mod execute;
 mod finite;
 pub mod registry;
 pub mod replay;
+mod signal;
 mod value;
 mod workflow;
 
@@ -138,7 +139,9 @@ mod workflow;
 pub mod __private;
 
 pub use context::{CancelToken, CostMeter, Data, RunId, StepContext, StepContextBuilder};
-pub use definition::{Definition, MapDefinition, ParamDefinition, Plan, PlanError, StepDefinition};
+pub use definition::{
+    Definition, MapDefinition, ParamDefinition, Plan, PlanError, SignalDefinition, StepDefinition,
+};
 pub use error::{AttemptFailure, ErrorKind, RunError, StepError};
 pub use execute::{ExecuteOptions, execute, execute_with};
 pub use pgflow_macros::{step, workflow};
@@ -146,5 +149,6 @@ pub use registry::{Registry, RegistryError, registry};
 pub use replay::{
     Recorded, RecordedElement, RecordedStatus, RecordedStep, Replay, ReplayError, replay,
 };
+pub use signal::{Signal, SignalDef, SignalOutcome, Signals};
 pub use value::StepData;
 pub use workflow::{Param, ParamSource, StepDef, StepKind, StepOptions, Workflow, WorkflowDef};

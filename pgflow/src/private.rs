@@ -31,6 +31,8 @@ pub struct StepParts {
     pub when: Option<&'static str>,
     /// How a map step maps.
     pub map: Option<&'static MapOps>,
+    /// The signal the step waits for.
+    pub signal: Option<&'static crate::SignalDef>,
     pub options: StepOptions,
     pub output: &'static ValueOps,
     pub run: StepFn,
@@ -62,6 +64,11 @@ pub struct MapParts {
     pub element_output: &'static ValueOps,
     pub split: fn(StepValue) -> Result<Vec<StepValue>, StepError>,
     pub collect: fn(Vec<StepValue>) -> Result<StepValue, StepError>,
+}
+
+/// The typed marker of signal `name` of workflow `W` (the constant `W::<name>`).
+pub const fn signal<W, T>(name: &'static str) -> crate::Signal<W, T> {
+    crate::Signal::new(name)
 }
 
 /// Builds the map operations of a map step.

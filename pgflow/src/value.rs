@@ -314,6 +314,13 @@ impl StepInputs {
         }
     }
 
+    /// Sets input `index` (the payload of a signal, given when it comes).
+    pub(crate) fn put(&mut self, index: usize, value: StepValue) {
+        if let Some(slot) = self.values.get_mut(index) {
+            *slot = Slot::Value(value);
+        }
+    }
+
     /// The number of inputs.
     pub fn len(&self) -> usize {
         self.values.len()

@@ -108,6 +108,8 @@ pub enum ParamSource {
     Input,
     /// The output of the step with this index.
     Step(usize),
+    /// The payload of the signal the step waits for (see [`StepDef::signal`]).
+    Signal,
 }
 
 /// One data parameter of a step.
@@ -315,6 +317,26 @@ impl StepDef {
     pub fn map(&self) -> Option<&'static MapOps> {
         self.parts.map
     }
+    /// The signal it waits for (`#[step(signal = ..)]`), if any.
+    ///
+    /// ```
+    /// # use pgflow::{workflow, ParamSource, StepError, Workflow};
+    /// # use std::time::Duration;
+    /// pub struct Review;
+    /// #[workflow(name = "step_signal_doc")]
+    /// impl Review {
+    ///     #[step(signal = approval, signal_timeout = "72h")]
+    ///     async fn publish(input: String, approval: Option<bool>) -> Result<String, StepError> { Ok(input) }
+    /// }
+    /// let step = Review::definition().step("publish").unwrap();
+    /// let signal = step.signal().unwrap();
+    /// assert_eq!((signal.name, signal.param, signal.payload_type), ("approval", 1, "bool"));
+    /// assert_eq!(signal.timeout, Some(Duration::from_secs(72 * 3600)));
+    /// assert_eq!(step.params()[1].source, ParamSource::Signal);
+    /// ```
+    pub fn signal(&self) -> Option<&'static crate::SignalDef> {
+        self.parts.signal
+    }
     /// Its effective options.
     pub fn options(&self) -> &StepOptions {
         &self.parts.options
@@ -339,6 +361,7 @@ impl fmt::Debug for StepDef {
             .field("params", &self.parts.params)
             .field("kind", &self.kind())
             .field("when", &self.parts.when)
+            .field("signal", &self.parts.signal)
             .field("options", &self.parts.options)
             .field("output", &self.parts.output.type_name)
             .finish()

@@ -24,6 +24,8 @@ use crate::ctxt::Ctxt;
 pub(crate) enum Source {
     Input,
     Step(usize),
+    /// The payload of the signal the step waits for.
+    Signal,
 }
 
 pub(crate) struct Graph {
@@ -37,6 +39,8 @@ pub(crate) struct Graph {
     pub(crate) input: (usize, usize),
     /// For each map step, the data parameter that takes one element.
     pub(crate) mapped: Vec<Option<usize>>,
+    /// For each step that waits for a signal, the data parameter that takes it.
+    pub(crate) signals: Vec<Option<usize>>,
 }
 
 const INPUT: &str = "input";
@@ -125,7 +129,9 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
                 };
                 let mut used = vec![false; named.len()];
                 for param in step.data_params() {
-                    if param.name == INPUT {
+                    if takes_signal(step, param) {
+                        step_sources.push(Source::Signal);
+                    } else if param.name == INPUT {
                         step_sources.push(Source::Input);
                     } else if let Some(k) = named.iter().position(|(_, n)| **n == param.name) {
                         used[k] = true;
@@ -161,7 +167,9 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
                 let implicit = i.checked_sub(1);
                 let mut bound = false;
                 for param in step.data_params() {
-                    if param.name == INPUT {
+                    if takes_signal(step, param) {
+                        step_sources.push(Source::Signal);
+                    } else if param.name == INPUT {
                         step_sources.push(Source::Input);
                     } else if !bound {
                         bound = true;
@@ -222,6 +230,15 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
         }
     }
 
+    let signals = check_signals(steps, &sources, cx);
+    if steps
+        .iter()
+        .zip(&signals)
+        .any(|(s, g)| (s.attr.signal.is_some() || s.attr.signal_timeout.is_some()) && g.is_none())
+    {
+        ok = false;
+    }
+
     let mapped = check_maps(steps, &parents, &sources, cx);
     if steps
         .iter()
@@ -276,7 +293,130 @@ pub(crate) fn check(wf: &Workflow, cx: &mut Ctxt) -> Option<Graph> {
         terminal: *terminals.first()?,
         input: input?,
         mapped,
+        signals,
     })
+}
+
+/// Whether `param` takes the payload of the signal its step waits for (it is named
+/// after the signal).
+fn takes_signal(step: &Step, param: &super::parse::DataParam) -> bool {
+    step.attr.signal.as_ref().is_some_and(|s| *s == param.name)
+}
+
+/// `T` of a type written `Option<T>` (also `std::option::Option<T>`).
+pub(crate) fn option_inner(ty: &syn::Type) -> Option<&syn::Type> {
+    let syn::Type::Path(p) = ty else { return None };
+    let last = p.path.segments.last()?;
+    if last.ident != "Option" {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match args.args.first()? {
+        syn::GenericArgument::Type(t) if args.args.len() == 1 => Some(t),
+        _ => None,
+    }
+}
+
+/// The rules of signals: `signal_timeout` needs `signal`; the step takes a parameter
+/// named after its signal, an `Option<T>` exactly when it has a timeout (`None` when
+/// the timeout passed first); a map step waits for no signal; two steps of a workflow
+/// do not wait for the same signal. Returns, for each valid signal step, the index of
+/// its signal parameter.
+fn check_signals(steps: &[Step], sources: &[Vec<Source>], cx: &mut Ctxt) -> Vec<Option<usize>> {
+    let mut found = vec![None; steps.len()];
+    let mut seen: HashMap<String, &Ident> = HashMap::new(); // signal -> its step
+    for (i, step) in steps.iter().enumerate() {
+        let name = &step.name;
+        let Some(signal) = &step.attr.signal else {
+            if let Some((key, _)) = &step.attr.signal_timeout {
+                cx.error_spanned_by(
+                    key,
+                    format!(
+                        "`signal_timeout` bounds the wait for a signal, but step `{name}` waits for none: add `signal = <name>` or remove `signal_timeout`"
+                    ),
+                );
+            }
+            continue;
+        };
+        let mut valid = true;
+        if signal == INPUT {
+            cx.error_spanned_by(
+                signal,
+                "a signal cannot be named `input`: parameters named `input` take the workflow input",
+            );
+            valid = false;
+        }
+        if let Some(first) = seen.get(&signal.to_string()) {
+            cx.error_spanned_by(
+                signal,
+                format!(
+                    "steps `{first}` and `{name}` both wait for signal `{signal}`, but a signal is delivered to one step of a run: give each its own signal"
+                ),
+            );
+            valid = false;
+        } else {
+            seen.insert(signal.to_string(), name);
+        }
+        if let Some(map) = &step.attr.map {
+            cx.error_spanned_by(
+                map,
+                format!(
+                    "map step `{name}` cannot wait for a signal: a signal is delivered once per run, not per element; wait for it in a step before the map"
+                ),
+            );
+            valid = false;
+        }
+        let k = sources[i].iter().position(|s| *s == Source::Signal);
+        let Some(k) = k else {
+            if !step.param_errors {
+                let ty = if step.attr.signal_timeout.is_some() {
+                    "Option<PayloadType>"
+                } else {
+                    "PayloadType"
+                };
+                cx.error_spanned_by(
+                    signal,
+                    format!(
+                        "step `{name}` waits for signal `{signal}` but takes no parameter named `{signal}`: add `{signal}: {ty}` for its payload"
+                    ),
+                );
+            }
+            continue;
+        };
+        let Some(param) = step.data_params().nth(k) else {
+            continue;
+        };
+        let optional = option_inner(&param.ty).is_some();
+        match (&step.attr.signal_timeout, optional) {
+            (Some(_), false) => {
+                let ty = &param.ty;
+                cx.error_spanned_by(
+                    &param.ty,
+                    format!(
+                        "with `signal_timeout`, the signal parameter `{signal}` is an `Option` (`None` when the timeout passes first): write `{signal}: Option<{}>`",
+                        super::parse::type_string(ty)
+                    ),
+                );
+                valid = false;
+            }
+            (None, true) => {
+                cx.error_spanned_by(
+                    &param.ty,
+                    format!(
+                        "signal parameter `{signal}` is an `Option`, but step `{name}` waits without a timeout and always receives the payload: add `signal_timeout = \"..\"` (`None` when it passes) or take the payload type itself"
+                    ),
+                );
+                valid = false;
+            }
+            _ => {}
+        }
+        if valid {
+            found[i] = Some(k);
+        }
+    }
+    found
 }
 
 /// Whether two names are the same or one typo apart (at most two single-character
@@ -372,6 +512,10 @@ fn check_maps(
     let mut mapped = vec![None; steps.len()];
     for (i, step) in steps.iter().enumerate() {
         let Some(map) = &step.attr.map else { continue };
+        if step.attr.signal.is_some() {
+            // refused by `check_signals`
+            continue;
+        }
         let name = &step.name;
         if step.attr.when.is_some() {
             cx.error_spanned_by(
@@ -612,6 +756,43 @@ mod tests {
             "`c` maps over the output of `b`, a conditional step",
             "depends on `a`, `c`",
             "root map step `f`",
+        ] {
+            assert!(errors.contains(needle), "missing {needle:?} in {errors}");
+        }
+    }
+
+    #[test]
+    fn signal_parameters_bind_to_the_signal() {
+        let (g, errors) = check_tokens(quote! {
+            impl W {
+                #[step] async fn a(req: Req) -> Result<A, E> { body() }
+                #[step(signal = ok, signal_timeout = "1h")] async fn b(ok: Option<Ok>, x: A) -> Result<B, E> { body() }
+                #[step(depends_on = [b], signal = go)] async fn c(b: B, go: Go) -> Result<C, E> { body() }
+            }
+        });
+        let g = g.unwrap_or_else(|| panic!("{errors}"));
+        assert_eq!(g.sources[1], vec![Source::Signal, Source::Step(0)]);
+        assert_eq!(g.sources[2], vec![Source::Step(1), Source::Signal]);
+        assert_eq!(g.signals, vec![None, Some(0), Some(1)]);
+    }
+
+    #[test]
+    fn signal_errors_accumulate() {
+        let (g, errors) = check_tokens(quote! {
+            impl W {
+                #[step(signal = ok)] async fn a(req: Req) -> Result<A, E> { body() }
+                #[step(signal_timeout = "1h")] async fn b(a: A) -> Result<B, E> { body() }
+                #[step(signal = go, signal_timeout = "1h")] async fn c(b: B, go: Go) -> Result<C, E> { body() }
+                #[step(signal = go)] async fn d(c: C, go: Option<Go>) -> Result<D, E> { body() }
+            }
+        });
+        assert!(g.is_none());
+        for needle in [
+            "takes no parameter named `ok`",
+            "`signal_timeout` bounds the wait for a signal, but step `b` waits for none",
+            "write `go: Option<Go>`",
+            "steps `c` and `d` both wait for signal `go`",
+            "signal parameter `go` is an `Option`",
         ] {
             assert!(errors.contains(needle), "missing {needle:?} in {errors}");
         }

@@ -218,7 +218,9 @@ pub(crate) fn placeholder(wf: &Workflow) -> TokenStream {
         .unwrap_or(&unit);
     let name = workflow_name(wf);
     let version = wf.attr.version.unwrap_or(1);
+    let senders = signal_senders(wf);
     quote! {
+        #senders
         const _: () = {
             impl #workflow_trait for #self_ty {
                 type Input = #input;
@@ -322,6 +324,43 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
         map_refs.push(quote!(::core::option::Option::Some(&#table)));
     }
 
+    // The ValueOps of each signal parameter (`T`, or `Option<T>` with a timeout) and
+    // the step's `SignalDef`.
+    let mut signal_ops: Vec<Ident> = Vec::with_capacity(steps.len());
+    let mut signal_refs: Vec<TokenStream> = Vec::with_capacity(steps.len());
+    let mut signal_tables = TokenStream::new();
+    for (i, s) in steps.iter().enumerate() {
+        let ops = format_ident!("__PGFLOW_OPS_SIGNAL_{}", i);
+        let (Some(k), Some(signal)) = (g.signals[i], &s.attr.signal) else {
+            signal_ops.push(ops);
+            signal_refs.push(quote!(::core::option::Option::None));
+            continue;
+        };
+        let param_ty = &data_param(s, k).ty;
+        value_ops.extend(value_ops_tokens(&ops, &Named::of(param_ty)));
+        let payload = type_string(payload_type(s, param_ty));
+        let name = signal.to_string();
+        let timeout = match &s.attr.signal_timeout {
+            Some((_, ms)) => {
+                let duration = paths::duration();
+                quote!(::core::option::Option::Some(#duration::from_millis(#ms)))
+            }
+            None => quote!(::core::option::Option::None),
+        };
+        let table = format_ident!("__PGFLOW_SIGNAL_{}", i);
+        let signal_def = paths::signal_def();
+        signal_tables.extend(quote! {
+            static #table: #signal_def = #signal_def {
+                name: #name,
+                param: #k,
+                payload_type: #payload,
+                timeout: #timeout,
+            };
+        });
+        signal_ops.push(ops);
+        signal_refs.push(quote!(::core::option::Option::Some(&#table)));
+    }
+
     let entries: Vec<TokenStream> = steps
         .iter()
         .enumerate()
@@ -334,6 +373,7 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
                         return ParamFeed::Element(format_ident!("__PGFLOW_OPS_ITEM_{}", i));
                     }
                     match src {
+                        Source::Signal => ParamFeed::Value(&signal_ops[i]),
                         Source::Input => ParamFeed::Value(&input_ops),
                         Source::Step(p) if steps[*p].attr.when.is_some() => {
                             ParamFeed::Optional(&step_ops[*p], types.own[*p])
@@ -363,6 +403,7 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
             let source = match src {
                 Source::Input => quote!(#param_source::Input),
                 Source::Step(k) => quote!(#param_source::Step(#k)),
+                Source::Signal => quote!(#param_source::Signal),
             };
             quote!(#param { name: #pname, source: #source, type_name: #tname })
         });
@@ -375,6 +416,7 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
             None => quote!(::core::option::Option::None),
         };
         let map = &map_refs[i];
+        let signal = &signal_refs[i];
         let options = Options {
             delay_ms: s.attr.delay,
             ..Options::merge(&s.attr.retry, &defaults)
@@ -391,6 +433,7 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
                 takes_context: #takes_context,
                 when: #when,
                 map: #map,
+                signal: #signal,
                 options: #options,
                 output: &#ops,
                 run: #entry,
@@ -435,11 +478,15 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
     };
 
     let checks = type_checks(wf, g, &types);
+    let senders = signal_senders(wf);
 
     quote! {
+        #senders
+
         const _: () = {
             #value_ops
             #map_tables
+            #signal_tables
             #(#entries)*
             #finish_fn
 
@@ -477,6 +524,59 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
 
             #checks
         };
+    }
+}
+
+/// The payload type of a step's signal parameter: `T` of an `Option<T>` with a
+/// timeout, else the parameter's type.
+fn payload_type<'t>(step: &Step, param_ty: &'t Type) -> &'t Type {
+    if step.attr.signal_timeout.is_some() {
+        super::check::option_inner(param_ty).unwrap_or(param_ty)
+    } else {
+        param_ty
+    }
+}
+
+/// The typed senders: for each signal, an associated constant of the workflow type
+/// named after it, `Review::approval: Signal<Review, Approval>`, so a sender's
+/// payload type is checked by rustc. Also emitted for a workflow with errors, so
+/// code that sends its signals reports nothing more than the real mistakes.
+pub(crate) fn signal_senders(wf: &Workflow) -> TokenStream {
+    let self_ty = &wf.self_ty;
+    let signal = paths::signal();
+    let private = paths::private();
+    let mut seen = Vec::new();
+    let consts: Vec<TokenStream> = wf
+        .steps
+        .iter()
+        .filter_map(|s| {
+            let name = s.attr.signal.as_ref()?;
+            let param = s.data_params().find(|p| p.name == *name)?;
+            if seen.contains(name) {
+                return None;
+            }
+            seen.push(name.clone());
+            let payload = payload_type(s, &param.ty);
+            let text = name.to_string();
+            let doc = format!(
+                "The signal `{text}` that step `{}` waits for: pass it to a sender with its payload.",
+                s.name
+            );
+            Some(quote! {
+                #[doc = #doc]
+                #[allow(non_upper_case_globals, dead_code)]
+                pub const #name: #signal<#self_ty, #payload> = #private::signal(#text);
+            })
+        })
+        .collect();
+    if consts.is_empty() {
+        return TokenStream::new();
+    }
+    quote! {
+        #[automatically_derived]
+        impl #self_ty {
+            #(#consts)*
+        }
     }
 }
 
@@ -671,6 +771,8 @@ fn type_checks(wf: &Workflow, g: &Graph, types: &Types<'_>) -> TokenStream {
                 continue;
             }
             let from: &Type = match src {
+                // the payload is typed by the parameter itself
+                Source::Signal => continue,
                 Source::Input => &types.input.ty,
                 Source::Step(s) if wf.steps[*s].attr.when.is_some() => continue,
                 Source::Step(s) => &types.seen[*s].ty,

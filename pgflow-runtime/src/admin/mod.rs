@@ -10,6 +10,7 @@
 //! - [`list_runs`], [`run_detail`]: runs and their steps;
 //! - [`results`]: the monitoring aggregates;
 //! - [`start`]: a run by name, from the stored definition;
+//! - [`signal`]: a signal to a run, by name;
 //! - [`export`]: a run with every stored output, to replay it in process
 //!   ([`pgflow::replay()`]);
 //! - [`retry`] (resume a failed or cancelled run), [`fork`] (a new run from a chosen
@@ -40,6 +41,7 @@ pub(crate) mod repair;
 mod results;
 mod runs;
 mod schedules;
+mod signals;
 mod start;
 mod status;
 
@@ -53,6 +55,8 @@ pub use runs::{
     ElementsDetail, RunDetail, RunFilter, RunSummary, StepDetail, StepStatus, list_runs, run_detail,
 };
 pub use schedules::{remove_schedule, schedules};
+pub(crate) use signals::send_json;
+pub use signals::signal;
 pub use start::{StartReport, start};
 pub use status::{Instance, QueueDepth, Status, UnservedRuns, VersionStatus, WorkflowRuns, status};
 

@@ -124,6 +124,9 @@ pub enum StepStatus {
     Waiting,
     /// A task is in the queue (due now, or later for a retry's backoff).
     Queued,
+    /// It waits for a signal its run has not received (`#[step(signal = ..)]`),
+    /// parked until the signal or its timeout.
+    AwaitingSignal,
     /// An instance is executing it.
     Running,
     /// A conditional step whose predicate was false (see [`StepDetail::reason`]).
@@ -142,6 +145,7 @@ impl StepStatus {
             Self::Failed => "failed",
             Self::Waiting => "waiting",
             Self::Queued => "queued",
+            Self::AwaitingSignal => "awaiting_signal",
             Self::Running => "running",
             Self::Skipped => "skipped",
             Self::NotStarted => "not_started",
@@ -449,6 +453,8 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
             let claimed = ts.iter().find(|t| t.claimed_by.is_some());
             detail.status = if claimed.is_some() {
                 StepStatus::Running
+            } else if ts.iter().any(|t| t.awaits_signal) {
+                StepStatus::AwaitingSignal
             } else {
                 StepStatus::Queued
             };

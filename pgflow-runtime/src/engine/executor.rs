@@ -219,8 +219,8 @@ fn unfanned_map(step: &StepDef, task: &Claimed) -> Result<Outcome, StepError> {
     })
 }
 
-/// The stored JSON that feeds a parameter: the run input or a parent's output
-/// (`None` when that parent was skipped).
+/// The stored JSON that feeds a parameter: the run input, a parent's output (`None`
+/// when that parent was skipped) or the payload of the signal the step waited for.
 fn source_json<'t>(
     source: ParamSource,
     name: &str,
@@ -230,6 +230,8 @@ fn source_json<'t>(
         ParamSource::Input => task.input.as_deref().map(Some).ok_or_else(|| {
             StepError::permanent(format!("the run input for `{name}` was not loaded"))
         }),
+        // `null` when the step's timeout passed first (the parameter is an `Option`)
+        ParamSource::Signal => Ok(Some(task.signal.as_deref().unwrap_or("null"))),
         ParamSource::Step(i) => {
             let want = step_i16(i);
             let pos = task

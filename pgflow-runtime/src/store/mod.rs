@@ -10,6 +10,7 @@
 //! - [`definitions`]: the stored step tables.
 //! - [`schedules`]: cron schedules — registering, firing (locked, fenced on the row),
 //!   listing, removing.
+//! - [`signals`]: sending a signal (the SQL function `pgflow.signal`).
 //! - [`export`]: a run with every stored output, for a replay.
 //! - [`notify`]: the one NOTIFY policy.
 //! - [`maintenance`]: vacuuming the hot tables.
@@ -30,6 +31,7 @@ pub(crate) mod notify;
 pub(crate) mod retention;
 pub(crate) mod runs;
 pub(crate) mod schedules;
+pub(crate) mod signals;
 pub(crate) mod steps;
 pub(crate) mod tasks;
 

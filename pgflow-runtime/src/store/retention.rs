@@ -68,8 +68,8 @@ pub(crate) struct Pruned {
 
 /// Prunes (or, with `archive`, moves to `pgflow.archived_runs`) up to `limit` runs
 /// with an id below `bound` that finished before `cutoff` and have no task left
-/// (an attempt of a cancelled run may still be landing), with their step states and
-/// elements. Rows another transaction holds are skipped. With `dry_run`, counts
+/// (an attempt of a cancelled run may still be landing), with their step states,
+/// elements and signals (signals are not archived). Rows another transaction holds are skipped. With `dry_run`, counts
 /// what would go and changes nothing.
 pub(crate) async fn prune_batch(
     conn: &mut PgConnection,
@@ -142,6 +142,8 @@ pub(crate) async fn prune_batch(
          ), elements AS (
              DELETE FROM pgflow.step_elements e USING doomed d WHERE e.run_id = d.id
              RETURNING 1
+         ), signals AS (
+             DELETE FROM pgflow.signals g USING doomed d WHERE g.run_id = d.id
          ), steps AS (
              DELETE FROM pgflow.step_states s USING doomed d WHERE s.run_id = d.id
              RETURNING 1

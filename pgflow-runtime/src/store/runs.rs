@@ -33,6 +33,8 @@ pub(crate) struct Shape<'a> {
     root_attempts: Vec<i32>,
     root_delays_ms: Vec<i64>,
     root_map_from: Vec<Option<i16>>,
+    root_waits_for: Vec<Option<String>>,
+    root_wait_ms: Vec<i64>,
     join_steps: Vec<i16>,
     join_counts: Vec<i32>,
 }
@@ -52,6 +54,8 @@ impl<'a> Shape<'a> {
             root_attempts: Vec::new(),
             root_delays_ms: Vec::new(),
             root_map_from: Vec::new(),
+            root_waits_for: Vec::new(),
+            root_wait_ms: Vec::new(),
             join_steps: Vec::new(),
             join_counts: Vec::new(),
         };
@@ -62,6 +66,8 @@ impl<'a> Shape<'a> {
                 shape.root_attempts.push(row.max_attempts);
                 shape.root_delays_ms.push(row.delay_ms);
                 shape.root_map_from.push(row.map_from);
+                shape.root_waits_for.push(row.waits_for.clone());
+                shape.root_wait_ms.push(row.wait_ms);
             }
         }
         for (s, n) in plan.joins() {
@@ -110,11 +116,11 @@ pub(crate) async fn start(
          ), ready AS (
              SELECT r.id AS run_id, s.step, $1::text AS workflow, $2::int AS version,
                     $7::text AS queue, s.priority, s.max_attempts, r.run_at, s.delay_ms,
-                    s.map_from, r.priority AS run_priority,
+                    s.map_from, r.priority AS run_priority, s.waits_for, s.wait_ms,
                     CASE WHEN s.map_from < 0 THEN r.input END AS run_input
              FROM r CROSS JOIN unnest($8::smallint[], $9::smallint[], $10::int[], $11::smallint[],
-                                      $14::bigint[])
-                 AS s(step, priority, max_attempts, map_from, delay_ms)
+                                      $14::bigint[], $15::text[], $16::bigint[])
+                 AS s(step, priority, max_attempts, map_from, delay_ms, waits_for, wait_ms)
          ), ",
         enqueue_ctes!(),
         ", j AS (
@@ -142,6 +148,8 @@ pub(crate) async fn start(
     .bind(&shape.join_steps)
     .bind(&shape.join_counts)
     .bind(&shape.root_delays_ms)
+    .bind(&shape.root_waits_for)
+    .bind(&shape.root_wait_ms)
     .fetch_all(conn)
     .await
 }

@@ -32,7 +32,11 @@ use crate::store::{millis, step_i16, version_i32};
 
 /// The CTEs that enqueue the rows of a CTE named `ready` (`run_id, step, workflow,
 /// version, queue, priority, max_attempts, run_at, delay_ms, map_from, run_priority,
-/// run_input`), which holds only steps of runs still `running`. A task's priority
+/// run_input, waits_for, wait_ms`), which holds only steps of runs still `running`.
+/// A step waiting for a signal (`waits_for`, never a map step) is due after its delay
+/// when its run already has the signal, else `wait_ms` later, or never (`wait_ms`
+/// -1: parked until the signal makes it due; see `pgflow.signal_due` in migration
+/// 0009, which takes the lock that orders it with `pgflow.signal`). A task's priority
 /// is its step's plus its run's, clamped to `smallint`; it is due at `run_at` plus
 /// its step's `delay_ms`, and **parked** (out of `tasks_available`, see
 /// [`PARK_AHEAD`]) when that is more than a second ahead. `map_from` is NULL for a step
@@ -49,12 +53,20 @@ macro_rules! enqueue_ctes {
         "plain AS (
     -- the common case, kept lean: one task per ready step
     INSERT INTO pgflow.tasks (run_id, step, workflow, version, queue, priority, max_attempts,
-                              run_at, parked)
+                              run_at, parked, waits_for, delay_until)
     SELECT q.run_id, q.step, q.workflow, q.version, q.queue,
            LEAST(GREATEST(q.priority::int + q.run_priority, -32768), 32767)::smallint,
-           q.max_attempts, d.due, d.due > now() + interval '1 second'
+           q.max_attempts, d.due, d.due > now() + interval '1 second', q.waits_for,
+           CASE WHEN q.waits_for IS NOT NULL THEN w.ready END
     FROM ready q
-    CROSS JOIN LATERAL (SELECT q.run_at + interval '1 millisecond' * q.delay_ms AS due) d
+    CROSS JOIN LATERAL (SELECT q.run_at + interval '1 millisecond' * q.delay_ms AS ready) w
+    CROSS JOIN LATERAL (
+        -- a signal step (only): due after its delay if its signal came, else at its
+        -- timeout (a signal that comes later makes it due, see `pgflow.signal`)
+        SELECT CASE WHEN q.waits_for IS NULL THEN w.ready
+                    ELSE pgflow.signal_due(q.run_id, q.waits_for, w.ready, q.wait_ms)
+               END AS due
+    ) d
     WHERE q.map_from IS NULL
     RETURNING queue, run_at
 ), fan AS (
@@ -121,6 +133,8 @@ pub(crate) struct NewTasks<'a> {
     max_attempts: Vec<i32>,
     delays_ms: Vec<i64>,
     map_from: Vec<Option<i16>>,
+    waits_for: Vec<Option<String>>,
+    wait_ms: Vec<i64>,
 }
 
 impl<'a> NewTasks<'a> {
@@ -154,6 +168,8 @@ impl<'a> NewTasks<'a> {
         self.max_attempts.push(row.max_attempts);
         self.delays_ms.push(row.delay_ms);
         self.map_from.push(row.map_from);
+        self.waits_for.push(row.waits_for.clone());
+        self.wait_ms.push(row.wait_ms);
     }
 
     /// Whether nothing was added.
@@ -206,9 +222,10 @@ pub(crate) async fn enqueue(
              SELECT u.*, now() AS run_at, r.priority AS run_priority,
                     CASE WHEN u.map_from < 0 THEN r.input END AS run_input
              FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::int[], $5::text[],
-                         $6::smallint[], $7::int[], $8::smallint[], $9::bigint[])
+                         $6::smallint[], $7::int[], $8::smallint[], $9::bigint[], $10::text[],
+                         $11::bigint[])
                   AS u(run_id, step, workflow, version, queue, priority, max_attempts, map_from,
-                       delay_ms)
+                       delay_ms, waits_for, wait_ms)
              JOIN pgflow.runs r ON r.id = u.run_id AND r.status = 'running'
          ), ",
         enqueue_ctes!(),
@@ -224,6 +241,8 @@ pub(crate) async fn enqueue(
     .bind(&tasks.max_attempts)
     .bind(&tasks.map_from)
     .bind(&tasks.delays_ms)
+    .bind(&tasks.waits_for)
+    .bind(&tasks.wait_ms)
     .fetch_all(conn)
     .await
 }
@@ -251,6 +270,9 @@ pub(crate) struct Claimed {
     pub(crate) element: Option<i32>,
     /// For an element task of a map step: the element.
     pub(crate) item: Option<String>,
+    /// For a task waiting for a signal: its payload (`None` when its timeout passed
+    /// first).
+    pub(crate) signal: Option<String>,
 }
 
 /// The claim statement. The inner SELECT walks `tasks_available` in claim order
@@ -294,13 +316,19 @@ WITH steps AS (
         LIMIT $4
         FOR UPDATE SKIP LOCKED))
     RETURNING t.id, t.run_id, t.step, t.workflow, t.version, t.attempt, t.errors, t.element,
-              t.item, t.snoozes
+              t.item, t.snoozes, t.waits_for
 )
 SELECT c.id AS task_id, c.run_id, c.step, c.workflow, c.version, c.attempt, c.snoozes,
        c.errors::text AS errors, r.status AS run_status,
        CASE WHEN CASE WHEN c.element IS NULL THEN s.needs_input ELSE s.element_needs_input END
             THEN r.input::text END AS input,
-       p.steps AS parent_steps, p.outputs AS parent_outputs, c.element, c.item::text AS item
+       p.steps AS parent_steps, p.outputs AS parent_outputs, c.element, c.item::text AS item,
+       -- a task waiting for a signal (only): the accepted one's payload, by the unique
+       -- index signals_accepted; NULL when its timeout passed first
+       CASE WHEN c.waits_for IS NOT NULL
+            THEN (SELECT g.payload::text FROM pgflow.signals g
+                  WHERE g.run_id = c.run_id AND g.name = c.waits_for AND g.status = 'accepted')
+       END AS signal
 FROM claimed c
 JOIN pgflow.runs r ON r.id = c.run_id
 LEFT JOIN steps s ON s.workflow = c.workflow AND s.version = c.version AND s.step = c.step
@@ -468,16 +496,23 @@ pub(crate) struct RunTask {
     pub(crate) claimed_at: Option<chrono::DateTime<chrono::Utc>>,
     pub(crate) errors: Option<String>,
     pub(crate) created_at: chrono::DateTime<chrono::Utc>,
+    /// Waits for a signal the run does not have yet.
+    pub(crate) awaits_signal: bool,
 }
 
-/// The tasks of run `run_id`, oldest first (index `tasks_run_id`).
+/// The tasks of run `run_id`, oldest first (index `tasks_run_id`; a task waiting
+/// for a signal looks its signal up by `signals_accepted`).
 pub(crate) async fn of_run(
     conn: &mut PgConnection,
     run_id: i64,
 ) -> Result<Vec<RunTask>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT step, element, attempt, claimed_by, claimed_at, errors::text AS errors, created_at
-         FROM pgflow.tasks WHERE run_id = $1 ORDER BY id",
+        "SELECT step, element, attempt, claimed_by, claimed_at, errors::text AS errors, created_at,
+                t.waits_for IS NOT NULL AND t.claimed_by IS NULL
+                AND NOT EXISTS (SELECT 1 FROM pgflow.signals g
+                                WHERE g.run_id = t.run_id AND g.name = t.waits_for
+                                  AND g.status = 'accepted') AS awaits_signal
+         FROM pgflow.tasks t WHERE run_id = $1 ORDER BY id",
     )
     .bind(run_id)
     .fetch_all(conn)
