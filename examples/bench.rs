@@ -28,7 +28,8 @@
 //!   same with those tasks unparked (in the claim's index) for comparison.
 //! - `signals` (only when named): 10,000 runs (`--n`) wait on a signal (parked
 //!   tasks), then each is signalled through `Runtime::signal` by 8 concurrent
-//!   senders: signals delivered/s, and signal sent -> step resumed p50/p99.
+//!   senders: signals delivered/s, and signal sent -> step resumed p50/p99; then
+//!   10,000 more signalled from SQL, `pgflow.signal` over 1,000 runs per statement.
 //! - `map`: one run whose root map step maps over `--elements` (default 10,000)
 //!   trivial elements: elements/s from the start to the run's completion.
 //!
@@ -539,6 +540,46 @@ async fn signals(n: u64, concurrency: usize) -> BenchResult<()> {
         n as f64 / secs,
         percentile(&waited, 0.5),
         percentile(&waited, 0.99),
+    );
+
+    // The same again, signalled from SQL, 1,000 per statement (one transaction each).
+    let mut ids = Vec::new();
+    let mut next = 0;
+    while next < n {
+        let end = (next + 1_000).min(n);
+        ids.extend(
+            rt.start_many::<Awaiting>(next..end)
+                .await?
+                .into_iter()
+                .map(|id| id.0),
+        );
+        next = end;
+    }
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pgflow.tasks WHERE parked AND waits_for = 'go'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if u64::try_from(waiting).unwrap_or(0) >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let start = Instant::now();
+    for chunk in ids.chunks(1_000) {
+        sqlx::query("SELECT pgflow.signal(id, 'go', '1') FROM unnest($1::bigint[]) AS id")
+            .bind(chunk)
+            .execute(&pool)
+            .await?;
+    }
+    let send_secs = start.elapsed().as_secs_f64();
+    wait_finished(&rt, 2 * n).await;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "BENCH scenario=signals_sql runs={n} send_secs={send_secs:.2} signals_per_sec={:.0} secs={secs:.2} resumed_runs_per_sec={:.0}",
+        n as f64 / send_secs,
+        n as f64 / secs,
     );
     rt.shutdown().await?;
     Ok(())
