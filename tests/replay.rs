@@ -382,3 +382,72 @@ async fn exporting_an_unknown_run_is_run_not_found(pool: PgPool) {
     assert!(matches!(err, Error::RunNotFound(RunId(424_242))), "{err}");
     assert_eq!(err.to_string(), "no run with id 424242");
 }
+
+/// Waits for a human's decision, then acts on it; version 1 cannot take a refusal.
+pub struct Decision;
+
+#[workflow(name = "replay_decision", max_attempts = 1)]
+impl Decision {
+    #[step]
+    async fn draft(topic: String) -> Result<String, StepError> {
+        Ok(format!("draft on {topic}"))
+    }
+
+    #[step(signal = verdict)]
+    async fn review(draft: String, verdict: String) -> Result<String, StepError> {
+        Ok(format!("{draft}: {verdict}"))
+    }
+
+    #[step]
+    async fn act(review: String) -> Result<String, StepError> {
+        if review.ends_with("no") {
+            return Err(StepError::permanent("cannot act on a refusal"));
+        }
+        Ok(review)
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_replay_receives_the_signals_the_run_accepted(pool: PgPool) {
+    let rt = Runtime::builder()
+        .pool(pool.clone())
+        .queue("default", 2)
+        .poll_interval(Duration::from_millis(20))
+        .start()
+        .await
+        .unwrap();
+    let run = rt.start::<Decision>("tea".to_owned()).await.unwrap();
+    rt.signal(run.id(), Decision::verdict, "no".to_owned())
+        .await
+        .unwrap();
+    // A second verdict is a duplicate: not accepted, not recorded.
+    rt.signal(run.id(), Decision::verdict, "yes".to_owned())
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(30), run.wait())
+        .await
+        .expect("the run finished")
+        .unwrap_err();
+    assert!(e.to_string().contains("cannot act on a refusal"), "{e}");
+    rt.shutdown().await.unwrap();
+
+    let recorded = export_as_json(&pool, run.id()).await;
+    assert_eq!(recorded.signals.len(), 1);
+    assert_eq!(
+        (
+            recorded.signals[0].name.as_str(),
+            &recorded.signals[0].payload
+        ),
+        ("verdict", &json!("no"))
+    );
+    // Nothing injected: `review` waits for its signal (no timeout) and gets the
+    // recorded one, so the failure reproduces offline.
+    let replayed = tokio::time::timeout(
+        Duration::from_secs(10),
+        pgflow::replay::<Decision>(recorded).run(),
+    )
+    .await
+    .expect("the replay did not wait for a signal");
+    let e = replayed.unwrap_err();
+    assert!(e.to_string().contains("cannot act on a refusal"), "{e}");
+}

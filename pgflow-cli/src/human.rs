@@ -61,6 +61,7 @@ pub(crate) fn status(s: &Status) -> String {
         ("QUEUE", false),
         ("AVAILABLE", true),
         ("SCHEDULED", true),
+        ("AWAITING SIGNAL", true),
         ("RUNNING", true),
     ]);
     for q in &s.queues {
@@ -68,6 +69,7 @@ pub(crate) fn status(s: &Status) -> String {
             q.queue.clone(),
             q.available.to_string(),
             q.scheduled.to_string(),
+            q.awaiting_signal.to_string(),
             q.running.to_string(),
         ]);
     }

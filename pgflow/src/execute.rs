@@ -54,7 +54,7 @@ pub struct ExecuteOptions {
     data: Data,
     cost: CostMeter,
     cancel: CancelToken,
-    signals: crate::Signals,
+    pub(crate) signals: crate::Signals,
 }
 
 impl ExecuteOptions {

@@ -147,7 +147,8 @@ pub use execute::{ExecuteOptions, execute, execute_with};
 pub use pgflow_macros::{step, workflow};
 pub use registry::{Registry, RegistryError, registry};
 pub use replay::{
-    Recorded, RecordedElement, RecordedStatus, RecordedStep, Replay, ReplayError, replay,
+    Recorded, RecordedElement, RecordedSignal, RecordedStatus, RecordedStep, Replay, ReplayError,
+    replay,
 };
 pub use signal::{Signal, SignalDef, SignalOutcome, Signals};
 pub use value::StepData;

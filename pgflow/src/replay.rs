@@ -133,6 +133,26 @@ pub struct Recorded {
     /// The steps with a recorded state, in declaration order.
     #[serde(default)]
     pub steps: Vec<RecordedStep>,
+    /// The signals the run accepted (the first of each name), oldest first: a replay
+    /// sends them to the run again, so a step that waited for one receives the same
+    /// payload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signals: Vec<RecordedSignal>,
+}
+
+/// A signal a [`Recorded`] run accepted.
+///
+/// ```
+/// let s: pgflow::RecordedSignal =
+///     serde_json::from_str(r#"{"name": "approval", "payload": {"by": "ada"}}"#).unwrap();
+/// assert_eq!(s.name, "approval");
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedSignal {
+    /// The signal's name.
+    pub name: String,
+    /// Its payload.
+    pub payload: Value,
 }
 
 /// One step of a [`Recorded`] run.
@@ -588,6 +608,21 @@ impl<W: Workflow> Replay<W> {
     pub async fn run(mut self) -> Result<W::Output, ReplayError> {
         let def = W::definition();
         let (input, injection) = self.prepare(def)?;
+        // The recorded signals reach the replayed run as they reached the original.
+        for signal in &self.recorded.signals {
+            let payload = serde_json::value::to_raw_value(&signal.payload).map_err(|e| {
+                ReplayError::Mismatch {
+                    workflow: def.name().to_owned(),
+                    version: def.version(),
+                    recorded_version: self.recorded.version,
+                    what: format!("signal `{}`", signal.name),
+                    message: e.to_string(),
+                }
+            })?;
+            // An outcome other than `Kept` (a second recorded signal of one name)
+            // changes nothing: the first one stays.
+            let _ = self.options.signals.send_json(&signal.name, payload);
+        }
         let out = run_definition(def, input, &self.options, Some(injection)).await?;
         out.into_typed::<W::Output>().map_err(|e| {
             ReplayError::Run(RunError::Serde {

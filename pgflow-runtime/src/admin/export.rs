@@ -1,7 +1,7 @@
 //! A run as a [`Recorded`] document: [`export`], what `pgflow export` prints and
 //! [`pgflow::replay()`] reads.
 
-use pgflow::{Recorded, RecordedElement, RecordedStatus, RecordedStep, RunId};
+use pgflow::{Recorded, RecordedElement, RecordedSignal, RecordedStatus, RecordedStep, RunId};
 use sqlx::PgPool;
 
 use super::runs::load_definition;
@@ -61,6 +61,7 @@ pub async fn export(pool: &PgPool, id: RunId) -> Result<Recorded, Error> {
     } else {
         store::open_elements(&mut tx, id.0).await?
     };
+    let signals = store::accepted_signals(&mut tx, id.0).await?;
     tx.commit().await?;
 
     let name_of = |step: i16| {
@@ -130,6 +131,13 @@ pub async fn export(pool: &PgPool, id: RunId) -> Result<Recorded, Error> {
         output: run.output.map(json),
         error: run.error.map(json),
         steps: steps.into_iter().map(|(_, s)| s).collect(),
+        signals: signals
+            .into_iter()
+            .map(|s| RecordedSignal {
+                name: s.name,
+                payload: json(s.payload),
+            })
+            .collect(),
     })
 }
 

@@ -102,8 +102,11 @@ pub struct QueueDepth {
     pub queue: String,
     /// Unclaimed and due: what workers claim next.
     pub available: i64,
-    /// Unclaimed and due later (retries waiting for their backoff, delayed starts).
+    /// Unclaimed and due later (retries waiting for their backoff, delayed starts
+    /// and steps, snoozes).
     pub scheduled: i64,
+    /// Steps waiting for a signal (until it comes, or their timeout).
+    pub awaiting_signal: i64,
     /// Claimed by an instance.
     pub running: i64,
 }
@@ -154,6 +157,7 @@ pub async fn status(pool: &PgPool) -> Result<Status, Error> {
             queue: r.queue,
             available: r.available,
             scheduled: r.scheduled,
+            awaiting_signal: r.awaiting_signal,
             running: r.running,
         })
         .collect();

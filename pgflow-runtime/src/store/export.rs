@@ -1,6 +1,7 @@
 //! What an export reads ([`admin::export`](crate::admin::export)): a run with its
 //! input, output and error, the outputs of its step states, and the outputs of the
-//! completed elements of its map steps that had not completed. Read in one snapshot
+//! completed elements of its map steps that had not completed, and the signals it
+//! accepted. Read in one snapshot
 //! ([`read_snapshot`](super::read_snapshot)) by the caller.
 
 use sqlx::PgConnection;
@@ -80,6 +81,29 @@ pub(crate) async fn open_elements(
                            WHERE s.run_id = e.run_id AND s.step = e.step
                              AND s.status = 'completed')
          ORDER BY e.step, e.element",
+    )
+    .bind(run_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// An accepted signal of a run.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct SignalRow {
+    pub(crate) name: String,
+    pub(crate) payload: String,
+}
+
+/// The signals run `run_id` accepted (the first of each name), oldest first
+/// (index `signals_run_id`).
+pub(crate) async fn accepted_signals(
+    conn: &mut PgConnection,
+    run_id: i64,
+) -> Result<Vec<SignalRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT name, payload::text AS payload FROM pgflow.signals
+         WHERE run_id = $1 AND status = 'accepted'
+         ORDER BY id",
     )
     .bind(run_id)
     .fetch_all(conn)
