@@ -287,7 +287,9 @@ pub struct ForkReport {
 /// that is not `from` or downstream of it, and running `from` and everything
 /// downstream again — after fixing a step's code, or with another input. The new run
 /// records `forked_from` and `forked_at`; the original is not touched (it may be in
-/// any state: only its completed and skipped steps are copied).
+/// any state: only its completed and skipped steps are copied). Signals the original
+/// accepted are not copied: a step that runs again and waits for a signal waits for
+/// a new one (send it to the new run).
 ///
 /// With [`ForkOptions::version`], the new run targets another stored version of the
 /// workflow. Every step it would reuse must exist there with the same kind and
