@@ -344,15 +344,10 @@ pub(crate) async fn fork_on(
             actual: source.workflow,
         });
     }
-    let (sdef, _) = load_definition(&mut tx, &source.workflow, source.version).await?;
+    let (sdef, splan) = load_definition(&mut tx, &source.workflow, source.version).await?;
     let to = version.map_or(source.version, version_i32);
     let (tdef, tplan) = if to == source.version {
-        let plan = sdef.plan().map_err(|e| Error::Definition {
-            workflow: source.workflow.clone(),
-            version: to,
-            message: e.to_string(),
-        })?;
-        (sdef.clone(), plan)
+        (sdef.clone(), splan)
     } else {
         load_definition(&mut tx, &source.workflow, to).await?
     };
