@@ -39,13 +39,17 @@ pub(crate) async fn run(engine: Arc<Engine>) {
     }
 }
 
-/// One pass: promotes what is about to be due and wakes the queues (here and, by
-/// NOTIFY, everywhere) of what is due already.
+/// One pass: promotes what is about to be due (one autocommitted statement; an idle
+/// pass costs one round trip) and wakes the queues (here and, by NOTIFY, everywhere)
+/// of what is due already.
 async fn promote(engine: &Engine) -> Result<i64, sqlx::Error> {
-    let mut tx = engine.pool.begin().await?;
-    let (due, n) = tasks::promote(&mut tx, BATCH).await?;
-    notify::queues(&mut tx, &due.iter().map(String::as_str).collect::<Vec<_>>()).await?;
-    tx.commit().await?;
+    let mut conn = engine.pool.acquire().await?;
+    let (due, n) = tasks::promote(&mut conn, BATCH).await?;
+    notify::queues(
+        &mut conn,
+        &due.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await?;
     for q in &due {
         engine.wake_queue(q);
     }
