@@ -644,7 +644,8 @@ async fn run_with_retries(
         if error.kind() == ErrorKind::Cancelled || shared.cancel.is_cancelled() {
             return Err(cancelled());
         }
-        let delay = match error.snoozed_for() {
+        let snoozed = error.snoozed_for();
+        let delay = match snoozed {
             Some(delay) => match policy::snooze(options, snoozes) {
                 Ok(()) => delay,
                 Err(too_many) => {
@@ -668,7 +669,7 @@ async fn run_with_retries(
             () = shared.cancel.cancelled() => return Err(cancelled()),
         }
         inputs = spare;
-        if error.snoozed_for().is_some() {
+        if snoozed.is_some() {
             snoozes += 1;
         } else {
             attempt += 1;

@@ -153,31 +153,28 @@ async fn attempt(
                 step.predicate().unwrap_or("(no predicate)")
             ),
         },
-        Err(e) if e.snoozed_for().is_some() => {
-            let snoozes = u32::try_from(task.snoozes).unwrap_or(u32::MAX);
-            match policy::snooze(step.options(), snoozes) {
-                Ok(()) => Outcome::Snooze {
-                    delay: e.snoozed_for().unwrap_or_default(),
-                },
-                Err(too_many) => {
-                    warn!(error = %too_many, "pgflow: step failed for good; its run fails");
-                    fail_now(too_many)
-                }
-            }
-        }
         Err(e) => {
-            let max = step.options().max_attempts.max(1);
-            if e.is_retryable() && attempt < max {
-                let delay = policy::retry_delay(step.options(), attempt, &e);
-                info!(error = %e, retry_in_ms = delay.as_millis() as u64, "pgflow: step attempt failed; it will be retried");
-                Outcome::Retry {
-                    delay,
-                    failure: AttemptFailure::new(attempt, &e),
+            let options = step.options();
+            let next = match e.snoozed_for() {
+                // A snooze is not an attempt; past `max_snoozes` it fails the step.
+                Some(delay) => {
+                    let snoozes = u32::try_from(task.snoozes).unwrap_or(u32::MAX);
+                    policy::snooze(options, snoozes).map(|()| Outcome::Snooze { delay })
                 }
-            } else {
+                None if e.is_retryable() && attempt < options.max_attempts.max(1) => {
+                    let delay = policy::retry_delay(options, attempt, &e);
+                    info!(error = %e, retry_in_ms = delay.as_millis() as u64, "pgflow: step attempt failed; it will be retried");
+                    Ok(Outcome::Retry {
+                        delay,
+                        failure: AttemptFailure::new(attempt, &e),
+                    })
+                }
+                None => Err(e),
+            };
+            next.unwrap_or_else(|e| {
                 warn!(error = %e, "pgflow: step failed for good; its run fails");
                 fail_now(e)
-            }
+            })
         }
     }
 }
