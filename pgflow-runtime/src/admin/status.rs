@@ -172,26 +172,30 @@ pub async fn status(pool: &PgPool) -> Result<Status, Error> {
             cancelled: r.cancelled,
         })
         .collect();
-    let versions = instances::versions(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|r| VersionStatus {
-            workflow: r.workflow,
+    // One scan of the running runs for both: the versions, and among them those
+    // with runs no online instance serves.
+    let rows = instances::versions(&mut *conn).await?;
+    let unserved = rows
+        .iter()
+        .filter(|r| r.is_stranded())
+        .map(|r| UnservedRuns {
+            workflow: r.workflow.clone(),
             version: r.version,
-            queue: r.queue.unwrap_or_else(|| "?".to_owned()),
-            registered_at: r.registered_at,
-            running: r.running,
-            instances: r.instances,
+            runs: r.running,
+            queue: r.queue.clone().unwrap_or_else(|| "?".to_owned()),
         })
         .collect();
-    let unserved = instances::unserved(&mut *conn)
-        .await?
+    let versions = rows
         .into_iter()
-        .map(|r| UnservedRuns {
-            workflow: r.workflow,
-            version: r.version,
-            runs: r.runs,
-            queue: r.queue.unwrap_or_else(|| "?".to_owned()),
+        .filter_map(|r| {
+            Some(VersionStatus {
+                registered_at: r.registered_at?,
+                workflow: r.workflow,
+                version: r.version,
+                queue: r.queue.unwrap_or_else(|| "?".to_owned()),
+                running: r.running,
+                instances: r.instances,
+            })
         })
         .collect();
     let schedules = super::schedules::list(&mut *conn).await?;

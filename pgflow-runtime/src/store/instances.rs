@@ -204,62 +204,50 @@ pub(crate) async fn is_served(
     .await
 }
 
-/// Running runs of a workflow version that no online instance serves.
-#[derive(Debug, sqlx::FromRow)]
-pub(crate) struct UnservedRow {
-    pub(crate) workflow: String,
-    pub(crate) version: i32,
-    pub(crate) runs: i64,
-    /// Its queue, from the stored definition (NULL when none is stored).
-    pub(crate) queue: Option<String>,
-}
-
-/// Running runs per workflow version that no online instance serves (scans the
-/// running runs).
-pub(crate) async fn unserved(db: impl PgExecutor<'_>) -> Result<Vec<UnservedRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT r.workflow, r.version, count(*) AS runs,
-                (SELECT w.definition ->> 'queue' FROM pgflow.workflows w
-                 WHERE w.name = r.workflow AND w.version = r.version) AS queue
-         FROM pgflow.runs r
-         WHERE r.status = 'running'
-           AND NOT EXISTS (SELECT 1 FROM pgflow.instances i
-                           WHERE i.status = 'online'
-                             AND (r.workflow || ':' || r.version) = ANY (i.served))
-         GROUP BY r.workflow, r.version
-         ORDER BY r.workflow, r.version",
-    )
-    .fetch_all(db)
-    .await
-}
-
-/// A stored workflow version, its running runs and the online instances serving it.
+/// A workflow version — stored, or only named by running runs — with its running
+/// runs and the online instances that serve it.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct VersionRow {
     pub(crate) workflow: String,
     pub(crate) version: i32,
+    /// Its queue, from the stored definition (NULL when none is stored).
     pub(crate) queue: Option<String>,
-    pub(crate) registered_at: chrono::DateTime<chrono::Utc>,
+    /// When it was stored (NULL when it is not).
+    pub(crate) registered_at: Option<chrono::DateTime<chrono::Utc>>,
     pub(crate) running: i64,
     pub(crate) instances: Vec<String>,
 }
 
-/// Every stored workflow version with its running runs (one scan of the running
-/// runs) and the online instances that serve it.
+impl VersionRow {
+    /// Runs are in flight and no online instance serves it.
+    pub(crate) fn is_stranded(&self) -> bool {
+        self.running > 0 && self.instances.is_empty()
+    }
+}
+
+/// Every stored workflow version, and every version running runs name without a
+/// stored definition, with its running runs (one scan of the running runs) and the
+/// online instances that serve it.
 pub(crate) async fn versions(db: impl PgExecutor<'_>) -> Result<Vec<VersionRow>, sqlx::Error> {
     sqlx::query_as(
         "WITH running AS (
              SELECT workflow, version, count(*) AS n FROM pgflow.runs
              WHERE status = 'running' GROUP BY workflow, version
+         ), v AS (
+             SELECT COALESCE(w.name, r.workflow) AS workflow,
+                    COALESCE(w.version, r.version) AS version,
+                    w.definition ->> 'queue' AS queue, w.registered_at,
+                    COALESCE(r.n, 0) AS running
+             FROM pgflow.workflows w
+             FULL JOIN running r ON r.workflow = w.name AND r.version = w.version
          )
-         SELECT w.name AS workflow, w.version, w.definition ->> 'queue' AS queue,
-                w.registered_at, COALESCE(r.n, 0) AS running,
+         SELECT v.*,
                 ARRAY(SELECT i.id FROM pgflow.instances i
-                      WHERE i.status = 'online' AND (w.name || ':' || w.version) = ANY (i.served)
+                      WHERE i.status = 'online'
+                        AND (v.workflow || ':' || v.version) = ANY (i.served)
                       ORDER BY i.id) AS instances
-         FROM pgflow.workflows w
-         LEFT JOIN running r ON r.workflow = w.name AND r.version = w.version
-         ORDER BY w.name, w.version",
+         FROM v
+         ORDER BY v.workflow, v.version",
     )
     .fetch_all(db)
     .await
