@@ -338,6 +338,38 @@ async fn runtime(url: &str, concurrency: usize) -> BenchResult<Runtime> {
     Ok(b.start().await?)
 }
 
+/// Starts runs `0..n` of `W` with `start_many`, `batch` per statement; returns
+/// their ids in order.
+async fn start_in_batches<W: pgflow::Workflow<Input = u64>>(
+    rt: &Runtime,
+    n: u64,
+    batch: u64,
+) -> BenchResult<Vec<pgflow::RunId>> {
+    let mut ids = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    let mut next = 0;
+    while next < n {
+        let end = (next + batch).min(n);
+        ids.extend(rt.start_many::<W>(next..end).await?);
+        next = end;
+    }
+    Ok(ids)
+}
+
+/// Waits until `n` tasks are parked waiting for signal `go`.
+async fn wait_parked_on_go(pool: &sqlx::PgPool, n: u64) -> BenchResult<()> {
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pgflow.tasks WHERE parked AND waits_for = 'go'",
+        )
+        .fetch_one(pool)
+        .await?;
+        if u64::try_from(waiting).unwrap_or(0) >= n {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn wait_finished(rt: &Runtime, target: u64) {
     while rt.stats().runs_finished < target {
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -365,12 +397,7 @@ async fn throughput_in<W: pgflow::Workflow<Input = u64>>(
 ) -> BenchResult<f64> {
     let rt = runtime(url, concurrency).await?;
     let start = Instant::now();
-    let mut next = 0;
-    while next < n {
-        let end = (next + 1_000).min(n);
-        rt.start_many::<W>(next..end).await?;
-        next = end;
-    }
+    start_in_batches::<W>(&rt, n, 1_000).await?;
     wait_finished(&rt, n).await;
     let secs = start.elapsed().as_secs_f64();
     let stats = rt.stats();
@@ -407,12 +434,7 @@ async fn parked(n: u64, parked: u64, concurrency: usize) -> BenchResult<()> {
     for unpark in [false, true] {
         let url = fresh_database(db_name()).await?;
         let producer = runtime(&url, 0).await?;
-        let mut next = 0;
-        while next < parked {
-            let end = (next + 5_000).min(parked);
-            producer.start_many::<Later>(next..end).await?;
-            next = end;
-        }
+        start_in_batches::<Later>(&producer, parked, 5_000).await?;
         producer.shutdown().await?;
         let pool = sqlx::PgPool::connect(&url).await?;
         if unpark {
@@ -486,25 +508,9 @@ async fn signals(n: u64, concurrency: usize) -> BenchResult<()> {
         .queue("bench", concurrency)
         .start()
         .await?;
-    let mut ids = Vec::new();
-    let mut next = 0;
-    while next < n {
-        let end = (next + 1_000).min(n);
-        ids.extend(rt.start_many::<Awaiting>(next..end).await?);
-        next = end;
-    }
+    let ids = start_in_batches::<Awaiting>(&rt, n, 1_000).await?;
     let pool = rt.pool().clone();
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pgflow.tasks WHERE parked AND waits_for = 'go'",
-        )
-        .fetch_one(&pool)
-        .await?;
-        if u64::try_from(waiting).unwrap_or(0) >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_parked_on_go(&pool, n).await?;
     let rt = Arc::new(rt);
     let start = Instant::now();
     let senders: Vec<_> = ids
@@ -543,29 +549,12 @@ async fn signals(n: u64, concurrency: usize) -> BenchResult<()> {
     );
 
     // The same again, signalled from SQL, 1,000 per statement (one transaction each).
-    let mut ids = Vec::new();
-    let mut next = 0;
-    while next < n {
-        let end = (next + 1_000).min(n);
-        ids.extend(
-            rt.start_many::<Awaiting>(next..end)
-                .await?
-                .into_iter()
-                .map(|id| id.0),
-        );
-        next = end;
-    }
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pgflow.tasks WHERE parked AND waits_for = 'go'",
-        )
-        .fetch_one(&pool)
-        .await?;
-        if u64::try_from(waiting).unwrap_or(0) >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let ids: Vec<i64> = start_in_batches::<Awaiting>(&rt, n, 1_000)
+        .await?
+        .into_iter()
+        .map(|id| id.0)
+        .collect();
+    wait_parked_on_go(&pool, n).await?;
     let start = Instant::now();
     for chunk in ids.chunks(1_000) {
         sqlx::query("SELECT pgflow.signal(id, 'go', '1') FROM unnest($1::bigint[]) AS id")
@@ -589,12 +578,7 @@ async fn enqueue(n: u64) -> BenchResult<()> {
     let url = fresh_database(db_name()).await?;
     let rt = runtime(&url, 0).await?;
     let start = Instant::now();
-    let mut next = 0;
-    while next < n {
-        let end = (next + 1_000).min(n);
-        rt.start_many::<Chain1>(next..end).await?;
-        next = end;
-    }
+    start_in_batches::<Chain1>(&rt, n, 1_000).await?;
     let secs = start.elapsed().as_secs_f64();
     println!(
         "BENCH scenario=enqueue runs={n} steps=0 secs={secs:.2} runs_per_sec={:.0} steps_per_sec=0",
@@ -697,12 +681,7 @@ fn peak_rss_mib() -> f64 {
 async fn drain(n: u64, concurrency: usize) -> BenchResult<f64> {
     let url = fresh_database(db_name()).await?;
     let producer = runtime(&url, 0).await?;
-    let mut next = 0;
-    while next < n {
-        let end = (next + 5_000).min(n);
-        producer.start_many::<Chain1>(next..end).await?;
-        next = end;
-    }
+    start_in_batches::<Chain1>(&producer, n, 5_000).await?;
     producer.shutdown().await?;
     // Timed from the runtime's start (connect, register, first claim) to the last
     // durable completion.
