@@ -120,6 +120,19 @@ pub struct StepDefinition {
     /// The signal it waits for (absent for a step that waits for none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<SignalDefinition>,
+    /// The workflow it runs as a child run (absent for a step that runs none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subflow: Option<SubflowDefinition>,
+}
+
+/// The child workflow a step of a [`Definition`] runs (a step returning
+/// `Subflow<W>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubflowDefinition {
+    /// The child workflow's durable name.
+    pub workflow: String,
+    /// Its version, as linked when the parent was registered.
+    pub version: u32,
 }
 
 /// The signal a step of a [`Definition`] waits for.
@@ -333,6 +346,10 @@ impl WorkflowDef {
                             name: g.name.to_owned(),
                             payload_type: g.payload_type.to_owned(),
                             timeout_ms: g.timeout.map(duration_ms),
+                        }),
+                        subflow: s.subflow().map(|c| SubflowDefinition {
+                            workflow: c.name().to_owned(),
+                            version: c.version(),
                         }),
                     }
                 })

@@ -15,6 +15,7 @@
 //! ```
 
 pub use crate::execute::execute_definition;
+pub use crate::subflow::child_failed;
 pub use crate::value::{
     StepInputs, StepOutput, StepValue, ValueOps, check_finite, from_json, split_json,
 };

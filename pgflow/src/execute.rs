@@ -188,6 +188,7 @@ struct Shared {
     cost: CostMeter,
     cancel: CancelToken,
     signals: crate::Signals,
+    json_roundtrip: bool,
 }
 
 /// The value of a step (or of the input) for the steps that consume it.
@@ -460,6 +461,9 @@ impl Run<'_> {
         self.slots[index] = match output {
             StepOutput::Completed(v) => Slot::Value(v),
             StepOutput::Skipped => Slot::Skipped,
+            StepOutput::Subflow(s) => {
+                return Err(self.internal(crate::value::unstarted_subflow(&s).message().to_owned()));
+            }
         };
         for &child in def.plan().children(index) {
             self.waiting[child] -= 1;
@@ -517,6 +521,7 @@ pub(crate) async fn run_definition(
             cost: options.cost.clone(),
             cancel: options.cancel.clone(),
             signals: options.signals.clone(),
+            json_roundtrip: options.json_roundtrip,
         }),
         slots,
         uses: consumers(def),
@@ -575,6 +580,48 @@ fn step_serde_error(
         element,
         vec![crate::AttemptFailure::new(1, e)],
     )
+}
+
+/// Runs the child run a step asked for, in this task, with the parent's data, cost
+/// meter, cancel token and signals; the step completes with the child's output, or
+/// fails permanently with the child's error (no retry: a retried step would not start
+/// a second child in the durable runtime either).
+async fn run_subflow(
+    def: &'static WorkflowDef,
+    step: &'static StepDef,
+    element: Option<usize>,
+    attempt: u32,
+    start: crate::SubflowStart,
+    shared: &Shared,
+) -> Result<StepOutput, RunError> {
+    let (child, input) = start.into_parts();
+    let options = ExecuteOptions {
+        json_roundtrip: shared.json_roundtrip,
+        data: (*shared.data).clone(),
+        cost: shared.cost.clone(),
+        cancel: shared.cancel.clone(),
+        signals: shared.signals.clone(),
+    };
+    // Boxed: a child may itself run subflows (the future is recursive).
+    let run: BoxFuture<'_, Result<StepValue, RunError>> =
+        Box::pin(run_definition(child, input, &options, None));
+    match run.await {
+        Ok(output) => Ok(StepOutput::Completed(output)),
+        Err(RunError::Cancelled { .. }) if shared.cancel.is_cancelled() => {
+            Err(RunError::Cancelled {
+                workflow: def.name().to_owned(),
+            })
+        }
+        Err(e) => Err(RunError::step_failed(
+            def.name(),
+            step.name(),
+            element,
+            vec![AttemptFailure::new(
+                attempt,
+                &crate::subflow::child_failed(child.name(), None, &e),
+            )],
+        )),
+    }
 }
 
 /// Runs every attempt of one step until it succeeds, fails permanently or exhausts
@@ -638,6 +685,9 @@ async fn run_with_retries(
             .await
             .and_then(|out| policy::storable(&out).map(|()| out));
         let error = match attempt_result {
+            Ok(StepOutput::Subflow(start)) => {
+                return run_subflow(def, step, element, attempt, start, shared).await;
+            }
             Ok(value) => return Ok(value),
             Err(error) => error,
         };

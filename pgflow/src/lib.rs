@@ -131,6 +131,7 @@ mod finite;
 pub mod registry;
 pub mod replay;
 mod signal;
+mod subflow;
 mod value;
 mod workflow;
 
@@ -141,6 +142,7 @@ pub mod __private;
 pub use context::{CancelToken, CostMeter, Data, RunId, StepContext, StepContextBuilder};
 pub use definition::{
     Definition, MapDefinition, ParamDefinition, Plan, PlanError, SignalDefinition, StepDefinition,
+    SubflowDefinition,
 };
 pub use error::{AttemptFailure, ErrorKind, RunError, StepError};
 pub use execute::{ExecuteOptions, execute, execute_with};
@@ -151,5 +153,6 @@ pub use replay::{
     replay,
 };
 pub use signal::{Signal, SignalDef, SignalOutcome, Signals};
+pub use subflow::{Subflow, SubflowStart};
 pub use value::StepData;
 pub use workflow::{Param, ParamSource, StepDef, StepKind, StepOptions, Workflow, WorkflowDef};

@@ -77,6 +77,7 @@ pub fn storable(output: &StepOutput) -> Result<(), StepError> {
     match output {
         StepOutput::Completed(value) => value.check_storable(),
         StepOutput::Skipped => Ok(()),
+        StepOutput::Subflow(start) => start.input().check_storable(),
     }
 }
 

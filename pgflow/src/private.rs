@@ -33,6 +33,8 @@ pub struct StepParts {
     pub map: Option<&'static MapOps>,
     /// The signal the step waits for.
     pub signal: Option<&'static crate::SignalDef>,
+    /// For a step returning `Subflow<W>`: `W::definition`.
+    pub subflow: Option<fn() -> &'static WorkflowDef>,
     pub options: StepOptions,
     pub output: &'static ValueOps,
     pub run: StepFn,
@@ -69,6 +71,12 @@ pub struct MapParts {
 /// The typed marker of signal `name` of workflow `W` (the constant `W::<name>`).
 pub const fn signal<W, T>(name: &'static str) -> crate::Signal<W, T> {
     crate::Signal::new(name)
+}
+
+/// What a step returning `Subflow<W>` hands its executor.
+#[inline]
+pub fn subflow_start<W: crate::Workflow>(subflow: crate::Subflow<W>) -> crate::SubflowStart {
+    subflow.into_start()
 }
 
 /// Builds the map operations of a map step.

@@ -212,8 +212,9 @@ impl fmt::Debug for StepValue {
     }
 }
 
-/// What one attempt of a step produced: its value, or nothing because its `when`
-/// predicate was false.
+/// What one attempt of a step produced: its value, nothing because its `when`
+/// predicate was false, or a child run to start (a step returning
+/// [`Subflow`](crate::Subflow)), whose output will be the step's.
 ///
 /// ```
 /// use pgflow::engine::{StepOutput, StepValue, ValueOps};
@@ -229,6 +230,9 @@ pub enum StepOutput {
     /// The step's `when` predicate was false: its body did not run, and every
     /// parameter bound to its output receives `None`.
     Skipped,
+    /// The step returned a [`Subflow`](crate::Subflow): the executor runs the child
+    /// and completes the step with the child's output.
+    Subflow(crate::SubflowStart),
 }
 
 impl StepOutput {
@@ -515,7 +519,17 @@ pub fn finish_optional<T: StepData>(
     Ok(match output {
         StepOutput::Skipped => StepValue::typed(None::<T>, ops),
         StepOutput::Completed(v) => StepValue::typed(Some(v.into_typed::<T>()?), ops),
+        StepOutput::Subflow(s) => return Err(unstarted_subflow(&s)),
     })
+}
+
+/// The error for a [`StepOutput::Subflow`] found where the child's output was
+/// expected (an executor bug: executors run the child first).
+pub(crate) fn unstarted_subflow(s: &crate::SubflowStart) -> StepError {
+    StepError::permanent(format!(
+        "internal: the subflow `{}` was not run before its output was read",
+        s.definition().name()
+    ))
 }
 
 /// Picks the `duplicate` operation of [`ValueOps`] by autoref specialization:

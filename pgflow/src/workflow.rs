@@ -337,6 +337,27 @@ impl StepDef {
     pub fn signal(&self) -> Option<&'static crate::SignalDef> {
         self.parts.signal
     }
+    /// The workflow it runs as a child run, for a step returning
+    /// [`Subflow<W>`](crate::Subflow): `W`'s definition.
+    ///
+    /// ```
+    /// # use pgflow::{workflow, StepError, Subflow, Workflow};
+    /// pub struct Child;
+    /// #[workflow(name = "step_subflow_doc_child")]
+    /// impl Child { #[step] async fn only(n: u8) -> Result<u8, StepError> { Ok(n) } }
+    /// pub struct Parent;
+    /// #[workflow(name = "step_subflow_doc_parent")]
+    /// impl Parent {
+    ///     #[step]
+    ///     async fn delegate(n: u8) -> Result<Subflow<Child>, StepError> { Ok(Subflow::new(n)) }
+    /// }
+    /// let step = Parent::definition().step("delegate").unwrap();
+    /// assert_eq!(step.subflow().unwrap().name(), "step_subflow_doc_child");
+    /// assert_eq!(step.output().type_name, "Child::Output");
+    /// ```
+    pub fn subflow(&self) -> Option<&'static WorkflowDef> {
+        self.parts.subflow.map(|def| def())
+    }
     /// Its effective options.
     pub fn options(&self) -> &StepOptions {
         &self.parts.options
@@ -362,6 +383,7 @@ impl fmt::Debug for StepDef {
             .field("kind", &self.kind())
             .field("when", &self.parts.when)
             .field("signal", &self.parts.signal)
+            .field("subflow", &self.subflow().map(WorkflowDef::name))
             .field("options", &self.parts.options)
             .field("output", &self.parts.output.type_name)
             .finish()
@@ -430,6 +452,7 @@ impl WorkflowDef {
                 "internal: terminal step `{}` was skipped but is not conditional",
                 self.terminal().name()
             ))),
+            (None, StepOutput::Subflow(s)) => Err(crate::value::unstarted_subflow(&s)),
         }
     }
 

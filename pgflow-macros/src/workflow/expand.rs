@@ -128,15 +128,14 @@ struct Types<'a> {
 impl<'a> Types<'a> {
     fn new(wf: &'a Workflow, g: &Graph) -> Self {
         let steps = &wf.steps;
-        let own: Vec<&Type> = steps.iter().map(output).collect();
+        let own: Vec<&Type> = steps.iter().map(own_output).collect();
         let seen = steps
             .iter()
-            .zip(&own)
-            .map(|(s, ty)| {
+            .map(|s| {
                 if s.attr.map.is_some() {
-                    Named::wrap("Vec", &Named::of(ty))
+                    Named::wrap("Vec", &own_named(s))
                 } else {
-                    Named::of(ty)
+                    own_named(s)
                 }
             })
             .collect::<Vec<_>>();
@@ -214,7 +213,12 @@ pub(crate) fn placeholder(wf: &Workflow) -> TokenStream {
     let output = wf
         .steps
         .last()
-        .and_then(|s| s.output.as_ref())
+        .and_then(|s| {
+            s.subflow
+                .as_ref()
+                .map(|(_, seen)| seen)
+                .or(s.output.as_ref())
+        })
         .unwrap_or(&unit);
     let name = workflow_name(wf);
     let version = wf.attr.version.unwrap_or(1);
@@ -294,7 +298,7 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
         let item_ops = format_ident!("__PGFLOW_OPS_ITEM_{}", i);
         let elem_ops = format_ident!("__PGFLOW_OPS_ELEM_{}", i);
         value_ops.extend(value_ops_tokens(&item_ops, &Named::of(item_ty)));
-        value_ops.extend(value_ops_tokens(&elem_ops, &Named::of(elem_ty)));
+        value_ops.extend(value_ops_tokens(&elem_ops, &own_named(s)));
         let split = format_ident!("__pgflow_split_{}", i);
         let collect = format_ident!("__pgflow_collect_{}", i);
         let table = format_ident!("__PGFLOW_MAP_{}", i);
@@ -424,6 +428,13 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
         .tokens();
         let ops = &step_ops[i];
         let entry = format_ident!("__pgflow_entry_{}", i);
+        let subflow = match &s.subflow {
+            Some((w, _)) => {
+                let workflow_trait = paths::workflow_trait();
+                quote!(::core::option::Option::Some(<#w as #workflow_trait>::definition))
+            }
+            None => quote!(::core::option::Option::None),
+        };
         quote! {
             #private::step_def(#private::StepParts {
                 name: #step_name,
@@ -434,6 +445,7 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
                 when: #when,
                 map: #map,
                 signal: #signal,
+                subflow: #subflow,
                 options: #options,
                 output: &#ops,
                 run: #entry,
@@ -592,6 +604,26 @@ fn output(step: &Step) -> &Type {
         .unwrap_or_else(|| unreachable!("check() accepted `{}` without an output type", step.name))
 }
 
+/// The type of one output of a step as its children see it: `T` of `Result<T, E>`,
+/// or `<W as Workflow>::Output` for a step returning `Subflow<W>` (per element, for
+/// a map step).
+fn own_output(step: &Step) -> &Type {
+    step.subflow
+        .as_ref()
+        .map_or_else(|| output(step), |(_, seen)| seen)
+}
+
+/// [`own_output`] with its readable name (`Research::Output` for a subflow).
+fn own_named(step: &Step) -> Named {
+    match &step.subflow {
+        Some((w, seen)) => Named {
+            ty: seen.clone(),
+            name: format!("{}::Output", type_string(w)),
+        },
+        None => Named::of(output(step)),
+    }
+}
+
 /// A `static` `ValueOps` for `ty`, with its `duplicate` picked by autoref
 /// specialization (`Clone` when the type has it, a JSON round trip otherwise).
 fn value_ops_tokens(ops: &Ident, named: &Named) -> TokenStream {
@@ -704,6 +736,16 @@ fn entry_tokens(
         .as_ref()
         .map_or_else(|| output(step).span(), Spanned::span);
     let into_err = quote_spanned!(err_span=> ::pgflow::__private::into_step_error(__pgflow_err));
+    // A subflow hands the executor the child to run (its output is the step's).
+    let wrap = match &step.subflow {
+        Some((w, _)) => {
+            let start = quote_spanned!(w.span()=> ::pgflow::__private::subflow_start::<#w>);
+            quote!(#result::Ok(#step_output::Subflow(#start(__pgflow_out))))
+        }
+        None => {
+            quote!(#result::Ok(#step_output::Completed(#step_value::typed(__pgflow_out, &#ops))))
+        }
+    };
     quote! {
         fn #entry(
             __pgflow_inputs: #step_inputs,
@@ -717,7 +759,7 @@ fn entry_tokens(
                     #result::Ok(__pgflow_value) => __pgflow_value,
                     #result::Err(__pgflow_err) => return #result::Err(#into_err),
                 };
-                #result::Ok(#step_output::Completed(#step_value::typed(__pgflow_out, &#ops)))
+                #wrap
             })
         }
     }

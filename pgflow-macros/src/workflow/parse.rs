@@ -30,6 +30,9 @@ pub(crate) struct Step {
     pub(crate) output: Option<Type>,
     /// `E` of `Result<T, E>`, when written.
     pub(crate) error: Option<Type>,
+    /// For a step returning `Result<Subflow<W>, E>`: `W`, and the type its children
+    /// see, `<W as Workflow>::Output` (spanned at `W`).
+    pub(crate) subflow: Option<(Type, Type)>,
     /// A parameter was rejected: binding checks would only add noise.
     pub(crate) param_errors: bool,
 }
@@ -255,13 +258,38 @@ fn parse_step(sig: &syn::Signature, attr: StepAttr, self_ty: &Type, cx: &mut Ctx
             }
         },
     };
+    let subflow = output.as_ref().and_then(subflow_workflow).map(|w| {
+        let workflow_trait = crate::paths::workflow_trait();
+        let seen =
+            quote::quote_spanned!(syn::spanned::Spanned::span(w)=> <#w as #workflow_trait>::Output);
+        let seen = syn::parse2(seen).unwrap_or_else(|_| w.clone());
+        (w.clone(), seen)
+    });
     Step {
         name,
         attr,
         args,
         output,
         error,
+        subflow,
         param_errors,
+    }
+}
+
+/// `W` of a type written `Subflow<W>` (or `pgflow::Subflow<W>`): what a step
+/// returns to run workflow `W` as a child run.
+fn subflow_workflow(ty: &Type) -> Option<&Type> {
+    let Type::Path(p) = ty else { return None };
+    let seg = p.path.segments.last()?;
+    if p.qself.is_some() || seg.ident != "Subflow" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &seg.arguments else {
+        return None;
+    };
+    match args.args.iter().collect::<Vec<_>>().as_slice() {
+        [GenericArgument::Type(t)] => Some(t),
+        _ => None,
     }
 }
 
