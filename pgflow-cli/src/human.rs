@@ -302,6 +302,9 @@ pub(crate) fn run(d: &RunDetail) -> String {
         let ids: Vec<String> = d.forks.iter().map(ToString::to_string).collect();
         facts.push(("forks", ids.join(", ")));
     }
+    if let Some(p) = &d.parent {
+        facts.push(("parent", format!("run {} at {}", p.run_id, step_at(p))));
+    }
     facts.push(("input", clip(&d.input.to_string(), 100)));
     if let Some(o) = &d.output {
         facts.push(("output", clip(&o.to_string(), 100)));
@@ -363,7 +366,32 @@ pub(crate) fn run(d: &RunDetail) -> String {
             let _ = writeln!(out, "{line}");
         }
     }
+    if !d.subflows.is_empty() {
+        // The tree of child runs, indented by depth, each under the run it belongs to.
+        out.push_str("\nSUBFLOWS\n");
+        let _ = writeln!(out, "  run {} {}", r.id, r.workflow);
+        for c in &d.subflows {
+            let indent = "    ".repeat(usize::try_from(c.depth).unwrap_or(1));
+            let _ = writeln!(
+                out,
+                "{indent}└ run {} {} v{}  {}  (from {})",
+                c.id,
+                c.workflow,
+                c.version,
+                c.status,
+                step_at(&c.parent)
+            );
+        }
+    }
     out
+}
+
+/// `step research` or `step research[2]` (an element of a map step).
+fn step_at(p: &pgflow_runtime::admin::ParentLink) -> String {
+    match p.element {
+        Some(e) => format!("step {}[{e}]", p.step),
+        None => format!("step {}", p.step),
+    }
 }
 
 pub(crate) fn results(r: &Results) -> String {
@@ -508,7 +536,14 @@ pub(crate) fn signal(r: &SignalReport) -> String {
 }
 
 pub(crate) fn cancel(r: &CancelReport) -> String {
-    if r.cancelled {
+    if r.cancelled && !r.children.is_empty() {
+        let ids: Vec<String> = r.children.iter().map(ToString::to_string).collect();
+        format!(
+            "run {} cancelled, with its child runs {}\n",
+            r.id,
+            ids.join(", ")
+        )
+    } else if r.cancelled {
         format!("run {} cancelled\n", r.id)
     } else {
         format!("run {} was already cancelled\n", r.id)

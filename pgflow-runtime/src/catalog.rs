@@ -33,6 +33,8 @@ pub(crate) struct Entry {
     pub(crate) def: &'static WorkflowDef,
     pub(crate) plan: &'static Plan,
     rows: Vec<StepRow>,
+    /// A step of it starts child runs (`Subflow<W>`).
+    pub(crate) has_subflows: bool,
 }
 
 impl Entry {
@@ -42,6 +44,7 @@ impl Entry {
             def,
             plan: def.plan(),
             rows,
+            has_subflows: def.steps().iter().any(|s| s.subflow().is_some()),
         }
     }
 

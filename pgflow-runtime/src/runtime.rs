@@ -360,6 +360,7 @@ impl Runtime {
             priorities: vec![options.priority],
             run_ats: vec![options.run_at],
             keys: vec![options.idempotency_key.clone()],
+            ..Default::default()
         };
         if let Some(&id) = self.insert(conn, def, &runs).await?.first() {
             return Ok((RunId(id), true));
@@ -504,7 +505,9 @@ impl Runtime {
     }
 
     /// Cancels a running run: its pending steps never start and steps running here
-    /// see `ctx.is_cancelled()`. Returns false if the run had already finished.
+    /// see `ctx.is_cancelled()`. Its child runs (subflows) are cancelled with it; a
+    /// cancelled child run fails the parent's step that waits for it. Returns false
+    /// if the run had already finished.
     ///
     /// # Errors
     ///
@@ -513,10 +516,10 @@ impl Runtime {
         let row = runs::cancel(&self.engine.pool, id.0)
             .await?
             .ok_or(Error::RunNotFound(id))?;
-        if row.cancelled {
-            self.engine.cancel_local(id.0);
-            self.engine.wake_waiters(&[id.0]);
+        for &run in &row.ids {
+            self.engine.cancel_local(run);
         }
+        self.engine.wake_waiters(&row.ids);
         Ok(row.cancelled)
     }
 

@@ -52,7 +52,8 @@ pub use repair::{
 };
 pub use results::{InstanceResult, Results, StatusResult, WorkflowResult, results};
 pub use runs::{
-    ElementsDetail, RunDetail, RunFilter, RunSummary, StepDetail, StepStatus, list_runs, run_detail,
+    ElementsDetail, ParentLink, RunDetail, RunFilter, RunSummary, StepDetail, StepStatus,
+    SubflowRun, list_runs, run_detail,
 };
 pub use schedules::{remove_schedule, schedules};
 pub(crate) use signals::send_json;

@@ -34,6 +34,8 @@ pub struct RetryReport {
     pub resumed: Vec<ResumedMap>,
     /// Steps enqueued now (their parents are all done), resumed map steps included.
     pub enqueued: Vec<String>,
+    /// Its failed or cancelled child runs (subflows, and theirs), retried with it.
+    pub children: Vec<i64>,
 }
 
 /// A map step that a [`retry`] resumed.
@@ -79,7 +81,32 @@ pub struct ResumedMap {
 /// table or step state retry cannot use; database errors.
 pub async fn retry(pool: &PgPool, id: RunId) -> Result<RetryReport, Error> {
     let mut tx = pool.begin().await?;
-    let run = runs::detail(&mut tx, id.0, true)
+    let report = retry_in(&mut tx, id).await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// [`retry`] in the caller's transaction; its failed or cancelled child runs
+/// (subflows) are retried first, so the steps that started them find them running
+/// again (a step never starts a second child).
+fn retry_in<'c>(
+    tx: &'c mut PgConnection,
+    id: RunId,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<RetryReport, Error>> + Send + 'c>> {
+    Box::pin(async move {
+        let report = retry_one(&mut *tx, id).await?;
+        let mut report = report;
+        for child in runs::unfinished_children(&mut *tx, id.0).await? {
+            let r = retry_in(&mut *tx, RunId(child)).await?;
+            report.children.push(r.id);
+            report.children.extend(r.children);
+        }
+        Ok(report)
+    })
+}
+
+async fn retry_one(tx: &mut PgConnection, id: RunId) -> Result<RetryReport, Error> {
+    let run = runs::detail(&mut *tx, id.0, true)
         .await?
         .ok_or(Error::RunNotFound(id))?
         .run;
@@ -89,7 +116,7 @@ pub async fn retry(pool: &PgPool, id: RunId) -> Result<RetryReport, Error> {
             status: run.status,
         });
     }
-    let (def, plan) = load_definition(&mut tx, &run.workflow, run.version).await?;
+    let (def, plan) = load_definition(&mut *tx, &run.workflow, run.version).await?;
     let refuse = |message: String| Error::Definition {
         workflow: run.workflow.clone(),
         version: run.version,
@@ -97,8 +124,8 @@ pub async fn retry(pool: &PgPool, id: RunId) -> Result<RetryReport, Error> {
     };
     let n = def.steps.len();
 
-    tasks::delete_of_run(&mut tx, id.0).await?;
-    let elements: HashMap<i16, i64> = steps::elements_of_run(&mut tx, id.0)
+    tasks::delete_of_run(&mut *tx, id.0).await?;
+    let elements: HashMap<i16, i64> = steps::elements_of_run(&mut *tx, id.0)
         .await?
         .into_iter()
         .map(|e| (e.step, e.completed))
@@ -106,7 +133,7 @@ pub async fn retry(pool: &PgPool, id: RunId) -> Result<RetryReport, Error> {
     let mut done = vec![false; n];
     let mut keep = vec![false; n];
     let mut cleared = Vec::new();
-    for s in steps::of_run(&mut tx, id.0).await? {
+    for s in steps::of_run(&mut *tx, id.0).await? {
         let i = step_index(s.step)
             .filter(|&i| i < n)
             .ok_or_else(|| refuse(format!("run {id} has a state for unknown step {}", s.step)))?;
@@ -129,15 +156,14 @@ pub async fn retry(pool: &PgPool, id: RunId) -> Result<RetryReport, Error> {
         }
     }
     let cleared_steps: Vec<i16> = cleared.iter().map(|&i| step_i16(i)).collect();
-    steps::clear(&mut tx, id.0, &cleared_steps).await?;
-    runs::reopen(&mut tx, id.0).await?;
-    let frontier = enqueue_frontier(&mut tx, id.0, run.version, &def, &plan, &done, &keep).await?;
+    steps::clear(&mut *tx, id.0, &cleared_steps).await?;
+    runs::reopen(&mut *tx, id.0).await?;
+    let frontier = enqueue_frontier(&mut *tx, id.0, run.version, &def, &plan, &done, &keep).await?;
     if frontier.ready.is_empty() {
         return Err(refuse(format!(
             "run {id} has no step left to run; it cannot be retried"
         )));
     }
-    tx.commit().await?;
 
     let name = |i: usize| def.steps[i].name.clone();
     let resumed = frontier
@@ -163,6 +189,7 @@ pub async fn retry(pool: &PgPool, id: RunId) -> Result<RetryReport, Error> {
         resumed,
         enqueued: frontier.ready.into_iter().map(name).collect(),
         workflow: run.workflow,
+        children: Vec::new(),
     })
 }
 
@@ -465,10 +492,13 @@ pub struct CancelReport {
     pub id: i64,
     /// False when the run was already cancelled.
     pub cancelled: bool,
+    /// Its child runs (subflows, and theirs) cancelled with it.
+    pub children: Vec<i64>,
 }
 
 /// Cancels a running run: it is marked `cancelled` and its queued tasks are
-/// deleted, so no further step starts. Steps executing right now finish (a runtime
+/// deleted, so no further step starts; its child runs (subflows) are cancelled
+/// with it. Steps executing right now finish (a runtime
 /// in another process is not interrupted) and their results are discarded.
 /// Cancelling a cancelled run changes nothing.
 ///
@@ -484,6 +514,7 @@ pub async fn cancel(pool: &PgPool, id: RunId) -> Result<CancelReport, Error> {
         Ok(RunStatus::Running | RunStatus::Cancelled) => Ok(CancelReport {
             id: id.0,
             cancelled: row.cancelled,
+            children: row.ids.into_iter().filter(|&r| r != id.0).collect(),
         }),
         _ => Err(Error::NotRunning {
             id,

@@ -127,6 +127,9 @@ pub enum StepStatus {
     /// It waits for a signal its run has not received (`#[step(signal = ..)]`),
     /// parked until the signal or its timeout.
     AwaitingSignal,
+    /// It started a child run (a subflow) and waits for it to finish (see
+    /// [`RunDetail::subflows`]).
+    AwaitingSubflow,
     /// An instance is executing it.
     Running,
     /// A conditional step whose predicate was false (see [`StepDetail::reason`]).
@@ -146,6 +149,7 @@ impl StepStatus {
             Self::Waiting => "waiting",
             Self::Queued => "queued",
             Self::AwaitingSignal => "awaiting_signal",
+            Self::AwaitingSubflow => "awaiting_subflow",
             Self::Running => "running",
             Self::Skipped => "skipped",
             Self::NotStarted => "not_started",
@@ -239,8 +243,41 @@ pub struct RunDetail {
     pub forked_at: Option<String>,
     /// The runs forked from this one, oldest first.
     pub forks: Vec<i64>,
+    /// For a child run (a subflow): the run, step and element that started it.
+    pub parent: Option<ParentLink>,
+    /// Its child runs and theirs (subflows), parents before children, at most
+    /// 1,000.
+    pub subflows: Vec<SubflowRun>,
     /// Its steps in graph order (parents before children, then declaration order).
     pub steps: Vec<StepDetail>,
+}
+
+/// The step of another run that started a child run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParentLink {
+    /// The parent run.
+    pub run_id: i64,
+    /// The step that started the child.
+    pub step: String,
+    /// For a map step, the element.
+    pub element: Option<i32>,
+}
+
+/// A descendant of a run: one of its child runs (subflows), or theirs.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubflowRun {
+    /// The child run.
+    pub id: i64,
+    /// Its workflow.
+    pub workflow: String,
+    /// Its workflow version.
+    pub version: i32,
+    /// Its status (`running`, `succeeded`, `failed`, `cancelled`).
+    pub status: String,
+    /// 1 for a child of the run shown, 2 for a grandchild, ..
+    pub depth: i32,
+    /// The run, step and element that started it.
+    pub parent: ParentLink,
 }
 
 /// The stored definition of `workflow` at `version` and its plan.
@@ -351,6 +388,11 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
         .ok_or(Error::RunNotFound(id))?;
     let error_json = row.run.error.clone();
     let (forked_from, forked_at) = (row.forked_from, row.forked_at.clone());
+    let parent = row.parent_run_id.map(|run_id| ParentLink {
+        run_id,
+        step: row.parent_step.clone().unwrap_or_default(),
+        element: row.parent_element,
+    });
     let run_error: Option<RunError> = error_json
         .as_deref()
         .and_then(|e| serde_json::from_str(e).ok());
@@ -374,6 +416,22 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
         }
     }
     let forks = runs::forks_of(&mut tx, id.0).await?;
+    let subflows = crate::store::subflows::descendants(&mut tx, id.0, 1000)
+        .await?
+        .into_iter()
+        .map(|c| SubflowRun {
+            id: c.id,
+            workflow: c.workflow,
+            version: c.version,
+            status: c.status,
+            depth: c.depth,
+            parent: ParentLink {
+                run_id: c.parent_run_id,
+                step: c.parent_step.unwrap_or_default(),
+                element: c.parent_element,
+            },
+        })
+        .collect();
     tx.commit().await?;
 
     let run_start = run.run_at.max(run.created_at);
@@ -455,6 +513,8 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
                 StepStatus::Running
             } else if ts.iter().any(|t| t.awaits_signal) {
                 StepStatus::AwaitingSignal
+            } else if ts.iter().any(|t| t.child_run_id.is_some()) {
+                StepStatus::AwaitingSubflow
             } else {
                 StepStatus::Queued
             };
@@ -493,6 +553,8 @@ pub async fn run_detail(pool: &PgPool, id: RunId) -> Result<RunDetail, Error> {
         forked_from,
         forked_at,
         forks,
+        parent,
+        subflows,
         run,
         steps,
     })

@@ -63,6 +63,7 @@ pub async fn start(
         priorities: vec![0],
         run_ats: vec![None],
         keys: vec![idempotency_key.clone()],
+        ..Default::default()
     };
     let ids = runs::start(&mut tx, &runs::Shape::of_stored(&def, version, &plan), &new).await?;
     let (id, created) = match (ids.first(), idempotency_key) {

@@ -13,7 +13,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::RunStatus;
 use crate::catalog::Entry;
 use crate::engine::{Engine, FlushMsg, InFlight};
-use crate::store::flush::{Completion, Outcome};
+use crate::store::flush::{ChildRun, Completion, Outcome};
 use crate::store::tasks::Claimed;
 use crate::store::{step_i16, stored_attempts};
 
@@ -105,6 +105,9 @@ async fn attempt(
             task.step
         )));
     };
+    if let Some(child) = task.child_run_id {
+        return child_outcome(engine, child).await.unwrap_or_else(fail_now);
+    }
     if step.map().is_some() && element.is_none() {
         return unfanned_map(step, task).unwrap_or_else(fail_now);
     }
@@ -123,6 +126,13 @@ async fn attempt(
         .build();
     let result = policy::run_attempt(step, inputs, ctx).await;
     engine.release_cancel_token(task.run_id);
+    let result = match result {
+        Ok(StepOutput::Subflow(start)) => match child_run(engine, start) {
+            Ok(child) => return Outcome::StartChild(child),
+            Err(e) => Err(e),
+        },
+        other => other,
+    };
     let result = result.and_then(|out| match out {
         StepOutput::Completed(v) => {
             let json = v.to_json()?;
@@ -134,15 +144,11 @@ async fn attempt(
             Ok(Some(json))
         }
         StepOutput::Skipped => Ok(None),
+        StepOutput::Subflow(_) => unreachable!("a subflow is started above"),
     });
     let max = engine.config.max_output_bytes;
     let result = result.and_then(|json| match json {
-        Some(j) if j.get().len() > max => Err(StepError::permanent(format!(
-            "the output is {} bytes of JSON, over the {max} bytes a stored output may take \
-             (PostgreSQL's `jsonb` holds about 255 MiB): return a reference to the data \
-             (a key, a URL) instead",
-            j.get().len()
-        ))),
+        Some(j) if j.get().len() > max => Err(too_big("output", j.get().len(), max)),
         other => Ok(other),
     });
     match result {
@@ -177,6 +183,96 @@ async fn attempt(
             })
         }
     }
+}
+
+/// A stored value over `max` bytes of JSON, as a permanent error.
+fn too_big(what: &str, len: usize, max: usize) -> StepError {
+    StepError::permanent(format!(
+        "the {what} is {len} bytes of JSON, over the {max} bytes a stored value may take \
+         (PostgreSQL's `jsonb` holds about 255 MiB): pass a reference to the data \
+         (a key, a URL) instead"
+    ))
+}
+
+/// The child run a step asked for (`Subflow<W>`), checked: `W` is served by this
+/// runtime's catalog (every linked workflow is) and its input is storable JSON.
+fn child_run(engine: &Engine, start: pgflow::SubflowStart) -> Result<ChildRun, StepError> {
+    let (def, input) = start.into_parts();
+    if engine.catalog.flow_of(def).is_none() {
+        return Err(StepError::permanent(format!(
+            "subflow `{}` version {} is not registered in this runtime",
+            def.name(),
+            def.version()
+        )));
+    }
+    let json = input
+        .to_json()
+        .map_err(|e| e.context(format_args!("the input of subflow `{}`", def.name())))?;
+    if json.get().contains("null") {
+        input
+            .check_storable()
+            .map_err(|e| e.context(format_args!("the input of subflow `{}`", def.name())))?;
+    }
+    let max = engine.config.max_output_bytes;
+    if json.get().len() > max {
+        return Err(too_big(
+            &format!("input of subflow `{}`", def.name()),
+            json.get().len(),
+            max,
+        ));
+    }
+    Ok(ChildRun {
+        workflow: def.name(),
+        version: crate::store::version_i32(def.version()),
+        input: String::from(Box::<str>::from(json)),
+    })
+}
+
+/// How the task of a step that started child run `child` goes on, now that it was
+/// woken: with the child's output when it succeeded, failing with its error (wrapped
+/// with its workflow and id) when it failed or was cancelled, parked again while it
+/// still runs. A database error gives the task back (it is claimed again).
+async fn child_outcome(engine: &Engine, child: i64) -> Result<Outcome, StepError> {
+    let row = match crate::store::runs::outcome(&engine.pool, child).await {
+        Ok(row) => row,
+        Err(e) => {
+            warn!(error = %e, child_run_id = child, "pgflow: could not read a child run; the task is given back");
+            return Ok(Outcome::Release);
+        }
+    };
+    let Some(row) = row else {
+        return Err(StepError::permanent(format!(
+            "child run {child} no longer exists (pruned or deleted)"
+        )));
+    };
+    let error = match row.status.parse::<RunStatus>() {
+        Ok(RunStatus::Running) => {
+            return Ok(Outcome::AwaitChild {
+                child_run_id: child,
+            });
+        }
+        Ok(RunStatus::Succeeded) => {
+            return Ok(Outcome::Succeeded(
+                row.output.unwrap_or_else(|| "null".to_owned()),
+            ));
+        }
+        Ok(RunStatus::Cancelled) => pgflow::RunError::Cancelled {
+            workflow: row.workflow.clone(),
+        },
+        Ok(RunStatus::Failed) | Err(_) => row
+            .error
+            .as_deref()
+            .and_then(|e| serde_json::from_str(e).ok())
+            .unwrap_or_else(|| pgflow::RunError::Internal {
+                workflow: row.workflow.clone(),
+                message: format!("unreadable stored error: {}", row.error.unwrap_or_default()),
+            }),
+    };
+    Err(pgflow::engine::child_failed(
+        &row.workflow,
+        Some(child),
+        &error,
+    ))
 }
 
 /// A map step's task without an element: the enqueue found nothing to fan out (an

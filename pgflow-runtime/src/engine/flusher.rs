@@ -70,6 +70,10 @@ pub(crate) async fn run(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<Flu
             drop(slots);
             log_finished(&flushed);
             engine.wake_waiters(&flushed.finished_runs);
+            for &run in &flushed.cancelled_runs {
+                engine.cancel_local(run);
+            }
+            engine.wake_waiters(&flushed.cancelled_runs);
             for q in &flushed.queues {
                 engine.wake_queue(q);
             }
@@ -184,7 +188,7 @@ async fn flush_once(
 fn refused(mut c: Completion, e: &sqlx::Error) -> Option<Completion> {
     if matches!(
         c.outcome,
-        Outcome::Failed { .. } | Outcome::Discard | Outcome::Release
+        Outcome::Failed { .. } | Outcome::Discard | Outcome::Release | Outcome::AwaitChild { .. }
     ) {
         warn!(error = %e, task_id = c.task_id, "pgflow: a completion could not be applied; its lease will return the task");
         return None;

@@ -11,6 +11,7 @@
 //! - [`schedules`]: cron schedules — registering, firing (locked, fenced on the row),
 //!   listing, removing.
 //! - [`signals`]: sending a signal (the SQL function `pgflow.signal`).
+//! - [`subflows`]: child runs — linking a parent's task to its child, waking it.
 //! - [`export`]: a run with every stored output, for a replay.
 //! - [`notify`]: the one NOTIFY policy.
 //! - [`maintenance`]: vacuuming the hot tables.
@@ -33,6 +34,7 @@ pub(crate) mod runs;
 pub(crate) mod schedules;
 pub(crate) mod signals;
 pub(crate) mod steps;
+pub(crate) mod subflows;
 pub(crate) mod tasks;
 
 /// The stored status of a step (`pgflow.step_states.status`).

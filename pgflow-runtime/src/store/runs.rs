@@ -18,6 +18,11 @@ pub(crate) struct NewRuns {
     pub(crate) priorities: Vec<i16>,
     pub(crate) run_ats: Vec<Option<DateTime<Utc>>>,
     pub(crate) keys: Vec<Option<String>>,
+    /// For child runs (subflows): the parent run, step and element, one per run;
+    /// empty for runs without a parent (unnest pads them with NULL).
+    pub(crate) parent_runs: Vec<i64>,
+    pub(crate) parent_steps: Vec<&'static str>,
+    pub(crate) parent_elements: Vec<Option<i32>>,
 }
 
 /// What starting a run of a workflow version inserts besides the run: its root
@@ -105,12 +110,23 @@ pub(crate) async fn start(
 ) -> Result<Vec<i64>, sqlx::Error> {
     sqlx::query_scalar(concat!(
         "WITH u AS (
-             SELECT * FROM unnest($3::text[], $4::smallint[], $5::timestamptz[], $6::text[])
-                 WITH ORDINALITY AS u(input, priority, run_at, key, ord)
+             SELECT * FROM unnest($3::text[], $4::smallint[], $5::timestamptz[], $6::text[],
+                                  $17::bigint[], $18::text[], $19::int[])
+                 WITH ORDINALITY AS u(input, priority, run_at, key, parent_run_id, parent_step,
+                                      parent_element, ord)
          ), r AS (
-             INSERT INTO pgflow.runs (workflow, version, input, priority, run_at, idempotency_key)
-             SELECT $1, $2, u.input::jsonb, u.priority, COALESCE(u.run_at, now()), u.key
-             FROM u ORDER BY u.ord
+             INSERT INTO pgflow.runs (workflow, version, input, priority, run_at, idempotency_key,
+                                      parent_run_id, parent_step, parent_element)
+             SELECT $1, $2, u.input::jsonb, u.priority, COALESCE(u.run_at, now()), u.key,
+                    u.parent_run_id, u.parent_step, u.parent_element
+             FROM u
+             -- a child run only for a parent still running, read under a share lock:
+             -- a parent failing or cancelled meanwhile is seen, and one failed or
+             -- cancelled after this commits sees the child (see `cancel`)
+             WHERE u.parent_run_id IS NULL
+                OR EXISTS (SELECT 1 FROM pgflow.runs p
+                           WHERE p.id = u.parent_run_id AND p.status = 'running' FOR SHARE)
+             ORDER BY u.ord
              ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING id, priority, run_at, input
          ), ready AS (
@@ -150,6 +166,9 @@ pub(crate) async fn start(
     .bind(&shape.root_delays_ms)
     .bind(&shape.root_waits_for)
     .bind(&shape.root_wait_ms)
+    .bind(&runs.parent_runs)
+    .bind(&runs.parent_steps)
+    .bind(&runs.parent_elements)
     .fetch_all(conn)
     .await
 }
@@ -208,28 +227,100 @@ pub(crate) struct Cancelled {
     pub(crate) status: String,
     /// Whether this call cancelled it.
     pub(crate) cancelled: bool,
+    /// Every run this call cancelled: the run and its running descendants.
+    pub(crate) ids: Vec<i64>,
 }
 
-/// Cancels run `id` if it is running: its status becomes `cancelled` and its
-/// pending tasks are deleted (index `tasks_run_id`); steps running somewhere finish
-/// into a cancelled run, which enqueues nothing. `None` when there is no such run.
-pub(crate) async fn cancel(
-    db: impl PgExecutor<'_>,
-    id: i64,
-) -> Result<Option<Cancelled>, sqlx::Error> {
-    sqlx::query_as(
+/// The descendants of the runs in `$1` (their child runs, and theirs, ..), by
+/// `runs_parent_run_id`; `path` stops a damaged row's cycle.
+macro_rules! descendants_cte {
+    () => {
+        "tree AS (
+             SELECT r.id, ARRAY[r.id] AS path
+             FROM pgflow.runs r WHERE r.parent_run_id = ANY ($1)
+             UNION ALL
+             SELECT r.id, t.path || r.id
+             FROM pgflow.runs r JOIN tree t ON r.parent_run_id = t.id
+             WHERE NOT r.id = ANY (t.path)
+         )"
+    };
+}
+
+/// Cancels run `id` if it is running, with its running descendants (child runs of
+/// subflows, and theirs): their status becomes `cancelled` and their pending tasks
+/// are deleted (index `tasks_run_id`); steps running somewhere finish into a
+/// cancelled run, which enqueues nothing. A cancelled child run makes its parent's
+/// waiting task due (its step then fails: the child was cancelled). `None` when there
+/// is no such run.
+///
+/// Two statements in one transaction: the run's status first, then (with a snapshot
+/// taken after it) its descendants, tasks and parent. A flush that was starting a
+/// child of this run or parking one of its tasks holds a share lock on the run row
+/// (see `start` and `store::subflows::link`): the first statement waits for it, and
+/// the second sees what it wrote.
+pub(crate) async fn cancel(pool: &sqlx::PgPool, id: i64) -> Result<Option<Cancelled>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let root: Option<(String, bool)> = sqlx::query_as(
         "WITH prev AS (
              SELECT status FROM pgflow.runs WHERE id = $1
          ), c AS (
              UPDATE pgflow.runs SET status = 'cancelled', completed_at = now()
              WHERE id = $1 AND status = 'running' RETURNING id
+         )
+         SELECT prev.status, EXISTS (SELECT 1 FROM c) FROM prev",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((status, cancelled)) = root else {
+        return Ok(None);
+    };
+    if !cancelled {
+        tx.commit().await?;
+        return Ok(Some(Cancelled {
+            status,
+            cancelled,
+            ids: Vec::new(),
+        }));
+    }
+    let mut ids = vec![id];
+    ids.extend(cancel_descendants(&mut tx, &[id]).await?);
+    sqlx::query("DELETE FROM pgflow.tasks WHERE run_id = $1 AND claimed_by IS NULL")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    // A child run: its parent's step waits for it, and fails now.
+    let woken = crate::store::subflows::wake_parents(&mut tx, &[id]).await?;
+    let woken: Vec<&str> = woken.iter().map(String::as_str).collect();
+    crate::store::notify::queues(&mut tx, &woken).await?;
+    tx.commit().await?;
+    Ok(Some(Cancelled {
+        status,
+        cancelled,
+        ids,
+    }))
+}
+
+/// Cancels the running descendants of the runs `parents` (which failed: nothing
+/// will read their children's outputs), deleting their pending tasks. Returns them.
+pub(crate) async fn cancel_descendants(
+    conn: &mut PgConnection,
+    parents: &[i64],
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(concat!(
+        "WITH RECURSIVE ",
+        descendants_cte!(),
+        ", c AS (
+             UPDATE pgflow.runs r SET status = 'cancelled', completed_at = now()
+             WHERE r.id IN (SELECT tree.id FROM tree) AND r.status = 'running'
+             RETURNING r.id
          ), d AS (
              DELETE FROM pgflow.tasks t USING c WHERE t.run_id = c.id AND t.claimed_by IS NULL
          )
-         SELECT prev.status, EXISTS (SELECT 1 FROM c) AS cancelled FROM prev",
-    )
-    .bind(id)
-    .fetch_optional(db)
+         SELECT id FROM c ORDER BY id"
+    ))
+    .bind(parents)
+    .fetch_all(conn)
     .await
 }
 
@@ -326,6 +417,10 @@ pub(crate) struct RunDetailRow {
     /// The run it was forked from, and the first step it ran again.
     pub(crate) forked_from: Option<i64>,
     pub(crate) forked_at: Option<String>,
+    /// For a child run (a subflow): its parent run, step and element.
+    pub(crate) parent_run_id: Option<i64>,
+    pub(crate) parent_step: Option<String>,
+    pub(crate) parent_element: Option<i32>,
     pub(crate) now: DateTime<Utc>,
 }
 
@@ -342,7 +437,7 @@ pub(crate) async fn detail(
                 "SELECT ",
                 run_columns!(),
                 ", input::text AS input, output::text AS output, terminal_started_at, forked_from,
-                 forked_at, now() AS now
+                 forked_at, parent_run_id, parent_step, parent_element, now() AS now
                  FROM pgflow.runs WHERE id = $1",
                 $lock
             )
@@ -411,6 +506,21 @@ pub(crate) async fn reopen(conn: &mut PgConnection, id: i64) -> Result<(), sqlx:
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// The failed or cancelled children of run `id` (index `runs_parent_run_id`), by id.
+pub(crate) async fn unfinished_children(
+    conn: &mut PgConnection,
+    id: i64,
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM pgflow.runs
+         WHERE parent_run_id = $1 AND status IN ('failed', 'cancelled')
+         ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(conn)
+    .await
 }
 
 /// Runs per workflow and status.

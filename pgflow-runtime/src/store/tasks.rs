@@ -273,6 +273,8 @@ pub(crate) struct Claimed {
     /// For a task waiting for a signal: its payload (`None` when its timeout passed
     /// first).
     pub(crate) signal: Option<String>,
+    /// For the task of a step that started a child run (a subflow): the child.
+    pub(crate) child_run_id: Option<i64>,
 }
 
 /// The claim statement. The inner SELECT walks `tasks_available` in claim order
@@ -316,9 +318,10 @@ WITH steps AS (
         LIMIT $4
         FOR UPDATE SKIP LOCKED))
     RETURNING t.id, t.run_id, t.step, t.workflow, t.version, t.attempt, t.errors, t.element,
-              t.item, t.snoozes, t.waits_for
+              t.item, t.snoozes, t.waits_for, t.child_run_id
 )
 SELECT c.id AS task_id, c.run_id, c.step, c.workflow, c.version, c.attempt, c.snoozes,
+       c.child_run_id,
        c.errors::text AS errors, r.status AS run_status,
        CASE WHEN CASE WHEN c.element IS NULL THEN s.needs_input ELSE s.element_needs_input END
             THEN r.input::text END AS input,
@@ -503,6 +506,8 @@ pub(crate) struct RunTask {
     pub(crate) created_at: chrono::DateTime<chrono::Utc>,
     /// Waits for a signal the run does not have yet.
     pub(crate) awaits_signal: bool,
+    /// The child run it started (a subflow) and waits for.
+    pub(crate) child_run_id: Option<i64>,
 }
 
 /// The tasks of run `run_id`, oldest first (index `tasks_run_id`; a task waiting
@@ -516,7 +521,8 @@ pub(crate) async fn of_run(
                 t.waits_for IS NOT NULL AND t.claimed_by IS NULL
                 AND NOT EXISTS (SELECT 1 FROM pgflow.signals g
                                 WHERE g.run_id = t.run_id AND g.name = t.waits_for
-                                  AND g.status = 'accepted') AS awaits_signal
+                                  AND g.status = 'accepted') AS awaits_signal,
+                child_run_id
          FROM pgflow.tasks t WHERE run_id = $1 ORDER BY id",
     )
     .bind(run_id)

@@ -1,7 +1,8 @@
 //! Phase 1 of the flush: the fence. A completion applies only where its task row
 //! still carries the claim token it was claimed with (see `store::tasks` on why
 //! tokens are random and per batch): final completions delete their row, retries,
-//! snoozes and releases put it back (parked when due more than a second ahead);
+//! snoozes and releases put it back (parked when due more than a second ahead), as
+//! do subflow starts (their task is then linked to its child, see `subflows`);
 //! anything else is rejected and changes nothing.
 
 use std::collections::HashMap;
@@ -52,9 +53,15 @@ pub(super) async fn fence<'b>(
         for c in &requeued {
             rows.push(c);
         }
+        // A task parking for a child run is due only once linked (see `link`).
+        let parking: std::collections::HashSet<i64> = requeued
+            .iter()
+            .filter(|c| c.outcome.parks_for_child())
+            .map(|c| c.task_id)
+            .collect();
         for r in rows.apply(conn).await? {
             accepted.insert((r.id, r.token), None);
-            if r.due {
+            if r.due && !parking.contains(&r.id) {
                 out.queues.insert(r.queue);
             }
         }

@@ -40,7 +40,7 @@ use write::{
 
 use crate::catalog::{Catalog, Entry};
 use crate::store::tasks::{self, NewTasks};
-use crate::store::{StepState, notify, step_i16, step_index};
+use crate::store::{StepState, notify, runs, step_i16, step_index, subflows};
 
 /// How an attempt ended.
 #[derive(Debug, Clone)]
@@ -65,6 +65,11 @@ pub(crate) enum Outcome {
         history: Vec<AttemptFailure>,
         element: Option<usize>,
     },
+    /// The step returned a `Subflow`: start the child run (unless the step already
+    /// started it: same key) and park the task until the child finishes.
+    StartChild(ChildRun),
+    /// A task woken while its child still runs: park it again.
+    AwaitChild { child_run_id: i64 },
     /// The run is no longer running (cancelled or failed): drop the task.
     Discard,
     /// Give the task back without counting the attempt (shutdown, or a run whose
@@ -72,13 +77,32 @@ pub(crate) enum Outcome {
     Release,
 }
 
+/// The child run a step asked for.
+#[derive(Debug, Clone)]
+pub(crate) struct ChildRun {
+    /// The child workflow version (linked: it is in the catalog).
+    pub(crate) workflow: &'static str,
+    pub(crate) version: i32,
+    /// Its input, as JSON text.
+    pub(crate) input: String,
+}
+
 impl Outcome {
     /// Whether the task row goes back to the queue (rather than leaving it).
     fn requeues(&self) -> bool {
         matches!(
             self,
-            Self::Retry { .. } | Self::Snooze { .. } | Self::Release
+            Self::Retry { .. }
+                | Self::Snooze { .. }
+                | Self::Release
+                | Self::StartChild(_)
+                | Self::AwaitChild { .. }
         )
+    }
+
+    /// Whether the task waits for a child run once put back.
+    pub(super) fn parks_for_child(&self) -> bool {
+        matches!(self, Self::StartChild(_) | Self::AwaitChild { .. })
     }
 }
 
@@ -107,7 +131,12 @@ impl Completion {
             Outcome::Skipped { reason } => reason.len(),
             Outcome::Retry { failure, .. } => failure.message.len(),
             Outcome::Failed { history, .. } => history.iter().map(|f| f.message.len() + 32).sum(),
-            Outcome::FanOut | Outcome::Snooze { .. } | Outcome::Discard | Outcome::Release => 0,
+            Outcome::StartChild(child) => child.input.len(),
+            Outcome::FanOut
+            | Outcome::Snooze { .. }
+            | Outcome::AwaitChild { .. }
+            | Outcome::Discard
+            | Outcome::Release => 0,
         }
     }
 
@@ -129,6 +158,8 @@ pub(crate) struct Flushed {
     pub(crate) failed: Vec<(i64, &'static str)>,
     /// Queues that received tasks due now.
     pub(crate) queues: HashSet<String>,
+    /// Child runs cancelled because their parent failed.
+    pub(crate) cancelled_runs: Vec<i64>,
 }
 
 impl Flushed {
@@ -139,6 +170,7 @@ impl Flushed {
         self.succeeded.extend(other.succeeded);
         self.failed.extend(other.failed);
         self.queues.extend(other.queues);
+        self.cancelled_runs.extend(other.cancelled_runs);
     }
 }
 
@@ -153,6 +185,19 @@ pub(crate) async fn apply(
     should_notify: &mut (dyn FnMut(&str) -> bool + Send),
 ) -> Result<Flushed, sqlx::Error> {
     let mut out = Flushed::default();
+    // Children of tasks parking again: locked before the fence locks the tasks
+    // (see `store::subflows`).
+    let mut awaited: Vec<i64> = batch
+        .iter()
+        .filter_map(|c| match c.outcome {
+            Outcome::AwaitChild { child_run_id } => Some(child_run_id),
+            _ => None,
+        })
+        .collect();
+    if !awaited.is_empty() {
+        awaited.sort_unstable();
+        subflows::lock_children(conn, &awaited).await?;
+    }
     let applied = fence::fence(conn, batch, &mut out).await?;
 
     let mut work = Work::default();
@@ -175,16 +220,37 @@ pub(crate) async fn apply(
         });
     }
     work.route_done();
+    start_children(conn, catalog, &work.children).await?;
+    out.queues.extend(subflows::link(conn, &work.links).await?);
     store_step_states(conn, instance, &work.states).await?;
     count_down_joins(conn, catalog, &work.join_hits, &mut work.ready).await?;
     out.queues.extend(tasks::enqueue(conn, &work.ready).await?);
     let name = |id: &i64| (*id, work.workflows.get(id).copied().unwrap_or(""));
     let succeeded = finish_runs(conn, instance, &work.finished).await?;
-    out.succeeded.extend(succeeded.iter().map(name));
-    out.finished_runs.extend(succeeded);
     let failed = fail_runs(conn, instance, &work.failed).await?;
-    out.failed.extend(failed.iter().map(name));
-    out.finished_runs.extend(failed);
+    // Children that finished wake their parents' tasks; failed runs cancel their
+    // own children (nobody will read their outputs).
+    let children: Vec<i64> = succeeded
+        .iter()
+        .chain(&failed)
+        .filter(|r| r.has_parent)
+        .map(|r| r.id)
+        .collect();
+    out.queues
+        .extend(subflows::wake_parents(conn, &children).await?);
+    let failed_parents: Vec<i64> = failed
+        .iter()
+        .filter(|r| work.with_subflows.contains(&r.id))
+        .map(|r| r.id)
+        .collect();
+    if !failed_parents.is_empty() {
+        out.cancelled_runs
+            .extend(runs::cancel_descendants(conn, &failed_parents).await?);
+    }
+    out.succeeded.extend(succeeded.iter().map(|r| name(&r.id)));
+    out.finished_runs.extend(succeeded.iter().map(|r| r.id));
+    out.failed.extend(failed.iter().map(|r| name(&r.id)));
+    out.finished_runs.extend(failed.iter().map(|r| r.id));
     add_costs(conn, work.costs).await?;
     let to_notify: Vec<&str> = out
         .queues
@@ -194,6 +260,47 @@ pub(crate) async fn apply(
         .collect();
     notify::queues(conn, &to_notify).await?;
     Ok(out)
+}
+
+/// Child runs to start, grouped by workflow version (one start statement each).
+#[derive(Default)]
+struct Children {
+    by_workflow: HashMap<(&'static str, i32), runs::NewRuns>,
+}
+
+impl Children {
+    fn push(&mut self, c: &Completion, step_name: &'static str, child: &ChildRun, key: String) {
+        let new = self
+            .by_workflow
+            .entry((child.workflow, child.version))
+            .or_default();
+        new.inputs.push(child.input.clone());
+        new.priorities.push(0);
+        new.run_ats.push(None);
+        new.keys.push(Some(key));
+        new.parent_runs.push(c.run_id);
+        new.parent_steps.push(step_name);
+        new.parent_elements.push(c.element);
+    }
+}
+
+/// Starts the child runs (a key already taken starts nothing: the step started its
+/// child before), each workflow version in one statement, in a stable order.
+async fn start_children(
+    conn: &mut PgConnection,
+    catalog: &Catalog,
+    children: &Children,
+) -> Result<(), sqlx::Error> {
+    let mut groups: Vec<_> = children.by_workflow.iter().collect();
+    groups.sort_unstable_by_key(|(k, _)| **k);
+    for (&(workflow, version), new) in groups {
+        // The executor checked that the child is linked; a version missing here
+        // leaves its parent task due (unlinked), to run again.
+        if let Some(flow) = catalog.get(workflow, version) {
+            runs::start(conn, &runs::Shape::of_entry(flow), new).await?;
+        }
+    }
+    Ok(())
 }
 
 /// What a step that is done in this flush produced.
@@ -232,12 +339,38 @@ struct Work<'c> {
     costs: HashMap<i64, i64>,
     /// The workflow of each run touched, for the log.
     workflows: HashMap<i64, &'static str>,
+    /// Child runs to start, and parent tasks to link to their children.
+    children: Children,
+    links: subflows::Links<'static>,
+    /// Runs touched whose workflow has subflow steps (a failure cancels children).
+    with_subflows: HashSet<i64>,
 }
 
 impl<'c> Work<'c> {
     fn sort(&mut self, flow: &'c Entry, c: &'c Completion, started_at: Option<DateTime<Utc>>) {
         self.workflows.insert(c.run_id, flow.def.name());
+        if flow.has_subflows {
+            self.with_subflows.insert(c.run_id);
+        }
         match &c.outcome {
+            Outcome::StartChild(child) => {
+                let key = subflows::child_key(c.run_id, c.step, c.element);
+                let step_name = step_index(c.step)
+                    .and_then(|s| flow.step(s))
+                    .map_or("?", |s| s.name());
+                self.children.push(c, step_name, child, key.clone());
+                self.links.task_ids.push(c.task_id);
+                self.links.child_ids.push(None);
+                self.links.workflows.push(child.workflow);
+                self.links.keys.push(key);
+                *self.costs.entry(c.run_id).or_default() += c.cost_cents;
+            }
+            &Outcome::AwaitChild { child_run_id } => {
+                self.links.task_ids.push(c.task_id);
+                self.links.child_ids.push(Some(child_run_id));
+                self.links.workflows.push("");
+                self.links.keys.push(String::new());
+            }
             Outcome::Succeeded(output) => match c.element {
                 Some(element) => {
                     self.elements.push(flow, c, element, output, started_at);

@@ -285,16 +285,24 @@ impl<'c> FinishedRuns<'c> {
     }
 }
 
+/// A run that finished in this flush.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct Ended {
+    pub(super) id: i64,
+    /// It is a child run (a subflow): its parent's task waits for it.
+    pub(super) has_parent: bool,
+}
+
 /// Phase 6: runs still `running` succeed with their output (by primary key).
 pub(super) async fn finish_runs(
     conn: &mut PgConnection,
     instance: &str,
     runs: &FinishedRuns<'_>,
-) -> Result<Vec<i64>, sqlx::Error> {
+) -> Result<Vec<Ended>, sqlx::Error> {
     if runs.run_ids.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_scalar(
+    sqlx::query_as(
         "UPDATE pgflow.runs r
          SET status = 'succeeded', completed_at = now(), instance_id = $5,
              cost_cents = r.cost_cents + u.cost,
@@ -309,7 +317,7 @@ pub(super) async fn finish_runs(
          FROM unnest($1::bigint[], $2::text[], $3::smallint[], $4::bigint[], $6::timestamptz[])
               AS u(id, output, from_elements, cost, started_at)
          WHERE r.id = u.id AND r.status = 'running'
-         RETURNING r.id",
+         RETURNING r.id, r.parent_run_id IS NOT NULL AS has_parent",
     )
     .bind(&runs.run_ids)
     .bind(&runs.outputs)
@@ -344,23 +352,23 @@ pub(super) async fn fail_runs(
     conn: &mut PgConnection,
     instance: &str,
     runs: &FailedRuns,
-) -> Result<Vec<i64>, sqlx::Error> {
+) -> Result<Vec<Ended>, sqlx::Error> {
     if runs.run_ids.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_scalar(
+    sqlx::query_as(
         "WITH f AS (
              UPDATE pgflow.runs r
              SET status = 'failed', error = u.error::jsonb, completed_at = now(),
                  instance_id = $4, cost_cents = r.cost_cents + u.cost
              FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(id, error, cost)
              WHERE r.id = u.id AND r.status = 'running'
-             RETURNING r.id
+             RETURNING r.id, r.parent_run_id IS NOT NULL AS has_parent
          ), gone AS (
              DELETE FROM pgflow.tasks t USING f
              WHERE t.run_id = f.id AND t.claimed_by IS NULL
          )
-         SELECT id FROM f",
+         SELECT id, has_parent FROM f",
     )
     .bind(&runs.run_ids)
     .bind(&runs.errors)
