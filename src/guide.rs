@@ -28,6 +28,9 @@ pub mod schedules {}
 #[doc = include_str!("../docs/guide/signals.md")]
 pub mod signals {}
 
+#[doc = include_str!("../docs/guide/subflows.md")]
+pub mod subflows {}
+
 #[doc = include_str!("../docs/guide/operating.md")]
 pub mod operating {}
 

@@ -89,3 +89,25 @@ pub async fn wait_no_claims(pool: &sqlx::PgPool, run_id: i64) {
     }
     panic!("run {run_id} still has claimed tasks after 10 s");
 }
+
+/// Waits (up to 30 s) for run `id` to finish and returns its outcome, as
+/// `RunHandle::wait` does.
+///
+/// # Errors
+///
+/// The run's failure, as `RunHandle::wait` reports it.
+///
+/// # Panics
+///
+/// When the run is not finished after 30 s.
+pub async fn settle<O: serde::de::DeserializeOwned>(
+    rt: &pgflow_runtime::Runtime,
+    id: pgflow::RunId,
+) -> Result<O, pgflow_runtime::Error> {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        rt.handle::<O>(id, true).wait(),
+    )
+    .await
+    .expect("the run did not finish within 30 s")
+}

@@ -32,14 +32,7 @@ async fn runtime(pool: &PgPool, probe: &Arc<Probe>, concurrency: usize) -> Runti
         .unwrap()
 }
 
-async fn settle<O: serde::de::DeserializeOwned>(
-    rt: &Runtime,
-    id: RunId,
-) -> Result<O, pgflow_runtime::Error> {
-    tokio::time::timeout(Duration::from_secs(30), rt.handle::<O>(id, true).wait())
-        .await
-        .expect("the run did not finish within 30 s")
-}
+use pgflow_suite::support::settle;
 
 /// (parked, claimed) of the tasks of run `id`.
 async fn task_state(pool: &PgPool, id: RunId) -> Vec<(bool, bool)> {

@@ -51,11 +51,7 @@ async fn runtime(pool: &PgPool, probe: &Arc<Probe>) -> Runtime {
         .unwrap()
 }
 
-async fn settle<O: serde::de::DeserializeOwned>(rt: &Runtime, id: RunId) -> Result<O, Error> {
-    tokio::time::timeout(Duration::from_secs(30), rt.handle::<O>(id, true).wait())
-        .await
-        .expect("the run did not finish within 30 s")
-}
+use pgflow_suite::support::settle;
 
 pub struct Squares;
 

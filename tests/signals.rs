@@ -84,11 +84,7 @@ async fn runtime(pool: &PgPool) -> Runtime {
         .unwrap()
 }
 
-async fn settle<O: serde::de::DeserializeOwned>(rt: &Runtime, id: RunId) -> Result<O, Error> {
-    tokio::time::timeout(Duration::from_secs(30), rt.handle::<O>(id, true).wait())
-        .await
-        .expect("the run did not finish within 30 s")
-}
+use pgflow_suite::support::settle;
 
 /// Waits until run `id` has a task for step `step` (its step is reached).
 async fn reached(pool: &PgPool, id: RunId, step: i16) -> (bool, bool) {
