@@ -4,7 +4,10 @@
 //! Then an assignment that needs a human approval (a signal with a timeout): one is
 //! approved from the CLI (`pgflow signal <run> approval '{..}'`, when the `pgflow`
 //! binary is built next to this one; else through `admin::signal`, what the CLI
-//! calls), one is never answered and expires.
+//! calls), one is never answered and expires. Last, a lead agent that delegates: it
+//! splits a goal into topics and runs one sub-agent workflow per topic as a child run
+//! (a map step over `Subflow<SubAgent>`), then merges their summaries; the example
+//! checks the tree of runs (`pgflow run <lead>` shows it).
 //!
 //! ```text
 //! cargo run --example agent_coordination -- [--n 40]
@@ -15,7 +18,7 @@
 
 use std::time::Duration;
 
-use pgflow::{StepError, workflow};
+use pgflow::{StepError, Subflow, workflow};
 use pgflow_runtime::{Error, Runtime};
 use pgflow_suite::agents::{AgentCoordination, MessageKind, Receipt, demo_messages, setup};
 use serde::{Deserialize, Serialize};
@@ -42,6 +45,78 @@ impl ApprovedAssignment {
             None => format!("{task}: expired without an answer"),
         })
     }
+}
+
+/// A sub-agent: researches one topic and summarizes it.
+pub struct SubAgent;
+
+#[workflow(name = "agent_sub_agent", queue = "agents")]
+impl SubAgent {
+    #[step]
+    async fn gather(topic: String) -> Result<Vec<String>, StepError> {
+        Ok((1..=3).map(|i| format!("{topic} note {i}")).collect())
+    }
+
+    #[step]
+    async fn summarize(gather: Vec<String>) -> Result<String, StepError> {
+        Ok(format!("{} ({} notes)", gather[0], gather.len()))
+    }
+}
+
+/// A lead agent: one sub-agent run per topic of its goal, then a report.
+pub struct LeadAgent;
+
+#[workflow(name = "agent_lead", queue = "agents")]
+impl LeadAgent {
+    #[step]
+    async fn plan(goal: String) -> Result<Vec<String>, StepError> {
+        Ok(goal.split(',').map(|t| t.trim().to_owned()).collect())
+    }
+
+    #[step(map)]
+    async fn delegate(topic: String) -> Result<Subflow<SubAgent>, StepError> {
+        Ok(Subflow::new(topic))
+    }
+
+    #[step]
+    async fn report(delegate: Vec<String>) -> Result<String, StepError> {
+        Ok(delegate.join("; "))
+    }
+}
+
+/// The lead agent's run and its tree of sub-agent runs.
+async fn delegation(
+    rt: &Runtime,
+    pool: &sqlx::PgPool,
+) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let mut problems = Vec::new();
+    let lead = rt
+        .start::<LeadAgent>("pricing, churn, onboarding".to_owned())
+        .await?;
+    let report = tokio::time::timeout(Duration::from_secs(30), lead.wait()).await??;
+    let expected = "pricing note 1 (3 notes); churn note 1 (3 notes); onboarding note 1 (3 notes)";
+    if report != expected {
+        problems.push(format!("delegation: expected `{expected}`, got `{report}`"));
+    }
+    let detail = pgflow_runtime::admin::run_detail(pool, lead.id()).await?;
+    let children: Vec<(String, Option<i32>, String)> = detail
+        .subflows
+        .iter()
+        .map(|c| (c.workflow.clone(), c.parent.element, c.status.clone()))
+        .collect();
+    let want: Vec<(String, Option<i32>, String)> = (0..3)
+        .map(|e| ("agent_sub_agent".to_owned(), Some(e), "succeeded".to_owned()))
+        .collect();
+    if children != want {
+        problems.push(format!("delegation: child runs {children:?}"));
+    }
+    println!(
+        "delegation: run {} ran {} sub-agents as child runs (`pgflow run {}` shows the tree)",
+        lead.id(),
+        children.len(),
+        lead.id()
+    );
+    Ok(problems)
 }
 
 /// Approves run `id` with the `pgflow` CLI when it is built next to this example
@@ -182,6 +257,7 @@ async fn run(n: usize) -> Result<Vec<String>, Box<dyn std::error::Error>> {
         problems.push("the tables do not match the results".into());
     }
     problems.extend(approvals(&rt, &pool).await?);
+    problems.extend(delegation(&rt, &pool).await?);
     rt.shutdown().await?;
     Ok(problems)
 }

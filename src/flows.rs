@@ -110,3 +110,38 @@ impl ProcApproval {
         Ok(format!("n={} approved={approval}", prepare.n))
     }
 }
+
+/// Runs three [`ProcChain3`] child runs (a map over subflows) and joins their
+/// outputs; driven across a SIGKILL of the worker running the children.
+pub struct ProcDelegate;
+
+#[workflow(name = "proc_delegate", backoff = "200ms", max_attempts = 5)]
+impl ProcDelegate {
+    #[step]
+    async fn split(job: Job) -> Result<Vec<Job>, StepError> {
+        Ok((0..3)
+            .map(|k| Job {
+                n: job.n * 10 + k,
+                ..job.clone()
+            })
+            .collect())
+    }
+
+    #[step(map)]
+    async fn delegate(part: Job) -> Result<pgflow::Subflow<ProcChain3>, StepError> {
+        Ok(pgflow::Subflow::new(part))
+    }
+
+    #[step]
+    async fn join(delegate: Vec<String>) -> Result<String, StepError> {
+        Ok(delegate.join(","))
+    }
+}
+
+/// The output [`ProcDelegate`] returns for `n`.
+pub fn expected_delegate_output(n: u64) -> String {
+    (0..3)
+        .map(|k| expected_output(n * 10 + k))
+        .collect::<Vec<_>>()
+        .join(",")
+}

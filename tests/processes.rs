@@ -725,3 +725,64 @@ async fn signals_survive_a_sigkill_of_the_worker_that_would_run_the_step(pool: P
     assert_eq!(applied, [("instance_b".to_owned(), 50)]);
     rt.shutdown().await.unwrap();
 }
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn subflows_survive_a_sigkill_of_the_worker_running_the_children(pool: PgPool) {
+    use pgflow_suite::flows::{ProcDelegate, expected_delegate_output};
+    let url = database_url(&pool);
+    let rt = producer(&pool).await;
+    let mut a = Worker::spawn(&url, "instance_a");
+    let mut ids = Vec::new();
+    for n in 0..20_u64 {
+        let run = rt
+            .start::<ProcDelegate>(Job { n, sleep_ms: 150 })
+            .await
+            .unwrap();
+        ids.push(run.id());
+    }
+    // Kill the worker while child runs are in flight (claimed) and parents wait.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (claimed, waiting): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE claimed_by IS NOT NULL AND workflow = 'proc_chain3'),
+                    count(*) FILTER (WHERE child_run_id IS NOT NULL AND parked)
+             FROM pgflow.tasks",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if claimed > 0 && waiting >= 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{claimed} claimed, {waiting} waiting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.sigkill();
+    let _b = Worker::spawn(&url, "instance_b");
+    for (n, id) in ids.iter().enumerate() {
+        let out = tokio::time::timeout(
+            Duration::from_secs(90),
+            rt.handle::<String>(*id, true).wait(),
+        )
+        .await
+        .expect("the run finishes")
+        .unwrap();
+        assert_eq!(out, expected_delegate_output(n as u64));
+    }
+    // One child per element, however often the parents' steps ran.
+    let children: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT parent_run_id, count(*) FROM pgflow.runs WHERE parent_run_id IS NOT NULL
+         GROUP BY parent_run_id ORDER BY parent_run_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(children.len(), 20);
+    assert!(children.iter().all(|&(_, k)| k == 3), "{children:?}");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    rt.shutdown().await.unwrap();
+}

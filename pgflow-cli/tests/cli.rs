@@ -1079,3 +1079,80 @@ async fn signal_delivers_once_and_refuses_unknown_names_and_finished_runs(pool: 
     assert_eq!(e, "error: no run with id 424242\n");
     rt.shutdown().await.unwrap();
 }
+
+/// A child that waits for a signal nobody sends, and a parent that runs it twice
+/// (a map over subflows).
+pub struct CliChild;
+
+#[workflow(name = "cli_child", queue = "cli")]
+impl CliChild {
+    #[step(signal = go)]
+    async fn wait(n: u32, go: u32) -> Result<u32, StepError> {
+        Ok(n + go)
+    }
+}
+
+pub struct CliParent;
+
+#[workflow(name = "cli_parent", queue = "cli")]
+impl CliParent {
+    #[step(map)]
+    async fn spawn(n: u32) -> Result<pgflow::Subflow<CliChild>, StepError> {
+        Ok(pgflow::Subflow::new(n))
+    }
+
+    #[step]
+    async fn sum(spawn: Vec<u32>) -> Result<u32, StepError> {
+        Ok(spawn.iter().sum())
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn run_shows_the_tree_of_child_runs_and_cancel_names_them(pool: PgPool) {
+    let rt = runtime(&pool, Arc::new(Probe::default()), true).await;
+    let run = rt.start::<CliParent>(vec![1, 2]).await.unwrap();
+    let id = run.id().0;
+    let mut kids: Vec<i64> = Vec::new();
+    for _ in 0..500 {
+        kids = sqlx::query_scalar(
+            "SELECT r.id FROM pgflow.runs r JOIN pgflow.tasks t ON t.run_id = r.id
+             WHERE r.parent_run_id = $1 AND t.parked ORDER BY r.parent_element",
+        )
+        .bind(id)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        if kids.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(kids.len(), 2, "both children wait");
+    let out = pgflow(&pool, &["run", &id.to_string()]).await.ok();
+    assert!(out.contains("SUBFLOWS"), "{out}");
+    for (e, kid) in kids.iter().enumerate() {
+        assert!(
+            out.contains(&format!(
+                "└ run {kid} cli_child v1  running  (from step spawn[{e}])"
+            )),
+            "{out}"
+        );
+    }
+    let v = pgflow(&pool, &["run", &id.to_string(), "--json"]).await.json();
+    assert_eq!(v["subflows"][1]["parent"]["element"], 1);
+    let child = pgflow(&pool, &["run", &kids[0].to_string()]).await.ok();
+    assert!(
+        child.contains(&format!("parent    run {id} at step spawn[0]")),
+        "{child}"
+    );
+    // by id
+    kids.sort_unstable();
+    assert_eq!(
+        pgflow(&pool, &["cancel", &id.to_string()]).await.ok(),
+        format!(
+            "run {id} cancelled, with its child runs {}, {}\n",
+            kids[0], kids[1]
+        )
+    );
+    rt.shutdown().await.unwrap();
+}

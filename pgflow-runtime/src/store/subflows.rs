@@ -143,7 +143,8 @@ pub(crate) struct ChildRow {
 }
 
 /// Every descendant of run `id` (children, their children, ..), parents before
-/// children, siblings by id (index `runs_parent_run_id`); at most `limit`.
+/// children, siblings by element then id (index `runs_parent_run_id`); at most
+/// `limit`.
 pub(crate) async fn descendants(
     conn: &mut PgConnection,
     id: i64,
@@ -152,17 +153,19 @@ pub(crate) async fn descendants(
     sqlx::query_as(
         "WITH RECURSIVE tree AS (
              SELECT r.id, r.workflow, r.version, r.status, r.parent_run_id, r.parent_step,
-                    r.parent_element, ARRAY[r.id] AS path
+                    r.parent_element, ARRAY[r.id] AS ids,
+                    ARRAY[COALESCE(r.parent_element, -1)::bigint, r.id] AS sort
              FROM pgflow.runs r WHERE r.parent_run_id = $1
              UNION ALL
              SELECT r.id, r.workflow, r.version, r.status, r.parent_run_id, r.parent_step,
-                    r.parent_element, t.path || r.id
+                    r.parent_element, t.ids || r.id,
+                    t.sort || ARRAY[COALESCE(r.parent_element, -1)::bigint, r.id]
              FROM pgflow.runs r JOIN tree t ON r.parent_run_id = t.id
-             WHERE NOT r.id = ANY (t.path)
+             WHERE NOT r.id = ANY (t.ids)
          )
          SELECT id, workflow, version, status, parent_run_id, parent_step, parent_element,
-                cardinality(path) AS depth
-         FROM tree ORDER BY path LIMIT $2",
+                cardinality(ids) AS depth
+         FROM tree ORDER BY sort LIMIT $2",
     )
     .bind(id)
     .bind(limit)

@@ -32,12 +32,16 @@ pub(super) async fn fence<'b>(
     if !finals.is_empty() {
         let ids: Vec<i64> = finals.iter().map(|c| c.task_id).collect();
         let tokens: Vec<i64> = finals.iter().map(|c| c.token).collect();
-        // By primary key.
+        // By primary key. A step completed from its child run (a subflow) started
+        // when the child did.
         let rows: Vec<(i64, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
             "DELETE FROM pgflow.tasks t
              USING unnest($1::bigint[], $2::bigint[]) AS c(id, token)
              WHERE t.id = c.id AND t.claim_token = c.token
-             RETURNING t.id, c.token, t.claimed_at",
+             RETURNING t.id, c.token,
+                       CASE WHEN t.child_run_id IS NULL THEN t.claimed_at
+                            ELSE (SELECT r.created_at FROM pgflow.runs r
+                                  WHERE r.id = t.child_run_id) END",
         )
         .bind(&ids)
         .bind(&tokens)
