@@ -105,7 +105,13 @@ async fn delegation(
         .map(|c| (c.workflow.clone(), c.parent.element, c.status.clone()))
         .collect();
     let want: Vec<(String, Option<i32>, String)> = (0..3)
-        .map(|e| ("agent_sub_agent".to_owned(), Some(e), "succeeded".to_owned()))
+        .map(|e| {
+            (
+                "agent_sub_agent".to_owned(),
+                Some(e),
+                "succeeded".to_owned(),
+            )
+        })
         .collect();
     if children != want {
         problems.push(format!("delegation: child runs {children:?}"));

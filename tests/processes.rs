@@ -754,7 +754,10 @@ async fn subflows_survive_a_sigkill_of_the_worker_running_the_children(pool: PgP
         if claimed > 0 && waiting >= 10 {
             break;
         }
-        assert!(Instant::now() < deadline, "{claimed} claimed, {waiting} waiting");
+        assert!(
+            Instant::now() < deadline,
+            "{claimed} claimed, {waiting} waiting"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     a.sigkill();

@@ -62,6 +62,7 @@ pub(crate) fn status(s: &Status) -> String {
         ("AVAILABLE", true),
         ("SCHEDULED", true),
         ("AWAITING SIGNAL", true),
+        ("AWAITING SUBFLOW", true),
         ("RUNNING", true),
     ]);
     for q in &s.queues {
@@ -70,6 +71,7 @@ pub(crate) fn status(s: &Status) -> String {
             q.available.to_string(),
             q.scheduled.to_string(),
             q.awaiting_signal.to_string(),
+            q.awaiting_subflow.to_string(),
             q.running.to_string(),
         ]);
     }

@@ -71,9 +71,8 @@ fn styled(text: &str) -> comfy_table::Cell {
     match text {
         "failed" | "failure" | "offline" => cell.fg(Color::Red),
         "succeeded" | "success" | "completed" | "online" => cell.fg(Color::Green),
-        "running" | "queued" | "waiting" | "awaiting signal" | "awaiting_signal" => {
-            cell.fg(Color::Yellow)
-        }
+        "running" | "queued" | "waiting" | "awaiting signal" | "awaiting_signal"
+        | "awaiting subflow" | "awaiting_subflow" => cell.fg(Color::Yellow),
         _ => cell,
     }
 }

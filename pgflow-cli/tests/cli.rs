@@ -1138,7 +1138,13 @@ async fn run_shows_the_tree_of_child_runs_and_cancel_names_them(pool: PgPool) {
             "{out}"
         );
     }
-    let v = pgflow(&pool, &["run", &id.to_string(), "--json"]).await.json();
+    let s = pgflow(&pool, &["status", "--json"]).await.json();
+    assert_eq!(s["queues"][0]["awaiting_subflow"], 2, "{s}");
+    assert_eq!(s["queues"][0]["awaiting_signal"], 2, "{s}");
+    assert_eq!(s["queues"][0]["scheduled"], 0, "{s}");
+    let v = pgflow(&pool, &["run", &id.to_string(), "--json"])
+        .await
+        .json();
     assert_eq!(v["subflows"][1]["parent"]["element"], 1);
     let child = pgflow(&pool, &["run", &kids[0].to_string()]).await.ok();
     assert!(

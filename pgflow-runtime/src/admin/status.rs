@@ -107,6 +107,8 @@ pub struct QueueDepth {
     pub scheduled: i64,
     /// Steps waiting for a signal (until it comes, or their timeout).
     pub awaiting_signal: i64,
+    /// Steps waiting for their child run (a subflow) to finish.
+    pub awaiting_subflow: i64,
     /// Claimed by an instance.
     pub running: i64,
 }
@@ -158,6 +160,7 @@ pub async fn status(pool: &PgPool) -> Result<Status, Error> {
             available: r.available,
             scheduled: r.scheduled,
             awaiting_signal: r.awaiting_signal,
+            awaiting_subflow: r.awaiting_subflow,
             running: r.running,
         })
         .collect();

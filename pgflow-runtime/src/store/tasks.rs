@@ -471,19 +471,22 @@ pub(crate) struct QueueDepthRow {
     pub(crate) available: i64,
     pub(crate) scheduled: i64,
     pub(crate) awaiting_signal: i64,
+    pub(crate) awaiting_subflow: i64,
     pub(crate) running: i64,
 }
 
 /// Tasks per queue: due, due later, waiting for a signal (until it comes or their
-/// timeout), claimed. Scans the queue table.
+/// timeout), waiting for a child run, claimed. Scans the queue table.
 pub(crate) async fn depths(conn: &mut PgConnection) -> Result<Vec<QueueDepthRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT queue,
                 count(*) FILTER (WHERE claimed_by IS NULL AND run_at <= now()) AS available,
                 count(*) FILTER (WHERE claimed_by IS NULL AND run_at > now()
-                                 AND waits_for IS NULL) AS scheduled,
+                                 AND waits_for IS NULL AND child_run_id IS NULL) AS scheduled,
                 count(*) FILTER (WHERE claimed_by IS NULL AND run_at > now()
                                  AND waits_for IS NOT NULL) AS awaiting_signal,
+                count(*) FILTER (WHERE claimed_by IS NULL AND run_at > now()
+                                 AND child_run_id IS NOT NULL) AS awaiting_subflow,
                 count(*) FILTER (WHERE claimed_by IS NOT NULL) AS running
          FROM pgflow.tasks
          GROUP BY queue
