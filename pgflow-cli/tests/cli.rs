@@ -1080,8 +1080,7 @@ async fn signal_delivers_once_and_refuses_unknown_names_and_finished_runs(pool: 
     rt.shutdown().await.unwrap();
 }
 
-/// A child that waits for a signal nobody sends, and a parent that runs it twice
-/// (a map over subflows).
+/// A child that waits for a signal nobody sends.
 pub struct CliChild;
 
 #[workflow(name = "cli_child", queue = "cli")]
@@ -1092,6 +1091,7 @@ impl CliChild {
     }
 }
 
+/// Runs [`CliChild`] twice (a map over subflows).
 pub struct CliParent;
 
 #[workflow(name = "cli_parent", queue = "cli")]
