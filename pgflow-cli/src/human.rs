@@ -396,6 +396,48 @@ fn step_at(p: &pgflow_runtime::admin::ParentLink) -> String {
     }
 }
 
+pub(crate) fn costs(c: &pgflow_runtime::admin::Costs) -> String {
+    let mut out = format!(
+        "Spend recorded in the last {}, by {}\n\n",
+        window(c.since_secs),
+        c.by
+    );
+    let mut t = Table::new(&[
+        (
+            match c.by {
+                pgflow_runtime::admin::CostsBy::Workflow => "WORKFLOW",
+                pgflow_runtime::admin::CostsBy::Model => "MODEL",
+                pgflow_runtime::admin::CostsBy::Key => "KEY",
+            },
+            false,
+        ),
+        ("RUNS", true),
+        ("ATTEMPTS", true),
+        ("TOKENS IN", true),
+        ("TOKENS OUT", true),
+        ("COST (cents)", true),
+    ]);
+    let label = |g: &str| {
+        if g.is_empty() {
+            "(none)".to_owned()
+        } else {
+            g.to_owned()
+        }
+    };
+    for r in c.rows.iter().chain(c.rows.first().map(|_| &c.total)) {
+        t.row(vec![
+            label(&r.group),
+            r.runs.to_string(),
+            r.attempts.to_string(),
+            r.tokens_in.to_string(),
+            r.tokens_out.to_string(),
+            r.cost_cents.to_string(),
+        ]);
+    }
+    section(&mut out, &t, "no usage recorded");
+    out
+}
+
 pub(crate) fn results(r: &Results) -> String {
     let mut out = format!("Runs finished in the last {}", window(r.since_secs));
     if let Some(w) = &r.workflow {

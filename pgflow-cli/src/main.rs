@@ -8,6 +8,7 @@
 //! pgflow runs --status failed           the newest failed runs
 //! pgflow run 42                         one run, step by step
 //! pgflow results --since 24h            count, success rate, durations, cost
+//! pgflow costs --by model --since 24h   spend from the usage ledger (tokens, cents)
 //! pgflow runs --watch                   the same, refreshed every 2 s
 //! pgflow start llm_request --input '{..}'  start a run by name
 //! pgflow retry 42                       resume a failed or cancelled run where it stopped
@@ -103,6 +104,16 @@ enum Command {
         /// Only runs of this workflow
         #[arg(long)]
         workflow: Option<String>,
+    },
+    /// Spend from the usage ledger (tokens and cents, failed attempts included),
+    /// grouped by workflow, model or key
+    Costs {
+        /// workflow, model or key
+        #[arg(long, default_value = "workflow")]
+        by: admin::CostsBy,
+        /// The window, back from now: 30m, 1h, 7d, 1h30m
+        #[arg(long, default_value = "24h", value_parser = parse_since)]
+        since: Duration,
     },
     /// Resume a failed or cancelled run: completed steps (and completed map elements) are
     /// reused, the rest runs again
@@ -255,6 +266,10 @@ async fn run(cli: Cli) -> Result<String, Error> {
         Command::Run { id } => {
             let d = admin::run_detail(&pool, RunId(id)).await?;
             output(json, &d, human::run)
+        }
+        Command::Costs { by, since } => {
+            let c = admin::costs(&pool, since, by).await?;
+            output(json, &c, human::costs)
         }
         Command::Results { since, workflow } => {
             let r = admin::results(&pool, since, workflow.as_deref()).await?;

@@ -22,6 +22,7 @@ pub(crate) const WORKFLOW_KEYS: &[&str] = &[
     "backoff",
     "priority",
     "max_snoozes",
+    "key",
 ];
 
 pub(crate) const STEP_KEYS: &[&str] = &[
@@ -36,6 +37,8 @@ pub(crate) const STEP_KEYS: &[&str] = &[
     "max_snoozes",
     "signal",
     "signal_timeout",
+    "estimate_cents",
+    "estimate_tokens",
 ];
 
 /// Options shared by both levels.
@@ -55,6 +58,8 @@ pub(crate) struct WorkflowAttr {
     pub(crate) name: Option<LitStr>,
     pub(crate) version: Option<u32>,
     pub(crate) queue: Option<LitStr>,
+    /// `key = Self::tenant`: the fn computing a run's key from its input.
+    pub(crate) key: Option<syn::Path>,
     pub(crate) retry: RetryOptions,
 }
 
@@ -72,6 +77,10 @@ pub(crate) struct StepAttr {
     pub(crate) signal: Option<Ident>,
     /// `signal_timeout = "72h"`: the key (for error spans) and milliseconds.
     pub(crate) signal_timeout: Option<(Ident, u64)>,
+    /// `estimate_cents = 5`: reserved against the run's budget when the step starts.
+    pub(crate) estimate_cents: Option<u64>,
+    /// `estimate_tokens = 2000`: likewise, against a token budget.
+    pub(crate) estimate_tokens: Option<u64>,
     pub(crate) retry: RetryOptions,
 }
 
@@ -86,10 +95,26 @@ pub(crate) fn parse_workflow_attr(tokens: TokenStream, cx: &mut Ctxt) -> Workflo
                 set(cx, &key, &mut attr.version, v);
             }
             "queue" => set(cx, &key, &mut attr.queue, parse_name(input, "queue")?),
+            "key" => {
+                input.parse::<Token![=]>()?;
+                let path: syn::Path = input.parse().map_err(|e| {
+                    syn::Error::new(
+                        e.span(),
+                        "`key` takes the path of a fn from a reference to the input to the run's key, e.g. `key = Self::tenant`",
+                    )
+                })?;
+                set(cx, &key, &mut attr.key, path);
+            }
             "delay" | "signal" | "signal_timeout" => {
                 return Err(syn::Error::new(
                     key.span(),
                     format!("`{key}` is a step option: put it on the `#[step(..)]` that waits"),
+                ));
+            }
+            "estimate_cents" | "estimate_tokens" => {
+                return Err(syn::Error::new(
+                    key.span(),
+                    format!("`{key}` is a step option: put it on the `#[step(..)]` that spends it"),
                 ));
             }
             _ => return parse_retry_option(&key, input, cx, &mut attr.retry),
@@ -147,6 +172,14 @@ pub(crate) fn parse_step_attr(tokens: TokenStream, cx: &mut Ctxt) -> StepAttr {
             "signal_timeout" => {
                 let v = parse_duration(input, false)?;
                 set(cx, &key, &mut attr.signal_timeout, (key.clone(), v));
+            }
+            "estimate_cents" => {
+                let v = parse_int::<u64>(input, 0, "estimate_cents")?;
+                set(cx, &key, &mut attr.estimate_cents, v);
+            }
+            "estimate_tokens" => {
+                let v = parse_int::<u64>(input, 0, "estimate_tokens")?;
+                set(cx, &key, &mut attr.estimate_tokens, v);
             }
             _ => return parse_retry_option(&key, input, cx, &mut attr.retry),
         }

@@ -287,7 +287,8 @@ impl Runtime {
     ) -> Result<RunHandle<W::Output>, Error> {
         let def = W::definition();
         let json = serialize_input(def, &input)?;
-        let (id, created) = self.start_one(conn, def, json, options).await?;
+        let key = options.key.clone().or_else(|| W::key(&input));
+        let (id, created) = self.start_one(conn, def, json, options, key).await?;
         Ok(self.handle(id, created))
     }
 
@@ -303,10 +304,11 @@ impl Runtime {
         let def = W::definition();
         let mut runs = runs::NewRuns::default();
         for input in inputs {
-            runs.inputs.push(serialize_input(def, &input)?);
-            runs.priorities.push(0);
-            runs.run_ats.push(None);
-            runs.keys.push(None);
+            let options = runs::RunOptions {
+                key: W::key(&input),
+                ..runs::RunOptions::default()
+            };
+            runs.push(serialize_input(def, &input)?, options);
         }
         let mut conn = self.engine.pool.acquire().await?;
         let ids = self.insert(&mut conn, def, &runs).await?;
@@ -339,12 +341,17 @@ impl Runtime {
             registered: registered_names(),
         })?;
         let json = input.to_string();
-        (def.input().from_json)(&json).map_err(|e| Error::InvalidInput {
+        let invalid = |e: pgflow::StepError| Error::InvalidInput {
             workflow: def.name().to_owned(),
             message: e.message().to_owned(),
-        })?;
+        };
+        (def.input().from_json)(&json).map_err(invalid)?;
+        let key = match options.key.clone() {
+            Some(key) => Some(key),
+            None => def.key_of(&json).map_err(invalid)?,
+        };
         let mut conn = self.engine.pool.acquire().await?;
-        let (id, _) = self.start_one(&mut conn, def, json, options).await?;
+        let (id, _) = self.start_one(&mut conn, def, json, options, key).await?;
         Ok(id)
     }
 
@@ -354,14 +361,21 @@ impl Runtime {
         def: &'static WorkflowDef,
         input: String,
         options: StartOptions,
+        key: Option<String>,
     ) -> Result<(RunId, bool), Error> {
-        let runs = runs::NewRuns {
-            inputs: vec![input],
-            priorities: vec![options.priority],
-            run_ats: vec![options.run_at],
-            keys: vec![options.idempotency_key.clone()],
-            ..Default::default()
-        };
+        crate::store::subflows::check_user_key(def.name(), options.idempotency_key.as_deref())?;
+        let mut runs = runs::NewRuns::default();
+        runs.push(
+            input,
+            runs::RunOptions {
+                priority: options.priority,
+                run_at: options.run_at,
+                idempotency_key: options.idempotency_key.clone(),
+                key,
+                budget_cents: options.budget_cents,
+                budget_tokens: options.budget_tokens,
+            },
+        );
         if let Some(&id) = self.insert(conn, def, &runs).await?.first() {
             return Ok((RunId(id), true));
         }
@@ -513,7 +527,7 @@ impl Runtime {
     ///
     /// [`Error::RunNotFound`]; database errors.
     pub async fn cancel(&self, id: RunId) -> Result<bool, Error> {
-        let row = runs::cancel(&self.engine.pool, id.0)
+        let row = crate::admin::repair::cancel_retrying(&self.engine.pool, id)
             .await?
             .ok_or(Error::RunNotFound(id))?;
         for &run in &row.ids {
@@ -638,6 +652,8 @@ impl Runtime {
             p50_ms: r.p50_ms.unwrap_or(0.0),
             p95_ms: r.p95_ms.unwrap_or(0.0),
             total_cost_cents: r.total_cost_cents.unwrap_or(0),
+            tokens_in: r.tokens_in.unwrap_or(0),
+            tokens_out: r.tokens_out.unwrap_or(0),
         })
     }
 
@@ -688,24 +704,30 @@ pub(crate) fn registered_names() -> String {
         .unwrap_or_default()
 }
 
-/// Options of one start: idempotency key, delayed start, priority.
+/// Options of one start: idempotency key, delayed start, priority, key, budget.
 ///
 /// ```
 /// use pgflow_runtime::StartOptions;
 /// let opts = StartOptions::default()
 ///     .idempotency_key("order-42")
 ///     .priority(5)
-///     .run_at(chrono::Utc::now() + chrono::Duration::seconds(30));
+///     .run_at(chrono::Utc::now() + chrono::Duration::seconds(30))
+///     .key("tenant-acme")
+///     .budget_cents(200);
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct StartOptions {
     idempotency_key: Option<String>,
     run_at: Option<DateTime<Utc>>,
     priority: i16,
+    key: Option<String>,
+    budget_cents: Option<i64>,
+    budget_tokens: Option<i64>,
 }
 
 impl StartOptions {
     /// A second start with the same key (for the same workflow) returns the first run.
+    /// Keys starting with `subflow:` are reserved for child runs.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
         self
@@ -720,6 +742,29 @@ impl StartOptions {
     /// Added to every step's priority (higher runs first).
     pub fn priority(mut self, priority: i16) -> Self {
         self.priority = priority;
+        self
+    }
+
+    /// The run's key (the tenant, customer or provider its usage is counted under),
+    /// instead of the one `#[workflow(key = ..)]` computes from the input. Child runs
+    /// (subflows) inherit it.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// A budget in cents: a step whose estimate (`#[step(estimate_cents = ..)]`)
+    /// would take the run's cost (reported plus reserved by running steps) past it is
+    /// not started, and the run fails with `RunError::BudgetExceeded`.
+    pub fn budget_cents(mut self, cents: u64) -> Self {
+        self.budget_cents = Some(i64::try_from(cents).unwrap_or(i64::MAX));
+        self
+    }
+
+    /// A budget in tokens (in + out), enforced like [`budget_cents`](Self::budget_cents)
+    /// against `#[step(estimate_tokens = ..)]`.
+    pub fn budget_tokens(mut self, tokens: u64) -> Self {
+        self.budget_tokens = Some(i64::try_from(tokens).unwrap_or(i64::MAX));
         self
     }
 }
@@ -737,6 +782,10 @@ pub struct Summary {
     pub p95_ms: f64,
     /// Sum of `cost_cents`.
     pub total_cost_cents: i64,
+    /// Sum of the tokens in and out the runs' steps reported (`ctx.add_usage`).
+    pub tokens_in: i64,
+    /// See `tokens_in`.
+    pub tokens_out: i64,
 }
 
 /// [`Runtime::signal`] through any executor: a pool, a connection, or the

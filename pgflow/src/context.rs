@@ -1,5 +1,5 @@
 //! What a running step can see: [`StepContext`] (run id, workflow, step, attempt,
-//! shared data, cost, cancellation), the typed shared-state map [`Data`] and the
+//! shared data, cost and usage, cancellation), the typed shared-state map [`Data`] and the
 //! [`CancelToken`] a run's steps share.
 //!
 //! A step takes the context by adding a `&StepContext` parameter anywhere in its
@@ -152,17 +152,48 @@ impl CancelToken {
     }
 }
 
-/// Accumulates the cost (in cents) that a run's steps report. Shared by all steps of a
-/// run; the total is stored with the run's result.
+/// Accumulates what a run's steps report they consumed: cost in cents and, per model,
+/// tokens in and out ([`StepContext::add_usage`]). Shared by all steps of a run in
+/// process; the durable runtime gives each attempt its own and writes what it
+/// recorded to the usage ledger (`pgflow.step_usage`) in the same transaction as the
+/// attempt's completion, a failed or retried attempt's usage included (it was paid
+/// for).
 ///
 /// ```
 /// let cost = pgflow::CostMeter::new();
 /// cost.add(3);
-/// cost.clone().add(4);
-/// assert_eq!(cost.total(), 7);
+/// cost.clone().add_usage("gpt-4o", 1200, 300, 4);
+/// cost.add_usage("gpt-4o", 800, 100, 2);
+/// assert_eq!(cost.total(), 9);
+/// assert_eq!(cost.tokens(), (2000, 400));
+/// let by_model = cost.usage();
+/// assert_eq!(by_model.len(), 2);
+/// assert_eq!((by_model[0].model.as_str(), by_model[0].cost_cents), ("", 3));
+/// assert_eq!((by_model[1].model.as_str(), by_model[1].tokens_in, by_model[1].cost_cents), ("gpt-4o", 2000, 6));
 /// ```
 #[derive(Debug, Clone, Default)]
-pub struct CostMeter(Arc<AtomicI64>);
+pub struct CostMeter(Arc<MeterState>);
+
+#[derive(Debug, Default)]
+struct MeterState {
+    cents: AtomicI64,
+    /// Per model, in the order first seen; cost without a model under `""`.
+    usage: std::sync::Mutex<Vec<Usage>>,
+}
+
+/// What steps consumed under one model: tokens in and out and cost in cents. A cost
+/// reported without a model ([`StepContext::add_cost_cents`]) is under model `""`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// The model (or provider, or any name the step reports under).
+    pub model: String,
+    /// Tokens sent.
+    pub tokens_in: u64,
+    /// Tokens received.
+    pub tokens_out: u64,
+    /// Cost in cents (may be negative for a refund).
+    pub cost_cents: i64,
+}
 
 impl CostMeter {
     /// A meter at zero.
@@ -170,14 +201,56 @@ impl CostMeter {
         Self::default()
     }
 
-    /// Adds `cents` (may be negative, for a refund).
+    /// Adds `cents` (may be negative, for a refund) without a model.
     pub fn add(&self, cents: i64) {
-        self.0.fetch_add(cents, Ordering::Relaxed);
+        self.add_usage("", 0, 0, cents);
     }
 
-    /// The total so far.
+    /// Adds what one call to `model` consumed.
+    pub fn add_usage(&self, model: &str, tokens_in: u64, tokens_out: u64, cost_cents: i64) {
+        self.0.cents.fetch_add(cost_cents, Ordering::Relaxed);
+        let mut usage = self
+            .0
+            .usage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match usage.iter_mut().find(|u| u.model == model) {
+            Some(u) => {
+                u.tokens_in = u.tokens_in.saturating_add(tokens_in);
+                u.tokens_out = u.tokens_out.saturating_add(tokens_out);
+                u.cost_cents = u.cost_cents.saturating_add(cost_cents);
+            }
+            None => usage.push(Usage {
+                model: model.to_owned(),
+                tokens_in,
+                tokens_out,
+                cost_cents,
+            }),
+        }
+    }
+
+    /// The total cost so far, in cents.
     pub fn total(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.cents.load(Ordering::Relaxed)
+    }
+
+    /// Tokens in and out so far, all models.
+    pub fn tokens(&self) -> (u64, u64) {
+        self.usage().iter().fold((0, 0), |(i, o), u| {
+            (
+                i.saturating_add(u.tokens_in),
+                o.saturating_add(u.tokens_out),
+            )
+        })
+    }
+
+    /// What was consumed, per model (in the order first reported).
+    pub fn usage(&self) -> Vec<Usage> {
+        self.0
+            .usage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -268,6 +341,24 @@ impl StepContext {
     /// Adds `cents` to the run's cost (summed into `cost_cents` of its result).
     pub fn add_cost_cents(&self, cents: i64) {
         self.cost.add(cents);
+    }
+
+    /// Records what one call consumed: `model`'s tokens in and out and the cost in
+    /// cents. The durable runtime writes it to the usage ledger (`pgflow.step_usage`,
+    /// read by `pgflow costs` and `Runtime::summary`) with the step's completion, adds
+    /// it to the run's cost and tokens, and counts it against the run's budget.
+    ///
+    /// ```
+    /// # use pgflow::StepContext;
+    /// let ctx = StepContext::builder("wf", "call").build();
+    /// // e.g. from the provider's `usage` field
+    /// ctx.add_usage("gpt-4o-mini", 1_200, 350, 2);
+    /// assert_eq!(ctx.cost().tokens(), (1_200, 350));
+    /// assert_eq!(ctx.cost().total(), 2);
+    /// ```
+    pub fn add_usage(&self, model: &str, tokens_in: u64, tokens_out: u64, cost_cents: i64) {
+        self.cost
+            .add_usage(model, tokens_in, tokens_out, cost_cents);
     }
 
     /// The run's cost meter.

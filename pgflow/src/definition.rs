@@ -111,6 +111,12 @@ pub struct StepDefinition {
         skip_serializing_if = "is_default_max_snoozes"
     )]
     pub max_snoozes: u32,
+    /// What one attempt is expected to cost, in cents (absent when zero).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub estimate_cents: u64,
+    /// What one attempt is expected to consume, in tokens (absent when zero).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub estimate_tokens: u64,
     /// The predicate of a conditional step, as written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<String>,
@@ -236,6 +242,8 @@ impl StepDefinition {
             priority: self.priority,
             delay: Duration::from_millis(self.delay_ms),
             max_snoozes: self.max_snoozes,
+            estimate_cents: self.estimate_cents,
+            estimate_tokens: self.estimate_tokens,
         }
     }
 }
@@ -333,6 +341,8 @@ impl WorkflowDef {
                         priority: o.priority,
                         delay_ms: duration_ms(o.delay),
                         max_snoozes: o.max_snoozes,
+                        estimate_cents: o.estimate_cents,
+                        estimate_tokens: o.estimate_tokens,
                         when: s.predicate().map(str::to_owned),
                         map: s.map().map(|m| MapDefinition {
                             param: s

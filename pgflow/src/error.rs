@@ -426,6 +426,29 @@ pub enum RunError {
         /// Every failed attempt, oldest first.
         history: Vec<AttemptFailure>,
     },
+    /// A step was not started: its estimate would have taken the run past its budget
+    /// (what was spent plus what running steps reserved plus this step's estimate).
+    #[error(
+        "workflow `{workflow}`: step `{step}` was not started: {scope} budget of {budget} {unit} would be exceeded ({spent} spent, {reserved} reserved by running steps, {estimate} estimated for this step)"
+    )]
+    BudgetExceeded {
+        /// The workflow's name.
+        workflow: String,
+        /// The step that was not started.
+        step: String,
+        /// Whose budget.
+        scope: BudgetScope,
+        /// Cents or tokens.
+        unit: BudgetUnit,
+        /// Spent so far (reported by completed attempts).
+        spent: i64,
+        /// Reserved by attempts running when the step was refused.
+        reserved: i64,
+        /// The step's estimate (`#[step(estimate_cents = ..)]` or `estimate_tokens`).
+        estimate: i64,
+        /// The budget.
+        budget: i64,
+    },
     /// The run was cancelled before it finished.
     #[error("workflow `{workflow}` run was cancelled")]
     Cancelled {
@@ -449,6 +472,42 @@ pub enum RunError {
         /// What went wrong.
         message: String,
     },
+}
+
+/// Whose budget a [`RunError::BudgetExceeded`] is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum BudgetScope {
+    /// The run's own (`StartOptions::budget_cents`, `ExecuteOptions::budget_cents`).
+    Run,
+}
+
+impl fmt::Display for BudgetScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Run => f.write_str("the run's"),
+        }
+    }
+}
+
+/// What a budget counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetUnit {
+    /// Cost in cents.
+    Cents,
+    /// Tokens, in and out.
+    Tokens,
+}
+
+impl fmt::Display for BudgetUnit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Cents => "cents",
+            Self::Tokens => "tokens",
+        })
+    }
 }
 
 impl RunError {
@@ -475,10 +534,11 @@ impl RunError {
         }
     }
 
-    /// The name of the step that failed the run, if a step did.
+    /// The name of the step that failed the run, if a step did (or was refused by
+    /// the budget).
     pub fn failed_step(&self) -> Option<&str> {
         match self {
-            Self::StepFailed { step, .. } => Some(step),
+            Self::StepFailed { step, .. } | Self::BudgetExceeded { step, .. } => Some(step),
             _ => None,
         }
     }

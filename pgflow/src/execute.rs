@@ -55,6 +55,8 @@ pub struct ExecuteOptions {
     cost: CostMeter,
     cancel: CancelToken,
     pub(crate) signals: crate::Signals,
+    budget_cents: Option<i64>,
+    budget_tokens: Option<i64>,
 }
 
 impl ExecuteOptions {
@@ -115,6 +117,116 @@ impl ExecuteOptions {
     pub fn signals(mut self, signals: crate::Signals) -> Self {
         self.signals = signals;
         self
+    }
+
+    /// A budget in cents, as the durable runtime enforces it: before each attempt,
+    /// the step's `estimate_cents` is reserved, and a step whose estimate would take
+    /// the run past the budget (cost reported so far plus what running attempts
+    /// reserved) is not started: the run fails with [`RunError::BudgetExceeded`].
+    ///
+    /// ```
+    /// # use pgflow::{workflow, ExecuteOptions, RunError, StepContext, StepError};
+    /// pub struct Spender;
+    /// #[workflow(name = "execute_budget_doc")]
+    /// impl Spender {
+    ///     #[step(estimate_cents = 10)]
+    ///     async fn first(n: u32, ctx: &StepContext) -> Result<u32, StepError> { ctx.add_cost_cents(10); Ok(n) }
+    ///     #[step(estimate_cents = 10)]
+    ///     async fn second(first: u32, ctx: &StepContext) -> Result<u32, StepError> { ctx.add_cost_cents(10); Ok(first) }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let err = pgflow::execute_with::<Spender>(1, ExecuteOptions::new().budget_cents(15)).await.unwrap_err();
+    /// assert!(matches!(err, RunError::BudgetExceeded { ref step, spent: 10, budget: 15, .. } if step == "second"));
+    /// assert!(pgflow::execute_with::<Spender>(1, ExecuteOptions::new().budget_cents(20)).await.is_ok());
+    /// # }
+    /// ```
+    pub fn budget_cents(mut self, cents: u64) -> Self {
+        self.budget_cents = Some(i64::try_from(cents).unwrap_or(i64::MAX));
+        self
+    }
+
+    /// A budget in tokens (in + out), against `estimate_tokens`, like
+    /// [`budget_cents`](Self::budget_cents).
+    pub fn budget_tokens(mut self, tokens: u64) -> Self {
+        self.budget_tokens = Some(i64::try_from(tokens).unwrap_or(i64::MAX));
+        self
+    }
+}
+
+/// What attempts running now reserved of the run's budgets (cents, tokens).
+#[derive(Debug, Default)]
+struct Reserved {
+    cents: i64,
+    tokens: i64,
+}
+
+impl Shared {
+    /// Reserves `step`'s estimates for one attempt, or refuses it when they would take
+    /// the run past a budget. Returns what to release once the attempt ends.
+    fn reserve(
+        &self,
+        def: &'static WorkflowDef,
+        step: &'static StepDef,
+    ) -> Result<(i64, i64), RunError> {
+        if self.budget_cents.is_none() && self.budget_tokens.is_none() {
+            return Ok((0, 0));
+        }
+        let o = step.options();
+        let est = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let (cents, tokens) = (est(o.estimate_cents), est(o.estimate_tokens));
+        let mut reserved = self
+            .reserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (tokens_in, tokens_out) = self.cost.tokens();
+        let spent_tokens = i64::try_from(tokens_in.saturating_add(tokens_out)).unwrap_or(i64::MAX);
+        for (budget, unit, spent, held, estimate) in [
+            (
+                self.budget_cents,
+                crate::BudgetUnit::Cents,
+                self.cost.total(),
+                reserved.cents,
+                cents,
+            ),
+            (
+                self.budget_tokens,
+                crate::BudgetUnit::Tokens,
+                spent_tokens,
+                reserved.tokens,
+                tokens,
+            ),
+        ] {
+            if let Some(budget) = budget {
+                if spent.saturating_add(held).saturating_add(estimate) > budget {
+                    return Err(RunError::BudgetExceeded {
+                        workflow: def.name().to_owned(),
+                        step: step.name().to_owned(),
+                        scope: crate::BudgetScope::Run,
+                        unit,
+                        spent,
+                        reserved: held,
+                        estimate,
+                        budget,
+                    });
+                }
+            }
+        }
+        reserved.cents += cents;
+        reserved.tokens += tokens;
+        Ok((cents, tokens))
+    }
+
+    /// Gives back what an attempt reserved.
+    fn release(&self, (cents, tokens): (i64, i64)) {
+        if cents == 0 && tokens == 0 {
+            return;
+        }
+        let mut reserved = self
+            .reserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        reserved.cents -= cents;
+        reserved.tokens -= tokens;
     }
 }
 
@@ -189,6 +301,9 @@ struct Shared {
     cancel: CancelToken,
     signals: crate::Signals,
     json_roundtrip: bool,
+    budget_cents: Option<i64>,
+    budget_tokens: Option<i64>,
+    reserved: std::sync::Mutex<Reserved>,
 }
 
 /// The value of a step (or of the input) for the steps that consume it.
@@ -522,6 +637,9 @@ pub(crate) async fn run_definition(
             cancel: options.cancel.clone(),
             signals: options.signals.clone(),
             json_roundtrip: options.json_roundtrip,
+            budget_cents: options.budget_cents,
+            budget_tokens: options.budget_tokens,
+            reserved: std::sync::Mutex::default(),
         }),
         slots,
         uses: consumers(def),
@@ -587,10 +705,9 @@ fn step_serde_error(
 /// fails permanently with the child's error (no retry: a retried step would not start
 /// a second child in the durable runtime either).
 async fn run_subflow(
-    def: &'static WorkflowDef,
-    step: &'static StepDef,
-    element: Option<usize>,
+    (def, step, element): (&'static WorkflowDef, &'static StepDef, Option<usize>),
     attempt: u32,
+    mut history: Vec<AttemptFailure>,
     start: crate::SubflowStart,
     shared: &Shared,
 ) -> Result<StepOutput, RunError> {
@@ -601,6 +718,10 @@ async fn run_subflow(
         cost: shared.cost.clone(),
         cancel: shared.cancel.clone(),
         signals: shared.signals.clone(),
+        // a child run has no budget of its own (durably, it is a run of its own);
+        // its cost is in the shared meter, so the parent's later steps see it
+        budget_cents: None,
+        budget_tokens: None,
     };
     // Boxed: a child may itself run subflows (the future is recursive).
     let run: BoxFuture<'_, Result<StepValue, RunError>> =
@@ -612,15 +733,19 @@ async fn run_subflow(
                 workflow: def.name().to_owned(),
             })
         }
-        Err(e) => Err(RunError::step_failed(
-            def.name(),
-            step.name(),
-            element,
-            vec![AttemptFailure::new(
+        Err(e) => {
+            // after the attempts that failed before this one, as stored durably
+            history.push(AttemptFailure::new(
                 attempt,
                 &crate::subflow::child_failed(child.name(), None, &e),
-            )],
-        )),
+            ));
+            Err(RunError::step_failed(
+                def.name(),
+                step.name(),
+                element,
+                history,
+            ))
+        }
     }
 }
 
@@ -681,12 +806,14 @@ async fn run_with_retries(
             .cost(shared.cost.clone())
             .cancel(shared.cancel.clone())
             .build();
+        let held = shared.reserve(def, step)?;
         let attempt_result = policy::run_attempt(step, inputs, ctx)
             .await
             .and_then(|out| policy::storable(&out).map(|()| out));
+        shared.release(held);
         let error = match attempt_result {
             Ok(StepOutput::Subflow(start)) => {
-                return run_subflow(def, step, element, attempt, start, shared).await;
+                return run_subflow((def, step, element), attempt, history, start, shared).await;
             }
             Ok(value) => return Ok(value),
             Err(error) => error,

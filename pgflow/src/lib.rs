@@ -139,12 +139,12 @@ mod workflow;
 #[path = "private.rs"]
 pub mod __private;
 
-pub use context::{CancelToken, CostMeter, Data, RunId, StepContext, StepContextBuilder};
+pub use context::{CancelToken, CostMeter, Data, RunId, StepContext, StepContextBuilder, Usage};
 pub use definition::{
     Definition, MapDefinition, ParamDefinition, Plan, PlanError, SignalDefinition, StepDefinition,
     SubflowDefinition,
 };
-pub use error::{AttemptFailure, ErrorKind, RunError, StepError};
+pub use error::{AttemptFailure, BudgetScope, BudgetUnit, ErrorKind, RunError, StepError};
 pub use execute::{ExecuteOptions, execute, execute_with};
 pub use pgflow_macros::{step, workflow};
 pub use registry::{Registry, RegistryError, registry};

@@ -40,6 +40,9 @@ pub struct StepParts {
     pub run: StepFn,
 }
 
+/// A run's key from its JSON input (`#[workflow(key = ..)]`).
+pub type KeyFn = fn(&str) -> Result<String, StepError>;
+
 /// The fields of a [`WorkflowDef`], built by the expansion.
 pub struct WorkflowParts {
     pub name: &'static str,
@@ -57,6 +60,8 @@ pub struct WorkflowParts {
     pub finish: Option<fn(StepOutput) -> Result<StepValue, StepError>>,
     pub steps: &'static [StepDef],
     pub terminal: usize,
+    /// `#[workflow(key = ..)]`: a run's key from its JSON input.
+    pub key: Option<KeyFn>,
 }
 
 /// The fields of a [`MapOps`], built by the expansion.
@@ -77,6 +82,16 @@ pub const fn signal<W, T>(name: &'static str) -> crate::Signal<W, T> {
 #[inline]
 pub fn subflow_start<W: crate::Workflow>(subflow: crate::Subflow<W>) -> crate::SubflowStart {
     subflow.into_start()
+}
+
+/// A run's key from its JSON input, through the workflow's key fn.
+///
+/// # Errors
+///
+/// When the input does not deserialize.
+pub fn key_from_json<W: crate::Workflow>(input: &str) -> Result<String, StepError> {
+    let input: W::Input = crate::engine::from_json(input)?;
+    Ok(W::key(&input).unwrap_or_default())
 }
 
 /// Builds the map operations of a map step.

@@ -60,6 +60,13 @@ pub trait Workflow: 'static {
     const VERSION: u32;
     /// The step table.
     fn definition() -> &'static WorkflowDef;
+    /// The key of a run on `input` (`#[workflow(key = Self::tenant)]`; `None`
+    /// without one): the tenant, customer or provider its usage, costs and budgets are
+    /// counted under. A start's own key (`StartOptions::key`) takes precedence.
+    fn key(input: &Self::Input) -> Option<String> {
+        let _ = input;
+        None
+    }
 }
 
 /// Retry, timeout and priority settings of a step (workflow defaults merged with the
@@ -80,11 +87,16 @@ pub struct StepOptions {
     /// How many times the step may [snooze](crate::StepError::snooze) before one
     /// more snooze fails it permanently.
     pub max_snoozes: u32,
+    /// What one attempt is expected to cost, in cents: reserved against the run's
+    /// budget when it starts, settled to what it reported when it completes.
+    pub estimate_cents: u64,
+    /// What one attempt is expected to consume, in tokens (in + out): likewise.
+    pub estimate_tokens: u64,
 }
 
 impl StepOptions {
     /// The defaults: 3 attempts, 30 s timeout, 1 s backoff, priority 0, no delay,
-    /// 1000 snoozes.
+    /// 1000 snoozes, no estimates.
     pub const DEFAULT: Self = Self {
         max_attempts: 3,
         timeout: Duration::from_secs(30),
@@ -92,6 +104,8 @@ impl StepOptions {
         priority: 0,
         delay: Duration::ZERO,
         max_snoozes: 1000,
+        estimate_cents: 0,
+        estimate_tokens: 0,
     };
 }
 
@@ -441,6 +455,29 @@ impl WorkflowDef {
     /// `Option` of it when the terminal step is conditional (`None`: it was skipped).
     pub fn output(&self) -> &'static ValueOps {
         self.parts.output
+    }
+
+    /// The key of a run on `input` (JSON), as [`Workflow::key`] computes it: `None`
+    /// for a workflow without `#[workflow(key = ..)]`.
+    ///
+    /// ```
+    /// # use pgflow::{workflow, StepError, Workflow};
+    /// pub struct Billed;
+    /// #[workflow(name = "key_of_doc", key = Self::tenant)]
+    /// impl Billed {
+    ///     #[step] async fn only(input: (String, u32)) -> Result<u32, StepError> { Ok(input.1) }
+    ///     fn tenant(input: &(String, u32)) -> &str { &input.0 }
+    /// }
+    /// assert_eq!(Billed::key(&("acme".into(), 1)), Some("acme".to_owned()));
+    /// assert_eq!(Billed::definition().key_of(r#"["acme", 1]"#).unwrap(), Some("acme".to_owned()));
+    /// assert!(Billed::definition().key_of("7").is_err());
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// When `input` does not deserialize into the input type.
+    pub fn key_of(&self, input: &str) -> Result<Option<String>, StepError> {
+        self.parts.key.map(|key| key(input)).transpose()
     }
 
     /// The workflow's output from what its terminal step produced.

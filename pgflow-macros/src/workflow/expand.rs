@@ -28,6 +28,8 @@ struct Options {
     max_snoozes: Option<u32>,
     /// A step's own only (no workflow default).
     delay_ms: Option<u64>,
+    estimate_cents: Option<u64>,
+    estimate_tokens: Option<u64>,
 }
 
 impl Options {
@@ -39,6 +41,8 @@ impl Options {
             priority: own.priority.or(fallback.priority),
             max_snoozes: own.max_snoozes.or(fallback.max_snoozes),
             delay_ms: None,
+            estimate_cents: None,
+            estimate_tokens: None,
         }
     }
 
@@ -68,6 +72,8 @@ impl Options {
             || quote!(#step_options::DEFAULT.max_snoozes),
             |n| quote!(#n),
         );
+        let estimate_cents = self.estimate_cents.unwrap_or(0);
+        let estimate_tokens = self.estimate_tokens.unwrap_or(0);
         quote! {
             #step_options {
                 max_attempts: #max_attempts,
@@ -76,6 +82,8 @@ impl Options {
                 priority: #priority,
                 delay: #delay,
                 max_snoozes: #max_snoozes,
+                estimate_cents: #estimate_cents,
+                estimate_tokens: #estimate_tokens,
             }
         }
     }
@@ -260,6 +268,8 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
             priority: None,
             max_snoozes: None,
             delay_ms: None,
+            estimate_cents: None,
+            estimate_tokens: None,
         },
     );
 
@@ -423,6 +433,8 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
         let signal = &signal_refs[i];
         let options = Options {
             delay_ms: s.attr.delay,
+            estimate_cents: s.attr.estimate_cents,
+            estimate_tokens: s.attr.estimate_tokens,
             ..Options::merge(&s.attr.retry, &defaults)
         }
         .tokens();
@@ -491,6 +503,25 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
 
     let checks = type_checks(wf, g, &types);
     let senders = signal_senders(wf);
+    let (key_fn, key_ref) = match &wf.attr.key {
+        Some(path) => {
+            let span = path
+                .segments
+                .last()
+                .map_or_else(|| path.span(), |s| s.ident.span());
+            let callee = self_path(self_ty, path);
+            let call = quote_spanned!(span=> ::std::string::ToString::to_string(&#callee(input)));
+            (
+                quote! {
+                    fn key(input: &Self::Input) -> ::core::option::Option<::std::string::String> {
+                        ::core::option::Option::Some(#call)
+                    }
+                },
+                quote!(::core::option::Option::Some(#private::key_from_json::<#self_ty>)),
+            )
+        }
+        None => (TokenStream::new(), quote!(::core::option::Option::None)),
+    };
 
     quote! {
         #senders
@@ -517,6 +548,7 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
                 finish: #finish,
                 steps: &__PGFLOW_STEPS,
                 terminal: #terminal,
+                key: #key_ref,
             });
 
             #[automatically_derived]
@@ -528,6 +560,7 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
                 fn definition() -> &'static #workflow_def {
                     &__PGFLOW_DEF
                 }
+                #key_fn
             }
 
             #private::inventory::submit! {
@@ -774,17 +807,7 @@ fn predicate_tokens(self_ty: &Type, path: &syn::Path, vars: &[Ident]) -> TokenSt
         .segments
         .last()
         .map_or_else(|| path.span(), |s| s.ident.span());
-    // `Self::f` names the workflow type, outside the impl block.
-    let callee = match path.segments.first() {
-        Some(first) if first.ident == "Self" && path.leading_colon.is_none() => {
-            let ty = respan(quote!(#self_ty), first.ident.span());
-            let rest = path.segments.iter().skip(1);
-            let lt = quote_spanned!(first.ident.span()=> <);
-            let gt = quote_spanned!(first.ident.span()=> >);
-            quote!(#lt #ty #gt #(:: #rest)*)
-        }
-        _ => quote!(#path),
-    };
+    let callee = self_path(self_ty, path);
     // The arguments carry the predicate's span too (an argument of the wrong type is
     // reported at the predicate, not at `#[workflow]`).
     let args = vars.iter().map(|v| {
@@ -797,6 +820,21 @@ fn predicate_tokens(self_ty: &Type, path: &syn::Path, vars: &[Ident]) -> TokenSt
         if !__pgflow_keep {
             return #result::Ok(#step_output::Skipped);
         }
+    }
+}
+
+/// `path` as the expansion names it: `Self::f` names the workflow type, outside the
+/// impl block.
+fn self_path(self_ty: &Type, path: &syn::Path) -> TokenStream {
+    match path.segments.first() {
+        Some(first) if first.ident == "Self" && path.leading_colon.is_none() => {
+            let ty = respan(quote!(#self_ty), first.ident.span());
+            let rest = path.segments.iter().skip(1);
+            let lt = quote_spanned!(first.ident.span()=> <);
+            let gt = quote_spanned!(first.ident.span()=> >);
+            quote!(#lt #ty #gt #(:: #rest)*)
+        }
+        _ => quote!(#path),
     }
 }
 

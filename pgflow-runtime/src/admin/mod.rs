@@ -9,6 +9,7 @@
 //! - [`schedules()`], [`remove_schedule`]: the cron schedules;
 //! - [`list_runs`], [`run_detail`]: runs and their steps;
 //! - [`results`]: the monitoring aggregates;
+//! - [`costs`]: spend from the usage ledger, by workflow, model or key;
 //! - [`start`]: a run by name, from the stored definition;
 //! - [`signal`]: a signal to a run, by name;
 //! - [`export`]: a run with every stored output, to replay it in process
@@ -35,6 +36,7 @@
 //! # Ok(()) }
 //! ```
 
+mod costs;
 mod export;
 mod prune;
 pub(crate) mod repair;
@@ -45,6 +47,7 @@ mod signals;
 mod start;
 mod status;
 
+pub use costs::{CostRow, Costs, CostsBy, costs};
 pub use export::export;
 pub use prune::{PruneOptions, PruneReport, prune};
 pub use repair::{

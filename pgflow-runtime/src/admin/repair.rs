@@ -485,6 +485,25 @@ pub(crate) async fn fork_on(
     })
 }
 
+/// [`runs::cancel`], again when it lost a deadlock or serialization conflict (with
+/// a flush that parks a task of the tree it cancels, which locks in another order):
+/// the flush is retried by its flusher, the cancel here.
+pub(crate) async fn cancel_retrying(
+    pool: &PgPool,
+    id: RunId,
+) -> Result<Option<runs::Cancelled>, Error> {
+    let mut tries = 0;
+    loop {
+        match runs::cancel(pool, id.0).await {
+            Err(e) if crate::store::is_conflict(&e) && tries < 5 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(10 << tries)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// What [`cancel`] did.
 #[derive(Debug, Clone, Serialize)]
 pub struct CancelReport {
@@ -507,7 +526,7 @@ pub struct CancelReport {
 /// [`Error::RunNotFound`]; [`Error::NotRunning`] for a run that succeeded or
 /// failed; database errors.
 pub async fn cancel(pool: &PgPool, id: RunId) -> Result<CancelReport, Error> {
-    let row = runs::cancel(pool, id.0)
+    let row = cancel_retrying(pool, id)
         .await?
         .ok_or(Error::RunNotFound(id))?;
     match row.status.parse::<RunStatus>() {

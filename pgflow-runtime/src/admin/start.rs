@@ -44,6 +44,7 @@ pub async fn start(
     input: serde_json::Value,
     idempotency_key: Option<String>,
 ) -> Result<StartReport, Error> {
+    crate::store::subflows::check_user_key(workflow, idempotency_key.as_deref())?;
     let mut tx = pool.begin().await?;
     let version = match version {
         Some(v) => v,
@@ -58,13 +59,14 @@ pub async fn start(
             })?,
     };
     let (def, plan) = load_definition(&mut tx, workflow, version).await?;
-    let new = runs::NewRuns {
-        inputs: vec![input.to_string()],
-        priorities: vec![0],
-        run_ats: vec![None],
-        keys: vec![idempotency_key.clone()],
-        ..Default::default()
-    };
+    let mut new = runs::NewRuns::default();
+    new.push(
+        input.to_string(),
+        runs::RunOptions {
+            idempotency_key: idempotency_key.clone(),
+            ..runs::RunOptions::default()
+        },
+    );
     let ids = runs::start(&mut tx, &runs::Shape::of_stored(&def, version, &plan), &new).await?;
     let (id, created) = match (ids.first(), idempotency_key) {
         (Some(&id), _) => (id, true),

@@ -45,7 +45,7 @@ pub(crate) async fn run(
             },
         );
     }
-    let outcome = attempt(&engine, flow, &task, cost.clone())
+    let outcome = attempt(&engine, flow, &task, token, cost.clone())
         .instrument(span)
         .await;
     let completion = Completion {
@@ -59,6 +59,7 @@ pub(crate) async fn run(
         attempt: task.attempt,
         outcome,
         cost_cents: cost.total(),
+        usage: cost.usage(),
     };
     if let Ok(mut m) = engine.in_flight.lock() {
         m.remove(&key);
@@ -81,6 +82,7 @@ async fn attempt(
     engine: &Engine,
     flow: Option<&Entry>,
     task: &Claimed,
+    token: i64,
     cost: CostMeter,
 ) -> Outcome {
     if !matches!(task.run_status.parse::<RunStatus>(), Ok(RunStatus::Running)) {
@@ -115,6 +117,11 @@ async fn attempt(
         Ok(i) => i,
         Err(e) => return fail_now(e),
     };
+    if task.budgeted {
+        if let Some(refused) = reserve(engine, flow, step, task, token).await {
+            return refused;
+        }
+    }
     let cancel = engine.cancel_token(task.run_id);
     let ctx = StepContext::builder(flow.def.name(), step.name())
         .run_id(RunId(task.run_id))
@@ -183,6 +190,54 @@ async fn attempt(
             })
         }
     }
+}
+
+/// Reserves the step's estimates against its run's budget (see `store::budgets`).
+/// `None` when the attempt may start; else what the task comes to: the run fails
+/// with `BudgetExceeded`, or (the database being away) the task is given back.
+async fn reserve(
+    engine: &Engine,
+    flow: &Entry,
+    step: &StepDef,
+    task: &Claimed,
+    token: i64,
+) -> Option<Outcome> {
+    let o = step.options();
+    let est = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let (cents, tokens) = (est(o.estimate_cents), est(o.estimate_tokens));
+    let result = async {
+        let mut conn = engine.pool.acquire().await?;
+        crate::store::budgets::reserve(&mut conn, task.run_id, (task.task_id, token), cents, tokens)
+            .await
+    }
+    .await;
+    let refusal = match result {
+        Ok(None) => return None,
+        Ok(Some(r)) => r,
+        Err(e) => {
+            warn!(error = %e, "pgflow: could not reserve a step's budget; the task is given back");
+            return Some(Outcome::Release);
+        }
+    };
+    let (unit, estimate) = if refusal.unit == "tokens" {
+        (pgflow::BudgetUnit::Tokens, tokens)
+    } else {
+        (pgflow::BudgetUnit::Cents, cents)
+    };
+    let error = pgflow::RunError::BudgetExceeded {
+        workflow: flow.def.name().to_owned(),
+        step: step.name().to_owned(),
+        scope: pgflow::BudgetScope::Run,
+        unit,
+        spent: refusal.spent,
+        reserved: refusal.reserved,
+        estimate,
+        budget: refusal.budget,
+    };
+    warn!(error = %error, "pgflow: step not started: over budget; its run fails");
+    Some(Outcome::OverBudget {
+        error: Box::new(error),
+    })
 }
 
 /// A stored value over `max` bytes of JSON, as a permanent error.

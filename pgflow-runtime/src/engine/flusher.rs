@@ -188,7 +188,11 @@ async fn flush_once(
 fn refused(mut c: Completion, e: &sqlx::Error) -> Option<Completion> {
     if matches!(
         c.outcome,
-        Outcome::Failed { .. } | Outcome::Discard | Outcome::Release | Outcome::AwaitChild { .. }
+        Outcome::Failed { .. }
+            | Outcome::OverBudget { .. }
+            | Outcome::Discard
+            | Outcome::Release
+            | Outcome::AwaitChild { .. }
     ) {
         warn!(error = %e, task_id = c.task_id, "pgflow: a completion could not be applied; its lease will return the task");
         return None;

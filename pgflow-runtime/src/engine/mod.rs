@@ -222,6 +222,7 @@ impl Engine {
                     attempt: 0,
                     outcome: Outcome::Release,
                     cost_cents: 0,
+                    usage: Vec::new(),
                 },
                 None,
             ));

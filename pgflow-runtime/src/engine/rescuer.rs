@@ -102,6 +102,7 @@ pub(crate) async fn rescue_once(
             attempt: r.attempt,
             outcome,
             cost_cents: 0,
+            usage: Vec::new(),
         });
     }
     let n = batch.len();

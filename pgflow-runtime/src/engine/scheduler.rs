@@ -136,10 +136,18 @@ async fn fire(
         match schedule.input(&tick) {
             Ok(input) => {
                 let key = tick_key(&row.name, at);
-                new.inputs.push(input);
-                new.priorities.push(0);
-                new.run_ats.push(None);
-                new.keys.push(Some(key.clone()));
+                // a workflow's key fn sees the tick's input (one that does not
+                // deserialize has no key: the run still starts, and its first step
+                // reports the input)
+                let run_key = def.key_of(&input).ok().flatten();
+                new.push(
+                    input,
+                    runs::RunOptions {
+                        idempotency_key: Some(key.clone()),
+                        key: run_key,
+                        ..runs::RunOptions::default()
+                    },
+                );
                 last_key = Some((at, key));
                 previous = Some(at);
             }

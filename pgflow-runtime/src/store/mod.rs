@@ -5,6 +5,7 @@
 //!   statement (start, ready children, map fan-out, retry), rescue of lost claims.
 //! - [`flush`]: applying a batch of completions in one transaction, phase by phase.
 //! - [`runs`]: starting runs, reading their outcome, cancelling, the aggregates.
+//! - [`budgets`]: reserving a step's estimate against its run's budget.
 //! - [`steps`]: step states and map elements as tools read and repair them.
 //! - [`instances`]: the instance registry and heartbeats.
 //! - [`definitions`]: the stored step tables.
@@ -12,6 +13,7 @@
 //!   listing, removing.
 //! - [`signals`]: sending a signal (the SQL function `pgflow.signal`).
 //! - [`subflows`]: child runs — linking a parent's task to its child, waking it.
+//! - [`usage`]: the usage ledger as tools read it.
 //! - [`export`]: a run with every stored output, for a replay.
 //! - [`notify`]: the one NOTIFY policy.
 //! - [`maintenance`]: vacuuming the hot tables.
@@ -22,6 +24,7 @@
 //! enums of this module (the SQL text spells them as the schema's CHECK constraints
 //! do).
 
+pub(crate) mod budgets;
 pub(crate) mod definitions;
 pub(crate) mod export;
 pub(crate) mod flush;
@@ -36,6 +39,7 @@ pub(crate) mod signals;
 pub(crate) mod steps;
 pub(crate) mod subflows;
 pub(crate) mod tasks;
+pub(crate) mod usage;
 
 /// The stored status of a step (`pgflow.step_states.status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

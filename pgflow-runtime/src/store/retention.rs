@@ -68,8 +68,9 @@ pub(crate) struct Pruned {
 
 /// Prunes (or, with `archive`, moves to `pgflow.archived_runs`) up to `limit` runs
 /// with an id below `bound` that finished before `cutoff` and have no task left
-/// (an attempt of a cancelled run may still be landing), with their step states,
-/// elements and signals (signals are not archived). Rows another transaction holds are skipped. With `dry_run`, counts
+/// (an attempt of a cancelled run may still be landing) and whose parent's step (a
+/// subflow) has read them, with their step states, elements, usage rows and signals
+/// (signals are not archived). Rows another transaction holds are skipped. With `dry_run`, counts
 /// what would go and changes nothing.
 pub(crate) async fn prune_batch(
     conn: &mut PgConnection,
@@ -87,6 +88,8 @@ pub(crate) async fn prune_batch(
                      SELECT r.id FROM pgflow.runs r
                      WHERE r.id < $1 AND r.status <> 'running' AND r.completed_at < $2
                        AND NOT EXISTS (SELECT 1 FROM pgflow.tasks t WHERE t.run_id = r.id)
+                       -- a child run whose parent's step has not read it yet
+                       AND NOT EXISTS (SELECT 1 FROM pgflow.tasks t WHERE t.child_run_id = r.id)
                      ORDER BY r.id
                      LIMIT $3",
                 $lock,
@@ -116,10 +119,18 @@ pub(crate) async fn prune_batch(
         ", archived AS (
              INSERT INTO pgflow.archived_runs
                  (id, workflow, version, status, input, output, error, idempotency_key,
-                  cost_cents, instance_id, forked_from, created_at, completed_at, steps)
+                  cost_cents, instance_id, forked_from, parent_run_id, key, tokens_in,
+                  tokens_out, created_at, completed_at, usage, steps)
              SELECT r.id, r.workflow, r.version, r.status, r.input, r.output, r.error,
                     r.idempotency_key, r.cost_cents, r.instance_id, r.forked_from,
+                    r.parent_run_id, r.key, r.tokens_in, r.tokens_out,
                     r.created_at, r.completed_at,
+                    (SELECT jsonb_agg(jsonb_build_object(
+                                'step', u.step, 'element', u.element, 'attempt', u.attempt,
+                                'model', u.model, 'tokens_in', u.tokens_in,
+                                'tokens_out', u.tokens_out, 'cost_cents', u.cost_cents,
+                                'recorded_at', u.recorded_at) ORDER BY u.id)
+                     FROM pgflow.step_usage u WHERE u.run_id = r.id),
                     COALESCE((
                         SELECT jsonb_agg(jsonb_build_object(
                                    'step', s.step, 'status', s.status, 'attempts', s.attempts,
@@ -144,6 +155,8 @@ pub(crate) async fn prune_batch(
              RETURNING 1
          ), signals AS (
              DELETE FROM pgflow.signals g USING doomed d WHERE g.run_id = d.id
+         ), usage AS (
+             DELETE FROM pgflow.step_usage u USING doomed d WHERE u.run_id = d.id
          ), steps AS (
              DELETE FROM pgflow.step_states s USING doomed d WHERE s.run_id = d.id
              RETURNING 1

@@ -23,6 +23,46 @@ pub(crate) struct NewRuns {
     pub(crate) parent_runs: Vec<i64>,
     pub(crate) parent_steps: Vec<&'static str>,
     pub(crate) parent_elements: Vec<Option<i32>>,
+    /// Each run's key, and budgets; empty when none has one.
+    pub(crate) run_keys: Vec<Option<String>>,
+    pub(crate) budget_cents: Vec<Option<i64>>,
+    pub(crate) budget_tokens: Vec<Option<i64>>,
+}
+
+impl NewRuns {
+    /// Adds a run with `options` (key and budget arrays grow only when some run has
+    /// one, so a plain batch binds empty arrays).
+    pub(crate) fn push(&mut self, input: String, options: RunOptions) {
+        let n = self.inputs.len();
+        self.inputs.push(input);
+        self.priorities.push(options.priority);
+        self.run_ats.push(options.run_at);
+        self.keys.push(options.idempotency_key);
+        for (column, value) in [
+            (&mut self.budget_cents, options.budget_cents),
+            (&mut self.budget_tokens, options.budget_tokens),
+        ] {
+            if value.is_some() || !column.is_empty() {
+                column.resize(n, None);
+                column.push(value);
+            }
+        }
+        if options.key.is_some() || !self.run_keys.is_empty() {
+            self.run_keys.resize(n, None);
+            self.run_keys.push(options.key);
+        }
+    }
+}
+
+/// What one new run carries besides its input.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RunOptions {
+    pub(crate) priority: i16,
+    pub(crate) run_at: Option<DateTime<Utc>>,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) key: Option<String>,
+    pub(crate) budget_cents: Option<i64>,
+    pub(crate) budget_tokens: Option<i64>,
 }
 
 /// What starting a run of a workflow version inserts besides the run: its root
@@ -111,14 +151,21 @@ pub(crate) async fn start(
     sqlx::query_scalar(concat!(
         "WITH u AS (
              SELECT * FROM unnest($3::text[], $4::smallint[], $5::timestamptz[], $6::text[],
-                                  $17::bigint[], $18::text[], $19::int[])
+                                  $17::bigint[], $18::text[], $19::int[], $20::text[],
+                                  $21::bigint[], $22::bigint[])
                  WITH ORDINALITY AS u(input, priority, run_at, key, parent_run_id, parent_step,
-                                      parent_element, ord)
+                                      parent_element, run_key, budget_cents, budget_tokens, ord)
          ), r AS (
              INSERT INTO pgflow.runs (workflow, version, input, priority, run_at, idempotency_key,
-                                      parent_run_id, parent_step, parent_element)
+                                      parent_run_id, parent_step, parent_element, key,
+                                      budget_cents, budget_tokens)
              SELECT $1, $2, u.input::jsonb, u.priority, COALESCE(u.run_at, now()), u.key,
-                    u.parent_run_id, u.parent_step, u.parent_element
+                    u.parent_run_id, u.parent_step, u.parent_element,
+                    -- a child run counts under its parent's key unless given its own
+                    CASE WHEN u.parent_run_id IS NULL THEN u.run_key
+                         ELSE COALESCE(u.run_key, (SELECT k.key FROM pgflow.runs k
+                                                   WHERE k.id = u.parent_run_id)) END,
+                    u.budget_cents, u.budget_tokens
              FROM u
              -- a child run only for a parent still running, read under a share lock:
              -- a parent failing or cancelled meanwhile is seen, and one failed or
@@ -169,6 +216,9 @@ pub(crate) async fn start(
     .bind(&runs.parent_runs)
     .bind(&runs.parent_steps)
     .bind(&runs.parent_elements)
+    .bind(&runs.run_keys)
+    .bind(&runs.budget_cents)
+    .bind(&runs.budget_tokens)
     .fetch_all(conn)
     .await
 }
@@ -231,21 +281,6 @@ pub(crate) struct Cancelled {
     pub(crate) ids: Vec<i64>,
 }
 
-/// The descendants of the runs in `$1` (their child runs, and theirs, ..), by
-/// `runs_parent_run_id`; `path` stops a damaged row's cycle.
-macro_rules! descendants_cte {
-    () => {
-        "tree AS (
-             SELECT r.id, ARRAY[r.id] AS path
-             FROM pgflow.runs r WHERE r.parent_run_id = ANY ($1)
-             UNION ALL
-             SELECT r.id, t.path || r.id
-             FROM pgflow.runs r JOIN tree t ON r.parent_run_id = t.id
-             WHERE NOT r.id = ANY (t.path)
-         )"
-    };
-}
-
 /// Cancels run `id` if it is running, with its running descendants (child runs of
 /// subflows, and theirs): their status becomes `cancelled` and their pending tasks
 /// are deleted (index `tasks_run_id`); steps running somewhere finish into a
@@ -253,8 +288,9 @@ macro_rules! descendants_cte {
 /// waiting task due (its step then fails: the child was cancelled). `None` when there
 /// is no such run.
 ///
-/// Two statements in one transaction: the run's status first, then (with a snapshot
-/// taken after it) its descendants, tasks and parent. A flush that was starting a
+/// Several statements in one transaction: the run's status first, then (each with a
+/// snapshot taken after the one before) its descendants level by level, the tasks,
+/// and the parent's waiting task. A flush that was starting a
 /// child of this run or parking one of its tasks holds a share lock on the run row
 /// (see `start` and `store::subflows::link`): the first statement waits for it, and
 /// the second sees what it wrote.
@@ -285,10 +321,6 @@ pub(crate) async fn cancel(pool: &sqlx::PgPool, id: i64) -> Result<Option<Cancel
     }
     let mut ids = vec![id];
     ids.extend(cancel_descendants(&mut tx, &[id]).await?);
-    sqlx::query("DELETE FROM pgflow.tasks WHERE run_id = $1 AND claimed_by IS NULL")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
     // A child run: its parent's step waits for it, and fails now.
     let woken = crate::store::subflows::wake_parents(&mut tx, &[id]).await?;
     let woken: Vec<&str> = woken.iter().map(String::as_str).collect();
@@ -301,27 +333,40 @@ pub(crate) async fn cancel(pool: &sqlx::PgPool, id: i64) -> Result<Option<Cancel
     }))
 }
 
-/// Cancels the running descendants of the runs `parents` (which failed: nothing
-/// will read their children's outputs), deleting their pending tasks. Returns them.
+/// Cancels the running descendants of the runs `parents` (which just failed or were
+/// cancelled: nothing will read their children's outputs), then deletes the unclaimed
+/// tasks of `parents` and of every run it cancelled. Returns the runs it cancelled.
+///
+/// One statement per level of the tree and the task delete last: each statement takes
+/// its own snapshot, so a child started (or a task parked) by a flush that held a
+/// share lock on its parent run — the cancelling `UPDATE` waited for it — is seen by
+/// the next statement (see `store::subflows`).
 pub(crate) async fn cancel_descendants(
     conn: &mut PgConnection,
     parents: &[i64],
 ) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(concat!(
-        "WITH RECURSIVE ",
-        descendants_cte!(),
-        ", c AS (
-             UPDATE pgflow.runs r SET status = 'cancelled', completed_at = now()
-             WHERE r.id IN (SELECT tree.id FROM tree) AND r.status = 'running'
-             RETURNING r.id
-         ), d AS (
-             DELETE FROM pgflow.tasks t USING c WHERE t.run_id = c.id AND t.claimed_by IS NULL
-         )
-         SELECT id FROM c ORDER BY id"
-    ))
-    .bind(parents)
-    .fetch_all(conn)
-    .await
+    let mut cancelled = Vec::new();
+    let mut level = parents.to_vec();
+    while !level.is_empty() {
+        // index `runs_parent_run_id`; a run is cancelled once (it is no longer
+        // `running` after), so a damaged row's cycle ends too
+        level = sqlx::query_scalar(
+            "UPDATE pgflow.runs SET status = 'cancelled', completed_at = now()
+             WHERE parent_run_id = ANY ($1) AND status = 'running'
+             RETURNING id",
+        )
+        .bind(&level)
+        .fetch_all(&mut *conn)
+        .await?;
+        cancelled.extend_from_slice(&level);
+    }
+    let doomed: Vec<i64> = parents.iter().chain(&cancelled).copied().collect();
+    sqlx::query("DELETE FROM pgflow.tasks WHERE run_id = ANY ($1) AND claimed_by IS NULL")
+        .bind(&doomed)
+        .execute(&mut *conn)
+        .await?;
+    cancelled.sort_unstable();
+    Ok(cancelled)
 }
 
 /// Aggregates over the runs of one workflow finished since a time.
@@ -332,6 +377,8 @@ pub(crate) struct SummaryRow {
     pub(crate) p50_ms: Option<f64>,
     pub(crate) p95_ms: Option<f64>,
     pub(crate) total_cost_cents: Option<i64>,
+    pub(crate) tokens_in: Option<i64>,
+    pub(crate) tokens_out: Option<i64>,
 }
 
 /// Count, success rate, p50/p95 duration and cost of `workflow`'s runs finished since
@@ -346,7 +393,9 @@ pub(crate) async fn summary(
                 avg(CASE WHEN status = 'success' THEN 1.0 ELSE 0.0 END)::float8 AS success_rate,
                 percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50_ms,
                 percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms,
-                sum(cost_cents)::bigint AS total_cost_cents
+                sum(cost_cents)::bigint AS total_cost_cents,
+                sum(tokens_in)::bigint AS tokens_in,
+                sum(tokens_out)::bigint AS tokens_out
          FROM pgflow.job_results
          WHERE workflow = $1 AND completed_at >= $2",
     )

@@ -26,8 +26,25 @@ use sqlx::PgConnection;
 /// `run_id`, for `element` of a map step: `subflow:7:2:0`, `subflow:7:2`.
 pub(crate) fn child_key(run_id: i64, step: i16, element: Option<i32>) -> String {
     match element {
-        Some(e) => format!("subflow:{run_id}:{step}:{e}"),
-        None => format!("subflow:{run_id}:{step}"),
+        Some(e) => format!("{CHILD_KEY_PREFIX}{run_id}:{step}:{e}"),
+        None => format!("{CHILD_KEY_PREFIX}{run_id}:{step}"),
+    }
+}
+
+/// The prefix of [`child_key`]s, reserved: a start given such a key is refused.
+const CHILD_KEY_PREFIX: &str = "subflow:";
+
+/// Refuses an idempotency key a start was given that could be taken for a child
+/// run's ([`child_key`]).
+pub(crate) fn check_user_key(workflow: &str, key: Option<&str>) -> Result<(), crate::Error> {
+    match key {
+        Some(k) if k.starts_with(CHILD_KEY_PREFIX) => Err(crate::Error::InvalidInput {
+            workflow: workflow.to_owned(),
+            message: format!(
+                "idempotency keys starting with `{CHILD_KEY_PREFIX}` are reserved for child runs (subflows): {k:?}"
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -87,7 +104,8 @@ pub(crate) async fn link(
              JOIN pgflow.runs r
                ON r.id = COALESCE(u.child_id,
                                   (SELECT k.id FROM pgflow.runs k
-                                   WHERE k.workflow = u.workflow AND k.idempotency_key = u.key))
+                                   WHERE k.workflow = u.workflow AND k.idempotency_key = u.key
+                                     AND k.parent_run_id = t.run_id))
              ORDER BY r.id
              FOR SHARE OF r, p
          )

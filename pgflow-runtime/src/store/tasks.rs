@@ -275,6 +275,8 @@ pub(crate) struct Claimed {
     pub(crate) signal: Option<String>,
     /// For the task of a step that started a child run (a subflow): the child.
     pub(crate) child_run_id: Option<i64>,
+    /// Its run has a budget: the attempt reserves its step's estimate first.
+    pub(crate) budgeted: bool,
 }
 
 /// The claim statement. The inner SELECT walks `tasks_available` in claim order
@@ -321,7 +323,7 @@ WITH steps AS (
               t.item, t.snoozes, t.waits_for, t.child_run_id
 )
 SELECT c.id AS task_id, c.run_id, c.step, c.workflow, c.version, c.attempt, c.snoozes,
-       c.child_run_id,
+       c.child_run_id, (r.budget_cents IS NOT NULL OR r.budget_tokens IS NOT NULL) AS budgeted,
        c.errors::text AS errors, r.status AS run_status,
        CASE WHEN CASE WHEN c.element IS NULL THEN s.needs_input ELSE s.element_needs_input END
             THEN r.input::text END AS input,

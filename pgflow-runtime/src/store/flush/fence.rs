@@ -27,30 +27,35 @@ pub(super) async fn fence<'b>(
     // task from two claims (a stale one and a fresh one) must not both pass. The
     // value is when the attempt started (its claim), for a completion that ends its
     // task.
-    let mut accepted: HashMap<(i64, i64), Option<DateTime<Utc>>> =
-        HashMap::with_capacity(batch.len());
+    let mut accepted: HashMap<(i64, i64), Passed> = HashMap::with_capacity(batch.len());
     if !finals.is_empty() {
         let ids: Vec<i64> = finals.iter().map(|c| c.task_id).collect();
         let tokens: Vec<i64> = finals.iter().map(|c| c.token).collect();
         // By primary key. A step completed from its child run (a subflow) started
         // when the child did.
-        let rows: Vec<(i64, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+        let rows: Vec<Deleted> = sqlx::query_as(
             "DELETE FROM pgflow.tasks t
              USING unnest($1::bigint[], $2::bigint[]) AS c(id, token)
              WHERE t.id = c.id AND t.claim_token = c.token
              RETURNING t.id, c.token,
                        CASE WHEN t.child_run_id IS NULL THEN t.claimed_at
                             ELSE (SELECT r.created_at FROM pgflow.runs r
-                                  WHERE r.id = t.child_run_id) END",
+                                  WHERE r.id = t.child_run_id) END AS started_at,
+                       t.reserved_cents, t.reserved_tokens",
         )
         .bind(&ids)
         .bind(&tokens)
         .fetch_all(&mut *conn)
         .await?;
-        accepted.extend(
-            rows.into_iter()
-                .map(|(id, token, claimed_at)| ((id, token), claimed_at)),
-        );
+        accepted.extend(rows.into_iter().map(|d| {
+            (
+                (d.id, d.token),
+                (
+                    d.started_at,
+                    Released::of(d.reserved_cents, d.reserved_tokens),
+                ),
+            )
+        }));
     }
     if !requeued.is_empty() {
         let mut rows = RequeueRows::default();
@@ -64,7 +69,8 @@ pub(super) async fn fence<'b>(
             .map(|c| c.task_id)
             .collect();
         for r in rows.apply(conn).await? {
-            accepted.insert((r.id, r.token), None);
+            let released = Released::of(r.reserved_cents, r.reserved_tokens);
+            accepted.insert((r.id, r.token), (None, released));
             if r.due && !parking.contains(&r.id) {
                 out.queues.insert(r.queue);
             }
@@ -77,11 +83,29 @@ pub(super) async fn fence<'b>(
         .collect();
     Ok(once_per_claim(batch, |claim| accepted.contains_key(claim))
         .into_iter()
-        .map(|c| Applied {
-            completion: c,
-            started_at: accepted.get(&c.claim()).copied().flatten(),
+        .map(|c| {
+            let (started_at, released) = accepted.get(&c.claim()).copied().unwrap_or_default();
+            Applied {
+                completion: c,
+                started_at,
+                released,
+            }
         })
         .collect())
+}
+
+/// What the fence learned of a claim that passed: when its attempt started (for a
+/// completion that ends its task), and the reservation it releases.
+type Passed = (Option<DateTime<Utc>>, Released);
+
+/// A task row deleted by a final completion.
+#[derive(sqlx::FromRow)]
+struct Deleted {
+    id: i64,
+    token: i64,
+    started_at: Option<DateTime<Utc>>,
+    reserved_cents: Option<i64>,
+    reserved_tokens: Option<i64>,
 }
 
 /// A completion that passed the fence.
@@ -89,6 +113,24 @@ pub(super) struct Applied<'b> {
     pub(super) completion: &'b Completion,
     /// When its attempt started (its claim), for a completion that ends its task.
     pub(super) started_at: Option<DateTime<Utc>>,
+    /// What its attempt had reserved of its run's budget, released now.
+    pub(super) released: Released,
+}
+
+/// A reservation released by the fence: (cents, tokens).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Released {
+    pub(super) cents: i64,
+    pub(super) tokens: i64,
+}
+
+impl Released {
+    fn of(cents: Option<i64>, tokens: Option<i64>) -> Self {
+        Self {
+            cents: cents.unwrap_or(0),
+            tokens: tokens.unwrap_or(0),
+        }
+    }
 }
 
 /// The completions to apply: each accepted claim once, even if the batch held it
@@ -126,6 +168,9 @@ struct Requeued {
     queue: String,
     /// Due now (a release, or a retry without backoff).
     due: bool,
+    /// What the attempt had reserved of its run's budget (released).
+    reserved_cents: Option<i64>,
+    reserved_tokens: Option<i64>,
 }
 
 /// Tasks going back to the queue, as bind arrays.
@@ -175,6 +220,7 @@ impl RequeueRows {
         sqlx::query_as(
             "UPDATE pgflow.tasks t
              SET claimed_by = NULL, claim_token = NULL, claimed_at = NULL, lease_until = NULL,
+                 reserved_cents = NULL, reserved_tokens = NULL,
                  attempt = t.attempt + CASE WHEN c.counted THEN 1 ELSE 0 END,
                  snoozes = t.snoozes + CASE WHEN c.snoozed THEN 1 ELSE 0 END,
                  run_at = CASE WHEN c.counted OR c.snoozed
@@ -186,9 +232,12 @@ impl RequeueRows {
                                ELSE COALESCE(t.errors, '[]'::jsonb) || c.err::jsonb END
              FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bool[],
                          $6::bool[])
-                  AS c(id, token, delay_ms, err, counted, snoozed)
-             WHERE t.id = c.id AND t.claim_token = c.token
-             RETURNING t.id, c.token, t.queue, t.run_at <= now() AS due",
+                  AS c(id, token, delay_ms, err, counted, snoozed),
+                  -- the row as it was (this statement's snapshot): what it had reserved
+                  pgflow.tasks o
+             WHERE t.id = c.id AND t.claim_token = c.token AND o.id = t.id
+             RETURNING t.id, c.token, t.queue, t.run_at <= now() AS due,
+                       o.reserved_cents, o.reserved_tokens",
         )
         .bind(&self.ids)
         .bind(&self.tokens)
@@ -219,6 +268,7 @@ mod tests {
             attempt: 1,
             outcome,
             cost_cents: 0,
+            usage: Vec::new(),
         }
     }
 

@@ -34,8 +34,9 @@ mod fence;
 mod write;
 
 use write::{
-    ElementRows, FailedRuns, FinishedRuns, JoinHits, StepStateRow, StepStateRows, add_costs,
-    complete_elements, count_down_joins, fail_runs, finish_runs, store_step_states,
+    ElementRows, FailedRuns, FinishedRuns, JoinHits, Settle, StepStateRow, StepStateRows,
+    UsageRows, add_costs, complete_elements, count_down_joins, fail_runs, finish_runs,
+    record_usage, store_step_states,
 };
 
 use crate::catalog::{Catalog, Entry};
@@ -70,6 +71,9 @@ pub(crate) enum Outcome {
     StartChild(ChildRun),
     /// A task woken while its child still runs: park it again.
     AwaitChild { child_run_id: i64 },
+    /// The step was not started: its run's budget has no room for its estimate. The
+    /// run fails with this error (`RunError::BudgetExceeded`).
+    OverBudget { error: Box<RunError> },
     /// The run is no longer running (cancelled or failed): drop the task.
     Discard,
     /// Give the task back without counting the attempt (shutdown, or a run whose
@@ -121,6 +125,8 @@ pub(crate) struct Completion {
     pub(crate) attempt: i32,
     pub(crate) outcome: Outcome,
     pub(crate) cost_cents: i64,
+    /// What the attempt reported per model (`ctx.add_usage`), for the ledger.
+    pub(crate) usage: Vec<pgflow::Usage>,
 }
 
 impl Completion {
@@ -131,6 +137,7 @@ impl Completion {
             Outcome::Skipped { reason } => reason.len(),
             Outcome::Retry { failure, .. } => failure.message.len(),
             Outcome::Failed { history, .. } => history.iter().map(|f| f.message.len() + 32).sum(),
+            Outcome::OverBudget { .. } => 256,
             Outcome::StartChild(child) => child.input.len(),
             Outcome::FanOut
             | Outcome::Snooze { .. }
@@ -203,11 +210,38 @@ pub(crate) async fn apply(
     let mut work = Work::default();
     for a in applied {
         let c = a.completion;
+        if a.released != fence::Released::default() {
+            let s = work.costs.entry(c.run_id).or_default();
+            s.release_cents += a.released.cents;
+            s.release_tokens += a.released.tokens;
+        }
         let Some(flow) = catalog.get(c.workflow, c.version) else {
             continue;
         };
         work.sort(flow, c, a.started_at);
     }
+    // What every attempt reported, its claim lost or not (it was paid for): the
+    // ledger, the runs' tokens, and the cost of those whose completion was rejected
+    // (an applied one's cost is counted by its phase).
+    let mut ledger = UsageRows::default();
+    for c in batch {
+        if c.usage.is_empty() {
+            continue;
+        }
+        let s = work.costs.entry(c.run_id).or_default();
+        for u in &c.usage {
+            s.tokens_in += i64::try_from(u.tokens_in).unwrap_or(i64::MAX);
+            s.tokens_out += i64::try_from(u.tokens_out).unwrap_or(i64::MAX);
+        }
+        if out.rejected.contains(&c.task_id) {
+            s.cents += c.cost_cents;
+        }
+        let step = step_index(c.step)
+            .and_then(|i| catalog.get(c.workflow, c.version)?.step(i))
+            .map_or("?", |s| s.name());
+        ledger.push(c, step);
+    }
+    record_usage(conn, instance, &ledger).await?;
     for (flow, run_id, step) in complete_elements(conn, instance, &work.elements).await? {
         work.done.push(FinishedStep {
             flow,
@@ -238,6 +272,8 @@ pub(crate) async fn apply(
         .collect();
     out.queues
         .extend(subflows::wake_parents(conn, &children).await?);
+    // (also deletes their tasks again, in a later statement: a task a concurrent flush
+    // parked while `fail_runs` waited for its lock on the run is seen now)
     let failed_parents: Vec<i64> = failed
         .iter()
         .filter(|r| work.with_subflows.contains(&r.id))
@@ -274,10 +310,13 @@ impl Children {
             .by_workflow
             .entry((child.workflow, child.version))
             .or_default();
-        new.inputs.push(child.input.clone());
-        new.priorities.push(0);
-        new.run_ats.push(None);
-        new.keys.push(Some(key));
+        new.push(
+            child.input.clone(),
+            runs::RunOptions {
+                idempotency_key: Some(key),
+                ..runs::RunOptions::default()
+            },
+        );
         new.parent_runs.push(c.run_id);
         new.parent_steps.push(step_name);
         new.parent_elements.push(c.element);
@@ -336,7 +375,7 @@ struct Work<'c> {
     ready: NewTasks<'static>,
     finished: FinishedRuns<'c>,
     failed: FailedRuns,
-    costs: HashMap<i64, i64>,
+    costs: HashMap<i64, Settle>,
     /// The workflow of each run touched, for the log.
     workflows: HashMap<i64, &'static str>,
     /// Child runs to start, and parent tasks to link to their children.
@@ -363,7 +402,7 @@ impl<'c> Work<'c> {
                 self.links.child_ids.push(None);
                 self.links.workflows.push(child.workflow);
                 self.links.keys.push(key);
-                *self.costs.entry(c.run_id).or_default() += c.cost_cents;
+                self.costs.entry(c.run_id).or_default().cents += c.cost_cents;
             }
             &Outcome::AwaitChild { child_run_id } => {
                 self.links.task_ids.push(c.task_id);
@@ -374,7 +413,7 @@ impl<'c> Work<'c> {
             Outcome::Succeeded(output) => match c.element {
                 Some(element) => {
                     self.elements.push(flow, c, element, output, started_at);
-                    *self.costs.entry(c.run_id).or_default() += c.cost_cents;
+                    self.costs.entry(c.run_id).or_default().cents += c.cost_cents;
                 }
                 None => self.done.push(FinishedStep {
                     flow,
@@ -399,7 +438,32 @@ impl<'c> Work<'c> {
                 if let Some(step) = step_index(c.step) {
                     self.ready.push(flow, c.run_id, step);
                 }
-                *self.costs.entry(c.run_id).or_default() += c.cost_cents;
+                self.costs.entry(c.run_id).or_default().cents += c.cost_cents;
+            }
+            Outcome::OverBudget { error, .. } => {
+                let refused = pgflow::StepError::permanent(error.to_string());
+                let history = [AttemptFailure::new(
+                    u32::try_from(c.attempt).unwrap_or(1),
+                    &refused,
+                )];
+                self.states.push(StepStateRow {
+                    run_id: c.run_id,
+                    step: c.step,
+                    state: StepState::Failed,
+                    attempts: c.attempt,
+                    output: None,
+                    from_elements: false,
+                    errors: Some(
+                        serde_json::to_string(&history).unwrap_or_else(|_| "[]".to_owned()),
+                    ),
+                    reason: None,
+                    started_at,
+                });
+                self.failed.push(
+                    c.run_id,
+                    serde_json::to_string(error).unwrap_or_else(|_| "null".to_owned()),
+                    c.cost_cents,
+                );
             }
             Outcome::Failed { history, element } => {
                 let errors = serde_json::to_string(history).unwrap_or_else(|_| "[]".to_owned());
@@ -429,7 +493,7 @@ impl<'c> Work<'c> {
             | Outcome::Snooze { .. }
             | Outcome::Discard
             | Outcome::Release => {
-                *self.costs.entry(c.run_id).or_default() += c.cost_cents;
+                self.costs.entry(c.run_id).or_default().cents += c.cost_cents;
             }
         }
     }
@@ -475,7 +539,7 @@ impl<'c> Work<'c> {
                     self.ready.push(d.flow, d.run_id, child);
                 }
             }
-            *self.costs.entry(d.run_id).or_default() += d.cost_cents;
+            self.costs.entry(d.run_id).or_default().cents += d.cost_cents;
         }
     }
 }

@@ -378,22 +378,151 @@ pub(super) async fn fail_runs(
     .await
 }
 
-/// Phase 8: adds the costs of steps that did not finish their run (by primary key).
+/// What a flush adds to a run besides what finishing or failing it adds: the cost of
+/// attempts that did not finish it, tokens, and reservations released.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Settle {
+    pub(super) cents: i64,
+    pub(super) tokens_in: i64,
+    pub(super) tokens_out: i64,
+    pub(super) release_cents: i64,
+    pub(super) release_tokens: i64,
+}
+
+impl Settle {
+    fn is_zero(&self) -> bool {
+        self.cents == 0
+            && self.tokens_in == 0
+            && self.tokens_out == 0
+            && self.release_cents == 0
+            && self.release_tokens == 0
+    }
+}
+
+/// Phase 8: adds costs and tokens, and releases reservations (by primary key). Runs
+/// that only count cost take the lean statement.
 pub(super) async fn add_costs(
     conn: &mut PgConnection,
-    mut costs: HashMap<i64, i64>,
+    mut costs: HashMap<i64, Settle>,
 ) -> Result<(), sqlx::Error> {
-    costs.retain(|_, c| *c != 0);
+    costs.retain(|_, c| !c.is_zero());
     if costs.is_empty() {
         return Ok(());
     }
-    let (ids, cents): (Vec<i64>, Vec<i64>) = costs.into_iter().unzip();
+    let cents_only = costs.values().all(|c| {
+        c.tokens_in == 0 && c.tokens_out == 0 && c.release_cents == 0 && c.release_tokens == 0
+    });
+    let mut ids = Vec::with_capacity(costs.len());
+    let mut cents = Vec::with_capacity(costs.len());
+    let mut rest: [Vec<i64>; 4] = Default::default();
+    for (id, c) in costs {
+        ids.push(id);
+        cents.push(c.cents);
+        for (column, v) in
+            rest.iter_mut()
+                .zip([c.tokens_in, c.tokens_out, c.release_cents, c.release_tokens])
+        {
+            column.push(v);
+        }
+    }
+    if cents_only {
+        sqlx::query(
+            "UPDATE pgflow.runs r SET cost_cents = r.cost_cents + u.cost
+             FROM unnest($1::bigint[], $2::bigint[]) AS u(id, cost) WHERE r.id = u.id",
+        )
+        .bind(&ids)
+        .bind(&cents)
+        .execute(conn)
+        .await?;
+        return Ok(());
+    }
+    let [tokens_in, tokens_out, release_cents, release_tokens] = rest;
     sqlx::query(
-        "UPDATE pgflow.runs r SET cost_cents = r.cost_cents + u.cost
-         FROM unnest($1::bigint[], $2::bigint[]) AS u(id, cost) WHERE r.id = u.id",
+        "UPDATE pgflow.runs r
+         SET cost_cents = r.cost_cents + u.cost,
+             tokens_in = CASE WHEN u.tin = 0 THEN r.tokens_in
+                              ELSE COALESCE(r.tokens_in, 0) + u.tin END,
+             tokens_out = CASE WHEN u.tout = 0 THEN r.tokens_out
+                               ELSE COALESCE(r.tokens_out, 0) + u.tout END,
+             reserved_cents = CASE WHEN u.rc = 0 THEN r.reserved_cents
+                                   ELSE GREATEST(COALESCE(r.reserved_cents, 0) - u.rc, 0) END,
+             reserved_tokens = CASE WHEN u.rt = 0 THEN r.reserved_tokens
+                                    ELSE GREATEST(COALESCE(r.reserved_tokens, 0) - u.rt, 0) END
+         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                     $6::bigint[]) AS u(id, cost, tin, tout, rc, rt)
+         WHERE r.id = u.id",
     )
     .bind(&ids)
     .bind(&cents)
+    .bind(&tokens_in)
+    .bind(&tokens_out)
+    .bind(&release_cents)
+    .bind(&release_tokens)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Usage ledger rows, as bind arrays: one per attempt and model.
+#[derive(Default)]
+pub(super) struct UsageRows {
+    run_ids: Vec<i64>,
+    steps: Vec<&'static str>,
+    elements: Vec<Option<i32>>,
+    attempts: Vec<i32>,
+    models: Vec<String>,
+    tokens_in: Vec<i64>,
+    tokens_out: Vec<i64>,
+    cents: Vec<i64>,
+}
+
+impl UsageRows {
+    pub(super) fn push(&mut self, c: &Completion, step: &'static str) {
+        for u in &c.usage {
+            self.run_ids.push(c.run_id);
+            self.steps.push(step);
+            self.elements.push(c.element);
+            self.attempts.push(c.attempt);
+            self.models.push(u.model.clone());
+            self.tokens_in
+                .push(i64::try_from(u.tokens_in).unwrap_or(i64::MAX));
+            self.tokens_out
+                .push(i64::try_from(u.tokens_out).unwrap_or(i64::MAX));
+            self.cents.push(u.cost_cents);
+        }
+    }
+}
+
+/// Writes the usage ledger rows (each with its run's workflow and key, by primary
+/// key of `runs`).
+pub(super) async fn record_usage(
+    conn: &mut PgConnection,
+    instance: &str,
+    rows: &UsageRows,
+) -> Result<(), sqlx::Error> {
+    if rows.run_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO pgflow.step_usage (run_id, workflow, step, element, attempt, key, model,
+                                        tokens_in, tokens_out, cost_cents, instance_id)
+         SELECT u.run_id, r.workflow, u.step, u.element, u.attempt, r.key, u.model, u.tin,
+                u.tout, u.cents, $9
+         FROM unnest($1::bigint[], $2::text[], $3::int[], $4::int[], $5::text[], $6::bigint[],
+                     $7::bigint[], $8::bigint[])
+              WITH ORDINALITY AS u(run_id, step, element, attempt, model, tin, tout, cents, ord)
+         JOIN pgflow.runs r ON r.id = u.run_id
+         ORDER BY u.ord",
+    )
+    .bind(&rows.run_ids)
+    .bind(&rows.steps)
+    .bind(&rows.elements)
+    .bind(&rows.attempts)
+    .bind(&rows.models)
+    .bind(&rows.tokens_in)
+    .bind(&rows.tokens_out)
+    .bind(&rows.cents)
+    .bind(instance)
     .execute(conn)
     .await?;
     Ok(())
