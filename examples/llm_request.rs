@@ -128,6 +128,7 @@ async fn run(n: usize, batches: usize) -> Result<Vec<String>, Box<dyn std::error
     .fetch_one(rt.pool())
     .await?;
     println!("\n{retried} provider calls succeeded after a 429/500 and a retry");
+    spend_by_model(&rt, first, &mut problems).await?;
     if stub.is_some() && n >= 14 && retried == 0 {
         problems.push("the stub's 429/500 answers were never retried".into());
     }
@@ -136,6 +137,46 @@ async fn run(n: usize, batches: usize) -> Result<Vec<String>, Box<dyn std::error
     }
     rt.shutdown().await?;
     Ok(problems)
+}
+
+/// Spend of this example's runs by model, from the usage ledger (what `pgflow costs
+/// --by model` shows for all runs), checked against the runs' own cost.
+async fn spend_by_model(
+    rt: &Runtime,
+    first: i64,
+    problems: &mut Vec<String>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT model, sum(tokens_in)::bigint, sum(tokens_out)::bigint, sum(cost_cents)::bigint
+         FROM pgflow.step_usage WHERE workflow = 'llm_request' AND run_id >= $1
+         GROUP BY model ORDER BY 4 DESC, 1",
+    )
+    .bind(first)
+    .fetch_all(rt.pool())
+    .await?;
+    println!(
+        "\n{:<28} {:>10} {:>10} {:>11}",
+        "spend by model", "tokens_in", "tokens_out", "cost_cents"
+    );
+    let mut ledger = 0;
+    for (model, tin, tout, cents) in &rows {
+        println!("{model:<28} {tin:>10} {tout:>10} {cents:>11}");
+        ledger += cents;
+    }
+    let (runs, tokens): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(sum(cost_cents), 0)::bigint,
+                COALESCE(sum(tokens_in + tokens_out), 0)::bigint
+         FROM pgflow.job_results WHERE workflow = 'llm_request' AND run_id >= $1",
+    )
+    .bind(first)
+    .fetch_one(rt.pool())
+    .await?;
+    if ledger != runs || rows.is_empty() || tokens == 0 {
+        problems.push(format!(
+            "the usage ledger says {ledger} cents, the runs {runs} cents ({tokens} tokens)"
+        ));
+    }
+    Ok(())
 }
 
 /// Sends `n` batch jobs of 4 prompts through `llm_batch` and checks that each was

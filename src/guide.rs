@@ -31,6 +31,9 @@ pub mod signals {}
 #[doc = include_str!("../docs/guide/subflows.md")]
 pub mod subflows {}
 
+#[doc = include_str!("../docs/guide/costs-and-budgets.md")]
+pub mod costs_and_budgets {}
+
 #[doc = include_str!("../docs/guide/operating.md")]
 pub mod operating {}
 

@@ -239,7 +239,14 @@ impl LlmRequest {
         ctx: &StepContext,
     ) -> Result<Answer, StepError> {
         let cost = cost_cents(&done);
-        ctx.add_cost_cents(cost);
+        // the provider's `usage` field, priced: the usage ledger, by model
+        let tokens = |n: i64| u64::try_from(n).unwrap_or(0);
+        ctx.add_usage(
+            &done.model,
+            tokens(done.prompt_tokens),
+            tokens(done.completion_tokens),
+            cost,
+        );
         Ok(Answer {
             request_id: input.request_id,
             model: done.model,

@@ -1162,3 +1162,55 @@ async fn run_shows_the_tree_of_child_runs_and_cancel_names_them(pool: PgPool) {
     );
     rt.shutdown().await.unwrap();
 }
+
+/// Reports usage under two models.
+pub struct CliSpender;
+
+#[workflow(name = "cli_spender", queue = "cli", key = Self::tenant)]
+impl CliSpender {
+    #[step]
+    async fn spend(tenant: String, ctx: &StepContext) -> Result<String, StepError> {
+        ctx.add_usage("big", 1000, 100, 7);
+        ctx.add_usage("small", 10, 1, 1);
+        Ok(tenant)
+    }
+
+    fn tenant(tenant: &String) -> String {
+        tenant.clone()
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn costs_groups_the_usage_ledger(pool: PgPool) {
+    let rt = runtime(&pool, Arc::new(Probe::default()), true).await;
+    for tenant in ["acme", "acme", "globex"] {
+        let run = rt.start::<CliSpender>(tenant.to_owned()).await.unwrap();
+        finished::<String>(&rt, run.id()).await.unwrap();
+    }
+    rt.shutdown().await.unwrap();
+    let out = pgflow(&pool, &["costs", "--by", "model"]).await.ok();
+    assert_eq!(
+        cells(row(&out, "big")),
+        ["big", "3", "3", "3000", "300", "21"],
+        "{out}"
+    );
+    assert_eq!(
+        cells(row(&out, "small")),
+        ["small", "3", "3", "30", "3", "3"],
+        "{out}"
+    );
+    assert_eq!(cells(row(&out, "total"))[5], "24", "{out}");
+    let v = pgflow(&pool, &["costs", "--by", "key", "--since", "1h", "--json"])
+        .await
+        .json();
+    assert_eq!(v["rows"][0]["group"], "acme");
+    assert_eq!(v["rows"][0]["cost_cents"], 16);
+    assert_eq!(v["rows"][1]["group"], "globex");
+    let bad = pgflow(&pool, &["costs", "--by", "tenant"]).await;
+    assert_eq!(bad.code, 2);
+    assert!(
+        bad.stderr.contains("use workflow, model or key"),
+        "{}",
+        bad.stderr
+    );
+}
