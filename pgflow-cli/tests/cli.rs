@@ -1175,8 +1175,8 @@ impl CliSpender {
         Ok(tenant)
     }
 
-    fn tenant(tenant: &String) -> String {
-        tenant.clone()
+    fn tenant(tenant: &str) -> &str {
+        tenant
     }
 }
 
