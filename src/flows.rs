@@ -35,6 +35,15 @@ CREATE TABLE IF NOT EXISTS pgflow_test.executions (
     attempt     integer NOT NULL,
     instance_id text    NOT NULL,
     at          timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS pgflow_test.counter (
+    id integer PRIMARY KEY,
+    n  bigint  NOT NULL
+);
+INSERT INTO pgflow_test.counter (id, n) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS pgflow_test.bumps (
+    run_id      bigint  NOT NULL,
+    instance_id text    NOT NULL
 )";
 
 async fn step_body(job: &Job, ctx: &StepContext) -> Result<(), StepError> {
@@ -144,4 +153,33 @@ pub fn expected_delegate_output(n: u64) -> String {
         .map(|k| expected_output(n * 10 + k))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Increments `pgflow_test.counter` in a transactional step (and records which run
+/// did, in `pgflow_test.bumps`): across kills of the workers, the counter ends equal
+/// to the number of runs, exactly.
+pub struct ProcCounter;
+
+#[workflow(name = "proc_counter", backoff = "200ms", max_attempts = 5)]
+impl ProcCounter {
+    #[step]
+    async fn bump(
+        job: Job,
+        tx: &mut sqlx::PgConnection,
+        ctx: &StepContext,
+    ) -> Result<u64, StepError> {
+        // work first, then the writes: the counter row is locked until the commit
+        if job.sleep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(job.sleep_ms)).await;
+        }
+        sqlx::query("INSERT INTO pgflow_test.bumps (run_id, instance_id) VALUES ($1, $2)")
+            .bind(ctx.run_id().0)
+            .bind(std::env::var("INSTANCE_ID").unwrap_or_default())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE pgflow_test.counter SET n = n + 1 WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        Ok(job.n)
+    }
 }

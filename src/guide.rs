@@ -31,6 +31,9 @@ pub mod signals {}
 #[doc = include_str!("../docs/guide/subflows.md")]
 pub mod subflows {}
 
+#[doc = include_str!("../docs/guide/transactional-steps.md")]
+pub mod transactional_steps {}
+
 #[doc = include_str!("../docs/guide/costs-and-budgets.md")]
 pub mod costs_and_budgets {}
 

@@ -789,3 +789,67 @@ async fn subflows_survive_a_sigkill_of_the_worker_running_the_children(pool: PgP
     assert_eq!(left, 0);
     rt.shutdown().await.unwrap();
 }
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_transactional_counter_counts_each_run_once_across_a_sigkill(pool: PgPool) {
+    use pgflow_suite::flows::ProcCounter;
+    let url = database_url(&pool);
+    let rt = producer(&pool).await;
+    let mut workers: Vec<Worker> = ["instance_a", "instance_b", "instance_c"]
+        .iter()
+        .map(|id| Worker::spawn(&url, id))
+        .collect();
+    let jobs: Vec<Job> = (0..600).map(|n| Job { n, sleep_ms: 15 }).collect();
+    let ids = rt.start_many::<ProcCounter>(jobs).await.unwrap();
+    // Under load: kill one worker once it has committed some bumps (it holds more
+    // in flight, their writes uncommitted).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pgflow_test.bumps WHERE instance_id = 'instance_b'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if n >= 40 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "instance_b committed {n} bumps");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    workers[1].sigkill();
+    let done = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pgflow.runs WHERE workflow = 'proc_counter' AND status = 'succeeded'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert!(
+        done(pool.clone()).await < 600,
+        "the kill came too late to matter"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done(pool.clone()).await < 600 {
+        assert!(Instant::now() < deadline, "not every run finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let counter: i64 = sqlx::query_scalar("SELECT n FROM pgflow_test.counter WHERE id = 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(counter, 600, "the counter counts each run exactly once");
+    let (rows, distinct): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT run_id) FROM pgflow_test.bumps")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((rows, distinct), (600, 600));
+    // and each run's output is its own
+    for (n, id) in ids.iter().enumerate() {
+        let out: u64 = rt.handle::<u64>(*id, true).wait().await.unwrap();
+        assert_eq!(out, n as u64);
+    }
+    rt.shutdown().await.unwrap();
+}

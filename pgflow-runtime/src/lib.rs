@@ -63,6 +63,7 @@ mod retention;
 mod runtime;
 mod schedule;
 mod store;
+mod transaction;
 
 pub use builder::RuntimeBuilder;
 pub use connect::mask_password;
@@ -71,6 +72,7 @@ pub use handle::{RunHandle, RunOutcome, RunStatus};
 pub use retention::Retention;
 pub use runtime::{InstanceInfo, Runtime, StartOptions, Stats, Summary, signal_in};
 pub use schedule::{Missed, Schedule, ScheduleInfo, Tick};
+pub use transaction::PgTransaction;
 
 /// The schema migrations (`migrations/` in this crate), as a sqlx
 /// [`Migrator`](sqlx::migrate::Migrator): what `#[sqlx::test(migrator =

@@ -280,6 +280,7 @@ pub struct StepContext {
     data: Arc<Data>,
     cost: CostMeter,
     cancel: CancelToken,
+    transaction: Option<crate::Transaction>,
 }
 
 impl StepContext {
@@ -295,7 +296,13 @@ impl StepContext {
             data: Arc::default(),
             cost: CostMeter::new(),
             cancel: CancelToken::new(),
+            transaction: None,
         })
+    }
+
+    /// The transaction lent to this attempt, for a transactional step.
+    pub fn transaction(&self) -> Option<&crate::Transaction> {
+        self.transaction.as_ref()
     }
 
     /// The run this step belongs to.
@@ -424,6 +431,12 @@ impl StepContextBuilder {
     /// Shares a cancel token (all steps of a run share one).
     pub fn cancel(mut self, cancel: CancelToken) -> Self {
         self.0.cancel = cancel;
+        self
+    }
+
+    /// Lends a transaction to the attempt (a transactional step borrows it).
+    pub fn transaction(mut self, tx: crate::Transaction) -> Self {
+        self.0.transaction = Some(tx);
         self
     }
 

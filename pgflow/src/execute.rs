@@ -57,6 +57,7 @@ pub struct ExecuteOptions {
     pub(crate) signals: crate::Signals,
     budget_cents: Option<i64>,
     budget_tokens: Option<i64>,
+    transaction: Option<crate::Transaction>,
 }
 
 impl ExecuteOptions {
@@ -142,6 +143,16 @@ impl ExecuteOptions {
     /// ```
     pub fn budget_cents(mut self, cents: u64) -> Self {
         self.budget_cents = Some(i64::try_from(cents).unwrap_or(i64::MAX));
+        self
+    }
+
+    /// Lends `tx` to the run's transactional steps (those taking a `&mut T`
+    /// parameter): each attempt runs between its `begin` and its `commit` (or
+    /// `rollback`, when the attempt fails), one attempt at a time. With
+    /// `pgflow_runtime::PgTransaction` over a test's transaction, a unit test sees the
+    /// steps' writes and can roll them all back. See [`Transaction`](crate::Transaction).
+    pub fn transaction(mut self, tx: crate::Transaction) -> Self {
+        self.transaction = Some(tx);
         self
     }
 
@@ -304,6 +315,7 @@ struct Shared {
     budget_cents: Option<i64>,
     budget_tokens: Option<i64>,
     reserved: std::sync::Mutex<Reserved>,
+    transaction: Option<crate::Transaction>,
 }
 
 /// The value of a step (or of the input) for the steps that consume it.
@@ -640,6 +652,7 @@ pub(crate) async fn run_definition(
             budget_cents: options.budget_cents,
             budget_tokens: options.budget_tokens,
             reserved: std::sync::Mutex::default(),
+            transaction: options.transaction.clone(),
         }),
         slots,
         uses: consumers(def),
@@ -700,6 +713,38 @@ fn step_serde_error(
     )
 }
 
+/// Which end of an attempt [`bracket`] marks.
+#[derive(Debug, Clone, Copy)]
+enum Bracket {
+    Begin,
+    Commit,
+    Rollback,
+}
+
+/// Begins, commits or rolls back one attempt's use of the lent transaction. A
+/// failure there (the database refused) fails the run: its writes are in doubt.
+async fn bracket(tx: &crate::Transaction, end: Bracket) -> Result<(), RunError> {
+    let internal = |message: String| RunError::Internal {
+        workflow: "(transaction)".to_owned(),
+        message,
+    };
+    let mut lent = tx
+        .take()
+        .ok_or_else(|| internal("the lent transaction was not given back".to_owned()))?;
+    let done = match end {
+        Bracket::Begin => lent.begin().await,
+        Bracket::Commit => lent.commit().await,
+        Bracket::Rollback => lent.rollback().await,
+    };
+    tx.put(lent);
+    done.map_err(|e| {
+        internal(format!(
+            "{end:?} of a step's transaction failed: {}",
+            e.message()
+        ))
+    })
+}
+
 /// Runs the child run a step asked for, in this task, with the parent's data, cost
 /// meter, cancel token and signals; the step completes with the child's output, or
 /// fails permanently with the child's error (no retry: a retried step would not start
@@ -722,6 +767,7 @@ async fn run_subflow(
         // its cost is in the shared meter, so the parent's later steps see it
         budget_cents: None,
         budget_tokens: None,
+        transaction: shared.transaction.clone(),
     };
     // Boxed: a child may itself run subflows (the future is recursive).
     let run: BoxFuture<'_, Result<StepValue, RunError>> =
@@ -798,19 +844,38 @@ async fn run_with_retries(
         } else {
             None
         };
-        let ctx = StepContext::builder(def.name(), step.name())
+        let mut ctx = StepContext::builder(def.name(), step.name())
             .run_id(shared.run_id)
             .attempt(attempt)
             .element(element)
             .data(Arc::clone(&shared.data))
             .cost(shared.cost.clone())
-            .cancel(shared.cancel.clone())
-            .build();
+            .cancel(shared.cancel.clone());
+        // A transactional step's attempt holds the lent transaction (one at a time),
+        // between `begin` and `commit` or `rollback`.
+        let lent = shared.transaction.as_ref().filter(|_| step.transactional());
+        let turn = match lent {
+            Some(tx) => Some(tx.turn().await),
+            None => None,
+        };
+        if let Some(tx) = lent {
+            ctx = ctx.transaction(tx.clone());
+            bracket(tx, Bracket::Begin).await?;
+        }
         let held = shared.reserve(def, step)?;
-        let attempt_result = policy::run_attempt(step, inputs, ctx)
+        let attempt_result = policy::run_attempt(step, inputs, ctx.build())
             .await
             .and_then(|out| policy::storable(&out).map(|()| out));
         shared.release(held);
+        if let Some(tx) = lent {
+            let end = if attempt_result.is_ok() {
+                Bracket::Commit
+            } else {
+                Bracket::Rollback
+            };
+            bracket(tx, end).await?;
+        }
+        drop(turn);
         let error = match attempt_result {
             Ok(StepOutput::Subflow(start)) => {
                 return run_subflow((def, step, element), attempt, history, start, shared).await;

@@ -132,6 +132,7 @@ pub mod registry;
 pub mod replay;
 mod signal;
 mod subflow;
+mod transaction;
 mod value;
 mod workflow;
 
@@ -154,5 +155,6 @@ pub use replay::{
 };
 pub use signal::{Signal, SignalDef, SignalOutcome, Signals};
 pub use subflow::{Subflow, SubflowStart};
+pub use transaction::{Transaction, Transactional};
 pub use value::StepData;
 pub use workflow::{Param, ParamSource, StepDef, StepKind, StepOptions, Workflow, WorkflowDef};

@@ -9,6 +9,7 @@ pub use inventory;
 pub use serde_json;
 
 pub use crate::registry::Registration;
+pub use crate::transaction::Borrowed;
 pub use crate::value::{
     Dup, DupFn, DupNoClone, DupResult, DupViaClone, StepInputs, StepOutput, StepValue, ValueOps,
     collect_vec, finish_optional, split_vec,
@@ -27,6 +28,8 @@ pub struct StepParts {
     pub parents: &'static [usize],
     pub params: &'static [Param],
     pub takes_context: bool,
+    /// Whether it takes a transaction (a `&mut T` parameter).
+    pub takes_transaction: bool,
     /// The `when` predicate as written, for a conditional step.
     pub when: Option<&'static str>,
     /// How a map step maps.

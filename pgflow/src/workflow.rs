@@ -280,6 +280,12 @@ impl StepDef {
     pub fn takes_context(&self) -> bool {
         self.parts.takes_context
     }
+    /// Whether it takes a transaction (a `&mut T` parameter, e.g. `tx: &mut
+    /// sqlx::PgConnection`): its writes commit with its completion (see
+    /// [`Transaction`](crate::Transaction)).
+    pub fn transactional(&self) -> bool {
+        self.parts.takes_transaction
+    }
     /// How it runs.
     pub fn kind(&self) -> StepKind {
         if self.parts.map.is_some() {

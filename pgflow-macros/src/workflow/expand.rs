@@ -422,6 +422,7 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
             quote!(#param { name: #pname, source: #source, type_name: #tname })
         });
         let takes_context = s.takes_context();
+        let takes_transaction = s.transaction().is_some();
         let when = match &s.attr.when {
             Some((_, path)) => {
                 let text = tokens_string(quote!(#path));
@@ -454,6 +455,7 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
                 parents: &[#(#parents),*],
                 params: &[#(#params),*],
                 takes_context: #takes_context,
+                takes_transaction: #takes_transaction,
                 when: #when,
                 map: #map,
                 signal: #signal,
@@ -752,6 +754,7 @@ fn entry_tokens(
                 k += 1;
             }
             Arg::Context => call_args.push(quote!(&__pgflow_ctx)),
+            Arg::Transaction(_) => call_args.push(quote!(__pgflow_tx_ref)),
         }
     }
     let inputs_binding = if takes.is_empty() {
@@ -764,6 +767,15 @@ fn entry_tokens(
         .when
         .as_ref()
         .map(|(_, path)| predicate_tokens(self_ty, path, &data_vars));
+    // A transactional step borrows the lent transaction for its attempt (after its
+    // predicate: a skipped step borrows nothing); it goes back when the entry ends.
+    let borrow = step.transaction().map(|t| {
+        let get = quote_spanned!(t.span()=> __pgflow_tx.get::<#t>());
+        quote! {
+            let mut __pgflow_tx = ::pgflow::__private::Borrowed::take(&__pgflow_ctx)?;
+            let __pgflow_tx_ref: &mut #t = #get?;
+        }
+    });
     let err_span = step
         .error
         .as_ref()
@@ -788,6 +800,7 @@ fn entry_tokens(
                 #inputs_binding
                 #(#takes)*
                 #predicate
+                #borrow
                 let __pgflow_out: #out_ty = match <#self_ty>::#fn_name(#(#call_args),*).await {
                     #result::Ok(__pgflow_value) => __pgflow_value,
                     #result::Err(__pgflow_err) => return #result::Err(#into_err),

@@ -40,6 +40,8 @@ pub(crate) struct Step {
 pub(crate) enum Arg {
     Data(Box<DataParam>),
     Context,
+    /// `tx: &mut T`: the transaction the executor lends (its `T`).
+    Transaction(Box<Type>),
 }
 
 pub(crate) struct DataParam {
@@ -52,7 +54,15 @@ impl Step {
     pub(crate) fn data_params(&self) -> impl Iterator<Item = &DataParam> {
         self.args.iter().filter_map(|a| match a {
             Arg::Data(d) => Some(&**d),
-            Arg::Context => None,
+            Arg::Context | Arg::Transaction(_) => None,
+        })
+    }
+
+    /// The `T` of its `&mut T` transaction parameter, if it takes one.
+    pub(crate) fn transaction(&self) -> Option<&Type> {
+        self.args.iter().find_map(|a| match a {
+            Arg::Transaction(t) => Some(&**t),
+            _ => None,
         })
     }
 
@@ -209,10 +219,20 @@ fn parse_step(sig: &syn::Signature, attr: StepAttr, self_ty: &Type, cx: &mut Ctx
                         );
                         param_errors = true;
                     }
+                    ParamType::Transaction(inner) => {
+                        if args.iter().any(|a| matches!(a, Arg::Transaction(_))) {
+                            cx.error_spanned_by(
+                                &pt.ty,
+                                "a step takes at most one transaction (`&mut` parameter): the writes it makes commit with the step's completion",
+                            );
+                            param_errors = true;
+                        }
+                        args.push(Arg::Transaction(Box::new(replace_self(&inner, self_ty))));
+                    }
                     ParamType::Reference => {
                         cx.error_spanned_by(
                             &pt.ty,
-                            "step parameters are owned values (deserialized from the parent's output): take `T`, not `&T` (the step context is recognized by its name: `&StepContext`)",
+                            "step parameters are owned values (deserialized from the parent's output): take `T`, not `&T` (the step context is recognized by its name: `&StepContext`; a transaction is a `&mut` parameter, e.g. `tx: &mut sqlx::PgConnection`)",
                         );
                         param_errors = true;
                     }
@@ -330,6 +350,8 @@ fn replace_self(ty: &Type, self_ty: &Type) -> Type {
 enum ParamType {
     Data,
     Context,
+    /// `&mut T` (not the context): a transaction of type `T`.
+    Transaction(Box<Type>),
     ContextMut,
     ContextByValue,
     Reference,
@@ -354,6 +376,8 @@ fn classify_type(ty: &Type) -> ParamType {
                 } else {
                     ParamType::Context
                 }
+            } else if r.mutability.is_some() {
+                ParamType::Transaction(r.elem.clone())
             } else {
                 ParamType::Reference
             }

@@ -45,7 +45,7 @@ pub(crate) async fn run(
             },
         );
     }
-    let outcome = attempt(&engine, flow, &task, token, cost.clone())
+    let (outcome, lent) = attempt(&engine, flow, &task, token, cost.clone())
         .instrument(span)
         .await;
     let completion = Completion {
@@ -60,6 +60,21 @@ pub(crate) async fn run(
         outcome,
         cost_cents: cost.total(),
         usage: cost.usage(),
+    };
+    // A transactional step's completion is applied in the attempt's own transaction,
+    // with the step's writes; what else it comes to goes to the flusher as usual.
+    let completion = match lent {
+        Some(lent) => match commit_with_writes(&engine, lent, completion).await {
+            None => {
+                if let Ok(mut m) = engine.in_flight.lock() {
+                    m.remove(&key);
+                }
+                drop(permit);
+                return;
+            }
+            Some(c) => c,
+        },
+        None => completion,
     };
     if let Ok(mut m) = engine.in_flight.lock() {
         m.remove(&key);
@@ -77,13 +92,104 @@ pub(crate) async fn run(
     drop(permit);
 }
 
-/// One attempt of the task's step, classified.
+/// Applies a transactional step's completion in the transaction its attempt wrote in,
+/// and commits both; `None` once done. A completion that does not end well (a
+/// failure, a retry, a claim lost to the fence) rolls the writes back and is handed
+/// back for the flusher (`Some`), as is a success the database refuses: it becomes
+/// the step's failure, without its writes. A transient error (a lost connection, a
+/// deadlock) gives the task back, attempt not counted: it runs again, writes and all.
+async fn commit_with_writes(
+    engine: &Engine,
+    lent: pgflow::Transaction,
+    mut completion: Completion,
+) -> Option<Completion> {
+    let ends_well = matches!(
+        completion.outcome,
+        Outcome::Succeeded(_) | Outcome::Skipped { .. } | Outcome::StartChild(_) | Outcome::FanOut
+    );
+    let Some(pg) = lent.into_inner::<crate::PgTransaction>() else {
+        // still borrowed (cannot be: the attempt ended) or not ours: nothing to commit
+        warn!("pgflow: a step's transaction was not given back; its writes are rolled back");
+        completion.outcome = Outcome::Release;
+        return Some(completion);
+    };
+    let mut tx = pg.into_inner();
+    if !ends_well {
+        drop(tx); // rolled back
+        return Some(completion);
+    }
+    let notify_all = &mut |_: &str| true;
+    let applied = crate::store::flush::apply(
+        &mut tx,
+        &engine.catalog,
+        &engine.instance_id,
+        std::slice::from_ref(&completion),
+        notify_all,
+    )
+    .await;
+    match applied {
+        Ok(flushed) if flushed.rejected.is_empty() => match tx.commit().await {
+            Ok(()) => {
+                crate::engine::flusher::after_flush(engine, &flushed, 1);
+                None
+            }
+            Err(e) => {
+                warn!(error = %e, "pgflow: committing a transactional step failed; it runs again");
+                completion.outcome = Outcome::Release;
+                Some(completion)
+            }
+        },
+        // the claim was lost: neither the writes nor the completion apply
+        Ok(flushed) => {
+            drop(tx);
+            crate::engine::flusher::after_flush(engine, &flushed, 1);
+            None
+        }
+        Err(e) => {
+            drop(tx);
+            if crate::store::is_content_error(&e) {
+                let reason = e
+                    .as_database_error()
+                    .map_or_else(|| e.to_string(), ToString::to_string);
+                let err = StepError::permanent(format!(
+                    "the database refused the step's result or writes: {reason}"
+                ));
+                let attempt = u32::try_from(completion.attempt).unwrap_or(1);
+                completion.outcome = Outcome::Failed {
+                    history: vec![AttemptFailure::new(attempt, &err)],
+                    element: completion.element.and_then(|e| usize::try_from(e).ok()),
+                };
+            } else {
+                warn!(error = %e, "pgflow: applying a transactional step failed; it runs again");
+                completion.outcome = Outcome::Release;
+            }
+            Some(completion)
+        }
+    }
+}
+
+/// One attempt of the task's step, classified, with the transaction it wrote in
+/// for a transactional step.
 async fn attempt(
     engine: &Engine,
     flow: Option<&Entry>,
     task: &Claimed,
     token: i64,
     cost: CostMeter,
+) -> (Outcome, Option<pgflow::Transaction>) {
+    let mut lent = None;
+    let outcome = attempt_in(engine, flow, task, token, cost, &mut lent).await;
+    (outcome, lent)
+}
+
+/// [`attempt`]; a transactional step's transaction is left in `lent`.
+async fn attempt_in(
+    engine: &Engine,
+    flow: Option<&Entry>,
+    task: &Claimed,
+    token: i64,
+    cost: CostMeter,
+    lent: &mut Option<pgflow::Transaction>,
 ) -> Outcome {
     if !matches!(task.run_status.parse::<RunStatus>(), Ok(RunStatus::Running)) {
         return Outcome::Discard;
@@ -123,15 +229,28 @@ async fn attempt(
         }
     }
     let cancel = engine.cancel_token(task.run_id);
-    let ctx = StepContext::builder(flow.def.name(), step.name())
+    let mut ctx = StepContext::builder(flow.def.name(), step.name())
         .run_id(RunId(task.run_id))
         .attempt(attempt)
         .element(element)
         .data(Arc::clone(&engine.data))
         .cost(cost)
-        .cancel(cancel)
-        .build();
-    let result = policy::run_attempt(step, inputs, ctx).await;
+        .cancel(cancel);
+    if step.transactional() {
+        match engine.pool.begin().await {
+            Ok(tx) => {
+                let tx = pgflow::Transaction::new(crate::PgTransaction::new(tx));
+                ctx = ctx.transaction(tx.clone());
+                *lent = Some(tx);
+            }
+            Err(e) => {
+                engine.release_cancel_token(task.run_id);
+                warn!(error = %e, "pgflow: could not begin a step's transaction; the task is given back");
+                return Outcome::Release;
+            }
+        }
+    }
+    let result = policy::run_attempt(step, inputs, ctx.build()).await;
     engine.release_cancel_token(task.run_id);
     let result = match result {
         Ok(StepOutput::Subflow(start)) => match child_run(engine, start) {

@@ -52,35 +52,42 @@ pub(crate) async fn run(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<Flu
                 debounce.due(q.to_owned(), engine.config.notify_debounce)
             })
             .await;
-            let c = &engine.counters;
-            Engine::count(&c.flushes, 1);
-            Engine::count(
-                &c.completions,
-                size.saturating_sub(flushed.rejected.len() as u64),
-            );
-            Engine::count(&c.rejected, flushed.rejected.len() as u64);
-            Engine::count(&c.runs_finished, flushed.finished_runs.len() as u64);
-            for id in &flushed.rejected {
-                warn!(
-                    task_id = id,
-                    "pgflow: completion rejected: the claim was lost (lease expired and the task was claimed again)"
-                );
-            }
             // Durable now: their places are free again.
             drop(slots);
-            log_finished(&flushed);
-            engine.wake_waiters(&flushed.finished_runs);
-            for &run in &flushed.cancelled_runs {
-                engine.cancel_local(run);
-            }
-            engine.wake_waiters(&flushed.cancelled_runs);
-            for q in &flushed.queues {
-                engine.wake_queue(q);
-            }
+            after_flush(&engine, &flushed, size);
         }
         for ack in barriers {
             let _ = ack.send(());
         }
+    }
+}
+
+/// What follows a committed flush of `size` completions: counters, the log of
+/// rejected completions and finished runs, local cancels, waiters and claimers
+/// woken.
+pub(crate) fn after_flush(engine: &Engine, flushed: &Flushed, size: u64) {
+    let c = &engine.counters;
+    Engine::count(&c.flushes, 1);
+    Engine::count(
+        &c.completions,
+        size.saturating_sub(flushed.rejected.len() as u64),
+    );
+    Engine::count(&c.rejected, flushed.rejected.len() as u64);
+    Engine::count(&c.runs_finished, flushed.finished_runs.len() as u64);
+    for id in &flushed.rejected {
+        warn!(
+            task_id = id,
+            "pgflow: completion rejected: the claim was lost (lease expired and the task was claimed again)"
+        );
+    }
+    log_finished(flushed);
+    engine.wake_waiters(&flushed.finished_runs);
+    for &run in &flushed.cancelled_runs {
+        engine.cancel_local(run);
+    }
+    engine.wake_waiters(&flushed.cancelled_runs);
+    for q in &flushed.queues {
+        engine.wake_queue(q);
     }
 }
 
