@@ -56,6 +56,41 @@ impl Chain1 {
     }
 }
 
+/// One trivial step of a tenant's run (the fairness scenario): the input is (tenant,
+/// n); the run's key is the tenant. Records when tenant `b`'s runs start.
+pub struct Tenant1;
+
+#[workflow(name = "bench_tenant1", queue = "bench", key = Self::tenant)]
+impl Tenant1 {
+    #[step]
+    async fn only(input: (String, u64), ctx: &StepContext) -> Result<u64, StepError> {
+        if let Ok(seen) = ctx.data::<Arc<Started>>() {
+            if input.0 == "b" {
+                if let Ok(mut m) = seen.0.lock() {
+                    m.entry(input.1).or_insert_with(Instant::now);
+                }
+            } else {
+                // when A's last step ran, in µs after `seen.1`
+                let at = u64::try_from(seen.1.elapsed().as_micros()).unwrap_or(u64::MAX);
+                seen.2.fetch_max(at, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(input.1 + 1)
+    }
+
+    fn tenant(input: &(String, u64)) -> &str {
+        &input.0
+    }
+}
+
+/// When each of tenant B's runs started its first step, by input number; and when
+/// tenant A's last step ran (µs after the instant).
+pub struct Started(
+    Mutex<std::collections::HashMap<u64, Instant>>,
+    Instant,
+    std::sync::atomic::AtomicU64,
+);
+
 /// Records when its first step starts (for the latency scenario).
 #[derive(Default)]
 pub struct FirstStep(Mutex<Option<Instant>>);
@@ -235,7 +270,7 @@ struct Args {
     prune_after: Option<u64>,
 }
 
-const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline|map|parked|drain|raw|signals] [--n N] [--elements E] [--duration SECS] [--prune-after SECS] [--concurrency C] [--database NAME]";
+const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline|map|parked|drain|raw|signals|fairness] [--n N] [--elements E] [--duration SECS] [--prune-after SECS] [--concurrency C] [--database NAME]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -847,6 +882,91 @@ async fn sustained(duration: u64, concurrency: usize, prune_after: Option<u64>) 
     Ok(())
 }
 
+/// Tenant B's start -> first-step latencies (ms, sorted) for one run every 10 ms while
+/// `a` runs of tenant A are started (in batches of 1,000, as fast as they go) and
+/// worked off; and A's throughput (runs/s). `fair`: the queue is claimed fairly.
+async fn tenants(a: u64, concurrency: usize, fair: bool) -> BenchResult<(Vec<f64>, f64)> {
+    let url = fresh_database(db_name()).await?;
+    let started = Arc::new(Started(Mutex::default(), Instant::now(), 0.into()));
+    let mut b = Runtime::builder()
+        .database_url(&url)
+        .instance_id("bench")
+        .max_connections(8)
+        .data(Arc::clone(&started));
+    b = if fair {
+        b.fair_queue("bench", concurrency)
+    } else {
+        b.queue("bench", concurrency)
+    };
+    let rt = b.start().await?;
+    let t0 = Instant::now();
+    let producer = {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            let mut next = 0;
+            while next < a {
+                let end = (next + 1_000).min(a);
+                rt.start_many::<Tenant1>((next..end).map(|i| ("a".to_owned(), i)))
+                    .await?;
+                next = end;
+            }
+            Ok::<_, pgflow_runtime::Error>(())
+        })
+    };
+    // B: one run every 10 ms until A is done (at least 200 of them)
+    let mut b_starts = Vec::new();
+    let mut i = 0_u64;
+    loop {
+        let finished = rt.stats().runs_finished;
+        if finished >= a + i && i >= 200 {
+            break;
+        }
+        b_starts.push((i, Instant::now()));
+        rt.start::<Tenant1>(("b".to_owned(), i)).await?;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    producer.await.map_err(|e| e.to_string())??;
+    wait_finished(&rt, a + i).await;
+    // A's throughput: its runs over the time to its last step; B's latencies: the
+    // runs started while A still had work (all of them when A has none)
+    let a_done =
+        started.1 + Duration::from_micros(started.2.load(std::sync::atomic::Ordering::Relaxed));
+    let secs = a_done.duration_since(t0).as_secs_f64();
+    let seen = started.0.lock().map_err(|_| "poisoned")?.clone();
+    let mut ms: Vec<f64> = b_starts
+        .iter()
+        .filter(|(_, at)| a == 0 || *at < a_done)
+        .filter_map(|(k, at)| Some(seen.get(k)?.duration_since(*at).as_secs_f64() * 1e3))
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    rt.shutdown().await?;
+    Ok((ms, a as f64 / secs.max(1e-9)))
+}
+
+/// The fairness scenario: tenant A's backlog of `a` runs next to tenant B's trickle,
+/// in a fair queue and in an ordinary one, against B alone and plain chain1.
+async fn fairness(a: u64, concurrency: usize) -> BenchResult<()> {
+    let plain = throughput::<Chain1>("fairness_plain_chain1", a, 1, concurrency).await?;
+    let (alone, _) = tenants(0, concurrency, true).await?;
+    let (fair, a_fair) = tenants(a, concurrency, true).await?;
+    let (fifo, a_fifo) = tenants(a, concurrency, false).await?;
+    let p = |v: &[f64], q| percentile(v, q);
+    println!(
+        "BENCH scenario=fairness a_runs={a} b_runs={} plain_chain1_runs_per_sec={plain:.0} a_fair_runs_per_sec={a_fair:.0} a_over_plain={:.2} b_alone_p50_ms={:.2} b_alone_p99_ms={:.2} b_fair_p50_ms={:.2} b_fair_p99_ms={:.2} fair_p99_over_alone={:.2} b_fifo_p50_ms={:.1} b_fifo_p99_ms={:.1} a_fifo_runs_per_sec={a_fifo:.0}",
+        fair.len(),
+        a_fair / plain,
+        p(&alone, 0.5),
+        p(&alone, 0.99),
+        p(&fair, 0.5),
+        p(&fair, 0.99),
+        p(&fair, 0.99) / p(&alone, 0.99),
+        p(&fifo, 0.5),
+        p(&fifo, 0.99),
+    );
+    Ok(())
+}
+
 async fn run(args: Args) -> BenchResult<()> {
     let _ = DATABASE.set(args.database.clone());
     let all = args.scenario.is_none();
@@ -864,6 +984,7 @@ async fn run(args: Args) -> BenchResult<()> {
         "drain",
         "raw",
         "signals",
+        "fairness",
     ];
     if let Some(s) = &args.scenario {
         if !known.contains(&s.as_str()) {
@@ -892,6 +1013,10 @@ async fn run(args: Args) -> BenchResult<()> {
     }
     if args.scenario.as_deref() == Some("parked") {
         parked(args.n, 100_000, args.concurrency).await?;
+    }
+    if args.scenario.as_deref() == Some("fairness") {
+        let a = if args.n_given { args.n } else { 100_000 };
+        fairness(a, args.concurrency).await?;
     }
     if args.scenario.as_deref() == Some("signals") {
         let runs = if args.n_given { args.n } else { 10_000 };

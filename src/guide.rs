@@ -37,6 +37,9 @@ pub mod transactional_steps {}
 #[doc = include_str!("../docs/guide/costs-and-budgets.md")]
 pub mod costs_and_budgets {}
 
+#[doc = include_str!("../docs/guide/flow-control.md")]
+pub mod flow_control {}
+
 #[doc = include_str!("../docs/guide/operating.md")]
 pub mod operating {}
 

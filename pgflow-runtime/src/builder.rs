@@ -64,6 +64,29 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Serves `queue` like [`queue`](Self::queue), claiming **fairly across run keys**
+    /// (`#[workflow(key = ..)]`, `StartOptions::key`): each claim serves the keys
+    /// with due tasks in turn (round robin, equal shares of the batch), so one
+    /// tenant's backlog of 100,000 runs does not delay another tenant's trickle.
+    /// Tasks without a key are served in arrival order as one more share. Costs an
+    /// index probe per key served; an ordinary queue claims in priority and arrival
+    /// order only.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), pgflow_runtime::Error> {
+    /// let rt = pgflow_runtime::Runtime::builder()
+    ///     .fair_queue("llm", 32)
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn fair_queue(mut self, queue: impl Into<String>, concurrency: usize) -> Self {
+        let queue = queue.into();
+        self.config.fair_queues.push(queue.clone());
+        self.queues.push((queue, concurrency));
+        self
+    }
+
     /// This instance's id (default: `$INSTANCE_ID`, else `host-pid`).
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
         self.instance_id = Some(id.into());

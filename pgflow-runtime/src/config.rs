@@ -40,6 +40,8 @@ pub(crate) struct Config {
     pub(crate) max_connections: u32,
     /// Pruning of finished runs (`None`: kept forever).
     pub(crate) retention: Option<crate::Retention>,
+    /// Queues claimed round robin across run keys (`RuntimeBuilder::fair_queue`).
+    pub(crate) fair_queues: Vec<String>,
 }
 
 impl Default for Config {
@@ -60,6 +62,7 @@ impl Default for Config {
             max_connections: 10,
             vacuum_interval: Some(Duration::from_secs(2)),
             retention: None,
+            fair_queues: Vec::new(),
         }
     }
 }

@@ -164,6 +164,7 @@ pub async fn explain_claim(rt: &Runtime, queue: &str, limit: usize) -> Result<Ve
         token: 1,
         queue,
         limit,
+        fair: None,
     };
     Ok(store::tasks::explain_claim(&mut conn, &rt.engine.catalog, req).await?)
 }

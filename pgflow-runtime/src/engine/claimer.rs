@@ -12,6 +12,23 @@ use tracing::warn;
 use crate::engine::{Backoff, Engine, executor, sleep_or_shutdown};
 use crate::store::tasks::{self, ClaimRequest};
 
+/// The most keys one claim of a fair queue serves: a claim walks one index probe per
+/// key; the next claim goes on after the last key served.
+const FAIR_KEYS_PER_CLAIM: i64 = 64;
+
+/// Where a fair queue's next claim starts: after the last key this one served when
+/// it served as many keys as a claim may (there may be more), else from the first.
+fn next_cursor(claimed: &[tasks::Claimed]) -> String {
+    let mut keys: Vec<&str> = claimed.iter().filter_map(|t| t.key.as_deref()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    if keys.len() as i64 >= FAIR_KEYS_PER_CLAIM {
+        keys.last().map_or_else(String::new, |k| (*k).to_owned())
+    } else {
+        String::new()
+    }
+}
+
 /// Claims tasks of `queue` while there are free slots, and spawns their executions;
 /// at shutdown, waits (up to the grace) until every execution gave its slot back.
 pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) {
@@ -20,6 +37,9 @@ pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) 
     let mut shutdown = engine.shutdown_rx();
     let mut conn = None;
     let mut backoff = Backoff::new();
+    // A fair queue serves keys after this one next (round robin across claims).
+    let fair = engine.config.fair_queues.contains(&queue);
+    let mut cursor = String::new();
     loop {
         if *shutdown.borrow() {
             break;
@@ -51,10 +71,14 @@ pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) 
             token,
             queue: &queue,
             limit,
+            fair: fair.then_some((cursor.as_str(), FAIR_KEYS_PER_CLAIM)),
         };
         match tasks::claim(c, &engine.catalog, req).await {
             Ok(claimed) => {
                 backoff.reset();
+                if fair {
+                    cursor = next_cursor(&claimed);
+                }
                 let got = claimed.len();
                 if got > 0 {
                     Engine::count(&engine.counters.claims, 1);
@@ -68,8 +92,10 @@ pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) 
                     };
                     tokio::spawn(executor::run(Arc::clone(&engine), task, token, permit));
                 }
-                if got == limit {
-                    continue; // there may be more
+                // There may be more; a fair claim may also take less than its limit
+                // while more is due (a key with fewer tasks than its share).
+                if got == limit || (fair && got > 0 && slots.available_permits() > 0) {
+                    continue;
                 }
             }
             Err(e) => {

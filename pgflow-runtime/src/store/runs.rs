@@ -175,12 +175,12 @@ pub(crate) async fn start(
                            WHERE p.id = u.parent_run_id AND p.status = 'running' FOR SHARE)
              ORDER BY u.ord
              ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-             RETURNING id, priority, run_at, input
+             RETURNING id, priority, run_at, input, key
          ), ready AS (
              SELECT r.id AS run_id, s.step, $1::text AS workflow, $2::int AS version,
                     $7::text AS queue, s.priority, s.max_attempts, r.run_at, s.delay_ms,
                     s.map_from, r.priority AS run_priority, s.waits_for, s.wait_ms,
-                    CASE WHEN s.map_from < 0 THEN r.input END AS run_input
+                    CASE WHEN s.map_from < 0 THEN r.input END AS run_input, r.key AS run_key
              FROM r CROSS JOIN unnest($8::smallint[], $9::smallint[], $10::int[], $11::smallint[],
                                       $14::bigint[], $15::text[], $16::bigint[])
                  AS s(step, priority, max_attempts, map_from, delay_ms, waits_for, wait_ms)

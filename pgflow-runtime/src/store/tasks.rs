@@ -32,7 +32,7 @@ use crate::store::{millis, step_i16, version_i32};
 
 /// The CTEs that enqueue the rows of a CTE named `ready` (`run_id, step, workflow,
 /// version, queue, priority, max_attempts, run_at, delay_ms, map_from, run_priority,
-/// run_input, waits_for, wait_ms`), which holds only steps of runs still `running`.
+/// run_input, waits_for, wait_ms, run_key`), which holds only steps of runs still `running`.
 /// A step waiting for a signal (`waits_for`, never a map step) is due after its delay
 /// when its run already has the signal, else `wait_ms` later, or never (`wait_ms`
 /// -1: parked until the signal makes it due; see `pgflow.signal_due` in migration
@@ -53,11 +53,11 @@ macro_rules! enqueue_ctes {
         "plain AS (
     -- the common case, kept lean: one task per ready step
     INSERT INTO pgflow.tasks (run_id, step, workflow, version, queue, priority, max_attempts,
-                              run_at, parked, waits_for, delay_until)
+                              run_at, parked, waits_for, delay_until, key)
     SELECT q.run_id, q.step, q.workflow, q.version, q.queue,
            LEAST(GREATEST(q.priority::int + q.run_priority, -32768), 32767)::smallint,
            q.max_attempts, d.due, d.due > now() + interval '1 second', q.waits_for,
-           CASE WHEN q.waits_for IS NOT NULL THEN w.ready END
+           CASE WHEN q.waits_for IS NOT NULL THEN w.ready END, q.run_key
     FROM ready q
     CROSS JOIN LATERAL (SELECT q.run_at + interval '1 millisecond' * q.delay_ms AS ready) w
     CROSS JOIN LATERAL (
@@ -90,16 +90,16 @@ macro_rules! enqueue_ctes {
     ON CONFLICT (run_id, step) DO NOTHING
 ), fanned AS (
     INSERT INTO pgflow.tasks (run_id, step, element, item, workflow, version, queue,
-                              priority, max_attempts, run_at, parked)
+                              priority, max_attempts, run_at, parked, key)
     SELECT t.run_id, t.step, t.element, t.item, t.workflow, t.version, t.queue,
-           t.prio, t.max_attempts, t.due, t.due > now() + interval '1 second'
+           t.prio, t.max_attempts, t.due, t.due > now() + interval '1 second', t.run_key
     FROM (
         SELECT f.run_id, f.step, NULL::int AS element, NULL::jsonb AS item, f.workflow,
-               f.version, f.queue, f.prio, f.max_attempts, f.due
+               f.version, f.queue, f.prio, f.max_attempts, f.due, f.run_key
         FROM fan f WHERE f.n = 0
         UNION ALL
         SELECT f.run_id, f.step, (e.ord - 1)::int, e.item, f.workflow, f.version, f.queue,
-               f.prio, f.max_attempts, f.due
+               f.prio, f.max_attempts, f.due, f.run_key
         FROM fan f CROSS JOIN LATERAL jsonb_array_elements(f.items) WITH ORDINALITY AS e(item, ord)
         WHERE f.n > 0
     ) t
@@ -220,7 +220,7 @@ pub(crate) async fn enqueue(
         "WITH ready AS (
              -- the runs by primary key; only running ones get tasks
              SELECT u.*, now() AS run_at, r.priority AS run_priority,
-                    CASE WHEN u.map_from < 0 THEN r.input END AS run_input
+                    CASE WHEN u.map_from < 0 THEN r.input END AS run_input, r.key AS run_key
              FROM unnest($1::bigint[], $2::smallint[], $3::text[], $4::int[], $5::text[],
                          $6::smallint[], $7::int[], $8::smallint[], $9::bigint[], $10::text[],
                          $11::bigint[])
@@ -277,6 +277,8 @@ pub(crate) struct Claimed {
     pub(crate) child_run_id: Option<i64>,
     /// Its run has a budget: the attempt reserves its step's estimate first.
     pub(crate) budgeted: bool,
+    /// Its run's key.
+    pub(crate) key: Option<String>,
 }
 
 /// The claim statement. The inner SELECT walks `tasks_available` in claim order
@@ -284,7 +286,8 @@ pub(crate) struct Claimed {
 /// task of a map step reads its element (`item`) instead of its parent's whole
 /// output, and the run input only when another parameter takes it.
 macro_rules! claim_sql {
-    () => {
+    ($pick:expr) => {
+        concat!(
         "
 WITH steps AS (
     SELECT * FROM unnest($5::text[], $6::int[], $7::smallint[], $8::bigint[], $9::bool[],
@@ -307,23 +310,12 @@ WITH steps AS (
     -- LOCKED)` the planner may re-run the subquery per row, and each re-run skips
     -- the rows this statement already updated and locks the next n: one claim then
     -- takes thousands of tasks (seen here under load).
-    WHERE t.id = ANY (ARRAY(
-        SELECT a.id FROM pgflow.tasks a
-        WHERE a.queue = $3
-          AND a.claimed_by IS NULL
-          AND NOT a.parked
-          -- an instance declared dead claims nothing until it heartbeats again
-          AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
-          AND a.run_at <= now()
-          AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
-        ORDER BY a.priority DESC, a.run_at, a.id
-        LIMIT $4
-        FOR UPDATE SKIP LOCKED))
+    WHERE t.id = ANY (ARRAY(", $pick, "))
     RETURNING t.id, t.run_id, t.step, t.workflow, t.version, t.attempt, t.errors, t.element,
-              t.item, t.snoozes, t.waits_for, t.child_run_id
+              t.item, t.snoozes, t.waits_for, t.child_run_id, t.key
 )
 SELECT c.id AS task_id, c.run_id, c.step, c.workflow, c.version, c.attempt, c.snoozes,
-       c.child_run_id, (r.budget_cents IS NOT NULL OR r.budget_tokens IS NOT NULL) AS budgeted,
+       c.child_run_id, c.key, (r.budget_cents IS NOT NULL OR r.budget_tokens IS NOT NULL) AS budgeted,
        c.errors::text AS errors, r.status AS run_status,
        CASE WHEN CASE WHEN c.element IS NULL THEN s.needs_input ELSE s.element_needs_input END
             THEN r.input::text END AS input,
@@ -345,13 +337,101 @@ LEFT JOIN LATERAL (
       AND ss.status IN ('completed', 'skipped')
       AND ss.step IN (SELECT e.parent FROM edges e
                       WHERE e.workflow = c.workflow AND e.version = c.version AND e.step = c.step)
-) p ON true"
+) p ON true")
     };
 }
-pub(crate) const CLAIM_SQL: &str = claim_sql!();
+/// The claim's pick in arrival order: the due tasks of the queue by priority, then
+/// due time, then id (index `tasks_available`).
+macro_rules! fifo_pick {
+    () => {
+        "
+        SELECT a.id FROM pgflow.tasks a
+        WHERE a.queue = $3
+          AND a.claimed_by IS NULL
+          AND NOT a.parked
+          -- an instance declared dead claims nothing until it heartbeats again
+          AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
+          AND a.run_at <= now()
+          AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
+        ORDER BY a.priority DESC, a.run_at, a.id
+        LIMIT $4
+        FOR UPDATE SKIP LOCKED"
+    };
+}
+
+/// The claim's pick in a fair queue: round robin across run keys. The keys with due
+/// tasks after the claimer's cursor `$15` (up to `$16` of them) are enumerated by
+/// skipping through `tasks_available_by_key` (one probe per key, however long each
+/// key's backlog); each key offers an equal share of the batch (its own order:
+/// priority, due time, id), and the picks are taken in rounds (every key's first,
+/// then every key's second, ..), so one key's backlog of 100,000 tasks does not delay
+/// another key's one. Tasks without a key are offered from the head of the queue
+/// (`tasks_available`, in arrival order: behind older keyed tasks), one more share.
+macro_rules! fair_pick {
+    () => {
+        "
+        WITH RECURSIVE k AS (
+            (SELECT a.key FROM pgflow.tasks a
+             WHERE a.queue = $3 AND a.key > $15 AND a.key IS NOT NULL
+               AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
+               AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
+             ORDER BY a.key LIMIT 1)
+            UNION ALL
+            SELECT (SELECT a.key FROM pgflow.tasks a
+                    WHERE a.queue = $3 AND a.key > k.key AND a.key IS NOT NULL
+                      AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
+                      AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
+                    ORDER BY a.key LIMIT 1)
+            FROM k WHERE k.key IS NOT NULL
+        ), keys AS MATERIALIZED (
+            SELECT key FROM k
+            WHERE key IS NOT NULL
+              -- an instance declared dead claims nothing until it heartbeats again
+              AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
+            LIMIT $16
+        ), share AS MATERIALIZED (
+            -- rounded up: a batch is filled when every key has enough
+            SELECT CASE WHEN count(*) = 0 THEN $4
+                        ELSE GREATEST(1, ($4 + count(*) - 1) / count(*)) END::bigint AS n
+            FROM keys
+        ), picks AS (
+            SELECT p.id, p.rn, p.priority, p.run_at
+            FROM keys CROSS JOIN LATERAL (
+                SELECT b.id, b.priority, b.run_at,
+                       row_number() OVER (ORDER BY b.priority DESC, b.run_at, b.id) AS rn
+                FROM (SELECT a.id, a.priority, a.run_at FROM pgflow.tasks a
+                      WHERE a.queue = $3 AND a.key = keys.key
+                        AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
+                        AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
+                      ORDER BY a.priority DESC, a.run_at, a.id
+                      LIMIT (SELECT n FROM share)
+                      FOR UPDATE SKIP LOCKED) b
+            ) p
+            UNION ALL
+            SELECT b.id, row_number() OVER (ORDER BY b.priority DESC, b.run_at, b.id),
+                   b.priority, b.run_at
+            FROM (SELECT a.id, a.priority, a.run_at FROM pgflow.tasks a
+                  WHERE a.id IN (SELECT h.id FROM pgflow.tasks h
+                                 WHERE h.queue = $3 AND h.claimed_by IS NULL AND NOT h.parked
+                                   AND h.run_at <= now()
+                                 ORDER BY h.priority DESC, h.run_at, h.id
+                                 LIMIT (SELECT n FROM share))
+                    AND a.key IS NULL
+                    AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
+                    AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
+                  FOR UPDATE SKIP LOCKED) b
+        )
+        SELECT id FROM picks ORDER BY rn, priority DESC, run_at, id LIMIT $4"
+    };
+}
+
+pub(crate) const CLAIM_SQL: &str = claim_sql!(fifo_pick!());
+/// The claim of a fair queue (see [`fair_pick!`]); also binds `$15` (the cursor
+/// key) and `$16` (the most keys one claim serves).
+pub(crate) const FAIR_CLAIM_SQL: &str = claim_sql!(fair_pick!());
 
 /// `EXPLAIN` of [`CLAIM_SQL`].
-const EXPLAIN_CLAIM_SQL: &str = concat!("EXPLAIN ", claim_sql!());
+const EXPLAIN_CLAIM_SQL: &str = concat!("EXPLAIN ", claim_sql!(fifo_pick!()));
 
 /// What one claim asks for.
 #[derive(Debug, Clone, Copy)]
@@ -364,6 +444,9 @@ pub(crate) struct ClaimRequest<'a> {
     pub(crate) queue: &'a str,
     /// The most tasks to take.
     pub(crate) limit: usize,
+    /// A fair queue's claim: the cursor key (serve keys after it; `""` from the
+    /// first) and the most keys to serve.
+    pub(crate) fair: Option<(&'a str, i64)>,
 }
 
 fn claim_query<'q>(
@@ -372,7 +455,7 @@ fn claim_query<'q>(
     req: ClaimRequest<'q>,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let c = &catalog.claim;
-    sqlx::query(sql)
+    let query = sqlx::query(sql)
         .bind(req.instance)
         .bind(req.token)
         .bind(req.queue)
@@ -386,7 +469,11 @@ fn claim_query<'q>(
         .bind(&c.edge_version)
         .bind(&c.edge_step)
         .bind(&c.edge_parent)
-        .bind(&c.step_element_needs_input)
+        .bind(&c.step_element_needs_input);
+    match req.fair {
+        Some((cursor, keys)) => query.bind(cursor).bind(keys),
+        None => query,
+    }
 }
 
 /// Claims up to `req.limit` due tasks of `req.queue` (see the module docs).
@@ -396,7 +483,12 @@ pub(crate) async fn claim(
     req: ClaimRequest<'_>,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     use sqlx::FromRow;
-    let rows = claim_query(CLAIM_SQL, catalog, req).fetch_all(conn).await?;
+    let sql = if req.fair.is_some() {
+        FAIR_CLAIM_SQL
+    } else {
+        CLAIM_SQL
+    };
+    let rows = claim_query(sql, catalog, req).fetch_all(conn).await?;
     rows.iter().map(Claimed::from_row).collect()
 }
 
