@@ -3,9 +3,11 @@
 //! one claim serves are all served (the cursor goes round); runs without a key are
 //! served too.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgflow::{StepError, workflow};
+use pgflow::{StepContext, StepError, workflow};
 use pgflow_runtime::{Runtime, StartOptions};
 use pgflow_suite::support::settle;
 use sqlx::PgPool;
@@ -125,4 +127,88 @@ async fn rt_start(
     opts: StartOptions,
 ) -> pgflow::RunId {
     rt.start_with::<Job>(conn, 0, opts).await.unwrap().id()
+}
+
+/// Per key: (running now, most seen at once).
+#[derive(Default)]
+pub struct Concurrency(Mutex<HashMap<String, (u32, u32)>>);
+
+pub struct Limited;
+
+#[workflow(name = "fair_limited", queue = "limited", key = Self::tenant)]
+impl Limited {
+    #[step]
+    async fn call(input: (String, u64), ctx: &StepContext) -> Result<u64, StepError> {
+        let seen = ctx.data::<Arc<Concurrency>>()?;
+        if let Ok(mut m) = seen.0.lock() {
+            let e = m.entry(input.0.clone()).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(e.0);
+        }
+        tokio::time::sleep(Duration::from_millis(input.1)).await;
+        if let Ok(mut m) = seen.0.lock() {
+            if let Some(e) = m.get_mut(&input.0) {
+                e.0 -= 1;
+            }
+        }
+        Ok(input.1)
+    }
+
+    fn tenant(input: &(String, u64)) -> &str {
+        &input.0
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_key_limit_holds_across_instances(pool: PgPool) {
+    let seen = Arc::new(Concurrency::default());
+    // two instances, 8 slots each, at most 2 running tasks per key between them
+    let mut instances = Vec::new();
+    for id in ["limited-1", "limited-2"] {
+        let rt = Runtime::builder()
+            .pool(pool.clone())
+            .instance_id(id)
+            .queue("limited", 8)
+            .key_concurrency("limited", 2)
+            .data(Arc::clone(&seen))
+            .poll_interval(Duration::from_millis(20))
+            .start()
+            .await
+            .unwrap();
+        instances.push(rt);
+    }
+    let rt = &instances[0];
+    let mut inputs: Vec<(String, u64)> = (0..30).map(|_| ("a".to_owned(), 30)).collect();
+    inputs.extend((0..6).map(|_| ("b".to_owned(), 30)));
+    let ids = rt.start_many::<Limited>(inputs).await.unwrap();
+    let started = Instant::now();
+    for id in ids {
+        settle::<u64>(rt, id).await.unwrap();
+    }
+    let m = seen.0.lock().unwrap().clone();
+    assert_eq!(m["a"].1, 2, "{m:?}");
+    assert_eq!(m["b"].1, 2, "{m:?}");
+    // 30 tasks of `a`, two at a time, 30 ms each: at least 15 rounds
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    let running: Vec<(String, i32)> =
+        sqlx::query_as("SELECT key, running FROM pgflow.key_slots ORDER BY key")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(running, [("a".to_owned(), 0), ("b".to_owned(), 0)]);
+    let limit0 = Runtime::builder()
+        .pool(pool.clone())
+        .instance_id("limited-0")
+        .queue("limited", 1)
+        .key_concurrency("limited", 0)
+        .start()
+        .await;
+    assert!(limit0.is_err());
+    for rt in instances {
+        rt.shutdown().await.unwrap();
+    }
 }

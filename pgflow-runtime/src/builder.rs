@@ -87,6 +87,26 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Runs at most `limit` tasks of one run key at once in `queue` (a queue this
+    /// runtime serves), across every instance that serves it with the same limit:
+    /// e.g. at most 2 LLM calls per tenant. A task over the limit stays queued,
+    /// holding no slot, until one of its key's tasks ends. Implies fair claiming
+    /// (see [`fair_queue`](Self::fair_queue)); tasks without a key are not limited.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), pgflow_runtime::Error> {
+    /// let rt = pgflow_runtime::Runtime::builder()
+    ///     .queue("llm", 32)
+    ///     .key_concurrency("llm", 2)
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn key_concurrency(mut self, queue: impl Into<String>, limit: u32) -> Self {
+        self.config.key_limits.push((queue.into(), limit));
+        self
+    }
+
     /// This instance's id (default: `$INSTANCE_ID`, else `host-pid`).
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
         self.instance_id = Some(id.into());
@@ -247,6 +267,13 @@ impl RuntimeBuilder {
             if *c == 0 || q.is_empty() {
                 return Err(Error::Config(format!(
                     "queue {q:?} needs a name and a concurrency of at least 1"
+                )));
+            }
+        }
+        for (q, limit) in &self.config.key_limits {
+            if *limit == 0 || !self.queues.iter().any(|(s, _)| s == q) {
+                return Err(Error::Config(format!(
+                    "key_concurrency({q:?}, {limit}): the limit must be at least 1, on a queue this runtime serves"
                 )));
             }
         }

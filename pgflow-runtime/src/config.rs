@@ -42,6 +42,8 @@ pub(crate) struct Config {
     pub(crate) retention: Option<crate::Retention>,
     /// Queues claimed round robin across run keys (`RuntimeBuilder::fair_queue`).
     pub(crate) fair_queues: Vec<String>,
+    /// Queues with a concurrency limit per run key (`RuntimeBuilder::key_concurrency`).
+    pub(crate) key_limits: Vec<(String, u32)>,
 }
 
 impl Default for Config {
@@ -63,6 +65,7 @@ impl Default for Config {
             vacuum_interval: Some(Duration::from_secs(2)),
             retention: None,
             fair_queues: Vec::new(),
+            key_limits: Vec::new(),
         }
     }
 }

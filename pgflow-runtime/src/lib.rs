@@ -165,6 +165,7 @@ pub async fn explain_claim(rt: &Runtime, queue: &str, limit: usize) -> Result<Ve
         queue,
         limit,
         fair: None,
+        key_limit: None,
     };
     Ok(store::tasks::explain_claim(&mut conn, &rt.engine.catalog, req).await?)
 }

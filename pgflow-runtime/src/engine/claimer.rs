@@ -38,7 +38,13 @@ pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) 
     let mut conn = None;
     let mut backoff = Backoff::new();
     // A fair queue serves keys after this one next (round robin across claims).
-    let fair = engine.config.fair_queues.contains(&queue);
+    let key_limit = engine
+        .config
+        .key_limits
+        .iter()
+        .find(|(q, _)| *q == queue)
+        .map(|(_, n)| i32::try_from(*n).unwrap_or(i32::MAX));
+    let fair = key_limit.is_some() || engine.config.fair_queues.contains(&queue);
     let mut cursor = String::new();
     loop {
         if *shutdown.borrow() {
@@ -72,6 +78,7 @@ pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) 
             queue: &queue,
             limit,
             fair: fair.then_some((cursor.as_str(), FAIR_KEYS_PER_CLAIM)),
+            key_limit,
         };
         match tasks::claim(c, &engine.catalog, req).await {
             Ok(claimed) => {

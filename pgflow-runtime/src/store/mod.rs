@@ -11,6 +11,7 @@
 //! - [`definitions`]: the stored step tables.
 //! - [`schedules`]: cron schedules — registering, firing (locked, fenced on the row),
 //!   listing, removing.
+//! - [`slots`]: concurrency slots per run key (queues with a key limit).
 //! - [`signals`]: sending a signal (the SQL function `pgflow.signal`).
 //! - [`subflows`]: child runs — linking a parent's task to its child, waking it.
 //! - [`usage`]: the usage ledger as tools read it.
@@ -36,6 +37,7 @@ pub(crate) mod retention;
 pub(crate) mod runs;
 pub(crate) mod schedules;
 pub(crate) mod signals;
+pub(crate) mod slots;
 pub(crate) mod steps;
 pub(crate) mod subflows;
 pub(crate) mod tasks;

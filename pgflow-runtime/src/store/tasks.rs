@@ -384,8 +384,14 @@ macro_rules! fair_pick {
                     ORDER BY a.key LIMIT 1)
             FROM k WHERE k.key IS NOT NULL
         ), keys AS MATERIALIZED (
-            SELECT key FROM k
-            WHERE key IS NOT NULL
+            -- with a key limit `$17`: only keys with a free slot, each offering at
+            -- most its free slots (`room`; the claim then takes the slots for real)
+            SELECT k.key,
+                   CASE WHEN $17::int IS NOT NULL THEN $17 - COALESCE(s.running, 0) END AS room
+            FROM k
+            LEFT JOIN pgflow.key_slots s ON $17::int IS NOT NULL AND s.queue = $3 AND s.key = k.key
+            WHERE k.key IS NOT NULL
+              AND ($17::int IS NULL OR $17 - COALESCE(s.running, 0) > 0)
               -- an instance declared dead claims nothing until it heartbeats again
               AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
             LIMIT $16
@@ -407,6 +413,7 @@ macro_rules! fair_pick {
                       LIMIT (SELECT n FROM share)
                       FOR UPDATE SKIP LOCKED) b
             ) p
+            WHERE keys.room IS NULL OR p.rn <= keys.room
             UNION ALL
             SELECT b.id, row_number() OVER (ORDER BY b.priority DESC, b.run_at, b.id),
                    b.priority, b.run_at
@@ -427,7 +434,7 @@ macro_rules! fair_pick {
 
 pub(crate) const CLAIM_SQL: &str = claim_sql!(fifo_pick!());
 /// The claim of a fair queue (see [`fair_pick!`]); also binds `$15` (the cursor
-/// key) and `$16` (the most keys one claim serves).
+/// key), `$16` (the most keys one claim serves) and `$17` (the key limit, or NULL).
 pub(crate) const FAIR_CLAIM_SQL: &str = claim_sql!(fair_pick!());
 
 /// `EXPLAIN` of [`CLAIM_SQL`].
@@ -447,6 +454,9 @@ pub(crate) struct ClaimRequest<'a> {
     /// A fair queue's claim: the cursor key (serve keys after it; `""` from the
     /// first) and the most keys to serve.
     pub(crate) fair: Option<(&'a str, i64)>,
+    /// The queue's key limit: at most this many running tasks per key (a fair
+    /// claim, whose slots are taken in the claim's transaction).
+    pub(crate) key_limit: Option<i32>,
 }
 
 fn claim_query<'q>(
@@ -471,7 +481,7 @@ fn claim_query<'q>(
         .bind(&c.edge_parent)
         .bind(&c.step_element_needs_input);
     match req.fair {
-        Some((cursor, keys)) => query.bind(cursor).bind(keys),
+        Some((cursor, keys)) => query.bind(cursor).bind(keys).bind(req.key_limit),
         None => query,
     }
 }
@@ -483,13 +493,35 @@ pub(crate) async fn claim(
     req: ClaimRequest<'_>,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     use sqlx::FromRow;
-    let sql = if req.fair.is_some() {
-        FAIR_CLAIM_SQL
-    } else {
-        CLAIM_SQL
+    let Some(limit) = req.key_limit else {
+        let sql = if req.fair.is_some() {
+            FAIR_CLAIM_SQL
+        } else {
+            CLAIM_SQL
+        };
+        let rows = claim_query(sql, catalog, req).fetch_all(conn).await?;
+        return rows.iter().map(Claimed::from_row).collect();
     };
-    let rows = claim_query(sql, catalog, req).fetch_all(conn).await?;
-    rows.iter().map(Claimed::from_row).collect()
+    // A key limit: the claim and its slots in one transaction (see `store::slots`).
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
+    let rows = claim_query(FAIR_CLAIM_SQL, catalog, req)
+        .fetch_all(&mut *tx)
+        .await?;
+    let claimed: Vec<Claimed> = rows
+        .iter()
+        .map(Claimed::from_row)
+        .collect::<Result<_, _>>()?;
+    let keyed: Vec<(i64, String)> = claimed
+        .iter()
+        .filter_map(|c| Some((c.task_id, c.key.clone()?)))
+        .collect();
+    let granted = crate::store::slots::take(&mut tx, req.queue, limit, req.token, &keyed).await?;
+    tx.commit().await?;
+    Ok(claimed
+        .into_iter()
+        .filter(|c| c.key.is_none() || granted.contains(&c.task_id))
+        .collect())
 }
 
 /// The plan of the claim statement with these parameters (`EXPLAIN`, not run).
@@ -631,11 +663,18 @@ pub(crate) async fn of_run(
 /// that holds one, and makes any later completion of an attempt still executing fail
 /// its fence.
 pub(crate) async fn delete_of_run(conn: &mut PgConnection, run_id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM pgflow.tasks WHERE run_id = $1")
-        .bind(run_id)
-        .execute(conn)
-        .await?;
-    Ok(())
+    // the concurrency slots their claims held go back with them
+    let slots: Vec<(String, String)> = sqlx::query_as(
+        "DELETE FROM pgflow.tasks WHERE run_id = $1
+         RETURNING CASE WHEN holds_slot THEN queue END, CASE WHEN holds_slot THEN key END",
+    )
+    .bind(run_id)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .filter_map(|(q, k): (Option<String>, Option<String>)| Some((q?, k?)))
+    .collect();
+    crate::store::slots::release(conn, &slots).await
 }
 
 /// How long a lease lasts, as the claim statement binds it.

@@ -28,6 +28,8 @@ pub(super) async fn fence<'b>(
     // value is when the attempt started (its claim), for a completion that ends its
     // task.
     let mut accepted: HashMap<(i64, i64), Passed> = HashMap::with_capacity(batch.len());
+    // Concurrency slots the ended claims held (queues with a key limit).
+    let mut slots: Vec<(String, String)> = Vec::new();
     if !finals.is_empty() {
         let ids: Vec<i64> = finals.iter().map(|c| c.task_id).collect();
         let tokens: Vec<i64> = finals.iter().map(|c| c.token).collect();
@@ -41,12 +43,18 @@ pub(super) async fn fence<'b>(
                        CASE WHEN t.child_run_id IS NULL THEN t.claimed_at
                             ELSE (SELECT r.created_at FROM pgflow.runs r
                                   WHERE r.id = t.child_run_id) END AS started_at,
-                       t.reserved_cents, t.reserved_tokens",
+                       t.reserved_cents, t.reserved_tokens,
+                       CASE WHEN t.holds_slot THEN t.queue END AS slot_queue,
+                       CASE WHEN t.holds_slot THEN t.key END AS slot_key",
         )
         .bind(&ids)
         .bind(&tokens)
         .fetch_all(&mut *conn)
         .await?;
+        slots.extend(
+            rows.iter()
+                .filter_map(|d| Some((d.slot_queue.clone()?, d.slot_key.clone()?))),
+        );
         accepted.extend(rows.into_iter().map(|d| {
             (
                 (d.id, d.token),
@@ -69,6 +77,9 @@ pub(super) async fn fence<'b>(
             .map(|c| c.task_id)
             .collect();
         for r in rows.apply(conn).await? {
+            if let (Some(q), Some(k)) = (&r.slot_queue, &r.slot_key) {
+                slots.push((q.clone(), k.clone()));
+            }
             let released = Released::of(r.reserved_cents, r.reserved_tokens);
             accepted.insert((r.id, r.token), (None, released));
             if r.due && !parking.contains(&r.id) {
@@ -76,6 +87,7 @@ pub(super) async fn fence<'b>(
             }
         }
     }
+    crate::store::slots::release(conn, &slots).await?;
     out.rejected = batch
         .iter()
         .filter(|c| !accepted.contains_key(&c.claim()))
@@ -106,6 +118,9 @@ struct Deleted {
     started_at: Option<DateTime<Utc>>,
     reserved_cents: Option<i64>,
     reserved_tokens: Option<i64>,
+    /// The (queue, key) of the concurrency slot its claim held.
+    slot_queue: Option<String>,
+    slot_key: Option<String>,
 }
 
 /// A completion that passed the fence.
@@ -171,6 +186,9 @@ struct Requeued {
     /// What the attempt had reserved of its run's budget (released).
     reserved_cents: Option<i64>,
     reserved_tokens: Option<i64>,
+    /// The (queue, key) of the concurrency slot its claim held (released).
+    slot_queue: Option<String>,
+    slot_key: Option<String>,
 }
 
 /// Tasks going back to the queue, as bind arrays.
@@ -220,7 +238,7 @@ impl RequeueRows {
         sqlx::query_as(
             "UPDATE pgflow.tasks t
              SET claimed_by = NULL, claim_token = NULL, claimed_at = NULL, lease_until = NULL,
-                 reserved_cents = NULL, reserved_tokens = NULL,
+                 reserved_cents = NULL, reserved_tokens = NULL, holds_slot = NULL,
                  attempt = t.attempt + CASE WHEN c.counted THEN 1 ELSE 0 END,
                  snoozes = t.snoozes + CASE WHEN c.snoozed THEN 1 ELSE 0 END,
                  run_at = CASE WHEN c.counted OR c.snoozed
@@ -237,7 +255,9 @@ impl RequeueRows {
                   pgflow.tasks o
              WHERE t.id = c.id AND t.claim_token = c.token AND o.id = t.id
              RETURNING t.id, c.token, t.queue, t.run_at <= now() AS due,
-                       o.reserved_cents, o.reserved_tokens",
+                       o.reserved_cents, o.reserved_tokens,
+                       CASE WHEN o.holds_slot THEN t.queue END AS slot_queue,
+                       CASE WHEN o.holds_slot THEN t.key END AS slot_key",
         )
         .bind(&self.ids)
         .bind(&self.tokens)
