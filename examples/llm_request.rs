@@ -31,7 +31,7 @@ async fn run(n: usize, batches: usize) -> Result<Vec<String>, Box<dyn std::error
     // The stub's batch jobs complete after a few polls: poll them quickly.
     client.batch_poll = Duration::from_millis(200);
     let base_url = client.base_url.clone();
-    let rt = Runtime::builder()
+    let rt = pgflow_suite::llm::limits(Runtime::builder())
         .database_url(&url)
         .queue("llm", 16)
         .instance_id(format!("llm-example-{}", std::process::id()))
@@ -69,6 +69,12 @@ async fn run(n: usize, batches: usize) -> Result<Vec<String>, Box<dyn std::error
                     content: format!("Summarise item {i} in {} words", 5 + i % 20),
                 },
             ],
+            // tenants of this process: the daily budget counts per tenant
+            tenant: format!(
+                "{}-{}",
+                ["acme", "globex", "initech"][i % 3],
+                std::process::id()
+            ),
         })
         .collect();
     let started = Instant::now();
@@ -171,6 +177,35 @@ async fn spend_by_model(
     .bind(first)
     .fetch_one(rt.pool())
     .await?;
+    // by tenant (the run key, which the daily budget counts under), and the provider's
+    // quota in the current minute
+    let tenants: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT COALESCE(key, ''), sum(cost_cents)::bigint FROM pgflow.step_usage
+         WHERE workflow = 'llm_request' AND run_id >= $1 GROUP BY 1 ORDER BY 1",
+    )
+    .bind(first)
+    .fetch_all(rt.pool())
+    .await?;
+    for (tenant, cents) in &tenants {
+        println!(
+            "{:<28} {cents:>33} cents of 500 today",
+            format!("tenant {tenant}")
+        );
+    }
+    let quota: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT used, reserved FROM pgflow.limit_windows
+         WHERE name = 'provider_tokens' ORDER BY window_start DESC LIMIT 1",
+    )
+    .fetch_optional(rt.pool())
+    .await?;
+    if let Some((used, reserved)) = quota {
+        println!(
+            "provider quota this minute: {used} of 2,000,000 tokens used, {reserved} reserved"
+        );
+    }
+    if tenants.len() != 3 {
+        problems.push(format!("spend of {} tenants, expected 3", tenants.len()));
+    }
     if ledger != runs || rows.is_empty() || tokens == 0 {
         problems.push(format!(
             "the usage ledger says {ledger} cents, the runs {runs} cents ({tokens} tokens)"

@@ -88,7 +88,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // every 7th call with 429 or 500 (retried).
     let (llm, _stub) = LlmClient::from_env().await.map_err(|e| e.to_string())?;
     agents::setup(&pool).await?;
-    let rt = Runtime::builder()
+    let rt = pgflow_suite::llm::limits(Runtime::builder())
         .pool(pool.clone())
         .queue("llm", 32)
         .queue("embeddings", 16)
@@ -120,6 +120,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 role: "user".into(),
                 content: format!("Explain item {i} in {} words", 5 + i % 30),
             }],
+            // tenants of this process: the daily budget counts per tenant
+            tenant: format!("qs{}-tenant-{}", std::process::id(), i % 3),
         })
         .collect();
     let started = Instant::now();

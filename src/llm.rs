@@ -45,6 +45,10 @@ pub struct LlmInput {
     pub task_type: String,
     /// The conversation.
     pub messages: Vec<Message>,
+    /// Who asks: the run's key, which the per-tenant daily budget counts under
+    /// (`""` when absent).
+    #[serde(default)]
+    pub tenant: String,
 }
 
 /// A model tier with its price.
@@ -158,10 +162,12 @@ pub struct LlmRequest;
 
 #[workflow(
     name = "llm_request",
+    version = 2,
     queue = "llm",
     max_attempts = 4,
     timeout = "30s",
-    backoff = "50ms"
+    backoff = "50ms",
+    key = Self::tenant
 )]
 impl LlmRequest {
     #[step]
@@ -184,7 +190,16 @@ impl LlmRequest {
         })
     }
 
-    #[step(timeout = "25s", max_attempts = 6)]
+    /// Counts against the provider's tokens per minute and the tenant's cents per
+    /// day (see [`limits`]): reserved at the estimates, settled to the `usage` the
+    /// provider reports.
+    #[step(
+        timeout = "25s",
+        max_attempts = 6,
+        limits = ["provider_tokens", "tenant_daily"],
+        estimate_tokens = 2000,
+        estimate_cents = 5
+    )]
     async fn call_provider(routed: Routed, ctx: &StepContext) -> Result<Completion, StepError> {
         let client = ctx.data::<LlmClient>()?;
         let mut request = client
@@ -222,31 +237,30 @@ impl LlmRequest {
             .ok_or_else(|| {
                 StepError::permanent("the response has no choices[0].message.content")
             })?;
-        Ok(Completion {
+        let done = Completion {
             model: body["model"].as_str().unwrap_or(&routed.model).to_owned(),
             text: text.to_owned(),
             prompt_tokens: body["usage"]["prompt_tokens"].as_i64().unwrap_or(0),
             completion_tokens: body["usage"]["completion_tokens"].as_i64().unwrap_or(0),
             prompt_cents_per_mtok: routed.prompt_cents_per_mtok,
             completion_cents_per_mtok: routed.completion_cents_per_mtok,
-        })
-    }
-
-    #[step]
-    async fn record(
-        done: Completion,
-        input: LlmInput,
-        ctx: &StepContext,
-    ) -> Result<Answer, StepError> {
-        let cost = cost_cents(&done);
-        // the provider's `usage` field, priced: the usage ledger, by model
+        };
+        // the provider's `usage` field, priced: the usage ledger, by model, and what
+        // the limits settle to
         let tokens = |n: i64| u64::try_from(n).unwrap_or(0);
         ctx.add_usage(
             &done.model,
             tokens(done.prompt_tokens),
             tokens(done.completion_tokens),
-            cost,
+            cost_cents(&done),
         );
+        Ok(done)
+    }
+
+    /// The answer (the cost was reported by `call_provider`).
+    #[step]
+    async fn record(done: Completion, input: LlmInput) -> Result<Answer, StepError> {
+        let cost = cost_cents(&done);
         Ok(Answer {
             request_id: input.request_id,
             model: done.model,
@@ -255,6 +269,26 @@ impl LlmRequest {
             cost_cents: cost,
         })
     }
+
+    fn tenant(req: &LlmInput) -> &str {
+        &req.tenant
+    }
+}
+
+/// The limits `llm_request`'s provider calls count against, defined on every runtime
+/// that serves queue `llm`: the provider's quota of 2,000,000 tokens a minute (a rate
+/// limit: a call over it waits for the next minute), and a budget of 500 cents a day
+/// per tenant (past it, the tenant's runs fail with `BudgetExceeded`).
+pub fn limits(builder: pgflow_runtime::RuntimeBuilder) -> pgflow_runtime::RuntimeBuilder {
+    use pgflow_runtime::Limit;
+    builder
+        .limit(Limit::tokens("provider_tokens", 2_000_000).per(Duration::from_secs(60)))
+        .limit(
+            Limit::cents("tenant_daily", 500)
+                .per(Duration::from_secs(86_400))
+                .per_key()
+                .fail_when_exceeded(),
+        )
 }
 
 /// Usage tokens times the tier's prices, rounded up to whole cents.

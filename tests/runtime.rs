@@ -866,7 +866,7 @@ async fn tasks_of_unregistered_workflows_are_left_alone(pool: PgPool) {
 
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
 async fn instances_register_heartbeat_and_refuse_a_live_duplicate_id(pool: PgPool) {
-    let a = Runtime::builder()
+    let a = pgflow_suite::llm::limits(Runtime::builder())
         .pool(pool.clone())
         .instance_id("instance_a")
         .queue("default", 3)

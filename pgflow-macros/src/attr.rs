@@ -39,6 +39,7 @@ pub(crate) const STEP_KEYS: &[&str] = &[
     "signal_timeout",
     "estimate_cents",
     "estimate_tokens",
+    "limits",
 ];
 
 /// Options shared by both levels.
@@ -81,6 +82,8 @@ pub(crate) struct StepAttr {
     pub(crate) estimate_cents: Option<u64>,
     /// `estimate_tokens = 2000`: likewise, against a token budget.
     pub(crate) estimate_tokens: Option<u64>,
+    /// `limits = ["openai", "tenant_daily"]`: the runtime's limits it counts against.
+    pub(crate) limits: Option<Vec<LitStr>>,
     pub(crate) retry: RetryOptions,
 }
 
@@ -111,7 +114,7 @@ pub(crate) fn parse_workflow_attr(tokens: TokenStream, cx: &mut Ctxt) -> Workflo
                     format!("`{key}` is a step option: put it on the `#[step(..)]` that waits"),
                 ));
             }
-            "estimate_cents" | "estimate_tokens" => {
+            "estimate_cents" | "estimate_tokens" | "limits" => {
                 return Err(syn::Error::new(
                     key.span(),
                     format!("`{key}` is a step option: put it on the `#[step(..)]` that spends it"),
@@ -180,6 +183,24 @@ pub(crate) fn parse_step_attr(tokens: TokenStream, cx: &mut Ctxt) -> StepAttr {
             "estimate_tokens" => {
                 let v = parse_int::<u64>(input, 0, "estimate_tokens")?;
                 set(cx, &key, &mut attr.estimate_tokens, v);
+            }
+            "limits" => {
+                input.parse::<Token![=]>()?;
+                let content;
+                syn::bracketed!(content in input);
+                let names = Punctuated::<LitStr, Token![,]>::parse_terminated(&content)
+                    .map_err(|e| {
+                        syn::Error::new(
+                            e.span(),
+                            "`limits` takes the names of the runtime's limits, e.g. `limits = [\"openai\"]`",
+                        )
+                    })?;
+                for name in &names {
+                    if name.value().is_empty() {
+                        return Err(syn::Error::new(name.span(), "a limit needs a name"));
+                    }
+                }
+                set(cx, &key, &mut attr.limits, names.into_iter().collect());
             }
             _ => return parse_retry_option(&key, input, cx, &mut attr.retry),
         }

@@ -107,6 +107,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Defines a rate limit or a budget per period that steps count against with
+    /// `#[step(limits = ["name"])]`, across every instance that defines it the same
+    /// way (see [`Limit`](crate::Limit)). A step of a served workflow that names a
+    /// limit no runtime defines is refused at start.
+    pub fn limit(mut self, limit: crate::Limit) -> Self {
+        self.config.limits.push(limit);
+        self
+    }
+
     /// This instance's id (default: `$INSTANCE_ID`, else `host-pid`).
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
         self.instance_id = Some(id.into());
@@ -270,6 +279,18 @@ impl RuntimeBuilder {
                 )));
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for l in &self.config.limits {
+            if let Some(p) = l.problem() {
+                return Err(Error::Config(p));
+            }
+            if !names.insert(l.name()) {
+                return Err(Error::Config(format!(
+                    "two limits are named `{}`",
+                    l.name()
+                )));
+            }
+        }
         for (q, limit) in &self.config.key_limits {
             if *limit == 0 || !self.queues.iter().any(|(s, _)| s == q) {
                 return Err(Error::Config(format!(
@@ -286,6 +307,21 @@ impl RuntimeBuilder {
         }
         let registry = pgflow::registry()?;
         let defs: Vec<&'static WorkflowDef> = registry.workflows().to_vec();
+        // Every limit a served step counts against is defined here.
+        for d in defs
+            .iter()
+            .filter(|d| self.queues.iter().any(|(q, _)| q == d.queue()))
+        {
+            for s in d.steps() {
+                if let Some(missing) = s.limits().iter().find(|l| !names.contains(**l)) {
+                    return Err(Error::Config(format!(
+                        "step `{}` of workflow `{}` counts against limit `{missing}`, which this runtime does not define: add `.limit(Limit::..(\"{missing}\", ..))`",
+                        s.name(),
+                        d.name()
+                    )));
+                }
+            }
+        }
         register_definitions(&pool, &defs).await?;
         crate::schedule::register(&pool, &defs, &self.schedules).await?;
         let instance_id = self.instance_id.unwrap_or_else(default_instance_id);

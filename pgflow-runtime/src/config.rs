@@ -44,6 +44,8 @@ pub(crate) struct Config {
     pub(crate) fair_queues: Vec<String>,
     /// Queues with a concurrency limit per run key (`RuntimeBuilder::key_concurrency`).
     pub(crate) key_limits: Vec<(String, u32)>,
+    /// Rate limits and budgets per period steps count against (`RuntimeBuilder::limit`).
+    pub(crate) limits: Vec<crate::Limit>,
 }
 
 impl Default for Config {
@@ -66,6 +68,7 @@ impl Default for Config {
             retention: None,
             fair_queues: Vec::new(),
             key_limits: Vec::new(),
+            limits: Vec::new(),
         }
     }
 }

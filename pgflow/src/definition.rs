@@ -117,6 +117,9 @@ pub struct StepDefinition {
     /// What one attempt is expected to consume, in tokens (absent when zero).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub estimate_tokens: u64,
+    /// The runtime's limits it counts against (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<String>,
     /// The predicate of a conditional step, as written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<String>,
@@ -343,6 +346,7 @@ impl WorkflowDef {
                         max_snoozes: o.max_snoozes,
                         estimate_cents: o.estimate_cents,
                         estimate_tokens: o.estimate_tokens,
+                        limits: s.limits().iter().map(|l| (*l).to_owned()).collect(),
                         when: s.predicate().map(str::to_owned),
                         map: s.map().map(|m| MapDefinition {
                             param: s

@@ -481,12 +481,34 @@ pub enum RunError {
 pub enum BudgetScope {
     /// The run's own (`StartOptions::budget_cents`, `ExecuteOptions::budget_cents`).
     Run,
+    /// A runtime's budget per period (`Limit::..().fail_when_exceeded()`), for the
+    /// run's key (`""` for a limit over all keys) in the current window.
+    Limit(Box<LimitScope>),
+}
+
+/// The limit a [`BudgetScope::Limit`] names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitScope {
+    /// The limit's name.
+    pub name: String,
+    /// The key counted (`""` for a limit over all keys).
+    pub key: String,
+    /// The window's length, in seconds.
+    pub period_secs: u64,
 }
 
 impl fmt::Display for BudgetScope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Run => f.write_str("the run's"),
+            Self::Limit(l) if l.key.is_empty() => {
+                write!(f, "limit `{}`'s (per {} s)", l.name, l.period_secs)
+            }
+            Self::Limit(l) => write!(
+                f,
+                "limit `{}`'s (key `{}`, per {} s)",
+                l.name, l.key, l.period_secs
+            ),
         }
     }
 }
@@ -499,6 +521,8 @@ pub enum BudgetUnit {
     Cents,
     /// Tokens, in and out.
     Tokens,
+    /// Attempts started (a budget of requests per period).
+    Requests,
 }
 
 impl fmt::Display for BudgetUnit {
@@ -506,6 +530,7 @@ impl fmt::Display for BudgetUnit {
         f.write_str(match self {
             Self::Cents => "cents",
             Self::Tokens => "tokens",
+            Self::Requests => "requests",
         })
     }
 }

@@ -145,7 +145,9 @@ pub use definition::{
     Definition, MapDefinition, ParamDefinition, Plan, PlanError, SignalDefinition, StepDefinition,
     SubflowDefinition,
 };
-pub use error::{AttemptFailure, BudgetScope, BudgetUnit, ErrorKind, RunError, StepError};
+pub use error::{
+    AttemptFailure, BudgetScope, BudgetUnit, ErrorKind, LimitScope, RunError, StepError,
+};
 pub use execute::{ExecuteOptions, execute, execute_with};
 pub use pgflow_macros::{step, workflow};
 pub use registry::{Registry, RegistryError, registry};

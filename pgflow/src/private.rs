@@ -30,6 +30,8 @@ pub struct StepParts {
     pub takes_context: bool,
     /// Whether it takes a transaction (a `&mut T` parameter).
     pub takes_transaction: bool,
+    /// The names of the runtime's limits it counts against.
+    pub limits: &'static [&'static str],
     /// The `when` predicate as written, for a conditional step.
     pub when: Option<&'static str>,
     /// How a map step maps.

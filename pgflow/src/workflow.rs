@@ -286,6 +286,12 @@ impl StepDef {
     pub fn transactional(&self) -> bool {
         self.parts.takes_transaction
     }
+    /// The names of the durable runtime's limits it counts against
+    /// (`#[step(limits = ["openai"])]`): rate limits and budgets per period, defined
+    /// on the runtime (`RuntimeBuilder::limit`). The in-process executor ignores them.
+    pub fn limits(&self) -> &'static [&'static str] {
+        self.parts.limits
+    }
     /// How it runs.
     pub fn kind(&self) -> StepKind {
         if self.parts.map.is_some() {

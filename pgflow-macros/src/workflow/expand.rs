@@ -423,6 +423,13 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
         });
         let takes_context = s.takes_context();
         let takes_transaction = s.transaction().is_some();
+        let limits: Vec<String> = s
+            .attr
+            .limits
+            .iter()
+            .flatten()
+            .map(syn::LitStr::value)
+            .collect();
         let when = match &s.attr.when {
             Some((_, path)) => {
                 let text = tokens_string(quote!(#path));
@@ -456,6 +463,7 @@ pub(crate) fn expand(wf: &Workflow, g: &Graph) -> TokenStream {
                 params: &[#(#params),*],
                 takes_context: #takes_context,
                 takes_transaction: #takes_transaction,
+                limits: &[#(#limits),*],
                 when: #when,
                 map: #map,
                 signal: #signal,

@@ -228,6 +228,11 @@ async fn attempt_in(
             return refused;
         }
     }
+    if !step.limits().is_empty() {
+        if let Some(waits) = reserve_limits(engine, flow, step, task, token).await {
+            return waits;
+        }
+    }
     let cancel = engine.cancel_token(task.run_id);
     let mut ctx = StepContext::builder(flow.def.name(), step.name())
         .run_id(RunId(task.run_id))
@@ -354,6 +359,90 @@ async fn reserve(
         budget: refusal.budget,
     };
     warn!(error = %error, "pgflow: step not started: over budget; its run fails");
+    Some(Outcome::OverBudget {
+        error: Box::new(error),
+    })
+}
+
+/// Reserves the attempt's weight in the current window of each limit its step counts
+/// against (see `crate::limits`). `None` when it may start; else the task waits for
+/// the window's end (a rate limit) or its run fails (a budget per period); the
+/// database being away gives the task back.
+async fn reserve_limits(
+    engine: &Engine,
+    flow: &Entry,
+    step: &StepDef,
+    task: &Claimed,
+    token: i64,
+) -> Option<Outcome> {
+    let o = step.options();
+    let est = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let key = task.key.as_deref().unwrap_or("");
+    let mut wants = Vec::with_capacity(step.limits().len());
+    for name in step.limits() {
+        // `start` refused a served step naming an undefined limit
+        let Some(l) = engine.config.limits.iter().find(|l| l.name() == *name) else {
+            continue;
+        };
+        wants.push(crate::store::limits::Want {
+            name,
+            key: if l.per_key { key } else { "" },
+            period_secs: l.period_secs(),
+            amount: match l.unit {
+                crate::LimitUnit::Requests => 1,
+                crate::LimitUnit::Tokens => est(o.estimate_tokens),
+                crate::LimitUnit::Cents => est(o.estimate_cents),
+            },
+            max: l.max_i64(),
+            unit: l.unit.as_str(),
+        });
+    }
+    let result = async {
+        let mut conn = engine.pool.acquire().await?;
+        crate::store::limits::reserve(&mut conn, (task.task_id, token), &wants).await
+    }
+    .await;
+    let full = match result {
+        Ok(None) => return None,
+        Ok(Some(full)) => full,
+        Err(e) => {
+            warn!(error = %e, "pgflow: could not reserve a step's limits; the task is given back");
+            return Some(Outcome::Release);
+        }
+    };
+    let limit = engine
+        .config
+        .limits
+        .iter()
+        .find(|l| l.name() == full.name)?;
+    if !limit.fail {
+        // wait for the window's end (and a little: instances waking together spread)
+        let now = chrono::Utc::now();
+        let wait = (full.window_end - now).to_std().unwrap_or_default();
+        let delay = wait + std::time::Duration::from_millis(fastrand::u64(0..=250));
+        info!(limit = %full.name, key = %full.key, wait_ms = delay.as_millis() as u64, "pgflow: step waits for its rate limit's next window");
+        return Some(Outcome::Throttled { delay });
+    }
+    let unit = match limit.unit {
+        crate::LimitUnit::Tokens => pgflow::BudgetUnit::Tokens,
+        crate::LimitUnit::Cents => pgflow::BudgetUnit::Cents,
+        crate::LimitUnit::Requests => pgflow::BudgetUnit::Requests,
+    };
+    let error = pgflow::RunError::BudgetExceeded {
+        workflow: flow.def.name().to_owned(),
+        step: step.name().to_owned(),
+        scope: pgflow::BudgetScope::Limit(Box::new(pgflow::LimitScope {
+            name: full.name,
+            key: full.key,
+            period_secs: limit.period.as_secs(),
+        })),
+        unit,
+        spent: full.used,
+        reserved: full.reserved,
+        estimate: full.amount,
+        budget: full.max,
+    };
+    warn!(error = %error, "pgflow: step not started: over a budget per period; its run fails");
     Some(Outcome::OverBudget {
         error: Box::new(error),
     })

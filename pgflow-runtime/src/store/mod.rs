@@ -11,6 +11,7 @@
 //! - [`definitions`]: the stored step tables.
 //! - [`schedules`]: cron schedules — registering, firing (locked, fenced on the row),
 //!   listing, removing.
+//! - [`limits`]: windows of rate limits and budgets per period.
 //! - [`slots`]: concurrency slots per run key (queues with a key limit).
 //! - [`signals`]: sending a signal (the SQL function `pgflow.signal`).
 //! - [`subflows`]: child runs — linking a parent's task to its child, waking it.
@@ -30,6 +31,7 @@ pub(crate) mod definitions;
 pub(crate) mod export;
 pub(crate) mod flush;
 pub(crate) mod instances;
+pub(crate) mod limits;
 pub(crate) mod maintenance;
 pub(crate) mod migrations;
 pub(crate) mod notify;

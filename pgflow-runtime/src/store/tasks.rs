@@ -663,17 +663,25 @@ pub(crate) async fn of_run(
 /// that holds one, and makes any later completion of an attempt still executing fail
 /// its fence.
 pub(crate) async fn delete_of_run(conn: &mut PgConnection, run_id: i64) -> Result<(), sqlx::Error> {
-    // the concurrency slots their claims held go back with them
-    let slots: Vec<(String, String)> = sqlx::query_as(
+    // the concurrency slots and limit reservations their claims held go back with them
+    let rows: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
         "DELETE FROM pgflow.tasks WHERE run_id = $1
-         RETURNING CASE WHEN holds_slot THEN queue END, CASE WHEN holds_slot THEN key END",
+         RETURNING CASE WHEN holds_slot THEN queue END, CASE WHEN holds_slot THEN key END,
+                   limit_holds::text",
     )
     .bind(run_id)
     .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .filter_map(|(q, k): (Option<String>, Option<String>)| Some((q?, k?)))
-    .collect();
+    .await?;
+    let slots: Vec<(String, String)> = rows
+        .iter()
+        .filter_map(|(q, k, _)| Some((q.clone()?, k.clone()?)))
+        .collect();
+    let holds: Vec<(crate::store::limits::Hold, i64)> = rows
+        .iter()
+        .flat_map(|(_, _, h)| crate::store::limits::holds(h.as_deref()))
+        .map(|h| (h, 0))
+        .collect();
+    crate::store::limits::settle(conn, &holds).await?;
     crate::store::slots::release(conn, &slots).await
 }
 

@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::{Completion, Flushed, Outcome};
+use crate::store::limits;
 use crate::store::millis;
 
 /// Phase 1: deletes the rows of final completions and puts back those of retries
@@ -28,8 +29,10 @@ pub(super) async fn fence<'b>(
     // value is when the attempt started (its claim), for a completion that ends its
     // task.
     let mut accepted: HashMap<(i64, i64), Passed> = HashMap::with_capacity(batch.len());
-    // Concurrency slots the ended claims held (queues with a key limit).
+    // Concurrency slots the ended claims held (queues with a key limit), and the
+    // limits' reservations (task, token, hold).
     let mut slots: Vec<(String, String)> = Vec::new();
+    let mut held: Vec<(i64, i64, limits::Hold)> = Vec::new();
     if !finals.is_empty() {
         let ids: Vec<i64> = finals.iter().map(|c| c.task_id).collect();
         let tokens: Vec<i64> = finals.iter().map(|c| c.token).collect();
@@ -45,7 +48,8 @@ pub(super) async fn fence<'b>(
                                   WHERE r.id = t.child_run_id) END AS started_at,
                        t.reserved_cents, t.reserved_tokens,
                        CASE WHEN t.holds_slot THEN t.queue END AS slot_queue,
-                       CASE WHEN t.holds_slot THEN t.key END AS slot_key",
+                       CASE WHEN t.holds_slot THEN t.key END AS slot_key,
+                       t.limit_holds::text AS limit_holds",
         )
         .bind(&ids)
         .bind(&tokens)
@@ -55,6 +59,10 @@ pub(super) async fn fence<'b>(
             rows.iter()
                 .filter_map(|d| Some((d.slot_queue.clone()?, d.slot_key.clone()?))),
         );
+        for d in &rows {
+            let hs = limits::holds(d.limit_holds.as_deref());
+            held.extend(hs.into_iter().map(|h| (d.id, d.token, h)));
+        }
         accepted.extend(rows.into_iter().map(|d| {
             (
                 (d.id, d.token),
@@ -80,6 +88,11 @@ pub(super) async fn fence<'b>(
             if let (Some(q), Some(k)) = (&r.slot_queue, &r.slot_key) {
                 slots.push((q.clone(), k.clone()));
             }
+            held.extend(
+                limits::holds(r.limit_holds.as_deref())
+                    .into_iter()
+                    .map(|h| (r.id, r.token, h)),
+            );
             let released = Released::of(r.reserved_cents, r.reserved_tokens);
             accepted.insert((r.id, r.token), (None, released));
             if r.due && !parking.contains(&r.id) {
@@ -88,6 +101,21 @@ pub(super) async fn fence<'b>(
         }
     }
     crate::store::slots::release(conn, &slots).await?;
+    if !held.is_empty() {
+        // settled to what each attempt reported
+        let by_claim: HashMap<(i64, i64), &Completion> =
+            batch.iter().map(|c| (c.claim(), c)).collect();
+        let settled: Vec<(limits::Hold, i64)> = held
+            .into_iter()
+            .map(|(id, token, h)| {
+                let used = by_claim
+                    .get(&(id, token))
+                    .map_or(0, |c| used_by(c, &h.unit));
+                (h, used)
+            })
+            .collect();
+        limits::settle(conn, &settled).await?;
+    }
     out.rejected = batch
         .iter()
         .filter(|c| !accepted.contains_key(&c.claim()))
@@ -121,6 +149,23 @@ struct Deleted {
     /// The (queue, key) of the concurrency slot its claim held.
     slot_queue: Option<String>,
     slot_key: Option<String>,
+    /// What its attempt reserved of the runtime's limits.
+    limit_holds: Option<String>,
+}
+
+/// What an attempt used, in a limit's unit.
+fn used_by(c: &Completion, unit: &str) -> i64 {
+    match unit {
+        "requests" => 1,
+        "tokens" => c
+            .usage
+            .iter()
+            .map(|u| u.tokens_in.saturating_add(u.tokens_out))
+            .fold(0_u64, u64::saturating_add)
+            .try_into()
+            .unwrap_or(i64::MAX),
+        _ => c.cost_cents,
+    }
 }
 
 /// A completion that passed the fence.
@@ -189,6 +234,8 @@ struct Requeued {
     /// The (queue, key) of the concurrency slot its claim held (released).
     slot_queue: Option<String>,
     slot_key: Option<String>,
+    /// What its attempt reserved of the runtime's limits (settled).
+    limit_holds: Option<String>,
 }
 
 /// Tasks going back to the queue, as bind arrays.
@@ -202,6 +249,9 @@ struct RequeueRows {
     counted: Vec<bool>,
     /// Whether it snoozed.
     snoozed: Vec<bool>,
+    /// Whether it waits `delay_ms` (a retry, a snooze, a throttle) rather than
+    /// keeping its due time (a release).
+    delayed: Vec<bool>,
 }
 
 impl RequeueRows {
@@ -216,18 +266,28 @@ impl RequeueRows {
                 ));
                 self.counted.push(true);
                 self.snoozed.push(false);
+                self.delayed.push(true);
             }
             Outcome::Snooze { delay } => {
                 self.delays_ms.push(millis(*delay));
                 self.errors.push(None);
                 self.counted.push(false);
                 self.snoozed.push(true);
+                self.delayed.push(true);
+            }
+            Outcome::Throttled { delay } => {
+                self.delays_ms.push(millis(*delay));
+                self.errors.push(None);
+                self.counted.push(false);
+                self.snoozed.push(false);
+                self.delayed.push(true);
             }
             _ => {
                 self.delays_ms.push(0);
                 self.errors.push(None);
                 self.counted.push(false);
                 self.snoozed.push(false);
+                self.delayed.push(false);
             }
         }
     }
@@ -239,25 +299,27 @@ impl RequeueRows {
             "UPDATE pgflow.tasks t
              SET claimed_by = NULL, claim_token = NULL, claimed_at = NULL, lease_until = NULL,
                  reserved_cents = NULL, reserved_tokens = NULL, holds_slot = NULL,
+                 limit_holds = NULL,
                  attempt = t.attempt + CASE WHEN c.counted THEN 1 ELSE 0 END,
                  snoozes = t.snoozes + CASE WHEN c.snoozed THEN 1 ELSE 0 END,
-                 run_at = CASE WHEN c.counted OR c.snoozed
+                 run_at = CASE WHEN c.delayed
                                THEN now() + interval '1 millisecond' * c.delay_ms
                                ELSE t.run_at END,
                  -- a put back due more than a second ahead leaves `tasks_available`
-                 parked = (c.counted OR c.snoozed) AND c.delay_ms > 1000,
+                 parked = c.delayed AND c.delay_ms > 1000,
                  errors = CASE WHEN c.err IS NULL THEN t.errors
                                ELSE COALESCE(t.errors, '[]'::jsonb) || c.err::jsonb END
              FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bool[],
-                         $6::bool[])
-                  AS c(id, token, delay_ms, err, counted, snoozed),
+                         $6::bool[], $7::bool[])
+                  AS c(id, token, delay_ms, err, counted, snoozed, delayed),
                   -- the row as it was (this statement's snapshot): what it had reserved
                   pgflow.tasks o
              WHERE t.id = c.id AND t.claim_token = c.token AND o.id = t.id
              RETURNING t.id, c.token, t.queue, t.run_at <= now() AS due,
                        o.reserved_cents, o.reserved_tokens,
                        CASE WHEN o.holds_slot THEN t.queue END AS slot_queue,
-                       CASE WHEN o.holds_slot THEN t.key END AS slot_key",
+                       CASE WHEN o.holds_slot THEN t.key END AS slot_key,
+                       o.limit_holds::text AS limit_holds",
         )
         .bind(&self.ids)
         .bind(&self.tokens)
@@ -265,6 +327,7 @@ impl RequeueRows {
         .bind(&self.errors)
         .bind(&self.counted)
         .bind(&self.snoozed)
+        .bind(&self.delayed)
         .fetch_all(conn)
         .await
     }

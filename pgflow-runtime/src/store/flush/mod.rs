@@ -61,6 +61,9 @@ pub(crate) enum Outcome {
     /// The step snoozed: back to the queue after `delay`, the attempt not counted
     /// (the task's `snoozes` is).
     Snooze { delay: Duration },
+    /// A rate limit had no room: back to the queue after `delay` (the window's end),
+    /// neither an attempt nor a snooze counted.
+    Throttled { delay: Duration },
     /// A permanent failure or the last attempt: the run fails with `history`.
     Failed {
         history: Vec<AttemptFailure>,
@@ -98,6 +101,7 @@ impl Outcome {
             self,
             Self::Retry { .. }
                 | Self::Snooze { .. }
+                | Self::Throttled { .. }
                 | Self::Release
                 | Self::StartChild(_)
                 | Self::AwaitChild { .. }
@@ -141,6 +145,7 @@ impl Completion {
             Outcome::StartChild(child) => child.input.len(),
             Outcome::FanOut
             | Outcome::Snooze { .. }
+            | Outcome::Throttled { .. }
             | Outcome::AwaitChild { .. }
             | Outcome::Discard
             | Outcome::Release => 0,
@@ -491,6 +496,7 @@ impl<'c> Work<'c> {
             }
             Outcome::Retry { .. }
             | Outcome::Snooze { .. }
+            | Outcome::Throttled { .. }
             | Outcome::Discard
             | Outcome::Release => {
                 self.costs.entry(c.run_id).or_default().cents += c.cost_cents;
