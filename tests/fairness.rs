@@ -212,3 +212,92 @@ async fn a_key_limit_holds_across_instances(pool: PgPool) {
         rt.shutdown().await.unwrap();
     }
 }
+
+pub struct Typing;
+
+#[workflow(name = "fair_typing", queue = "fair")]
+impl Typing {
+    #[step]
+    async fn save(text: String) -> Result<String, StepError> {
+        Ok(text)
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn debounced_starts_make_one_run_on_the_last_input(pool: PgPool) {
+    let rt = runtime(&pool).await;
+    let window = Duration::from_millis(1_500);
+    let mut handles = Vec::new();
+    for text in ["h", "he", "hello"] {
+        let opts = StartOptions::default().debounce("doc-1", window);
+        let run = rt
+            .start_with::<Typing>(&mut pool.acquire().await.unwrap(), text.to_owned(), opts)
+            .await
+            .unwrap();
+        handles.push((run.id(), run.created()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = handles[0].0;
+    assert_eq!(
+        handles,
+        [(id, true), (id, false), (id, false)],
+        "one run, joined twice"
+    );
+    // a burst from many connections at once joins it too
+    let mut burst = Vec::new();
+    for k in 0..8 {
+        let (rt, pool) = (rt.clone(), pool.clone());
+        burst.push(tokio::spawn(async move {
+            let opts = StartOptions::default().debounce("doc-1", window);
+            let mut conn = pool.acquire().await.unwrap();
+            rt.start_with::<Typing>(&mut conn, format!("burst {k}"), opts)
+                .await
+                .unwrap()
+                .id()
+        }));
+    }
+    for b in burst {
+        assert_eq!(b.await.unwrap(), id);
+    }
+    let last = StartOptions::default().debounce("doc-1", window);
+    rt.start_with::<Typing>(
+        &mut pool.acquire().await.unwrap(),
+        "hello world".to_owned(),
+        last,
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    assert_eq!(settle::<String>(&rt, id).await.unwrap(), "hello world");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_000),
+        "it waited for the window"
+    );
+    let runs: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pgflow.runs WHERE workflow = 'fair_typing'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(runs, 1);
+    // once the run has started, a debounced start makes a new one
+    let again = rt
+        .start_with::<Typing>(
+            &mut pool.acquire().await.unwrap(),
+            "again".to_owned(),
+            StartOptions::default().debounce("doc-1", Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    assert!(again.created() && again.id() != id);
+    assert_eq!(settle::<String>(&rt, again.id()).await.unwrap(), "again");
+    // with an idempotency key: refused
+    let both = StartOptions::default()
+        .debounce("doc-1", window)
+        .idempotency_key("k");
+    let err = rt
+        .start_with::<Typing>(&mut pool.acquire().await.unwrap(), "x".to_owned(), both)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not both"), "{err}");
+    rt.shutdown().await.unwrap();
+}

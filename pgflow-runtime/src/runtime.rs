@@ -364,6 +364,11 @@ impl Runtime {
         key: Option<String>,
     ) -> Result<(RunId, bool), Error> {
         crate::store::subflows::check_user_key(def.name(), options.idempotency_key.as_deref())?;
+        if let Some((debounce_key, window)) = options.debounce.clone() {
+            return self
+                .start_debounced(conn, def, input, options, key, (debounce_key, window))
+                .await;
+        }
         let mut runs = runs::NewRuns::default();
         runs.push(
             input,
@@ -374,6 +379,7 @@ impl Runtime {
                 key,
                 budget_cents: options.budget_cents,
                 budget_tokens: options.budget_tokens,
+                debounce_key: None,
             },
         );
         if let Some(&id) = self.insert(conn, def, &runs).await?.first() {
@@ -387,6 +393,72 @@ impl Runtime {
                 "idempotency key {key:?} conflicted but no run holds it"
             )))
         })
+    }
+
+    /// A debounced start (see [`StartOptions::debounce`]): in a transaction (a
+    /// savepoint of the caller's) holding the (workflow, key) lock, joins the pending
+    /// run — its input replaced, its start moved to `window` from now — or starts a
+    /// new one due then. `(id, false)` when it joined one.
+    async fn start_debounced(
+        &self,
+        conn: &mut PgConnection,
+        def: &'static WorkflowDef,
+        input: String,
+        options: StartOptions,
+        key: Option<String>,
+        (debounce_key, window): (String, Duration),
+    ) -> Result<(RunId, bool), Error> {
+        use sqlx::Connection;
+        let refuse = |message: &str| Error::InvalidInput {
+            workflow: def.name().to_owned(),
+            message: message.to_owned(),
+        };
+        if options.idempotency_key.is_some() {
+            return Err(refuse(
+                "a start takes a debounce key or an idempotency key, not both",
+            ));
+        }
+        if def
+            .plan()
+            .roots()
+            .iter()
+            .any(|&r| def.steps()[r].map().is_some())
+        {
+            return Err(refuse(
+                "a workflow whose first step is a map step cannot be debounced (its elements are fanned out at start)",
+            ));
+        }
+        let run_at = Utc::now()
+            + chrono::Duration::from_std(window).unwrap_or_else(|_| chrono::Duration::days(1));
+        let mut tx = conn.begin().await?;
+        runs::lock_debounce(&mut tx, def.name(), &debounce_key).await?;
+        let joined =
+            runs::debounce_into(&mut tx, (def.name(), &debounce_key), &input, run_at).await?;
+        if let Some(id) = joined {
+            tx.commit().await?;
+            return Ok((RunId(id), false));
+        }
+        let mut runs = runs::NewRuns::default();
+        runs.push(
+            input,
+            runs::RunOptions {
+                priority: options.priority,
+                run_at: Some(run_at),
+                idempotency_key: None,
+                key,
+                budget_cents: options.budget_cents,
+                budget_tokens: options.budget_tokens,
+                debounce_key: Some(debounce_key),
+            },
+        );
+        let ids = self.insert(&mut tx, def, &runs).await?;
+        tx.commit().await?;
+        let id = ids.first().copied().ok_or_else(|| {
+            Error::Database(sqlx::Error::Protocol(
+                "a debounced start inserted no run".to_owned(),
+            ))
+        })?;
+        Ok((RunId(id), true))
     }
 
     async fn insert(
@@ -723,6 +795,7 @@ pub struct StartOptions {
     key: Option<String>,
     budget_cents: Option<i64>,
     budget_tokens: Option<i64>,
+    debounce: Option<(String, Duration)>,
 }
 
 impl StartOptions {
@@ -758,6 +831,24 @@ impl StartOptions {
     /// not started, and the run fails with `RunError::BudgetExceeded`.
     pub fn budget_cents(mut self, cents: u64) -> Self {
         self.budget_cents = Some(i64::try_from(cents).unwrap_or(i64::MAX));
+        self
+    }
+
+    /// Debounces the start under `key`: while a run of the workflow started with the
+    /// same debounce key has not started a step yet, this start joins it — the last
+    /// input wins and the run starts `window` after this start; otherwise a new run
+    /// starts, due `window` from now. So a burst of starts (a user typing, a webhook
+    /// retried, a file saved ten times) becomes one run, on the burst's last input.
+    /// The handle's [`created`](crate::RunHandle::created) is false for a start that
+    /// joined a pending run. Not with an idempotency key, nor for a workflow whose
+    /// first step is a map step.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let opts = pgflow_runtime::StartOptions::default().debounce("doc-42", Duration::from_secs(5));
+    /// ```
+    pub fn debounce(mut self, key: impl Into<String>, window: Duration) -> Self {
+        self.debounce = Some((key.into(), window));
         self
     }
 

@@ -27,6 +27,8 @@ pub(crate) struct NewRuns {
     pub(crate) run_keys: Vec<Option<String>>,
     pub(crate) budget_cents: Vec<Option<i64>>,
     pub(crate) budget_tokens: Vec<Option<i64>>,
+    /// Debounce keys (empty when none has one).
+    pub(crate) debounce_keys: Vec<Option<String>>,
 }
 
 impl NewRuns {
@@ -47,9 +49,14 @@ impl NewRuns {
                 column.push(value);
             }
         }
-        if options.key.is_some() || !self.run_keys.is_empty() {
-            self.run_keys.resize(n, None);
-            self.run_keys.push(options.key);
+        for (column, value) in [
+            (&mut self.run_keys, options.key),
+            (&mut self.debounce_keys, options.debounce_key),
+        ] {
+            if value.is_some() || !column.is_empty() {
+                column.resize(n, None);
+                column.push(value);
+            }
         }
     }
 }
@@ -63,6 +70,7 @@ pub(crate) struct RunOptions {
     pub(crate) key: Option<String>,
     pub(crate) budget_cents: Option<i64>,
     pub(crate) budget_tokens: Option<i64>,
+    pub(crate) debounce_key: Option<String>,
 }
 
 /// What starting a run of a workflow version inserts besides the run: its root
@@ -152,20 +160,21 @@ pub(crate) async fn start(
         "WITH u AS (
              SELECT * FROM unnest($3::text[], $4::smallint[], $5::timestamptz[], $6::text[],
                                   $17::bigint[], $18::text[], $19::int[], $20::text[],
-                                  $21::bigint[], $22::bigint[])
+                                  $21::bigint[], $22::bigint[], $23::text[])
                  WITH ORDINALITY AS u(input, priority, run_at, key, parent_run_id, parent_step,
-                                      parent_element, run_key, budget_cents, budget_tokens, ord)
+                                      parent_element, run_key, budget_cents, budget_tokens,
+                                      debounce_key, ord)
          ), r AS (
              INSERT INTO pgflow.runs (workflow, version, input, priority, run_at, idempotency_key,
                                       parent_run_id, parent_step, parent_element, key,
-                                      budget_cents, budget_tokens)
+                                      budget_cents, budget_tokens, debounce_key)
              SELECT $1, $2, u.input::jsonb, u.priority, COALESCE(u.run_at, now()), u.key,
                     u.parent_run_id, u.parent_step, u.parent_element,
                     -- a child run counts under its parent's key unless given its own
                     CASE WHEN u.parent_run_id IS NULL THEN u.run_key
                          ELSE COALESCE(u.run_key, (SELECT k.key FROM pgflow.runs k
                                                    WHERE k.id = u.parent_run_id)) END,
-                    u.budget_cents, u.budget_tokens
+                    u.budget_cents, u.budget_tokens, u.debounce_key
              FROM u
              -- a child run only for a parent still running, read under a share lock:
              -- a parent failing or cancelled meanwhile is seen, and one failed or
@@ -219,8 +228,76 @@ pub(crate) async fn start(
     .bind(&runs.run_keys)
     .bind(&runs.budget_cents)
     .bind(&runs.budget_tokens)
+    .bind(&runs.debounce_keys)
     .fetch_all(conn)
     .await
+}
+
+/// Joins a debounced start to the pending run of `workflow` with debounce key `key`
+/// — one whose tasks are all parked and unclaimed (no step started) — replacing its
+/// input and moving its start (and its tasks' due times) to `run_at`. Returns the
+/// run, or `None` when none is pending. Call it in a transaction holding
+/// [`lock_debounce`].
+pub(crate) async fn debounce_into(
+    conn: &mut PgConnection,
+    (workflow, key): (&str, &str),
+    input: &str,
+    run_at: DateTime<Utc>,
+) -> Result<Option<i64>, sqlx::Error> {
+    // the candidate and its tasks, locked: a task a promoter or claimer is taking
+    // is not `parked` any more once we hold it
+    let pending: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT r.id, r.run_at FROM pgflow.runs r
+         WHERE r.workflow = $1 AND r.debounce_key = $2 AND r.status = 'running'
+         ORDER BY r.id DESC LIMIT 1
+         FOR UPDATE",
+    )
+    .bind(workflow)
+    .bind(key)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((id, old_run_at)) = pending else {
+        return Ok(None);
+    };
+    let started: bool = sqlx::query_scalar(
+        "SELECT count(*) = 0 OR bool_or(claimed_by IS NOT NULL OR NOT parked)
+         FROM (SELECT claimed_by, parked FROM pgflow.tasks WHERE run_id = $1 FOR UPDATE) t",
+    )
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if started {
+        return Ok(None);
+    }
+    sqlx::query(
+        "WITH r AS (
+             UPDATE pgflow.runs SET input = $2::jsonb, run_at = $3 WHERE id = $1
+         )
+         UPDATE pgflow.tasks SET run_at = run_at + ($3 - $4), parked = true WHERE run_id = $1",
+    )
+    .bind(id)
+    .bind(input)
+    .bind(run_at)
+    .bind(old_run_at)
+    .execute(conn)
+    .await?;
+    Ok(Some(id))
+}
+
+/// Serializes debounced starts of one (workflow, key) for the caller's transaction.
+pub(crate) async fn lock_debounce(
+    conn: &mut PgConnection,
+    workflow: &str,
+    key: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtext('pgflow.debounce'), hashtext($1 || '/' || $2))",
+    )
+    .bind(workflow)
+    .bind(key)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// The highest stored version of `workflow` (primary key of `pgflow.workflows`).
