@@ -13,20 +13,19 @@ use crate::engine::{Backoff, Engine, executor, sleep_or_shutdown};
 use crate::store::tasks::{self, ClaimRequest};
 
 /// The most keys one claim of a fair queue serves: a claim walks one index probe per
-/// key; the next claim goes on after the last key served.
+/// key; the next claim goes on after the last key it served.
 const FAIR_KEYS_PER_CLAIM: i64 = 64;
 
-/// Where a fair queue's next claim starts: after the last key this one served when
-/// it served as many keys as a claim may (there may be more), else from the first.
-fn next_cursor(claimed: &[tasks::Claimed]) -> String {
-    let mut keys: Vec<&str> = claimed.iter().filter_map(|t| t.key.as_deref()).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    if keys.len() as i64 >= FAIR_KEYS_PER_CLAIM {
-        keys.last().map_or_else(String::new, |k| (*k).to_owned())
-    } else {
-        String::new()
-    }
+/// Where a fair queue's next claim starts its rotation: at the last key this claim
+/// served in its own rotation (which began after `cursor` and wrapped around), so the
+/// keys after it come first next time; unchanged when it served no key.
+fn next_cursor(cursor: &str, claimed: &[tasks::Claimed]) -> String {
+    let keys = claimed.iter().filter_map(|t| t.key.as_deref());
+    // the wrapped part (keys up to the cursor) comes last in the rotation
+    let wrapped = keys.clone().filter(|k| *k <= cursor).max();
+    wrapped
+        .or_else(|| keys.filter(|k| *k > cursor).max())
+        .map_or_else(|| cursor.to_owned(), str::to_owned)
 }
 
 /// Claims tasks of `queue` while there are free slots, and spawns their executions;
@@ -84,7 +83,7 @@ pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) 
             Ok(claimed) => {
                 backoff.reset();
                 if fair {
-                    cursor = next_cursor(&claimed);
+                    cursor = next_cursor(&cursor, &claimed);
                 }
                 let got = claimed.len();
                 if got > 0 {

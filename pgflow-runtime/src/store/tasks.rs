@@ -360,13 +360,15 @@ macro_rules! fifo_pick {
 }
 
 /// The claim's pick in a fair queue: round robin across run keys. The keys with due
-/// tasks after the claimer's cursor `$15` (up to `$16` of them) are enumerated by
+/// tasks are enumerated in rotation from the claimer's cursor `$15` (the last key it
+/// served: those after it, then from the first up to it; at most `$16` of them) by
 /// skipping through `tasks_available_by_key` (one probe per key, however long each
 /// key's backlog); each key offers an equal share of the batch (its own order:
 /// priority, due time, id), and the picks are taken in rounds (every key's first,
-/// then every key's second, ..), so one key's backlog of 100,000 tasks does not delay
-/// another key's one. Tasks without a key are offered from the head of the queue
-/// (`tasks_available`, in arrival order: behind older keyed tasks), one more share.
+/// then every key's second, ..; in a round, keys in rotation order), so one key's
+/// backlog of 100,000 tasks does not delay another key's one, even when a claim takes
+/// one task. Tasks without a key are offered from the head of the queue
+/// (`tasks_available`, in arrival order), one more share, last in each round.
 macro_rules! fair_pick {
     () => {
         "
@@ -383,25 +385,43 @@ macro_rules! fair_pick {
                       AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
                     ORDER BY a.key LIMIT 1)
             FROM k WHERE k.key IS NOT NULL
-        ), keys AS MATERIALIZED (
+        ), w AS (
+            -- the rotation wraps around: then the keys up to the cursor
+            (SELECT a.key FROM pgflow.tasks a
+             WHERE a.queue = $3 AND a.key IS NOT NULL AND a.key <= $15
+               AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
+               AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
+             ORDER BY a.key LIMIT 1)
+            UNION ALL
+            SELECT (SELECT a.key FROM pgflow.tasks a
+                    WHERE a.queue = $3 AND a.key > w.key AND a.key <= $15
+                      AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
+                      AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
+                    ORDER BY a.key LIMIT 1)
+            FROM w WHERE w.key IS NOT NULL
+        ), keys0 AS MATERIALIZED (
             -- with a key limit `$17`: only keys with a free slot, each offering at
             -- most its free slots (`room`; the claim then takes the slots for real)
-            SELECT k.key,
+            SELECT r.key, r.part,
                    CASE WHEN $17::int IS NOT NULL THEN $17 - COALESCE(s.running, 0) END AS room
-            FROM k
-            LEFT JOIN pgflow.key_slots s ON $17::int IS NOT NULL AND s.queue = $3 AND s.key = k.key
-            WHERE k.key IS NOT NULL
-              AND ($17::int IS NULL OR $17 - COALESCE(s.running, 0) > 0)
+            FROM (SELECT key, 1 AS part FROM k WHERE key IS NOT NULL
+                  UNION ALL
+                  SELECT key, 2 FROM w WHERE key IS NOT NULL) r
+            LEFT JOIN pgflow.key_slots s ON $17::int IS NOT NULL AND s.queue = $3 AND s.key = r.key
+            WHERE ($17::int IS NULL OR $17 - COALESCE(s.running, 0) > 0)
               -- an instance declared dead claims nothing until it heartbeats again
               AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
             LIMIT $16
+        ), keys AS MATERIALIZED (
+            -- each key's place in the rotation: after the cursor first
+            SELECT key, room, row_number() OVER (ORDER BY part, key) AS ord FROM keys0
         ), share AS MATERIALIZED (
             -- rounded up: a batch is filled when every key has enough
             SELECT CASE WHEN count(*) = 0 THEN $4
                         ELSE GREATEST(1, ($4 + count(*) - 1) / count(*)) END::bigint AS n
             FROM keys
         ), picks AS (
-            SELECT p.id, p.rn, p.priority, p.run_at
+            SELECT p.id, p.rn, keys.ord, p.priority, p.run_at
             FROM keys CROSS JOIN LATERAL (
                 SELECT b.id, b.priority, b.run_at,
                        row_number() OVER (ORDER BY b.priority DESC, b.run_at, b.id) AS rn
@@ -416,7 +436,7 @@ macro_rules! fair_pick {
             WHERE keys.room IS NULL OR p.rn <= keys.room
             UNION ALL
             SELECT b.id, row_number() OVER (ORDER BY b.priority DESC, b.run_at, b.id),
-                   b.priority, b.run_at
+                   $16 + 1, b.priority, b.run_at
             FROM (SELECT a.id, a.priority, a.run_at FROM pgflow.tasks a
                   WHERE a.id IN (SELECT h.id FROM pgflow.tasks h
                                  WHERE h.queue = $3 AND h.claimed_by IS NULL AND NOT h.parked
@@ -428,7 +448,8 @@ macro_rules! fair_pick {
                     AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
                   FOR UPDATE SKIP LOCKED) b
         )
-        SELECT id FROM picks ORDER BY rn, priority DESC, run_at, id LIMIT $4"
+        -- in rounds; in a round, keys in rotation order (keyless tasks last)
+        SELECT id FROM picks ORDER BY rn, ord, priority DESC, run_at, id LIMIT $4"
     };
 }
 
