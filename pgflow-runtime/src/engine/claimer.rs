@@ -17,14 +17,15 @@ use crate::store::tasks::{self, ClaimRequest};
 const FAIR_KEYS_PER_CLAIM: i64 = 64;
 
 /// Where a fair queue's next claim starts its rotation: at the last key this claim
-/// served in its own rotation (which began after `cursor` and wrapped around), so the
-/// keys after it come first next time; unchanged when it served no key.
+/// served in its own rotation (the keys below `cursor`, downwards, then wrapping
+/// around from the last key down to `cursor`), so the keys below it come first next
+/// time; unchanged when it served no key.
 fn next_cursor(cursor: &str, claimed: &[tasks::Claimed]) -> String {
     let keys = claimed.iter().filter_map(|t| t.key.as_deref());
-    // the wrapped part (keys up to the cursor) comes last in the rotation
-    let wrapped = keys.clone().filter(|k| *k <= cursor).max();
+    // the wrapped part (keys from the cursor up) comes last in the rotation
+    let wrapped = keys.clone().filter(|k| *k >= cursor).min();
     wrapped
-        .or_else(|| keys.filter(|k| *k > cursor).max())
+        .or_else(|| keys.filter(|k| *k < cursor).min())
         .map_or_else(|| cursor.to_owned(), str::to_owned)
 }
 

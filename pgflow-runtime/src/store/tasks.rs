@@ -361,43 +361,41 @@ macro_rules! fifo_pick {
 
 /// The claim's pick in a fair queue: round robin across run keys. The keys with due
 /// tasks are enumerated in rotation from the claimer's cursor `$15` (the last key it
-/// served: those after it, then from the first up to it; at most `$16` of them) by
-/// skipping through `tasks_available_by_key` (one probe per key, however long each
-/// key's backlog); each key offers an equal share of the batch (its own order:
+/// served: those below it, downwards, then from the last down to it; at most `$16` of
+/// them) by skipping through `tasks_available_by_key` (one probe per key, entering
+/// each key's range from its live end however long its drained backlog); each key offers an equal share of the batch (its own order:
 /// priority, due time, id), and the picks are taken in rounds (every key's first,
 /// then every key's second, ..; in a round, keys in rotation order), so one key's
 /// backlog of 100,000 tasks does not delay another key's one, even when a claim takes
-/// one task. Tasks without a key are offered from the head of the queue
-/// (`tasks_available`, in arrival order), one more share, last in each round.
+/// one task. Tasks without a key get the room the keys left, from the head of the
+/// queue (`tasks_available`, in arrival order), last in each round.
 macro_rules! fair_pick {
     () => {
         "
         WITH RECURSIVE k AS (
+            -- keys below the cursor, downwards: a key's range is entered from its
+            -- newest (live) end, not through the dead entries of its drained front
             (SELECT a.key FROM pgflow.tasks a
-             WHERE a.queue = $3 AND a.key > $15 AND a.key IS NOT NULL
+             WHERE a.queue = $3 AND a.key < $15 AND a.key IS NOT NULL
                AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
-               AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
-             ORDER BY a.key LIMIT 1)
+             ORDER BY a.key DESC LIMIT 1)
             UNION ALL
             SELECT (SELECT a.key FROM pgflow.tasks a
-                    WHERE a.queue = $3 AND a.key > k.key AND a.key IS NOT NULL
+                    WHERE a.queue = $3 AND a.key < k.key
                       AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
-                      AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
-                    ORDER BY a.key LIMIT 1)
+                    ORDER BY a.key DESC LIMIT 1)
             FROM k WHERE k.key IS NOT NULL
         ), w AS (
-            -- the rotation wraps around: then the keys up to the cursor
+            -- the rotation wraps around: the keys from the last down to the cursor
             (SELECT a.key FROM pgflow.tasks a
-             WHERE a.queue = $3 AND a.key IS NOT NULL AND a.key <= $15
+             WHERE a.queue = $3 AND a.key IS NOT NULL AND a.key >= $15
                AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
-               AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
-             ORDER BY a.key LIMIT 1)
+             ORDER BY a.key DESC LIMIT 1)
             UNION ALL
             SELECT (SELECT a.key FROM pgflow.tasks a
-                    WHERE a.queue = $3 AND a.key > w.key AND a.key <= $15
+                    WHERE a.queue = $3 AND a.key < w.key AND a.key >= $15
                       AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
-                      AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
-                    ORDER BY a.key LIMIT 1)
+                    ORDER BY a.key DESC LIMIT 1)
             FROM w WHERE w.key IS NOT NULL
         ), keys0 AS MATERIALIZED (
             -- with a key limit `$17`: only keys with a free slot, each offering at
@@ -413,14 +411,14 @@ macro_rules! fair_pick {
               AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
             LIMIT $16
         ), keys AS MATERIALIZED (
-            -- each key's place in the rotation: after the cursor first
-            SELECT key, room, row_number() OVER (ORDER BY part, key) AS ord FROM keys0
+            -- each key's place in the rotation: below the cursor first, downwards
+            SELECT key, room, row_number() OVER (ORDER BY part, key DESC) AS ord FROM keys0
         ), share AS MATERIALIZED (
             -- rounded up: a batch is filled when every key has enough
             SELECT CASE WHEN count(*) = 0 THEN $4
                         ELSE GREATEST(1, ($4 + count(*) - 1) / count(*)) END::bigint AS n
             FROM keys
-        ), picks AS (
+        ), keyed AS MATERIALIZED (
             SELECT p.id, p.rn, keys.ord, p.priority, p.run_at
             FROM keys CROSS JOIN LATERAL (
                 SELECT b.id, b.priority, b.run_at,
@@ -434,22 +432,24 @@ macro_rules! fair_pick {
                       FOR UPDATE SKIP LOCKED) b
             ) p
             WHERE keys.room IS NULL OR p.rn <= keys.room
-            UNION ALL
-            SELECT b.id, row_number() OVER (ORDER BY b.priority DESC, b.run_at, b.id),
-                   $16 + 1, b.priority, b.run_at
+        ), keyless AS (
+            -- tasks without a key: the room the keys left, from the head of the queue
+            SELECT b.id, row_number() OVER (ORDER BY b.priority DESC, b.run_at, b.id) AS rn,
+                   $16 + 1 AS ord, b.priority, b.run_at
             FROM (SELECT a.id, a.priority, a.run_at FROM pgflow.tasks a
                   WHERE a.id IN (SELECT h.id FROM pgflow.tasks h
                                  WHERE h.queue = $3 AND h.claimed_by IS NULL AND NOT h.parked
                                    AND h.run_at <= now()
                                  ORDER BY h.priority DESC, h.run_at, h.id
-                                 LIMIT (SELECT n FROM share))
+                                 LIMIT GREATEST(0, $4 - (SELECT count(*) FROM keyed)))
                     AND a.key IS NULL
                     AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
                     AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
                   FOR UPDATE SKIP LOCKED) b
         )
         -- in rounds; in a round, keys in rotation order (keyless tasks last)
-        SELECT id FROM picks ORDER BY rn, ord, priority DESC, run_at, id LIMIT $4"
+        SELECT id FROM (SELECT * FROM keyed UNION ALL SELECT * FROM keyless) picks
+        ORDER BY rn, ord, priority DESC, run_at, id LIMIT $4"
     };
 }
 
