@@ -40,9 +40,11 @@ struct Args {
     record_executions: bool,
     schedule_every_secs: Option<u32>,
     schedule_missed: Missed,
+    /// `--key-concurrency QUEUE=N`: at most N running tasks per run key.
+    key_limits: BTreeMap<String, usize>,
 }
 
-const USAGE: &str = "usage: worker [--queue NAME=CONCURRENCY]... [--instance-id ID] [--database-url URL] [--heartbeat-ms MS] [--offline-after-ms MS] [--lease-grace-ms MS] [--shutdown-grace-ms MS] [--record-executions] [--schedule-every-secs N [--schedule-missed skip|run_once|run_each]]";
+const USAGE: &str = "usage: worker [--queue NAME=CONCURRENCY]... [--instance-id ID] [--database-url URL] [--heartbeat-ms MS] [--offline-after-ms MS] [--lease-grace-ms MS] [--shutdown-grace-ms MS] [--record-executions] [--schedule-every-secs N [--schedule-missed skip|run_once|run_each]] [--key-concurrency QUEUE=N]...";
 
 fn parse_queue(spec: &str, queues: &mut BTreeMap<String, usize>) -> Result<(), String> {
     let (name, n) = spec
@@ -69,6 +71,7 @@ fn parse_args() -> Result<Args, String> {
         record_executions: false,
         schedule_every_secs: None,
         schedule_missed: Missed::default(),
+        key_limits: BTreeMap::new(),
     };
     if let Ok(spec) = std::env::var("PGFLOW_QUEUES") {
         for q in spec.split(',').filter(|s| !s.trim().is_empty()) {
@@ -95,6 +98,10 @@ fn parse_args() -> Result<Args, String> {
             "--lease-grace-ms" => args.lease_grace = ms(it.next(), &a)?,
             "--shutdown-grace-ms" => args.shutdown_grace = ms(it.next(), &a)?,
             "--record-executions" => args.record_executions = true,
+            "--key-concurrency" => parse_queue(
+                &it.next().ok_or("--key-concurrency needs QUEUE=N")?,
+                &mut args.key_limits,
+            )?,
             "--schedule-every-secs" => {
                 let v = it.next().ok_or("--schedule-every-secs needs a value")?;
                 let n: u32 = v
@@ -127,9 +134,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             queues.insert(def.queue().to_owned(), 16);
         }
     }
-    let mut builder = Runtime::builder().pool(pool.clone());
+    // the limits the linked workflows count against (`llm_request`'s provider quota
+    // and tenant budget; `proc_limited`'s request rate)
+    let mut builder = pgflow_suite::flows::limits(pgflow_suite::llm::limits(
+        Runtime::builder().pool(pool.clone()),
+    ));
     for (q, n) in &queues {
         builder = builder.queue(q.clone(), *n);
+    }
+    for (q, n) in &args.key_limits {
+        builder = builder.key_concurrency(q.clone(), u32::try_from(*n).unwrap_or(u32::MAX));
     }
     if let Some(id) = &args.instance_id {
         builder = builder.instance_id(id.clone());
@@ -152,6 +166,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     builder = builder.data(llm).data(pool.clone());
     if args.record_executions {
         sqlx::raw_sql(EXECUTIONS_DDL).execute(&pool).await?;
+        sqlx::raw_sql(pgflow_suite::flows::CALLS_DDL)
+            .execute(&pool)
+            .await?;
         builder = builder.data(ExecLog(pool.clone()));
     }
     if let Some(n) = args.schedule_every_secs {

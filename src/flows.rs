@@ -183,3 +183,52 @@ impl ProcCounter {
         Ok(job.n)
     }
 }
+
+/// A tenant's call, logged with its start and end (`pgflow_test.calls`), counted
+/// against the request rate `proc_rate` (see [`limits`]): driven by three workers
+/// with a key limit, to check that neither the key limit nor the rate is exceeded
+/// across processes.
+pub struct ProcLimited;
+
+/// Creates the call log of [`ProcLimited`].
+pub const CALLS_DDL: &str = "
+CREATE SCHEMA IF NOT EXISTS pgflow_test;
+CREATE TABLE IF NOT EXISTS pgflow_test.calls (
+    run_id      bigint      NOT NULL,
+    tenant      text        NOT NULL,
+    instance_id text        NOT NULL,
+    started_at  timestamptz NOT NULL,
+    ended_at    timestamptz NOT NULL
+)";
+
+#[workflow(name = "proc_limited", queue = "limited_calls", key = Self::tenant)]
+impl ProcLimited {
+    #[step(limits = ["proc_rate"])]
+    async fn call(input: (String, u64), ctx: &StepContext) -> Result<u64, StepError> {
+        let started = chrono::Utc::now();
+        tokio::time::sleep(Duration::from_millis(input.1)).await;
+        if let Ok(ExecLog(pool)) = ctx.data::<ExecLog>() {
+            sqlx::query(
+                "INSERT INTO pgflow_test.calls (run_id, tenant, instance_id, started_at, ended_at)
+                 VALUES ($1, $2, $3, $4, now())",
+            )
+            .bind(ctx.run_id().0)
+            .bind(&input.0)
+            .bind(std::env::var("INSTANCE_ID").unwrap_or_default())
+            .bind(started)
+            .execute(pool)
+            .await?;
+        }
+        Ok(input.1)
+    }
+
+    fn tenant(input: &(String, u64)) -> &str {
+        &input.0
+    }
+}
+
+/// The limits of this module's workflows, for every runtime that serves them:
+/// `proc_rate`, 40 calls per 2-second window over all tenants.
+pub fn limits(builder: pgflow_runtime::RuntimeBuilder) -> pgflow_runtime::RuntimeBuilder {
+    builder.limit(pgflow_runtime::Limit::requests("proc_rate", 40).per(Duration::from_secs(2)))
+}

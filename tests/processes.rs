@@ -853,3 +853,78 @@ async fn a_transactional_counter_counts_each_run_once_across_a_sigkill(pool: PgP
     }
     rt.shutdown().await.unwrap();
 }
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn three_workers_keep_a_key_limit_and_a_rate_limit(pool: PgPool) {
+    use pgflow_suite::flows::{CALLS_DDL, ProcLimited};
+    let url = database_url(&pool);
+    sqlx::raw_sql(CALLS_DDL).execute(&pool).await.unwrap();
+    let rt = pgflow_suite::flows::limits(Runtime::builder())
+        .pool(pool.clone())
+        .instance_id("producer")
+        .start()
+        .await
+        .unwrap();
+    let workers: Vec<Worker> = ["instance_a", "instance_b", "instance_c"]
+        .iter()
+        .map(|id| {
+            let args = [
+                "--queue",
+                "limited_calls=8",
+                "--key-concurrency",
+                "limited_calls=2",
+            ];
+            Worker::spawn_with(&url, id, &args)
+        })
+        .collect();
+    // 3 tenants x 30 calls of 50 ms; at most 2 per tenant at once, 40 per 2 s window
+    let inputs: Vec<(String, u64)> = (0..90).map(|i| (format!("tenant-{}", i % 3), 50)).collect();
+    let ids = rt.start_many::<ProcLimited>(inputs).await.unwrap();
+    for id in &ids {
+        tokio::time::timeout(Duration::from_secs(120), rt.handle::<u64>(*id, true).wait())
+            .await
+            .expect("the run finishes")
+            .unwrap();
+    }
+    // the most calls of one tenant running at once, across the three processes
+    let most: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT c.tenant, max((SELECT count(*) FROM pgflow_test.calls o
+                               WHERE o.tenant = c.tenant
+                                 AND o.started_at <= c.started_at AND o.ended_at > c.started_at))
+         FROM pgflow_test.calls c GROUP BY c.tenant ORDER BY c.tenant",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(most.len(), 3, "{most:?}");
+    assert!(
+        most.iter().all(|m| m.1 <= 2),
+        "over the key limit: {most:?}"
+    );
+    let instances: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT instance_id) FROM pgflow_test.calls")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        instances >= 2,
+        "the calls were spread over {instances} worker(s)"
+    );
+    // the rate: no 2 s window started more than 40
+    let windows: Vec<(i64,)> = sqlx::query_as(
+        "SELECT used FROM pgflow.limit_windows WHERE name = 'proc_rate' ORDER BY window_start",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(windows.iter().all(|w| w.0 <= 40), "{windows:?}");
+    assert_eq!(windows.iter().map(|w| w.0).sum::<i64>(), 90);
+    let slots: i64 =
+        sqlx::query_scalar("SELECT COALESCE(sum(running), 0)::bigint FROM pgflow.key_slots")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(slots, 0);
+    drop(workers);
+    rt.shutdown().await.unwrap();
+}
