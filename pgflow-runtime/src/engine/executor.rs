@@ -316,6 +316,13 @@ async fn attempt_in(
     }
 }
 
+/// The step's estimates of one attempt, (cents, tokens), as stored (`bigint`).
+fn estimates(step: &StepDef) -> (i64, i64) {
+    let o = step.options();
+    let est = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    (est(o.estimate_cents), est(o.estimate_tokens))
+}
+
 /// Reserves the step's estimates against its run's budget (see `store::budgets`).
 /// `None` when the attempt may start; else what the task comes to: the run fails
 /// with `BudgetExceeded`, or (the database being away) the task is given back.
@@ -326,9 +333,7 @@ async fn reserve(
     task: &Claimed,
     token: i64,
 ) -> Option<Outcome> {
-    let o = step.options();
-    let est = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-    let (cents, tokens) = (est(o.estimate_cents), est(o.estimate_tokens));
+    let (cents, tokens) = estimates(step);
     let result = async {
         let mut conn = engine.pool.acquire().await?;
         crate::store::budgets::reserve(&mut conn, task.run_id, (task.task_id, token), cents, tokens)
@@ -375,8 +380,7 @@ async fn reserve_limits(
     task: &Claimed,
     token: i64,
 ) -> Option<Outcome> {
-    let o = step.options();
-    let est = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let (est_cents, est_tokens) = estimates(step);
     let key = task.key.as_deref().unwrap_or("");
     let mut wants = Vec::with_capacity(step.limits().len());
     for name in step.limits() {
@@ -390,8 +394,8 @@ async fn reserve_limits(
             period_secs: l.period_secs(),
             amount: match l.unit {
                 crate::LimitUnit::Requests => 1,
-                crate::LimitUnit::Tokens => est(o.estimate_tokens),
-                crate::LimitUnit::Cents => est(o.estimate_cents),
+                crate::LimitUnit::Tokens => est_tokens,
+                crate::LimitUnit::Cents => est_cents,
             },
             max: l.max_i64(),
             unit: l.unit.as_str(),
