@@ -428,7 +428,10 @@ macro_rules! fair_pick {
                         AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
                         AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
                       ORDER BY a.priority DESC, a.run_at, a.id
-                      LIMIT (SELECT n FROM share)
+                      -- two shares: a key with fewer due tasks leaves its room to
+                      -- the others (the batch still takes every key's first in
+                      -- round one)
+                      LIMIT LEAST($4, 2 * (SELECT n FROM share))
                       FOR UPDATE SKIP LOCKED) b
             ) p
             WHERE keys.room IS NULL OR p.rn <= keys.room
