@@ -45,6 +45,10 @@ impl Payment {
             .await?;
         match (mode.as_str(), ctx.attempt()) {
             ("fail-once", 1) => return Err(StepError::retryable("card network timed out")),
+            ("swallow", _) => {
+                // an error the step ignores leaves its transaction aborted
+                let _ = sqlx::query("SELECT 1/0").execute(&mut *tx).await;
+            }
             ("slow-once", 1) => tokio::time::sleep(Duration::from_secs(5)).await,
             ("hold", _) => {
                 let hold = ctx.data::<Arc<Hold>>()?;
@@ -167,6 +171,24 @@ async fn a_result_the_database_refuses_fails_the_step_without_its_writes(pool: P
     let err = settle::<String>(&rt, run.id()).await.unwrap_err();
     assert!(err.to_string().contains("the database refused"), "{err}");
     assert_eq!(ledger(&pool, run.id().0).await, []);
+    rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn an_aborted_transaction_fails_the_step_instead_of_running_it_again(pool: PgPool) {
+    let rt = runtime(&pool, Arc::default()).await;
+    let run = rt.start::<Payment>("swallow".to_owned()).await.unwrap();
+    let err = settle::<String>(&rt, run.id()).await.unwrap_err();
+    assert!(err.to_string().contains("the database refused"), "{err}");
+    assert_eq!(ledger(&pool, run.id().0).await, []);
+    let attempts: i32 = sqlx::query_scalar(
+        "SELECT attempts FROM pgflow.step_states WHERE run_id = $1 AND step = 0",
+    )
+    .bind(run.id().0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, 1, "not run again and again");
     rt.shutdown().await.unwrap();
 }
 

@@ -853,6 +853,7 @@ async fn run_with_retries(
             .cancel(shared.cancel.clone());
         // A transactional step's attempt holds the lent transaction (one at a time),
         // between `begin` and `commit` or `rollback`.
+        let held = shared.reserve(def, step)?;
         let lent = shared.transaction.as_ref().filter(|_| step.transactional());
         let turn = match lent {
             Some(tx) => Some(tx.turn().await),
@@ -860,9 +861,11 @@ async fn run_with_retries(
         };
         if let Some(tx) = lent {
             ctx = ctx.transaction(tx.clone());
-            bracket(tx, Bracket::Begin).await?;
+            if let Err(e) = bracket(tx, Bracket::Begin).await {
+                shared.release(held);
+                return Err(e);
+            }
         }
-        let held = shared.reserve(def, step)?;
         let attempt_result = policy::run_attempt(step, inputs, ctx.build())
             .await
             .and_then(|out| policy::storable(&out).map(|()| out));

@@ -133,39 +133,56 @@ async fn commit_with_writes(
                 crate::engine::flusher::after_flush(engine, &flushed, 1);
                 None
             }
-            Err(e) => {
+            // The server or the connection went away mid-commit: whether it
+            // committed is unknown. Give the task back: if it did commit, the task
+            // row is gone and the fence rejects the rerun's completion; if not, the
+            // step runs again from a clean slate.
+            Err(e) if crate::store::is_transient(&e) => {
                 warn!(error = %e, "pgflow: committing a transactional step failed; it runs again");
                 completion.outcome = Outcome::Release;
                 Some(completion)
             }
+            // Refused at commit (a deferred constraint of the step's writes): the
+            // step fails, without its writes.
+            Err(e) => Some(refused_writes(completion, &e)),
         },
-        // the claim was lost: neither the writes nor the completion apply
-        Ok(flushed) => {
+        // The claim was lost: neither the writes nor the completion apply. The
+        // flusher records what the attempt reported (it was paid for) and rejects it.
+        Ok(_) => {
             drop(tx);
-            crate::engine::flusher::after_flush(engine, &flushed, 1);
-            None
+            Some(completion)
         }
         Err(e) => {
             drop(tx);
-            if crate::store::is_content_error(&e) {
-                let reason = e
-                    .as_database_error()
-                    .map_or_else(|| e.to_string(), ToString::to_string);
-                let err = StepError::permanent(format!(
-                    "the database refused the step's result or writes: {reason}"
-                ));
-                let attempt = u32::try_from(completion.attempt).unwrap_or(1);
-                completion.outcome = Outcome::Failed {
-                    history: vec![AttemptFailure::new(attempt, &err)],
-                    element: completion.element.and_then(|e| usize::try_from(e).ok()),
-                };
-            } else {
-                warn!(error = %e, "pgflow: applying a transactional step failed; it runs again");
-                completion.outcome = Outcome::Release;
+            if !crate::store::is_transient(&e) && !crate::store::is_conflict(&e) {
+                // what the step left its transaction in (an error it swallowed, a
+                // value refused): it fails, without its writes
+                return Some(refused_writes(completion, &e));
             }
+            // the database away, or a deadlock with another flush: the whole
+            // transaction is gone; the step runs again, writes and all
+            warn!(error = %e, "pgflow: applying a transactional step failed; it runs again");
+            completion.outcome = Outcome::Release;
             Some(completion)
         }
     }
+}
+
+/// A transactional step whose writes or result the database refused: it fails
+/// permanently (its writes are rolled back), with the database's message.
+fn refused_writes(mut completion: Completion, e: &sqlx::Error) -> Completion {
+    let reason = e
+        .as_database_error()
+        .map_or_else(|| e.to_string(), ToString::to_string);
+    let err = StepError::permanent(format!(
+        "the database refused the step's result or writes: {reason}"
+    ));
+    let attempt = u32::try_from(completion.attempt).unwrap_or(1);
+    completion.outcome = Outcome::Failed {
+        history: vec![AttemptFailure::new(attempt, &err)],
+        element: completion.element.and_then(|e| usize::try_from(e).ok()),
+    };
+    completion
 }
 
 /// One attempt of the task's step, classified, with the transaction it wrote in
@@ -388,6 +405,12 @@ async fn reserve_limits(
         let Some(l) = engine.config.limits.iter().find(|l| l.name() == *name) else {
             continue;
         };
+        if wants
+            .iter()
+            .any(|w: &crate::store::limits::Want<'_>| w.name == *name)
+        {
+            continue; // named twice: counted once
+        }
         wants.push(crate::store::limits::Want {
             name,
             key: if l.per_key { key } else { "" },

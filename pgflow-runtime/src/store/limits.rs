@@ -42,26 +42,27 @@ pub(crate) async fn reserve(
     let amounts: Vec<i64> = wants.iter().map(|w| w.amount).collect();
     let maxes: Vec<i64> = wants.iter().map(|w| w.max).collect();
     let units: Vec<&str> = wants.iter().map(|w| w.unit).collect();
-    // The windows (a statement of its own: the next one locks them).
-    sqlx::query(
+    // The current windows, computed once (a boundary may pass between statements),
+    // and their rows (a statement of its own: the next one locks them).
+    let windows: Vec<DateTime<Utc>> = sqlx::query_scalar(
         "INSERT INTO pgflow.limit_windows (name, key, window_start)
          SELECT h.name, h.key,
                 to_timestamp(floor(extract(epoch FROM now()) / h.period) * h.period)
-         FROM unnest($1::text[], $2::text[], $3::bigint[]) AS h(name, key, period)
-         ORDER BY 1, 2
-         ON CONFLICT DO NOTHING",
+         FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS h(name, key, period, ord)
+         ORDER BY h.ord
+         ON CONFLICT (name, key, window_start) DO UPDATE SET used = pgflow.limit_windows.used
+         RETURNING window_start",
     )
     .bind(&names)
     .bind(&keys)
     .bind(&periods)
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
     let full: Option<Full> = sqlx::query_as(
         "WITH h AS (
-             SELECT h.*, to_timestamp(floor(extract(epoch FROM now()) / h.period) * h.period)
-                        AS win
-             FROM unnest($3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
-                         $8::text[]) AS h(name, key, period, amount, max, unit)
+             SELECT * FROM unnest($3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
+                                  $8::text[], $9::timestamptz[])
+                 AS h(name, key, period, amount, max, unit, win)
          ), t AS (
              SELECT id FROM pgflow.tasks WHERE id = $1 AND claim_token = $2 FOR UPDATE
          ), w AS MATERIALIZED (
@@ -103,6 +104,7 @@ pub(crate) async fn reserve(
     .bind(&amounts)
     .bind(&maxes)
     .bind(&units)
+    .bind(&windows)
     .fetch_optional(conn)
     .await?;
     Ok(full)
@@ -145,9 +147,17 @@ pub(crate) async fn settle(
                   AS s(name, key, win, amount, used)
              GROUP BY name, key, win
          )
+         , locked AS (
+             -- in name and key order, as `reserve` locks them
+             SELECT x.name, x.key, x.window_start FROM pgflow.limit_windows x
+             JOIN s ON x.name = s.name AND x.key = s.key AND x.window_start = s.win
+             ORDER BY x.name, x.key
+             FOR UPDATE OF x
+         )
          UPDATE pgflow.limit_windows x
          SET reserved = GREATEST(x.reserved - s.amount, 0), used = x.used + s.used
-         FROM s WHERE x.name = s.name AND x.key = s.key AND x.window_start = s.win",
+         FROM s JOIN locked l ON l.name = s.name AND l.key = s.key AND l.window_start = s.win
+         WHERE x.name = s.name AND x.key = s.key AND x.window_start = s.win",
     )
     .bind(&names)
     .bind(&keys)

@@ -259,9 +259,21 @@ pub(crate) async fn debounce_into(
     let Some((id, old_run_at)) = pending else {
         return Ok(None);
     };
+    // Not started: no step state but its joins' counters, and every task a first,
+    // untouched attempt, parked and unclaimed. The tasks are locked without waiting
+    // (one that another transaction holds is being claimed, promoted or completed:
+    // the run counts as started), so this never waits on a flush.
     let started: bool = sqlx::query_scalar(
-        "SELECT count(*) = 0 OR bool_or(claimed_by IS NOT NULL OR NOT parked)
-         FROM (SELECT claimed_by, parked FROM pgflow.tasks WHERE run_id = $1 FOR UPDATE) t",
+        "SELECT EXISTS (SELECT 1 FROM pgflow.step_states s
+                        WHERE s.run_id = $1 AND s.status <> 'waiting')
+             OR (SELECT count(*) FROM pgflow.tasks WHERE run_id = $1)
+                <> (SELECT count(*) FROM (
+                        SELECT 1 FROM pgflow.tasks t
+                        WHERE t.run_id = $1 AND t.parked AND t.claimed_by IS NULL
+                          AND t.attempt = 1 AND t.snoozes = 0 AND t.errors IS NULL
+                          AND t.child_run_id IS NULL
+                        FOR UPDATE SKIP LOCKED) l)
+             OR NOT EXISTS (SELECT 1 FROM pgflow.tasks WHERE run_id = $1)",
     )
     .bind(id)
     .fetch_one(&mut *conn)
@@ -625,7 +637,9 @@ pub(crate) async fn forks_of(conn: &mut PgConnection, id: i64) -> Result<Vec<i64
 pub(crate) async fn reopen(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE pgflow.runs SET status = 'running', error = NULL, completed_at = NULL,
-                instance_id = NULL
+                instance_id = NULL,
+                -- its tasks were deleted: what their claims reserved is void
+                reserved_cents = NULL, reserved_tokens = NULL
          WHERE id = $1",
     )
     .bind(id)

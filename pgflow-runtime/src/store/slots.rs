@@ -96,9 +96,15 @@ pub(crate) async fn release(
              SELECT queue, key, count(*)::int AS n
              FROM unnest($1::text[], $2::text[]) AS r(queue, key)
              GROUP BY queue, key
+         ), locked AS (
+             -- in key order, as `take` locks them
+             SELECT s.queue, s.key FROM pgflow.key_slots s JOIN r USING (queue, key)
+             ORDER BY s.queue, s.key
+             FOR UPDATE OF s
          )
          UPDATE pgflow.key_slots s SET running = GREATEST(s.running - r.n, 0)
-         FROM r WHERE s.queue = r.queue AND s.key = r.key",
+         FROM r JOIN locked USING (queue, key)
+         WHERE s.queue = r.queue AND s.key = r.key",
     )
     .bind(&queues)
     .bind(&keys)

@@ -102,9 +102,13 @@ pub(super) async fn fence<'b>(
     }
     crate::store::slots::release(conn, &slots).await?;
     if !held.is_empty() {
-        // settled to what each attempt reported
+        // settled to what each attempt reported (the completion that applies for its
+        // claim: a real one over a shutdown's release of the same claim)
         let by_claim: HashMap<(i64, i64), &Completion> =
-            batch.iter().map(|c| (c.claim(), c)).collect();
+            once_per_claim(batch, |claim| accepted.contains_key(claim))
+                .into_iter()
+                .map(|c| (c.claim(), c))
+                .collect();
         let settled: Vec<(limits::Hold, i64)> = held
             .into_iter()
             .map(|(id, token, h)| {

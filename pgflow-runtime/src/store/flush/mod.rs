@@ -211,6 +211,8 @@ pub(crate) async fn apply(
         subflows::lock_children(conn, &awaited).await?;
     }
     let applied = fence::fence(conn, batch, &mut out).await?;
+    // the claims that passed (a rejected completion is one whose claim did not)
+    let passed: HashSet<(i64, i64)> = applied.iter().map(|a| a.completion.claim()).collect();
 
     let mut work = Work::default();
     for a in applied {
@@ -238,7 +240,7 @@ pub(crate) async fn apply(
             s.tokens_in += i64::try_from(u.tokens_in).unwrap_or(i64::MAX);
             s.tokens_out += i64::try_from(u.tokens_out).unwrap_or(i64::MAX);
         }
-        if out.rejected.contains(&c.task_id) {
+        if !passed.contains(&c.claim()) {
             s.cents += c.cost_cents;
         }
         let step = step_index(c.step)

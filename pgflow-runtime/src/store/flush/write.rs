@@ -415,6 +415,9 @@ pub(super) async fn add_costs(
     let mut ids = Vec::with_capacity(costs.len());
     let mut cents = Vec::with_capacity(costs.len());
     let mut rest: [Vec<i64>; 4] = Default::default();
+    // in id order: two flushes touching the same runs lock them in one order
+    let mut costs: Vec<(i64, Settle)> = costs.into_iter().collect();
+    costs.sort_unstable_by_key(|(id, _)| *id);
     for (id, c) in costs {
         ids.push(id);
         cents.push(c.cents);
