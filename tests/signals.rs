@@ -123,23 +123,25 @@ async fn a_signal_after_the_step_is_reached_is_delivered_and_the_first_wins(pool
         by: "ada".to_owned(),
         ok: true,
     };
-    let first = rt
-        .signal(run.id(), Review::approval, approval)
+    // Both in one transaction: the step cannot run (and end the run) between them.
+    let mut tx = pool.begin().await.unwrap();
+    let first = pgflow_runtime::signal_in(&mut *tx, run.id(), Review::approval, approval)
         .await
         .unwrap();
     assert_eq!(first, SignalOutcome::Delivered);
-    let second = rt
-        .signal(
-            run.id(),
-            Review::approval,
-            Approval {
-                by: "bob".to_owned(),
-                ok: false,
-            },
-        )
-        .await
-        .unwrap();
+    let second = pgflow_runtime::signal_in(
+        &mut *tx,
+        run.id(),
+        Review::approval,
+        Approval {
+            by: "bob".to_owned(),
+            ok: false,
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(second, SignalOutcome::Duplicate);
+    tx.commit().await.unwrap();
     assert_eq!(
         settle::<String>(&rt, run.id()).await.unwrap(),
         "draft about cats, approved by ada"

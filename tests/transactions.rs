@@ -4,6 +4,7 @@
 //! savepoint per attempt. (Three workers and a SIGKILL: `tests/processes.rs`.)
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use pgflow::{ExecuteOptions, RunError, StepContext, StepError, Transaction, workflow};
@@ -23,6 +24,9 @@ const DDL: &str = "CREATE TABLE IF NOT EXISTS ledger (
 pub struct Hold {
     reached: Notify,
     release: Notify,
+    /// `slow` attempts running now, and the most at once.
+    running: AtomicUsize,
+    most: AtomicUsize,
 }
 
 pub struct Payment;
@@ -45,6 +49,13 @@ impl Payment {
             .await?;
         match (mode.as_str(), ctx.attempt()) {
             ("fail-once", 1) => return Err(StepError::retryable("card network timed out")),
+            ("slow", _) => {
+                let hold = ctx.data::<Arc<Hold>>()?;
+                let now = hold.running.fetch_add(1, Ordering::SeqCst) + 1;
+                hold.most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                hold.running.fetch_sub(1, Ordering::SeqCst);
+            }
             ("swallow", _) => {
                 // an error the step ignores leaves its transaction aborted
                 let _ = sqlx::query("SELECT 1/0").execute(&mut *tx).await;
@@ -171,6 +182,53 @@ async fn a_result_the_database_refuses_fails_the_step_without_its_writes(pool: P
     let err = settle::<String>(&rt, run.id()).await.unwrap_err();
     assert!(err.to_string().contains("the database refused"), "{err}");
     assert_eq!(ledger(&pool, run.id().0).await, []);
+    rt.shutdown().await.unwrap();
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn transactional_steps_never_take_the_connections_the_engine_needs(pool: PgPool) {
+    sqlx::query(DDL).execute(&pool).await.unwrap();
+    // a pool of 4: one connection for transactional steps, whatever the concurrency
+    let small = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let hold = Arc::new(Hold::default());
+    let rt = Runtime::builder()
+        .pool(small)
+        .queue("default", 8)
+        .data(Arc::clone(&hold))
+        .heartbeat_interval(Duration::from_millis(100))
+        .offline_after(Duration::from_millis(1_500))
+        .poll_interval(Duration::from_millis(20))
+        .start()
+        .await
+        .unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..6 {
+        runs.push(rt.start::<Payment>("slow".to_owned()).await.unwrap().id());
+    }
+    for id in &runs {
+        assert_eq!(
+            settle::<String>(&rt, *id).await.unwrap(),
+            "charged (slow), receipt sent"
+        );
+    }
+    // one at a time, and the instance kept heartbeating meanwhile
+    assert_eq!(hold.most.load(Ordering::SeqCst), 1);
+    let me = rt.instance_id().to_owned();
+    let status: String = sqlx::query_scalar("SELECT status FROM pgflow.instances WHERE id = $1")
+        .bind(&me)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "online");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 6);
     rt.shutdown().await.unwrap();
 }
 

@@ -100,7 +100,7 @@ pub(crate) async fn run(
 /// deadlock) gives the task back, attempt not counted: it runs again, writes and all.
 async fn commit_with_writes(
     engine: &Engine,
-    lent: pgflow::Transaction,
+    (lent, _permit): Lent,
     mut completion: Completion,
 ) -> Option<Completion> {
     let ends_well = matches!(
@@ -193,11 +193,15 @@ async fn attempt(
     task: &Claimed,
     token: i64,
     cost: CostMeter,
-) -> (Outcome, Option<pgflow::Transaction>) {
+) -> (Outcome, Option<Lent>) {
     let mut lent = None;
     let outcome = attempt_in(engine, flow, task, token, cost, &mut lent).await;
     (outcome, lent)
 }
+
+/// A transactional step's transaction, and its place in the pool's transactional
+/// share.
+type Lent = (pgflow::Transaction, OwnedSemaphorePermit);
 
 /// [`attempt`]; a transactional step's transaction is left in `lent`.
 async fn attempt_in(
@@ -206,7 +210,7 @@ async fn attempt_in(
     task: &Claimed,
     token: i64,
     cost: CostMeter,
-    lent: &mut Option<pgflow::Transaction>,
+    lent: &mut Option<Lent>,
 ) -> Outcome {
     if !matches!(task.run_status.parse::<RunStatus>(), Ok(RunStatus::Running)) {
         return Outcome::Discard;
@@ -259,11 +263,17 @@ async fn attempt_in(
         .cost(cost)
         .cancel(cancel);
     if step.transactional() {
+        // a connection for the attempt's transaction, within the transactional share
+        // of the pool (see `Engine::transactional`), held until its commit
+        let Ok(permit) = Arc::clone(&engine.transactional).acquire_owned().await else {
+            engine.release_cancel_token(task.run_id);
+            return Outcome::Release;
+        };
         match engine.pool.begin().await {
             Ok(tx) => {
                 let tx = pgflow::Transaction::new(crate::PgTransaction::new(tx));
                 ctx = ctx.transaction(tx.clone());
-                *lent = Some(tx);
+                *lent = Some((tx, permit));
             }
             Err(e) => {
                 engine.release_cancel_token(task.run_id);

@@ -112,6 +112,10 @@ pub(crate) struct Engine {
     /// overlaps a flush with the next batches of executions (one place per slot made
     /// flushes smaller and more frequent: chain3 lost ~7 % in the bench).
     pub(crate) unflushed: Arc<tokio::sync::Semaphore>,
+    /// Connections transactional steps may hold at once: the pool's size less three
+    /// (the flusher, the heartbeat, the rest of the engine), so steps holding their
+    /// transactions can never starve the loops that keep the instance alive.
+    pub(crate) transactional: Arc<tokio::sync::Semaphore>,
     /// When each workflow version started here was last checked for a live instance
     /// that serves it.
     pub(crate) served_checks: Mutex<Every<(&'static str, u32)>>,
@@ -130,6 +134,10 @@ impl Engine {
         let (tx, rx) = mpsc::unbounded_channel();
         let (shutdown, _) = watch::channel(false);
         let places = queues.iter().map(|(_, c)| *c).sum::<usize>().max(1) * 2;
+        let transactional = usize::try_from(pool.options().get_max_connections())
+            .unwrap_or(usize::MAX)
+            .saturating_sub(3)
+            .max(1);
         let wakers = queues
             .iter()
             .map(|(q, _)| (q.clone(), Arc::new(Notify::new())))
@@ -151,6 +159,7 @@ impl Engine {
             loops: Mutex::new(None),
             counters: Counters::default(),
             unflushed: Arc::new(tokio::sync::Semaphore::new(places)),
+            transactional: Arc::new(tokio::sync::Semaphore::new(transactional)),
             served_checks: Mutex::new(Every::default()),
         });
         (engine, rx)
