@@ -111,3 +111,18 @@ pub async fn settle<O: serde::de::DeserializeOwned>(
     .await
     .expect("the run did not finish within 30 s")
 }
+
+/// A runtime that serves no queue (it only starts and reads runs), with the instance
+/// id `producer`.
+///
+/// # Panics
+///
+/// When it cannot start.
+pub async fn producer(pool: &sqlx::PgPool) -> pgflow_runtime::Runtime {
+    pgflow_runtime::Runtime::builder()
+        .pool(pool.clone())
+        .instance_id("producer")
+        .start()
+        .await
+        .expect("the producer starts")
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use pgflow::{StepContext, StepError, workflow};
 use pgflow_runtime::{Runtime, StartOptions};
-use pgflow_suite::support::settle;
+use pgflow_suite::support::{producer, settle};
 use sqlx::PgPool;
 
 pub struct Job;
@@ -58,12 +58,7 @@ async fn pending(pool: &PgPool, key: &str) -> i64 {
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
 async fn a_backlog_of_one_key_does_not_delay_another(pool: PgPool) {
     // A producer queues tenant A's backlog first, then the worker starts.
-    let producer = Runtime::builder()
-        .pool(pool.clone())
-        .instance_id("producer")
-        .start()
-        .await
-        .unwrap();
+    let producer = producer(&pool).await;
     backlog(&producer, &pool, Some("tenant-a"), 2_000, 5).await;
     let rt = runtime(&pool).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -93,12 +88,7 @@ async fn a_backlog_of_one_key_does_not_delay_another(pool: PgPool) {
 
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
 async fn more_keys_than_a_claim_serves_are_all_served(pool: PgPool) {
-    let producer = Runtime::builder()
-        .pool(pool.clone())
-        .instance_id("producer")
-        .start()
-        .await
-        .unwrap();
+    let producer = producer(&pool).await;
     let mut tx = pool.begin().await.unwrap();
     let mut ids = Vec::new();
     for k in 0..150 {

@@ -53,6 +53,13 @@ impl Entry {
         self.def.steps().get(step)
     }
 
+    /// The name of step `step` (an index as stored), `?` for one it does not have.
+    pub(crate) fn step_name(&self, step: i16) -> &'static str {
+        crate::store::step_index(step)
+            .and_then(|s| self.step(s))
+            .map_or("?", StepDef::name)
+    }
+
     /// Step `step`'s values for the enqueue statement.
     pub(crate) fn step_row(&self, step: usize) -> Option<&StepRow> {
         self.rows.get(step)

@@ -94,8 +94,7 @@ fn retry_in<'c>(
     id: RunId,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<RetryReport, Error>> + Send + 'c>> {
     Box::pin(async move {
-        let report = retry_one(&mut *tx, id).await?;
-        let mut report = report;
+        let mut report = retry_one(&mut *tx, id).await?;
         for child in runs::unfinished_children(&mut *tx, id.0).await? {
             let r = retry_in(&mut *tx, RunId(child)).await?;
             report.children.push(r.id);

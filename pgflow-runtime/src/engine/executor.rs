@@ -144,7 +144,7 @@ async fn commit_with_writes(
             }
             // Refused at commit (a deferred constraint of the step's writes): the
             // step fails, without its writes.
-            Err(e) => Some(refused_writes(completion, &e)),
+            Err(e) => Some(completion.refused(&e, "the step's result or writes")),
         },
         // The claim was lost: neither the writes nor the completion apply. The
         // flusher records what the attempt reported (it was paid for) and rejects it.
@@ -157,7 +157,7 @@ async fn commit_with_writes(
             if !crate::store::is_transient(&e) && !crate::store::is_conflict(&e) {
                 // what the step left its transaction in (an error it swallowed, a
                 // value refused): it fails, without its writes
-                return Some(refused_writes(completion, &e));
+                return Some(completion.refused(&e, "the step's result or writes"));
             }
             // the database away, or a deadlock with another flush: the whole
             // transaction is gone; the step runs again, writes and all
@@ -166,23 +166,6 @@ async fn commit_with_writes(
             Some(completion)
         }
     }
-}
-
-/// A transactional step whose writes or result the database refused: it fails
-/// permanently (its writes are rolled back), with the database's message.
-fn refused_writes(mut completion: Completion, e: &sqlx::Error) -> Completion {
-    let reason = e
-        .as_database_error()
-        .map_or_else(|| e.to_string(), ToString::to_string);
-    let err = StepError::permanent(format!(
-        "the database refused the step's result or writes: {reason}"
-    ));
-    let attempt = u32::try_from(completion.attempt).unwrap_or(1);
-    completion.outcome = Outcome::Failed {
-        history: vec![AttemptFailure::new(attempt, &err)],
-        element: completion.element.and_then(|e| usize::try_from(e).ok()),
-    };
-    completion
 }
 
 /// One attempt of the task's step, classified, with the transaction it wrote in
@@ -380,20 +363,36 @@ async fn reserve(
     } else {
         (pgflow::BudgetUnit::Cents, cents)
     };
+    Some(over_budget(
+        flow,
+        step,
+        (pgflow::BudgetScope::Run, unit),
+        [refusal.spent, refusal.reserved, estimate, refusal.budget],
+    ))
+}
+
+/// A step not started for lack of budget: its run fails with `BudgetExceeded`
+/// (`[spent, reserved, estimate, budget]`).
+fn over_budget(
+    flow: &Entry,
+    step: &StepDef,
+    (scope, unit): (pgflow::BudgetScope, pgflow::BudgetUnit),
+    [spent, reserved, estimate, budget]: [i64; 4],
+) -> Outcome {
     let error = pgflow::RunError::BudgetExceeded {
         workflow: flow.def.name().to_owned(),
         step: step.name().to_owned(),
-        scope: pgflow::BudgetScope::Run,
+        scope,
         unit,
-        spent: refusal.spent,
-        reserved: refusal.reserved,
+        spent,
+        reserved,
         estimate,
-        budget: refusal.budget,
+        budget,
     };
     warn!(error = %error, "pgflow: step not started: over budget; its run fails");
-    Some(Outcome::OverBudget {
+    Outcome::OverBudget {
         error: Box::new(error),
-    })
+    }
 }
 
 /// Reserves the attempt's weight in the current window of each limit its step counts
@@ -465,24 +464,17 @@ async fn reserve_limits(
         crate::LimitUnit::Cents => pgflow::BudgetUnit::Cents,
         crate::LimitUnit::Requests => pgflow::BudgetUnit::Requests,
     };
-    let error = pgflow::RunError::BudgetExceeded {
-        workflow: flow.def.name().to_owned(),
-        step: step.name().to_owned(),
-        scope: pgflow::BudgetScope::Limit(Box::new(pgflow::LimitScope {
-            name: full.name,
-            key: full.key,
-            period_secs: limit.period.as_secs(),
-        })),
-        unit,
-        spent: full.used,
-        reserved: full.reserved,
-        estimate: full.amount,
-        budget: full.max,
-    };
-    warn!(error = %error, "pgflow: step not started: over a budget per period; its run fails");
-    Some(Outcome::OverBudget {
-        error: Box::new(error),
-    })
+    let scope = pgflow::BudgetScope::Limit(Box::new(pgflow::LimitScope {
+        name: full.name,
+        key: full.key,
+        period_secs: limit.period.as_secs(),
+    }));
+    Some(over_budget(
+        flow,
+        step,
+        (scope, unit),
+        [full.used, full.reserved, full.amount, full.max],
+    ))
 }
 
 /// A stored value over `max` bytes of JSON, as a permanent error.

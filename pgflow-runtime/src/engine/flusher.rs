@@ -9,7 +9,6 @@
 
 use std::sync::Arc;
 
-use pgflow::{AttemptFailure, StepError};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -192,7 +191,7 @@ async fn flush_once(
 /// A single completion the database refused for its content: a success becomes the
 /// permanent failure of its step (with the database's message); a failure, discard
 /// or release that cannot be applied is left to its lease (`None`).
-fn refused(mut c: Completion, e: &sqlx::Error) -> Option<Completion> {
+fn refused(c: Completion, e: &sqlx::Error) -> Option<Completion> {
     if matches!(
         c.outcome,
         Outcome::Failed { .. }
@@ -204,14 +203,5 @@ fn refused(mut c: Completion, e: &sqlx::Error) -> Option<Completion> {
         warn!(error = %e, task_id = c.task_id, "pgflow: a completion could not be applied; its lease will return the task");
         return None;
     }
-    let reason = e
-        .as_database_error()
-        .map_or_else(|| e.to_string(), ToString::to_string);
-    let err = StepError::permanent(format!("the database refused the step's result: {reason}"));
-    let attempt = u32::try_from(c.attempt).unwrap_or(1);
-    c.outcome = Outcome::Failed {
-        history: vec![AttemptFailure::new(attempt, &err)],
-        element: c.element.and_then(|e| usize::try_from(e).ok()),
-    };
-    Some(c)
+    Some(c.refused(e, "the step's result"))
 }

@@ -45,13 +45,17 @@ pub(crate) async fn reserve(
     // The current windows, computed once (a boundary may pass between statements),
     // and their rows (a statement of its own: the next one locks them).
     let windows: Vec<DateTime<Utc>> = sqlx::query_scalar(
-        "INSERT INTO pgflow.limit_windows (name, key, window_start)
-         SELECT h.name, h.key,
-                to_timestamp(floor(extract(epoch FROM now()) / h.period) * h.period)
-         FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS h(name, key, period, ord)
-         ORDER BY h.ord
-         ON CONFLICT (name, key, window_start) DO UPDATE SET used = pgflow.limit_windows.used
-         RETURNING window_start",
+        "WITH w AS (
+             SELECT h.name, h.key, h.ord,
+                    to_timestamp(floor(extract(epoch FROM now()) / h.period) * h.period) AS win
+             FROM unnest($1::text[], $2::text[], $3::bigint[])
+                  WITH ORDINALITY AS h(name, key, period, ord)
+         ), ins AS (
+             INSERT INTO pgflow.limit_windows (name, key, window_start)
+             SELECT name, key, win FROM w ORDER BY name, key
+             ON CONFLICT DO NOTHING
+         )
+         SELECT win FROM w ORDER BY ord",
     )
     .bind(&names)
     .bind(&keys)

@@ -152,6 +152,21 @@ impl Completion {
         }
     }
 
+    /// This completion as the permanent failure of its step, with the message of the
+    /// database that refused `what` (its result; a transactional step's writes).
+    pub(crate) fn refused(mut self, e: &sqlx::Error, what: &str) -> Self {
+        let reason = e
+            .as_database_error()
+            .map_or_else(|| e.to_string(), ToString::to_string);
+        let err = pgflow::StepError::permanent(format!("the database refused {what}: {reason}"));
+        let attempt = u32::try_from(self.attempt).unwrap_or(1);
+        self.outcome = Outcome::Failed {
+            history: vec![AttemptFailure::new(attempt, &err)],
+            element: self.element.and_then(|e| usize::try_from(e).ok()),
+        };
+        self
+    }
+
     /// The claim this completes: (task, token).
     fn claim(&self) -> (i64, i64) {
         (self.task_id, self.token)
@@ -211,10 +226,9 @@ pub(crate) async fn apply(
         subflows::lock_children(conn, &awaited).await?;
     }
     let applied = fence::fence(conn, batch, &mut out).await?;
-    // the claims that passed (a rejected completion is one whose claim did not)
-    let passed: HashSet<(i64, i64)> = applied.iter().map(|a| a.completion.claim()).collect();
-
     let mut work = Work::default();
+    let ledger = account_usage(batch, &applied, catalog, &mut work.costs);
+
     for a in applied {
         let c = a.completion;
         if a.released != fence::Released::default() {
@@ -226,27 +240,6 @@ pub(crate) async fn apply(
             continue;
         };
         work.sort(flow, c, a.started_at);
-    }
-    // What every attempt reported, its claim lost or not (it was paid for): the
-    // ledger, the runs' tokens, and the cost of those whose completion was rejected
-    // (an applied one's cost is counted by its phase).
-    let mut ledger = UsageRows::default();
-    for c in batch {
-        if c.usage.is_empty() {
-            continue;
-        }
-        let s = work.costs.entry(c.run_id).or_default();
-        for u in &c.usage {
-            s.tokens_in += i64::try_from(u.tokens_in).unwrap_or(i64::MAX);
-            s.tokens_out += i64::try_from(u.tokens_out).unwrap_or(i64::MAX);
-        }
-        if !passed.contains(&c.claim()) {
-            s.cents += c.cost_cents;
-        }
-        let step = step_index(c.step)
-            .and_then(|i| catalog.get(c.workflow, c.version)?.step(i))
-            .map_or("?", |s| s.name());
-        ledger.push(c, step);
     }
     record_usage(conn, instance, &ledger).await?;
     for (flow, run_id, step) in complete_elements(conn, instance, &work.elements).await? {
@@ -303,6 +296,38 @@ pub(crate) async fn apply(
         .collect();
     notify::queues(conn, &to_notify).await?;
     Ok(out)
+}
+
+/// What every attempt of `batch` reported, its claim lost or not (it was paid for):
+/// the ledger rows, the runs' tokens, and the cost of the attempts whose completion
+/// the fence rejected (an applied one's cost is counted by its phase). Nothing to do,
+/// and nothing allocated, when no attempt reported usage (the common case).
+fn account_usage<'b>(
+    batch: &'b [Completion],
+    applied: &[fence::Applied<'b>],
+    catalog: &Catalog,
+    costs: &mut HashMap<i64, Settle>,
+) -> UsageRows {
+    let mut ledger = UsageRows::default();
+    if batch.iter().all(|c| c.usage.is_empty()) {
+        return ledger;
+    }
+    let passed: HashSet<(i64, i64)> = applied.iter().map(|a| a.completion.claim()).collect();
+    for c in batch.iter().filter(|c| !c.usage.is_empty()) {
+        let s = costs.entry(c.run_id).or_default();
+        for u in &c.usage {
+            s.tokens_in += i64::try_from(u.tokens_in).unwrap_or(i64::MAX);
+            s.tokens_out += i64::try_from(u.tokens_out).unwrap_or(i64::MAX);
+        }
+        if !passed.contains(&c.claim()) {
+            s.cents += c.cost_cents;
+        }
+        let step = catalog
+            .get(c.workflow, c.version)
+            .map_or("?", |f| f.step_name(c.step));
+        ledger.push(c, step);
+    }
+    ledger
 }
 
 /// Child runs to start, grouped by workflow version (one start statement each).
@@ -401,10 +426,8 @@ impl<'c> Work<'c> {
         match &c.outcome {
             Outcome::StartChild(child) => {
                 let key = subflows::child_key(c.run_id, c.step, c.element);
-                let step_name = step_index(c.step)
-                    .and_then(|s| flow.step(s))
-                    .map_or("?", |s| s.name());
-                self.children.push(c, step_name, child, key.clone());
+                self.children
+                    .push(c, flow.step_name(c.step), child, key.clone());
                 self.links.task_ids.push(c.task_id);
                 self.links.child_ids.push(None);
                 self.links.workflows.push(child.workflow);
@@ -485,9 +508,7 @@ impl<'c> Work<'c> {
                     reason: None,
                     started_at,
                 });
-                let step_name = step_index(c.step)
-                    .and_then(|s| flow.step(s))
-                    .map_or("?", |s| s.name());
+                let step_name = flow.step_name(c.step);
                 let error =
                     RunError::step_failed(flow.def.name(), step_name, *element, history.clone());
                 self.failed.push(
