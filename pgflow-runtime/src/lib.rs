@@ -156,17 +156,22 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The plan of the claim statement as the runtime sends it (`EXPLAIN`, not run),
-/// for the runtime's own plan tests.
+/// The plan of the claim statement as the runtime sends it (`EXPLAIN`, not run,
+/// on a claim connection), ordinary or `fair`, for the runtime's own plan tests.
 #[doc(hidden)]
-pub async fn explain_claim(rt: &Runtime, queue: &str, limit: usize) -> Result<Vec<String>, Error> {
-    let mut conn = rt.pool().acquire().await?;
+pub async fn explain_claim(
+    rt: &Runtime,
+    queue: &str,
+    limit: usize,
+    fair: bool,
+) -> Result<Vec<String>, Error> {
+    let mut conn = store::tasks::claim_connection(rt.pool()).await?;
     let req = store::tasks::ClaimRequest {
         instance: rt.instance_id(),
         token: 1,
         queue,
         limit,
-        fair: None,
+        fair: fair.then_some(("", 64)),
         key_limit: None,
     };
     Ok(store::tasks::explain_claim(&mut conn, &rt.engine.catalog, req).await?)
