@@ -146,6 +146,21 @@ enum Command {
         /// The run id
         id: i64,
     },
+    /// Serve the web dashboard (runs, step graphs, queues, instances, workflows,
+    /// schedules; cancel and retry) until interrupted
+    Dashboard {
+        /// The address to listen on; one that is not a loopback address needs a
+        /// token
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Every request must carry this token (Authorization: Bearer, or once as
+        /// ?token=)
+        #[arg(long, env = "PGFLOW_DASHBOARD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// No actions (cancel, retry)
+        #[arg(long)]
+        read_only: bool,
+    },
     /// Delete (or archive) finished runs older than an age, with their steps
     Prune {
         /// Runs that finished longer ago than this go: 7d, 12h, 90m
@@ -247,6 +262,7 @@ async fn run(cli: Cli) -> Result<String, Error> {
                 workflow,
                 status,
                 limit,
+                ..RunFilter::default()
             };
             if let Some(every) = watch {
                 return watch_runs(&pool, &filter, json, every.max(1)).await;
@@ -297,6 +313,20 @@ async fn run(cli: Cli) -> Result<String, Error> {
         Command::Cancel { id } => {
             let r = admin::cancel(&pool, RunId(id)).await?;
             output(json, &r, human::cancel)
+        }
+        Command::Dashboard {
+            listen,
+            token,
+            read_only,
+        } => {
+            let mut d =
+                pgflow_runtime::dashboard::Dashboard::new(pool.clone()).read_only(read_only);
+            if let Some(t) = token {
+                d = d.token(t);
+            }
+            eprintln!("pgflow dashboard on http://{listen}/");
+            d.serve(listen).await?;
+            String::new()
         }
         Command::Prune {
             older_than,

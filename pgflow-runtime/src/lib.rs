@@ -56,6 +56,8 @@ mod builder;
 mod catalog;
 mod config;
 mod connect;
+#[cfg(feature = "dashboard")]
+pub mod dashboard;
 mod engine;
 mod error;
 mod handle;

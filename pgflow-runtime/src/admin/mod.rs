@@ -41,7 +41,7 @@ mod export;
 mod prune;
 pub(crate) mod repair;
 mod results;
-mod runs;
+pub(crate) mod runs;
 mod schedules;
 mod signals;
 mod start;

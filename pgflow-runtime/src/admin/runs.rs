@@ -12,13 +12,37 @@ use crate::store::runs::RunRow;
 use crate::store::{StepState, definitions, runs, step_index, steps, stored_attempts, tasks};
 use crate::{Error, RunStatus};
 
-/// Which runs [`list_runs`] returns: newest first.
+/// Which runs [`list_runs`] returns: newest first. Pages go on with `before`
+/// (the last id of the page before): each page is one index range however many
+/// runs the table holds.
+///
+/// ```
+/// use pgflow_runtime::admin::RunFilter;
+/// use pgflow_runtime::RunStatus;
+/// let failed_of_acme = RunFilter {
+///     workflow: Some("llm_request".into()),
+///     status: Some(RunStatus::Failed),
+///     key: Some("acme".into()),
+///     ..RunFilter::default()
+/// };
+/// assert_eq!(failed_of_acme.limit, 20);
+/// ```
 #[derive(Debug, Clone)]
 pub struct RunFilter {
     /// Only runs of this workflow.
     pub workflow: Option<String>,
+    /// Only runs of this workflow version.
+    pub version: Option<i32>,
     /// Only runs with this status.
     pub status: Option<RunStatus>,
+    /// Only runs with this run key (a tenant, say).
+    pub key: Option<String>,
+    /// Only runs older than this run id (the next page).
+    pub before: Option<i64>,
+    /// Only runs started at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// A run id, or an idempotency key: the runs it names.
+    pub search: Option<String>,
     /// At most this many (default 20).
     pub limit: u32,
 }
@@ -27,7 +51,12 @@ impl Default for RunFilter {
     fn default() -> Self {
         Self {
             workflow: None,
+            version: None,
             status: None,
+            key: None,
+            before: None,
+            since: None,
+            search: None,
             limit: 20,
         }
     }
@@ -56,6 +85,12 @@ pub struct RunSummary {
     pub cost_cents: i64,
     /// The instance that finished it.
     pub instance_id: Option<String>,
+    /// Its run key (a tenant, say).
+    pub key: Option<String>,
+    /// Its idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Tokens its steps reported (in, out).
+    pub tokens: (i64, i64),
     /// Why it failed, in one line, with the failing step's every attempt.
     pub error: Option<String>,
     /// The step that failed it.
@@ -88,6 +123,9 @@ impl RunSummary {
             duration_ms: r.duration_ms,
             cost_cents: r.cost_cents,
             instance_id: r.instance_id,
+            key: r.key,
+            idempotency_key: r.idempotency_key,
+            tokens: (r.tokens_in.unwrap_or(0), r.tokens_out.unwrap_or(0)),
             // A stored error that is not a `RunError` is shown as stored.
             error: error.map(|e| e.map_or_else(|raw| raw, |e| e.to_string())),
             failed_step,
@@ -102,13 +140,16 @@ impl RunSummary {
 ///
 /// [`Error::NotMigrated`]; database errors.
 pub async fn list_runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunSummary>, Error> {
-    let rows = runs::list(
-        pool,
-        filter.workflow.as_deref(),
-        filter.status.map(RunStatus::as_str),
-        filter.limit,
-    )
-    .await?;
+    let f = runs::ListFilter {
+        workflow: filter.workflow.as_deref(),
+        version: filter.version,
+        status: filter.status.map(RunStatus::as_str),
+        key: filter.key.as_deref(),
+        before: filter.before,
+        since: filter.since,
+        search: filter.search.as_deref().filter(|s| !s.trim().is_empty()),
+    };
+    let rows = runs::list(pool, &f, filter.limit).await?;
     Ok(rows.into_iter().map(RunSummary::from_row).collect())
 }
 

@@ -16,6 +16,7 @@
 //! - [`signals`]: sending a signal (the SQL function `pgflow.signal`).
 //! - [`subflows`]: child runs — linking a parent's task to its child, waking it.
 //! - [`usage`]: the usage ledger as tools read it.
+//! - `dashboard`: what the web dashboard reads beyond the admin API.
 //! - [`export`]: a run with every stored output, for a replay.
 //! - [`notify`]: the one NOTIFY policy.
 //! - [`maintenance`]: vacuuming the hot tables.
@@ -27,6 +28,8 @@
 //! do).
 
 pub(crate) mod budgets;
+#[cfg(feature = "dashboard")]
+pub(crate) mod dashboard;
 pub(crate) mod definitions;
 pub(crate) mod export;
 pub(crate) mod flush;

@@ -508,6 +508,10 @@ pub(crate) struct RunRow {
     pub(crate) cost_cents: i64,
     pub(crate) instance_id: Option<String>,
     pub(crate) error: Option<String>,
+    pub(crate) key: Option<String>,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) tokens_in: Option<i64>,
+    pub(crate) tokens_out: Option<i64>,
 }
 
 /// The columns of [`RunRow`]; the duration as in `pgflow.job_results`.
@@ -516,29 +520,60 @@ macro_rules! run_columns {
         "id, workflow, version, status, created_at, run_at, completed_at,
          (EXTRACT(EPOCH FROM (completed_at - GREATEST(created_at, run_at))) * 1000)::bigint
              AS duration_ms,
-         cost_cents, instance_id, error::text AS error"
+         cost_cents, instance_id, error::text AS error, key, idempotency_key, tokens_in,
+         tokens_out"
     };
 }
 
-/// The newest runs, optionally of one workflow and status (primary key, newest
-/// first).
+/// Which runs [`list`] returns (every field optional).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ListFilter<'a> {
+    pub(crate) workflow: Option<&'a str>,
+    pub(crate) version: Option<i32>,
+    pub(crate) status: Option<&'a str>,
+    pub(crate) key: Option<&'a str>,
+    /// Only runs older than this one (keyset pagination).
+    pub(crate) before: Option<i64>,
+    /// Only runs started at or after this.
+    pub(crate) since: Option<DateTime<Utc>>,
+    /// This run id, or the runs with this idempotency key.
+    pub(crate) search: Option<&'a str>,
+}
+
+/// The newest runs matching `f`, newest first, by keyset (`id < before`): each
+/// filter is an index range (`runs_pkey`, `runs_workflow_id`, `runs_key_id`,
+/// `runs_idempotency_key_only`), status and time are checked along it. Planned
+/// with its parameters every time (an unnamed statement): a generic plan could
+/// not use the index of the filter given.
 pub(crate) async fn list(
     db: impl PgExecutor<'_>,
-    workflow: Option<&str>,
-    status: Option<&str>,
+    f: &ListFilter<'_>,
     limit: u32,
 ) -> Result<Vec<RunRow>, sqlx::Error> {
+    let id = f.search.and_then(|q| q.trim().parse::<i64>().ok());
+    let idempotency = f.search.filter(|_| id.is_none());
     sqlx::query_as(concat!(
         "SELECT ",
         run_columns!(),
         " FROM pgflow.runs
          WHERE ($1::text IS NULL OR workflow = $1) AND ($2::text IS NULL OR status = $2)
+           AND ($4::int IS NULL OR version = $4) AND ($5::text IS NULL OR key = $5)
+           AND ($6::bigint IS NULL OR id < $6) AND ($7::timestamptz IS NULL OR created_at >= $7)
+           AND ($8::bigint IS NULL OR id = $8)
+           AND ($9::text IS NULL OR idempotency_key = $9)
          ORDER BY id DESC
          LIMIT $3"
     ))
-    .bind(workflow)
-    .bind(status)
+    .persistent(false)
+    .bind(f.workflow)
+    .bind(f.status)
     .bind(i64::from(limit))
+    .bind(f.version)
+    .bind(f.key)
+    .bind(f.before)
+    .bind(f.since)
+    .bind(id)
+    .bind(idempotency)
     .fetch_all(db)
     .await
 }
