@@ -62,6 +62,7 @@ mod engine;
 mod error;
 mod handle;
 mod limits;
+pub mod metrics;
 mod retention;
 mod runtime;
 mod schedule;

@@ -152,6 +152,7 @@ impl Dashboard {
             .route("/workflows", get(pages::workflows))
             .route("/workflows/{name}/{version}", get(pages::workflow))
             .route("/schedules", get(pages::schedules))
+            .route("/metrics", get(metrics))
             .route("/assets/app.css", get(css))
             .route("/assets/app.js", get(js))
             .fallback(pages::not_found)
@@ -303,6 +304,20 @@ fn secure(mut resp: Response) -> Response {
     h.entry(header::CACHE_CONTROL)
         .or_insert(HeaderValue::from_static("no-store"));
     resp
+}
+
+/// `GET /metrics`: the database-wide metrics (queues, instances, runs by status)
+/// in the Prometheus text format (with the `metrics` feature; without it, 404).
+async fn metrics(State(s): Ctx) -> Response {
+    #[cfg(feature = "metrics")]
+    {
+        crate::metrics::exposition(crate::metrics::cluster_text(&s.pool).await)
+    }
+    #[cfg(not(feature = "metrics"))]
+    {
+        let _ = s;
+        (StatusCode::NOT_FOUND, "built without the `metrics` feature").into_response()
+    }
 }
 
 async fn css() -> impl IntoResponse {

@@ -740,7 +740,10 @@ pub(crate) async fn retry(
 // ---- queues, instances, workflows, schedules ----
 
 pub(crate) async fn queues(State(s): Ctx, headers: HeaderMap) -> Response {
-    let (status, oldest) = match (admin::status(&s.pool).await, q::oldest_due(&s.pool).await) {
+    let (status, oldest) = match (
+        admin::status(&s.pool).await,
+        crate::store::tasks::oldest_due(&s.pool).await,
+    ) {
         (Ok(st), Ok(o)) => (st, o),
         (Err(e), _) => return failed(&e),
         (_, Err(e)) => return failed(&Error::from(e)),

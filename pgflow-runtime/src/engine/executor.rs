@@ -45,9 +45,16 @@ pub(crate) async fn run(
             },
         );
     }
+    let began = std::time::Instant::now();
     let (outcome, lent) = attempt(&engine, flow, &task, token, cost.clone())
         .instrument(span)
         .await;
+    engine.metrics.attempt(
+        workflow,
+        flow.map_or("?", |f| f.step_name(task.step)),
+        crate::metrics::outcome_label(&outcome),
+        began.elapsed().as_secs_f64(),
+    );
     let completion = Completion {
         task_id: task.task_id,
         token,

@@ -102,6 +102,8 @@ pub(crate) struct Engine {
     cancels: Mutex<HashMap<i64, (CancelToken, usize)>>,
     /// Claims being executed (their count is the load reported in heartbeats).
     pub(crate) in_flight: Mutex<HashMap<(i64, i64), InFlight>>,
+    /// What the metrics endpoint reports (nothing without the `metrics` feature).
+    pub(crate) metrics: crate::metrics::Metrics,
     loops: Mutex<Option<Loops>>,
     pub(crate) counters: Counters,
     /// Places for completions that are not durable yet, twice the runtime's total
@@ -156,6 +158,7 @@ impl Engine {
             next_waiter: AtomicU64::new(0),
             cancels: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::Metrics::default(),
             loops: Mutex::new(None),
             counters: Counters::default(),
             unflushed: Arc::new(tokio::sync::Semaphore::new(places)),

@@ -1,6 +1,6 @@
 //! What the dashboard reads beyond the admin API: finished runs per minute (from a
-//! bounded sample of the newest runs, so a page costs the same at 10 million runs),
-//! the age of each queue's oldest due task, and a run's usage by model.
+//! bounded sample of the newest runs, so a page costs the same at 10 million runs)
+//! and a run's usage by model.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
@@ -41,19 +41,6 @@ pub(crate) async fn per_minute(
     )
     .bind(minutes)
     .bind(sample)
-    .fetch_all(db)
-    .await
-}
-
-/// How long the oldest due task of each queue has waited (ms), over the due,
-/// unclaimed tasks (index `tasks_available`).
-pub(crate) async fn oldest_due(db: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT queue, (EXTRACT(EPOCH FROM (now() - min(run_at))) * 1000)::bigint
-         FROM pgflow.tasks
-         WHERE claimed_by IS NULL AND NOT parked AND run_at <= now()
-         GROUP BY queue",
-    )
     .fetch_all(db)
     .await
 }

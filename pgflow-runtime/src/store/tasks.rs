@@ -279,6 +279,8 @@ pub(crate) struct Claimed {
     pub(crate) budgeted: bool,
     /// Its run's key.
     pub(crate) key: Option<String>,
+    /// Seconds from when it was due to this claim.
+    pub(crate) wait_secs: Option<f64>,
 }
 
 /// The claim statement. The inner SELECT walks `tasks_available` in claim order
@@ -312,9 +314,10 @@ WITH steps AS (
     -- takes thousands of tasks (seen here under load).
     WHERE t.id = ANY (ARRAY(", $pick, "))
     RETURNING t.id, t.run_id, t.step, t.workflow, t.version, t.attempt, t.errors, t.element,
-              t.item, t.snoozes, t.waits_for, t.child_run_id, t.key
+              t.item, t.snoozes, t.waits_for, t.child_run_id, t.key, t.run_at
 )
 SELECT c.id AS task_id, c.run_id, c.step, c.workflow, c.version, c.attempt, c.snoozes,
+       EXTRACT(EPOCH FROM (now() - c.run_at))::float8 AS wait_secs,
        c.child_run_id, c.key, (r.budget_cents IS NOT NULL OR r.budget_tokens IS NOT NULL) AS budgeted,
        c.errors::text AS errors, r.status AS run_status,
        CASE WHEN CASE WHEN c.element IS NULL THEN s.needs_input ELSE s.element_needs_input END
@@ -625,6 +628,22 @@ pub(crate) async fn stranded(
     .bind(&c.step_version)
     .bind(owner)
     .fetch_all(conn)
+    .await
+}
+
+/// How long the oldest due task of each queue has waited (ms), over the due,
+/// unclaimed tasks (index `tasks_available`).
+#[cfg(any(feature = "dashboard", feature = "metrics"))]
+pub(crate) async fn oldest_due(
+    db: impl sqlx::PgExecutor<'_>,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT queue, (EXTRACT(EPOCH FROM (now() - min(run_at))) * 1000)::bigint
+         FROM pgflow.tasks
+         WHERE claimed_by IS NULL AND NOT parked AND run_at <= now()
+         GROUP BY queue",
+    )
+    .fetch_all(db)
     .await
 }
 
