@@ -126,3 +126,52 @@ pub async fn producer(pool: &sqlx::PgPool) -> pgflow_runtime::Runtime {
         .await
         .expect("the producer starts")
 }
+
+/// Serves `router` on a free loopback port until the process ends; returns its
+/// base URL (`http://127.0.0.1:PORT`).
+///
+/// # Panics
+///
+/// When no port can be bound.
+pub async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let addr = listener.local_addr().expect("its address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    format!("http://{addr}")
+}
+
+/// The stored status of run `id` (`running`, `succeeded`, ..).
+///
+/// # Panics
+///
+/// When it cannot be read.
+pub async fn status_of(pool: &sqlx::PgPool, id: pgflow::RunId) -> String {
+    pgflow_runtime::admin::run_detail(pool, id)
+        .await
+        .expect("the run")
+        .run
+        .status
+}
+
+/// Waits until none of `ids` is running (polling the database).
+///
+/// # Panics
+///
+/// When one still runs after 10 s.
+pub async fn wait_finished(pool: &sqlx::PgPool, ids: &[pgflow::RunId]) {
+    for _ in 0..500 {
+        let mut done = true;
+        for id in ids {
+            done &= status_of(pool, *id).await != "running";
+        }
+        if done {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("runs did not finish within 10 s");
+}

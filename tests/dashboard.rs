@@ -9,9 +9,10 @@ mod browser;
 
 use std::time::Duration;
 
-use pgflow::{RunId, StepError, workflow};
+use pgflow::{StepError, workflow};
 use pgflow_runtime::dashboard::Dashboard;
 use pgflow_runtime::{Error, Runtime, admin};
+use pgflow_suite::support::{serve, status_of, wait_finished};
 use sqlx::PgPool;
 
 pub struct Pipeline;
@@ -76,33 +77,6 @@ async fn runtime(pool: &PgPool) -> Runtime {
         .expect("runtime")
 }
 
-/// Serves `dashboard` on a free loopback port; returns its base URL.
-async fn serve(dashboard: Dashboard) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, dashboard.router()).await;
-    });
-    format!("http://{addr}")
-}
-
-async fn wait_finished(pool: &PgPool, ids: &[RunId]) {
-    for _ in 0..500 {
-        let mut done = true;
-        for id in ids {
-            let d = admin::run_detail(pool, *id).await.expect("run");
-            done &= d.run.status != "running";
-        }
-        if done {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("runs did not finish");
-}
-
 /// The DOM, read in the page.
 async fn js(b: &browser::Browser, script: &str) -> serde_json::Value {
     b.client()
@@ -125,7 +99,7 @@ async fn every_page_renders_real_runs_in_a_real_browser(pool: PgPool) {
     let failed = rt.start::<Flaky>(7).await.expect("start");
     let parked = rt.start::<Parked>(1).await.expect("start");
     wait_finished(&pool, &[ok.id(), hostile.id(), failed.id()]).await;
-    let base = serve(Dashboard::new(pool.clone())).await;
+    let base = serve(Dashboard::new(pool.clone()).router()).await;
     let b = browser::Browser::start().await;
 
     // overview
@@ -370,7 +344,7 @@ fn form_post(c: &reqwest::Client, url: &str, body: String) -> reqwest::RequestBu
 
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
 async fn a_token_guards_every_page(pool: PgPool) {
-    let base = serve(Dashboard::new(pool).token("s3cret")).await;
+    let base = serve(Dashboard::new(pool).token("s3cret").router()).await;
     let c = client();
     let r = c.get(format!("{base}/runs")).send().await.expect("get");
     assert_eq!(r.status(), 401);
@@ -426,7 +400,7 @@ async fn actions_need_the_csrf_token_the_origin_and_write_access(pool: PgPool) {
         .await
         .expect("rt");
     let run = rt.start::<Parked>(1).await.expect("start");
-    let base = serve(Dashboard::new(pool.clone())).await;
+    let base = serve(Dashboard::new(pool.clone()).router()).await;
     let c = client();
     let page = c
         .get(format!("{base}/runs/{}", run.id()))
@@ -455,16 +429,9 @@ async fn actions_need_the_csrf_token_the_origin_and_write_access(pool: PgPool) {
         }
         assert_eq!(req.send().await.expect("post").status(), 403);
     }
-    assert_eq!(
-        admin::run_detail(&pool, run.id())
-            .await
-            .expect("run")
-            .run
-            .status,
-        "running"
-    );
+    assert_eq!(status_of(&pool, run.id()).await, "running");
     // read-only: no buttons, and the action refused
-    let ro = serve(Dashboard::new(pool.clone()).read_only(true)).await;
+    let ro = serve(Dashboard::new(pool.clone()).read_only(true).router()).await;
     let page = c
         .get(format!("{ro}/runs/{}", run.id()))
         .send()
@@ -490,28 +457,14 @@ async fn actions_need_the_csrf_token_the_origin_and_write_access(pool: PgPool) {
         .await
         .expect("post");
     assert_eq!(r.status(), 303);
-    assert_eq!(
-        admin::run_detail(&pool, run.id())
-            .await
-            .expect("run")
-            .run
-            .status,
-        "cancelled"
-    );
+    assert_eq!(status_of(&pool, run.id()).await, "cancelled");
     // again: cancelling a cancelled run changes nothing
     let r = form_post(&c, &cancel, format!("csrf={csrf}"))
         .send()
         .await
         .expect("post");
     assert_eq!(r.status(), 303);
-    assert_eq!(
-        admin::run_detail(&pool, run.id())
-            .await
-            .expect("run")
-            .run
-            .status,
-        "cancelled"
-    );
+    assert_eq!(status_of(&pool, run.id()).await, "cancelled");
     rt.shutdown().await.expect("shutdown");
 }
 
@@ -533,7 +486,7 @@ async fn the_run_list_pages_by_keyset_and_filters(pool: PgPool) {
         .await
         .expect("rt");
     let ids = rt.start_many::<Parked>(0..120).await.expect("start");
-    let base = serve(Dashboard::new(pool.clone())).await;
+    let base = serve(Dashboard::new(pool.clone()).router()).await;
     let c = client();
     let mut seen = Vec::new();
     let mut url = format!("{base}/runs?workflow=dash_parked");

@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use pgflow::{RunId, StepContext, StepError, workflow};
-use pgflow_runtime::{Runtime, admin};
+use pgflow::{StepContext, StepError, workflow};
+use pgflow_runtime::Runtime;
+use pgflow_suite::support::{serve, wait_finished};
 use sqlx::PgPool;
 
 pub struct Measured;
@@ -60,20 +61,6 @@ fn parse(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-async fn wait_finished(pool: &PgPool, ids: &[RunId]) {
-    for _ in 0..500 {
-        let mut done = true;
-        for id in ids {
-            done &= admin::run_detail(pool, *id).await.expect("run").run.status != "running";
-        }
-        if done {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("runs did not finish");
-}
-
 async fn get(url: &str) -> (u16, String, String) {
     let r = reqwest::get(url).await.expect("scrape");
     let status = r.status().as_u16();
@@ -84,17 +71,6 @@ async fn get(url: &str) -> (u16, String, String) {
         .unwrap_or("")
         .to_owned();
     (status, ct, r.text().await.expect("body"))
-}
-
-async fn serve(router: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
-    format!("http://{addr}")
 }
 
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
