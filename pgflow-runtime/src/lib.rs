@@ -63,6 +63,7 @@ mod error;
 mod handle;
 mod limits;
 pub mod metrics;
+mod otel;
 mod retention;
 mod runtime;
 mod schedule;

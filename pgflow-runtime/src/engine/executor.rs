@@ -27,6 +27,8 @@ pub(crate) async fn run(
     permit: OwnedSemaphorePermit,
 ) {
     let span = info_span!("pgflow.step", workflow = %task.workflow, run_id = task.run_id, step = task.step, element = task.element, attempt = task.attempt);
+    // a child of the span that started the run (feature `otel`)
+    crate::otel::set_parent(&span, task.trace_context.as_deref());
     let key = (task.task_id, token);
     let cost = CostMeter::new();
     let flow = engine.catalog.get(&task.workflow, task.version);

@@ -167,14 +167,18 @@ pub(crate) async fn start(
          ), r AS (
              INSERT INTO pgflow.runs (workflow, version, input, priority, run_at, idempotency_key,
                                       parent_run_id, parent_step, parent_element, key,
-                                      budget_cents, budget_tokens, debounce_key)
+                                      budget_cents, budget_tokens, debounce_key, trace_context)
              SELECT $1, $2, u.input::jsonb, u.priority, COALESCE(u.run_at, now()), u.key,
                     u.parent_run_id, u.parent_step, u.parent_element,
                     -- a child run counts under its parent's key unless given its own
                     CASE WHEN u.parent_run_id IS NULL THEN u.run_key
                          ELSE COALESCE(u.run_key, (SELECT k.key FROM pgflow.runs k
                                                    WHERE k.id = u.parent_run_id)) END,
-                    u.budget_cents, u.budget_tokens, u.debounce_key
+                    u.budget_cents, u.budget_tokens, u.debounce_key,
+                    -- the starter's trace context; a child run's parent's otherwise
+                    CASE WHEN $24::text IS NOT NULL OR u.parent_run_id IS NULL THEN $24
+                         ELSE (SELECT t.trace_context FROM pgflow.runs t
+                               WHERE t.id = u.parent_run_id) END
              FROM u
              -- a child run only for a parent still running, read under a share lock:
              -- a parent failing or cancelled meanwhile is seen, and one failed or
@@ -229,6 +233,7 @@ pub(crate) async fn start(
     .bind(&runs.budget_cents)
     .bind(&runs.budget_tokens)
     .bind(&runs.debounce_keys)
+    .bind(crate::otel::current())
     .fetch_all(conn)
     .await
 }

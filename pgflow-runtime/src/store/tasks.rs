@@ -281,6 +281,8 @@ pub(crate) struct Claimed {
     pub(crate) key: Option<String>,
     /// Seconds from when it was due to this claim.
     pub(crate) wait_secs: Option<f64>,
+    /// The trace context its run was started in (see `crate::otel`).
+    pub(crate) trace_context: Option<String>,
 }
 
 /// The claim statement. The inner SELECT walks `tasks_available` in claim order
@@ -318,7 +320,7 @@ WITH steps AS (
 )
 SELECT c.id AS task_id, c.run_id, c.step, c.workflow, c.version, c.attempt, c.snoozes,
        EXTRACT(EPOCH FROM (now() - c.run_at))::float8 AS wait_secs,
-       c.child_run_id, c.key, (r.budget_cents IS NOT NULL OR r.budget_tokens IS NOT NULL) AS budgeted,
+       c.child_run_id, c.key, r.trace_context, (r.budget_cents IS NOT NULL OR r.budget_tokens IS NOT NULL) AS budgeted,
        c.errors::text AS errors, r.status AS run_status,
        CASE WHEN CASE WHEN c.element IS NULL THEN s.needs_input ELSE s.element_needs_input END
             THEN r.input::text END AS input,
