@@ -52,6 +52,17 @@ impl Flaky {
     }
 }
 
+/// Waits for a signal: the dashboard sends it.
+pub struct Approval;
+
+#[workflow(name = "dash_approval", queue = "dash")]
+impl Approval {
+    #[step(signal = verdict)]
+    async fn decide(input: String, verdict: String) -> Result<String, StepError> {
+        Ok(format!("{input}: {verdict}"))
+    }
+}
+
 /// Runs on a queue no runtime here serves: they stay running (the cancel button).
 pub struct Parked;
 
@@ -98,6 +109,10 @@ async fn every_page_renders_real_runs_in_a_real_browser(pool: PgPool) {
         .expect("start");
     let failed = rt.start::<Flaky>(7).await.expect("start");
     let parked = rt.start::<Parked>(1).await.expect("start");
+    let approval = rt
+        .start::<Approval>("draft".to_owned())
+        .await
+        .expect("start");
     wait_finished(&pool, &[ok.id(), hostile.id(), failed.id()]).await;
     let base = serve(Dashboard::new(pool.clone()).router()).await;
     let b = browser::Browser::start().await;
@@ -113,7 +128,10 @@ async fn every_page_renders_real_runs_in_a_real_browser(pool: PgPool) {
         "return document.querySelector('#card-running .v').textContent",
     )
     .await;
-    assert_eq!(running, "1", "one run is running (the parked one)");
+    assert_eq!(
+        running, "2",
+        "two runs are running (parked, awaiting a signal)"
+    );
     assert_eq!(
         js(
             &b,
@@ -125,7 +143,7 @@ async fn every_page_renders_real_runs_in_a_real_browser(pool: PgPool) {
     );
     b.screenshot("overview").await;
 
-    // runs: all four, then filtered to the failed one by the form
+    // runs: all five, then filtered to the failed one by the form
     b.goto_and_check(&format!("{base}/runs")).await;
     assert_eq!(
         js(
@@ -133,7 +151,7 @@ async fn every_page_renders_real_runs_in_a_real_browser(pool: PgPool) {
             "return document.querySelectorAll('#runs tr.run').length"
         )
         .await,
-        4
+        5
     );
     b.screenshot("runs").await;
     js(
@@ -284,6 +302,67 @@ async fn every_page_renders_real_runs_in_a_real_browser(pool: PgPool) {
     let stored = admin::run_detail(&pool, parked.id()).await.expect("run");
     assert_eq!(stored.run.status, "cancelled");
 
+    // a run waiting for a signal: the form sends it, the run finishes with it
+    b.goto_and_check(&format!("{base}/runs/{}", approval.id()))
+        .await;
+    assert_eq!(
+        js(
+            &b,
+            "return document.querySelector('#graph g.node').dataset.state"
+        )
+        .await,
+        "awaiting_signal"
+    );
+    js(
+        &b,
+        "document.getElementById('signal-name').value = 'verdict'; \
+         document.getElementById('signal-payload').value = '\"approved\"'; return null",
+    )
+    .await;
+    b.client()
+        .find(fantoccini::Locator::Css("#signal-button"))
+        .await
+        .expect("signal button")
+        .click()
+        .await
+        .expect("click");
+    b.wait_loaded().await;
+    b.check_console().await;
+    wait_finished(&pool, &[approval.id()]).await;
+    let done = admin::run_detail(&pool, approval.id()).await.expect("run");
+    assert_eq!(done.output, Some(serde_json::json!("draft: approved")));
+
+    // fork the succeeded run from `upper`: the new run's page, reusing `fetch`
+    b.goto_and_check(&format!("{base}/runs/{}", ok.id())).await;
+    js(
+        &b,
+        "document.getElementById('fork-from').value = 'upper'; return null",
+    )
+    .await;
+    b.client()
+        .find(fantoccini::Locator::Css("#fork-button"))
+        .await
+        .expect("fork button")
+        .click()
+        .await
+        .expect("click");
+    b.wait_loaded().await;
+    b.check_console().await;
+    let url = b.client().current_url().await.expect("url");
+    let forked: i64 = url
+        .path()
+        .rsplit('/')
+        .next()
+        .and_then(|id| id.parse().ok())
+        .expect("the fork's page");
+    assert_ne!(forked, ok.id().0);
+    wait_finished(&pool, &[pgflow::RunId(forked)]).await;
+    let fork = admin::run_detail(&pool, pgflow::RunId(forked))
+        .await
+        .expect("fork");
+    assert_eq!(fork.forked_from, Some(ok.id().0));
+    assert_eq!(fork.run.status, "succeeded");
+
     // queues, instances, workflows (and a definition's graph), schedules
     b.goto_and_check(&format!("{base}/queues")).await;
     assert_eq!(
@@ -312,16 +391,21 @@ async fn every_page_renders_real_runs_in_a_real_browser(pool: PgPool) {
         4
     );
     b.goto_and_check(&format!("{base}/schedules")).await;
-    // live updates: the region is fetched again without errors
+    // live updates: a run started while the page is open shows up without a reload
     b.goto_and_check(&format!("{base}/runs")).await;
+    let count = "return document.querySelectorAll('#runs tr.run').length";
+    assert_eq!(js(&b, count).await, 6);
+    js(
+        &b,
+        "document.body.dataset.marker = 'same page'; return null",
+    )
+    .await;
+    rt.start::<Parked>(9).await.expect("start");
     tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert_eq!(js(&b, count).await, 7);
     assert_eq!(
-        js(
-            &b,
-            "return document.querySelectorAll('#runs tr.run').length"
-        )
-        .await,
-        4
+        js(&b, "return document.body.dataset.marker").await,
+        "same page"
     );
     b.check_console().await;
     b.close().await;
@@ -458,6 +542,32 @@ async fn actions_need_the_csrf_token_the_origin_and_write_access(pool: PgPool) {
         .expect("post");
     assert_eq!(r.status(), 303);
     assert_eq!(status_of(&pool, run.id()).await, "cancelled");
+    // a signal whose payload is not JSON, a fork from a step that does not exist:
+    // said plainly
+    let r = form_post(
+        &c,
+        &format!("{base}/runs/{}/signal", run.id()),
+        format!("csrf={csrf}&name=go&payload=%7Bnot+json"),
+    )
+    .send()
+    .await
+    .expect("post");
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.expect("text").contains("not JSON"));
+    let r = form_post(
+        &c,
+        &format!("{base}/runs/{}/fork", run.id()),
+        format!("csrf={csrf}&from=%3Cnope%3E"),
+    )
+    .send()
+    .await
+    .expect("post");
+    assert_eq!(r.status(), 409);
+    let text = r.text().await.expect("text");
+    assert!(
+        text.contains("&lt;nope&gt;") && !text.contains("<nope>"),
+        "{text}"
+    );
     // again: cancelling a cancelled run changes nothing
     let r = form_post(&c, &cancel, format!("csrf={csrf}"))
         .send()

@@ -7,7 +7,7 @@
 //! **Safe by default.** [`Dashboard::serve`] refuses an address other than a
 //! loopback one unless a [`token`](Dashboard::token) is set; with a token, every
 //! request needs it (`Authorization: Bearer ..`, or once as `?token=..`, which sets
-//! a cookie). Actions (cancel, retry) are POSTs carrying a per-router CSRF token and
+//! a cookie). Actions (cancel, retry, fork, signal) are POSTs carrying a per-router CSRF token and
 //! refused from other origins; [`read_only`](Dashboard::read_only) removes them.
 //! Everything from run data (inputs, outputs, errors, keys) is escaped: a run whose
 //! input holds `<script>` shows it as text. Pages are sent with a strict
@@ -102,7 +102,8 @@ impl Dashboard {
         }
     }
 
-    /// Without actions: no cancel or retry buttons, and their POSTs are refused.
+    /// Without actions: no cancel, retry, fork or signal forms, and their POSTs are
+    /// refused.
     pub fn read_only(mut self, read_only: bool) -> Self {
         self.read_only = read_only;
         self
@@ -147,6 +148,8 @@ impl Dashboard {
             .route("/runs/{id}", get(pages::run))
             .route("/runs/{id}/cancel", post(pages::cancel))
             .route("/runs/{id}/retry", post(pages::retry))
+            .route("/runs/{id}/fork", post(pages::fork))
+            .route("/runs/{id}/signal", post(pages::signal))
             .route("/queues", get(pages::queues))
             .route("/instances", get(pages::instances))
             .route("/workflows", get(pages::workflows))

@@ -444,6 +444,37 @@ pub(crate) async fn run(State(s): Ctx, headers: HeaderMap, Path(id): Path<String
                 s.csrf
             );
         }
+        if r.status == "running" {
+            let _ = write!(
+                b,
+                "<form method=\"post\" action=\"{base}runs/{id}/signal\" id=\"signal\">\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+                 <input name=\"name\" id=\"signal-name\" placeholder=\"signal name\" size=\"14\" required>\
+                 <input name=\"payload\" id=\"signal-payload\" placeholder=\"JSON payload\" size=\"24\">\
+                 <button id=\"signal-button\" type=\"submit\">Send signal</button></form>",
+                s.csrf
+            );
+        }
+        if !d.steps.is_empty() {
+            let _ = write!(
+                b,
+                "<form method=\"post\" action=\"{base}runs/{id}/fork\" id=\"fork\">\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+                 <select name=\"from\" id=\"fork-from\">",
+                s.csrf
+            );
+            for st in &d.steps {
+                let _ = write!(
+                    b,
+                    "<option value=\"{}\">{}</option>",
+                    esc(&st.name),
+                    esc(&st.name)
+                );
+            }
+            b.push_str(
+                "</select><button id=\"fork-button\" type=\"submit\">Fork: run again from this step</button></form>",
+            );
+        }
         if r.status == "failed" || r.status == "cancelled" {
             let _ = write!(
                 b,
@@ -674,18 +705,27 @@ fn timeline(d: &admin::RunDetail) -> String {
     out
 }
 
-/// An action's form: the CSRF token.
+/// An action's form: the CSRF token, and for fork and signal their fields.
 #[derive(Debug, Deserialize)]
 pub(crate) struct ActionForm {
     #[serde(default)]
     csrf: String,
+    /// fork: the step to run again from.
+    #[serde(default)]
+    from: String,
+    /// signal: its name and JSON payload.
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    payload: String,
 }
 
-/// Runs an action after its checks: not read-only, the form's CSRF token.
+/// Runs an action after its checks (not read-only, the form's CSRF token), then
+/// shows the run it names (the same run, or a fork).
 async fn action<F, Fut>(s: &Arc<Shared>, id: &str, form: &ActionForm, act: F) -> Response
 where
     F: FnOnce(RunId) -> Fut,
-    Fut: std::future::Future<Output = Result<(), Error>>,
+    Fut: std::future::Future<Output = Result<i64, Error>>,
 {
     if s.read_only {
         return (StatusCode::FORBIDDEN, "pgflow dashboard: read-only").into_response();
@@ -701,12 +741,25 @@ where
         return (StatusCode::NOT_FOUND, "no such run").into_response();
     };
     match act(RunId(n)).await {
-        Ok(()) => Redirect::to(&format!("{}runs/{n}", s.base)).into_response(),
+        Ok(show) => Redirect::to(&format!("{}runs/{show}", s.base)).into_response(),
+        // what the operator asked for cannot be done: said plainly
         Err(
-            e @ (Error::RunNotFound(_) | Error::RunNotRunning { .. } | Error::NotFailed { .. }),
+            e @ (Error::RunNotFound(_)
+            | Error::RunNotRunning { .. }
+            | Error::NotRunning { .. }
+            | Error::NotFailed { .. }
+            | Error::UnknownStep { .. }
+            | Error::UnknownSignal { .. }
+            | Error::Incompatible { .. }
+            | Error::InvalidInput { .. }
+            | Error::MissingDefinition { .. }),
         ) => (
             StatusCode::CONFLICT,
-            Html(format!("<p>{}</p>", esc(&e.to_string()))),
+            Html(format!(
+                "<!doctype html><title>pgflow</title><p>{}</p><p><a href=\"{}runs/{n}\">Back to run {n}</a></p>",
+                esc(&e.to_string()),
+                s.base
+            )),
         )
             .into_response(),
         Err(e) => failed(&e),
@@ -720,7 +773,7 @@ pub(crate) async fn cancel(
 ) -> Response {
     let pool = s.pool.clone();
     action(&s, &id, &form, |run| async move {
-        admin::cancel(&pool, run).await.map(|_| ())
+        admin::cancel(&pool, run).await.map(|_| run.0)
     })
     .await
 }
@@ -732,7 +785,58 @@ pub(crate) async fn retry(
 ) -> Response {
     let pool = s.pool.clone();
     action(&s, &id, &form, |run| async move {
-        admin::retry(&pool, run).await.map(|_| ())
+        admin::retry(&pool, run).await.map(|_| run.0)
+    })
+    .await
+}
+
+/// Forks the run from the form's step: shows the new run.
+pub(crate) async fn fork(
+    State(s): Ctx,
+    Path(id): Path<String>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    let pool = s.pool.clone();
+    let from = form.from.clone();
+    action(&s, &id, &form, |run| async move {
+        admin::fork(&pool, run, &from, admin::ForkOptions::default())
+            .await
+            .map(|f| f.id)
+    })
+    .await
+}
+
+/// Sends the form's signal (its payload JSON; empty is `null`) to the run.
+pub(crate) async fn signal(
+    State(s): Ctx,
+    Path(id): Path<String>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    let text = form.payload.trim();
+    let payload = if text.is_empty() {
+        Ok(serde_json::Value::Null)
+    } else {
+        serde_json::from_str::<serde_json::Value>(text)
+    };
+    let payload = match payload {
+        Ok(p) => p,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Html(format!(
+                    "<!doctype html><title>pgflow</title><p>The payload is not JSON: {}</p>",
+                    esc(&e.to_string())
+                )),
+            )
+                .into_response();
+        }
+    };
+    let pool = s.pool.clone();
+    let name = form.name.trim().to_owned();
+    action(&s, &id, &form, |run| async move {
+        admin::signal(&pool, run, &name, payload)
+            .await
+            .map(|_| run.0)
     })
     .await
 }
