@@ -56,7 +56,7 @@ pub use repair::{
 pub use results::{InstanceResult, Results, StatusResult, WorkflowResult, results};
 pub use runs::{
     ElementsDetail, ParentLink, RunDetail, RunFilter, RunSummary, StepDetail, StepStatus,
-    SubflowRun, list_runs, run_detail,
+    SubflowRun, explain_list_runs, list_runs, run_detail,
 };
 pub use schedules::{remove_schedule, schedules};
 pub(crate) use signals::send_json;

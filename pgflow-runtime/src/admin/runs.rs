@@ -47,6 +47,27 @@ pub struct RunFilter {
     pub limit: u32,
 }
 
+impl RunFilter {
+    fn store(&self) -> runs::ListFilter<'_> {
+        runs::ListFilter {
+            workflow: self.workflow.as_deref(),
+            version: self.version,
+            status: self.status.map(RunStatus::as_str),
+            key: self.key.as_deref(),
+            before: self.before,
+            since: self.since,
+            search: self.search.as_deref().filter(|s| !s.trim().is_empty()),
+        }
+    }
+}
+
+/// The plan of [`list_runs`] with `filter` (`EXPLAIN`, not run), for the plan
+/// tests.
+#[doc(hidden)]
+pub async fn explain_list_runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<String>, Error> {
+    Ok(runs::explain_list(pool, &filter.store(), filter.limit).await?)
+}
+
 impl Default for RunFilter {
     fn default() -> Self {
         Self {
@@ -140,16 +161,7 @@ impl RunSummary {
 ///
 /// [`Error::NotMigrated`]; database errors.
 pub async fn list_runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunSummary>, Error> {
-    let f = runs::ListFilter {
-        workflow: filter.workflow.as_deref(),
-        version: filter.version,
-        status: filter.status.map(RunStatus::as_str),
-        key: filter.key.as_deref(),
-        before: filter.before,
-        since: filter.since,
-        search: filter.search.as_deref().filter(|s| !s.trim().is_empty()),
-    };
-    let rows = runs::list(pool, &f, filter.limit).await?;
+    let rows = runs::list(pool, &filter.store(), filter.limit).await?;
     Ok(rows.into_iter().map(RunSummary::from_row).collect())
 }
 

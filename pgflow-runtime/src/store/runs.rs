@@ -545,42 +545,79 @@ pub(crate) struct ListFilter<'a> {
     pub(crate) search: Option<&'a str>,
 }
 
+/// The statement of [`list`]: `$1` workflow, `$2` status, `$3` limit, `$4` version,
+/// `$5` key, `$6` before, `$7` since, `$8` id, `$9` idempotency key. A time window
+/// becomes an id range: the newest run started before it, found walking the primary
+/// key down through the window's runs only, bounds the scan (ids grow with start
+/// times, up to the order concurrent starts commit in).
+macro_rules! list_sql {
+    () => {
+        concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM pgflow.runs
+         WHERE ($1::text IS NULL OR workflow = $1) AND ($2::text IS NULL OR status = $2)
+           AND ($4::int IS NULL OR version = $4) AND ($5::text IS NULL OR key = $5)
+           AND ($6::bigint IS NULL OR id < $6)
+           AND ($7::timestamptz IS NULL OR (created_at >= $7 AND id > COALESCE(
+                (SELECT b.id FROM pgflow.runs b WHERE b.created_at < $7
+                 ORDER BY b.id DESC LIMIT 1), 0)))
+           AND ($8::bigint IS NULL OR id = $8)
+           AND ($9::text IS NULL OR idempotency_key = $9)
+         ORDER BY id DESC
+         LIMIT $3"
+        )
+    };
+}
+
+/// The query of [`list`] (or its `EXPLAIN`) with its parameters bound.
+fn list_query<'q, O>(
+    sql: &'q str,
+    f: &ListFilter<'q>,
+    limit: u32,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+where
+    O: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    let id = f.search.and_then(|q| q.trim().parse::<i64>().ok());
+    let idempotency = f.search.filter(|_| id.is_none());
+    sqlx::query_as(sql)
+        .persistent(false)
+        .bind(f.workflow)
+        .bind(f.status)
+        .bind(i64::from(limit))
+        .bind(f.version)
+        .bind(f.key)
+        .bind(f.before)
+        .bind(f.since)
+        .bind(id)
+        .bind(idempotency)
+}
+
 /// The newest runs matching `f`, newest first, by keyset (`id < before`): each
 /// filter is an index range (`runs_pkey`, `runs_workflow_id`, `runs_key_id`,
-/// `runs_idempotency_key_only`), status and time are checked along it. Planned
-/// with its parameters every time (an unnamed statement): a generic plan could
-/// not use the index of the filter given.
+/// `runs_idempotency_key_only`; a time window an id range, see [`list_sql!`]);
+/// status and version are checked along it. Planned with its parameters every time
+/// (an unnamed statement): a generic plan could not use the index of the filter
+/// given.
 pub(crate) async fn list(
     db: impl PgExecutor<'_>,
     f: &ListFilter<'_>,
     limit: u32,
 ) -> Result<Vec<RunRow>, sqlx::Error> {
-    let id = f.search.and_then(|q| q.trim().parse::<i64>().ok());
-    let idempotency = f.search.filter(|_| id.is_none());
-    sqlx::query_as(concat!(
-        "SELECT ",
-        run_columns!(),
-        " FROM pgflow.runs
-         WHERE ($1::text IS NULL OR workflow = $1) AND ($2::text IS NULL OR status = $2)
-           AND ($4::int IS NULL OR version = $4) AND ($5::text IS NULL OR key = $5)
-           AND ($6::bigint IS NULL OR id < $6) AND ($7::timestamptz IS NULL OR created_at >= $7)
-           AND ($8::bigint IS NULL OR id = $8)
-           AND ($9::text IS NULL OR idempotency_key = $9)
-         ORDER BY id DESC
-         LIMIT $3"
-    ))
-    .persistent(false)
-    .bind(f.workflow)
-    .bind(f.status)
-    .bind(i64::from(limit))
-    .bind(f.version)
-    .bind(f.key)
-    .bind(f.before)
-    .bind(f.since)
-    .bind(id)
-    .bind(idempotency)
-    .fetch_all(db)
-    .await
+    list_query(list_sql!(), f, limit).fetch_all(db).await
+}
+
+/// The plan of [`list`] with these filters (`EXPLAIN`, not run).
+pub(crate) async fn explain_list(
+    db: impl PgExecutor<'_>,
+    f: &ListFilter<'_>,
+    limit: u32,
+) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(String,)> = list_query(concat!("EXPLAIN ", list_sql!()), f, limit)
+        .fetch_all(db)
+        .await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
 }
 
 /// A run with its input, output and the database's clock.
