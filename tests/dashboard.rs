@@ -231,6 +231,19 @@ async fn every_page_renders_real_runs_in_a_real_browser(pool: PgPool) {
     );
     b.screenshot("run").await;
 
+    // the steps' stored outputs (the last step's is the run's output)
+    let outputs = js(
+        &b,
+        "return Array.from(document.querySelectorAll('#step-outputs details')).map(d => [d.dataset.step, d.querySelector('pre').textContent])",
+    )
+    .await;
+    let upper = serde_json::to_string(&HOSTILE.to_uppercase()).expect("json");
+    assert_eq!(outputs[1], serde_json::json!(["upper", upper]), "{outputs}");
+    assert_eq!(
+        outputs[2],
+        serde_json::json!(["count", HOSTILE.len().to_string()])
+    );
+
     // a failed run: its step failed, with both attempts' errors as text
     b.goto_and_check(&format!("{base}/runs/{}", failed.id()))
         .await;
@@ -331,6 +344,16 @@ async fn every_page_renders_real_runs_in_a_real_browser(pool: PgPool) {
     wait_finished(&pool, &[approval.id()]).await;
     let done = admin::run_detail(&pool, approval.id()).await.expect("run");
     assert_eq!(done.output, Some(serde_json::json!("draft: approved")));
+    b.goto_and_check(&format!("{base}/runs/{}", approval.id()))
+        .await;
+    let signals = js(&b, "return document.getElementById('signals').textContent").await;
+    assert!(
+        signals
+            .as_str()
+            .expect("text")
+            .contains("verdict\"approved\""),
+        "{signals}"
+    );
 
     // fork the succeeded run from `upper`: the new run's page, reusing `fetch`
     b.goto_and_check(&format!("{base}/runs/{}", ok.id())).await;

@@ -624,6 +624,49 @@ pub(crate) async fn run(State(s): Ctx, headers: HeaderMap, Path(id): Path<String
         }
         b.push_str("</tbody></table>");
     }
+    // each step's stored output, and the signals the run accepted
+    match admin::export(&s.pool, RunId(id)).await {
+        Ok(rec) => {
+            let outputs: Vec<_> = rec
+                .steps
+                .iter()
+                .filter_map(|st| Some((&st.name, st.output.as_ref()?)))
+                .collect();
+            if !outputs.is_empty() {
+                b.push_str("<h2>Step outputs</h2><div id=\"step-outputs\">");
+                for (i, (name, out)) in outputs.iter().enumerate() {
+                    let _ = write!(
+                        b,
+                        "<details data-step=\"{}\"><summary>{}</summary>{}</details>",
+                        esc(name),
+                        esc(name),
+                        json_block(&format!("step-output-{i}"), out, SHOW_BYTES)
+                    );
+                }
+                b.push_str("</div>");
+            }
+            if !rec.signals.is_empty() {
+                b.push_str("<h2>Signals</h2><table id=\"signals\"><thead><tr><th>name</th><th>payload</th></tr></thead><tbody>");
+                for sig in &rec.signals {
+                    let payload = serde_json::to_string(&sig.payload).unwrap_or_default();
+                    let _ = write!(
+                        b,
+                        "<tr><td>{}</td><td><code>{}</code></td></tr>",
+                        esc(&sig.name),
+                        esc(&one_line(&payload, 300))
+                    );
+                }
+                b.push_str("</tbody></table>");
+            }
+        }
+        Err(e) => {
+            let _ = write!(
+                b,
+                "<p class=\"muted\">Step outputs unavailable: {}</p>",
+                esc(&e.to_string())
+            );
+        }
+    }
     b.push_str("<div class=\"grid2\"><div><h2>Input</h2>");
     b.push_str(&json_block("input", &d.input, SHOW_BYTES));
     b.push_str("</div><div><h2>Output</h2>");
