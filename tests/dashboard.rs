@@ -159,14 +159,7 @@ async fn every_page_renders_real_runs_in_a_real_browser(pool: PgPool) {
         "document.getElementById('f-status').value = 'failed'; return null",
     )
     .await;
-    b.client()
-        .find(fantoccini::Locator::Css("#apply"))
-        .await
-        .expect("filter button")
-        .click()
-        .await
-        .expect("click");
-    b.wait_loaded().await;
+    b.click_and_check("#apply").await;
     let statuses = js(
         &b,
         "return Array.from(document.querySelectorAll('#runs tr.run')).map(r => r.dataset.status)",
@@ -295,14 +288,7 @@ async fn every_page_renders_real_runs_in_a_real_browser(pool: PgPool) {
         .await,
         "queued"
     );
-    b.client()
-        .find(fantoccini::Locator::Css("#cancel-button"))
-        .await
-        .expect("cancel button")
-        .click()
-        .await
-        .expect("click");
-    b.wait_loaded().await;
+    b.click_and_check("#cancel-button").await;
     assert_eq!(
         js(
             &b,
@@ -332,15 +318,7 @@ async fn every_page_renders_real_runs_in_a_real_browser(pool: PgPool) {
          document.getElementById('signal-payload').value = '\"approved\"'; return null",
     )
     .await;
-    b.client()
-        .find(fantoccini::Locator::Css("#signal-button"))
-        .await
-        .expect("signal button")
-        .click()
-        .await
-        .expect("click");
-    b.wait_loaded().await;
-    b.check_console().await;
+    b.click_and_check("#signal-button").await;
     wait_finished(&pool, &[approval.id()]).await;
     let done = admin::run_detail(&pool, approval.id()).await.expect("run");
     assert_eq!(done.output, Some(serde_json::json!("draft: approved")));
@@ -362,15 +340,7 @@ async fn every_page_renders_real_runs_in_a_real_browser(pool: PgPool) {
         "document.getElementById('fork-from').value = 'upper'; return null",
     )
     .await;
-    b.client()
-        .find(fantoccini::Locator::Css("#fork-button"))
-        .await
-        .expect("fork button")
-        .click()
-        .await
-        .expect("click");
-    b.wait_loaded().await;
-    b.check_console().await;
+    b.click_and_check("#fork-button").await;
     let url = b.client().current_url().await.expect("url");
     let forked: i64 = url
         .path()

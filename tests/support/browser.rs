@@ -234,6 +234,20 @@ impl Browser {
         }
     }
 
+    /// Clicks the element `css` selects, waits for the page it loads and checks the
+    /// console.
+    pub async fn click_and_check(&self, css: &str) {
+        self.client
+            .find(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css}: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+        self.wait_loaded().await;
+        self.check_console().await;
+    }
+
     /// Panics with the console's errors since the last check, if there are any.
     pub async fn check_console(&self) {
         let errors = self.console_errors().await;
