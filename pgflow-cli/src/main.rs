@@ -324,8 +324,9 @@ async fn run(cli: Cli) -> Result<String, Error> {
             if let Some(t) = token {
                 d = d.token(t);
             }
-            eprintln!("pgflow dashboard on http://{listen}/");
-            d.serve(listen).await?;
+            let bound = d.bind(listen).await?;
+            eprintln!("pgflow dashboard on http://{}/", bound.local_addr());
+            bound.serve().await?;
             String::new()
         }
         Command::Prune {

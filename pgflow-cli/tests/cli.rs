@@ -1214,3 +1214,70 @@ async fn costs_groups_the_usage_ledger(pool: PgPool) {
         bad.stderr
     );
 }
+
+/// A raw HTTP GET of `path` on `port` (no client crate for one request): the
+/// status line and the body.
+fn http_get(port: u16, path: &str) -> Option<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_owned(), body.to_owned()))
+}
+
+/// A loopback port free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn dashboard_serves_pages_and_refuses_open_addresses_without_a_token(pool: PgPool) {
+    let err = pgflow(&pool, &["dashboard", "--listen", "0.0.0.0:0"])
+        .await
+        .err();
+    assert!(err.contains("token") && err.contains("0.0.0.0"), "{err}");
+    let url = url_of(&pool);
+    for token in [None, Some("t0k")] {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgflow"));
+        cmd.args(["--database-url", &url, "dashboard", "--listen", &listen])
+            .env_remove("PGFLOW_DASHBOARD_TOKEN")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        let mut child = cmd.spawn().expect("pgflow dashboard starts");
+        let mut answer = None;
+        for _ in 0..200 {
+            answer = tokio::task::spawn_blocking(move || http_get(port, "/runs"))
+                .await
+                .expect("the request task");
+            if answer.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let (status, body) = answer.expect("the dashboard answered");
+        if token.is_some() {
+            assert!(status.contains(" 401 "), "{status}");
+        } else {
+            assert!(status.contains(" 200 "), "{status}");
+            assert!(body.contains("data-page=\"runs\""), "{body}");
+        }
+    }
+}

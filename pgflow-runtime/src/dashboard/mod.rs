@@ -164,14 +164,33 @@ impl Dashboard {
     }
 
     /// Serves the dashboard on `addr` until the process ends (or the listener
-    /// fails).
+    /// fails): [`bind`](Self::bind), then [`BoundDashboard::serve`].
+    ///
+    /// # Errors
+    ///
+    /// As [`bind`](Self::bind); then the server's error.
+    pub async fn serve(self, addr: SocketAddr) -> Result<(), Error> {
+        self.bind(addr).await?.serve().await
+    }
+
+    /// Listens on `addr` (port 0: any free port), not serving yet.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool) -> Result<(), pgflow_runtime::Error> {
+    /// let bound = pgflow_runtime::dashboard::Dashboard::new(pool)
+    ///     .bind("127.0.0.1:0".parse().expect("an address"))
+    ///     .await?;
+    /// println!("dashboard on http://{}/", bound.local_addr());
+    /// bound.serve().await
+    /// # }
+    /// ```
     ///
     /// # Errors
     ///
     /// [`Error::Config`] for an address that is not a loopback one without a
     /// [`token`](Self::token) (the dashboard shows every run's input and output,
-    /// and can cancel runs); the listener's error if it cannot bind.
-    pub async fn serve(self, addr: SocketAddr) -> Result<(), Error> {
+    /// and can cancel runs), or one it cannot listen on.
+    pub async fn bind(self, addr: SocketAddr) -> Result<BoundDashboard, Error> {
         if !addr.ip().is_loopback() && self.token.is_none() {
             return Err(Error::Config(format!(
                 "the dashboard listens on {addr}, which is not a loopback address: \
@@ -181,7 +200,36 @@ impl Dashboard {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
-        axum::serve(listener, self.router())
+        let local = listener.local_addr().unwrap_or(addr);
+        Ok(BoundDashboard {
+            listener,
+            local,
+            router: self.router(),
+        })
+    }
+}
+
+/// A dashboard listening, not serving yet (see [`Dashboard::bind`]).
+#[derive(Debug)]
+pub struct BoundDashboard {
+    listener: tokio::net::TcpListener,
+    local: SocketAddr,
+    router: Router,
+}
+
+impl BoundDashboard {
+    /// The address it listens on (the port chosen, for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Serves until the process ends (or the listener fails).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the server stops with an error.
+    pub async fn serve(self) -> Result<(), Error> {
+        axum::serve(self.listener, self.router)
             .await
             .map_err(|e| Error::Config(format!("the dashboard server stopped: {e}")))
     }
