@@ -105,12 +105,6 @@ pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) 
                     Engine::count(&engine.counters.tasks_claimed, got as u64);
                 }
                 for task in claimed {
-                    if let Some(flow) = engine.catalog.get(&task.workflow, task.version) {
-                        let step = flow.step_name(task.step);
-                        engine
-                            .metrics
-                            .claimed(flow.def.name(), step, task.wait_secs);
-                    }
                     // Cannot fail: the claim took at most `free` tasks and only this
                     // loop takes permits. Should it ever, the task's lease returns it.
                     let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {

@@ -33,6 +33,8 @@ pub(crate) async fn run(
     let cost = CostMeter::new();
     let flow = engine.catalog.get(&task.workflow, task.version);
     let workflow = flow.map_or("", |f| f.def.name());
+    let step_name = flow.map_or("?", |f| f.step_name(task.step));
+    engine.metrics.claimed(workflow, step_name, task.wait_secs);
     let version = task.version;
     // Executing now: the load the heartbeat reports.
     if let Ok(mut m) = engine.in_flight.lock() {
@@ -53,7 +55,7 @@ pub(crate) async fn run(
         .await;
     engine.metrics.attempt(
         workflow,
-        flow.map_or("?", |f| f.step_name(task.step)),
+        step_name,
         crate::metrics::outcome_label(&outcome),
         began.elapsed().as_secs_f64(),
     );

@@ -47,26 +47,12 @@ pub(crate) async fn run(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<Flu
         }
         if !batch.is_empty() {
             let size = batch.len() as u64;
-            // which step each completion is of (for the metrics of rejected ones)
-            let steps: Vec<(i64, &'static str, i32, i16)> = batch
-                .iter()
-                .map(|c| (c.task_id, c.workflow, c.version, c.step))
-                .collect();
             let began = std::time::Instant::now();
             let flushed = flush_resilient(&engine, batch, &mut |q| {
                 debounce.due(q.to_owned(), engine.config.notify_debounce)
             })
             .await;
             engine.metrics.flush(size, began.elapsed().as_secs_f64());
-            for id in &flushed.rejected {
-                if let Some(&(_, workflow, version, step)) = steps.iter().find(|s| s.0 == *id) {
-                    let step = engine
-                        .catalog
-                        .get(workflow, version)
-                        .map_or("?", |f| f.step_name(step));
-                    engine.metrics.rejected(workflow, step);
-                }
-            }
             // Durable now: their places are free again.
             drop(slots);
             after_flush(&engine, &flushed, size);
@@ -89,7 +75,12 @@ pub(crate) fn after_flush(engine: &Engine, flushed: &Flushed, size: u64) {
     );
     Engine::count(&c.rejected, flushed.rejected.len() as u64);
     Engine::count(&c.runs_finished, flushed.finished_runs.len() as u64);
-    for id in &flushed.rejected {
+    for &(id, workflow, version, step) in &flushed.rejected {
+        let step = engine
+            .catalog
+            .get(workflow, version)
+            .map_or("?", |f| f.step_name(step));
+        engine.metrics.rejected(workflow, step);
         warn!(
             task_id = id,
             "pgflow: completion rejected: the claim was lost (lease expired and the task was claimed again)"

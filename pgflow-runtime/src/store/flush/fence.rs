@@ -123,7 +123,7 @@ pub(super) async fn fence<'b>(
     out.rejected = batch
         .iter()
         .filter(|c| !accepted.contains_key(&c.claim()))
-        .map(|c| c.task_id)
+        .map(|c| (c.task_id, c.workflow, c.version, c.step))
         .collect();
     Ok(once_per_claim(batch, |claim| accepted.contains_key(claim))
         .into_iter()

@@ -176,8 +176,9 @@ impl Completion {
 /// What a flush did.
 #[derive(Debug, Default)]
 pub(crate) struct Flushed {
-    /// Completions whose claim was lost: nothing of them was applied.
-    pub(crate) rejected: Vec<i64>,
+    /// Completions whose claim was lost: nothing of them was applied. With the
+    /// step they are of: (task id, workflow, version, step).
+    pub(crate) rejected: Vec<(i64, &'static str, i32, i16)>,
     /// Runs that finished (succeeded or failed) in this flush.
     pub(crate) finished_runs: Vec<i64>,
     /// Of those, the ones that succeeded and failed, with their workflow.
