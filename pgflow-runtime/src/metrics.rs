@@ -33,7 +33,7 @@
 pub(crate) use enabled::Metrics;
 #[cfg(feature = "metrics")]
 pub use enabled::router;
-#[cfg(feature = "metrics")]
+#[cfg(all(feature = "metrics", feature = "dashboard"))]
 pub(crate) use enabled::{cluster_text, exposition};
 
 #[cfg(not(feature = "metrics"))]
@@ -268,7 +268,13 @@ mod enabled {
     /// instance's load and capacity (from its heartbeat) and the runs per workflow
     /// and status (what the dashboard's endpoint adds).
     async fn from_database(pool: &sqlx::PgPool, cluster: bool) -> Result<Registry, crate::Error> {
-        let status = crate::admin::status(pool).await?;
+        let parts = crate::admin::status::Parts {
+            queues: true,
+            instances: cluster,
+            runs: cluster,
+            ..Default::default()
+        };
+        let status = crate::admin::status::read(pool, parts).await?;
         let oldest = crate::store::tasks::oldest_due(pool).await?;
         let mut reg = Registry::with_prefix("pgflow");
         let due = Family::<QueueLabels, Gauge>::default();
@@ -335,6 +341,7 @@ mod enabled {
 
     /// The database-wide metrics the dashboard serves at `/metrics`: queues,
     /// instances, runs per workflow and status.
+    #[cfg(feature = "dashboard")]
     pub(crate) async fn cluster_text(pool: &sqlx::PgPool) -> Result<String, crate::Error> {
         let reg = from_database(pool, true).await?;
         let mut out = String::new();

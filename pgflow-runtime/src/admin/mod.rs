@@ -45,7 +45,7 @@ pub(crate) mod runs;
 mod schedules;
 mod signals;
 mod start;
-mod status;
+pub(crate) mod status;
 
 pub use costs::{CostRow, Costs, CostsBy, costs};
 pub use export::export;

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::store::{instances, runs, tasks};
 use crate::{Error, ScheduleInfo};
@@ -135,8 +135,62 @@ pub struct WorkflowRuns {
 ///
 /// [`Error::NotMigrated`]; database errors.
 pub async fn status(pool: &PgPool) -> Result<Status, Error> {
+    read(pool, Parts::ALL).await
+}
+
+/// Which parts of a [`Status`] [`read`] fills (the others stay empty): a page or a
+/// scrape reads what it shows, not every count of the table.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Parts {
+    pub(crate) instances: bool,
+    pub(crate) queues: bool,
+    pub(crate) runs: bool,
+    pub(crate) versions: bool,
+    pub(crate) schedules: bool,
+}
+
+impl Parts {
+    const ALL: Parts = Parts {
+        instances: true,
+        queues: true,
+        runs: true,
+        versions: true,
+        schedules: true,
+    };
+}
+
+/// The `parts` of the status, on one connection.
+pub(crate) async fn read(pool: &PgPool, parts: Parts) -> Result<Status, Error> {
     let mut conn = pool.acquire().await?;
-    let instances = instances::list(&mut *conn, instances::Listing::All)
+    let mut st = Status {
+        instances: Vec::new(),
+        queues: Vec::new(),
+        runs: Vec::new(),
+        versions: Vec::new(),
+        unserved: Vec::new(),
+        schedules: Vec::new(),
+    };
+    if parts.instances {
+        st.instances = instances(&mut conn).await?;
+    }
+    if parts.queues {
+        st.queues = queues(&mut conn).await?;
+    }
+    if parts.runs {
+        st.runs = run_counts(&mut conn).await?;
+    }
+    if parts.versions {
+        (st.versions, st.unserved) = versions(&mut conn).await?;
+    }
+    if parts.schedules {
+        st.schedules = super::schedules::list(&mut *conn).await?;
+    }
+    Ok(st)
+}
+
+/// Every instance (the [`Status::instances`] part).
+async fn instances(conn: &mut PgConnection) -> Result<Vec<Instance>, Error> {
+    Ok(instances::list(&mut *conn, instances::Listing::All)
         .await?
         .into_iter()
         .map(|r| Instance {
@@ -151,8 +205,12 @@ pub async fn status(pool: &PgPool) -> Result<Status, Error> {
             last_heartbeat: r.last_heartbeat,
             idle_ms: r.idle_ms,
         })
-        .collect();
-    let queues = tasks::depths(&mut conn)
+        .collect())
+}
+
+/// Each queue's tasks by state (the [`Status::queues`] part).
+async fn queues(conn: &mut PgConnection) -> Result<Vec<QueueDepth>, Error> {
+    Ok(tasks::depths(conn)
         .await?
         .into_iter()
         .map(|r| QueueDepth {
@@ -163,8 +221,12 @@ pub async fn status(pool: &PgPool) -> Result<Status, Error> {
             awaiting_subflow: r.awaiting_subflow,
             running: r.running,
         })
-        .collect();
-    let runs = runs::counts(&mut *conn)
+        .collect())
+}
+
+/// Runs per workflow and status (the [`Status::runs`] part: a count over `runs`).
+async fn run_counts(conn: &mut PgConnection) -> Result<Vec<WorkflowRuns>, Error> {
+    Ok(runs::counts(&mut *conn)
         .await?
         .into_iter()
         .map(|r| WorkflowRuns {
@@ -174,9 +236,15 @@ pub async fn status(pool: &PgPool) -> Result<Status, Error> {
             failed: r.failed,
             cancelled: r.cancelled,
         })
-        .collect();
-    // One scan of the running runs for both: the versions, and among them those
-    // with runs no online instance serves.
+        .collect())
+}
+
+/// The versions, and among them those with runs no online instance serves (the
+/// [`Status::versions`] and [`Status::unserved`] parts): one scan of the running
+/// runs for both.
+async fn versions(
+    conn: &mut PgConnection,
+) -> Result<(Vec<VersionStatus>, Vec<UnservedRuns>), Error> {
     let rows = instances::versions(&mut *conn).await?;
     let unserved = rows
         .iter()
@@ -201,13 +269,5 @@ pub async fn status(pool: &PgPool) -> Result<Status, Error> {
             })
         })
         .collect();
-    let schedules = super::schedules::list(&mut *conn).await?;
-    Ok(Status {
-        instances,
-        queues,
-        runs,
-        versions,
-        unserved,
-        schedules,
-    })
+    Ok((versions, unserved))
 }

@@ -70,7 +70,17 @@ pub(crate) async fn not_found(State(s): Ctx, headers: HeaderMap) -> Response {
 // ---- overview ----
 
 pub(crate) async fn overview(State(s): Ctx, headers: HeaderMap) -> Response {
-    let status = match admin::status(&s.pool).await {
+    let status = match crate::admin::status::read(
+        &s.pool,
+        crate::admin::status::Parts {
+            instances: true,
+            queues: true,
+            runs: true,
+            ..Default::default()
+        },
+    )
+    .await
+    {
         Ok(st) => st,
         Err(e) => return failed(&e),
     };
@@ -319,10 +329,16 @@ pub(crate) async fn runs(
         Ok(l) => l,
         Err(e) => return failed(&e),
     };
-    let workflows = admin::status(&s.pool)
-        .await
-        .map(|st| st.runs.into_iter().map(|w| w.workflow).collect::<Vec<_>>())
-        .unwrap_or_default();
+    let workflows = crate::admin::status::read(
+        &s.pool,
+        crate::admin::status::Parts {
+            runs: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .map(|st| st.runs.into_iter().map(|w| w.workflow).collect::<Vec<_>>())
+    .unwrap_or_default();
     // the filters (outside the live region: typing is not interrupted)
     let mut c = String::from("<h1>Runs</h1><form class=\"filters\" id=\"filters\" method=\"get\">");
     c.push_str("<label>workflow<select name=\"workflow\" id=\"f-workflow\"><option value=\"\">any</option>");
@@ -888,7 +904,14 @@ pub(crate) async fn signal(
 
 pub(crate) async fn queues(State(s): Ctx, headers: HeaderMap) -> Response {
     let (status, oldest) = match (
-        admin::status(&s.pool).await,
+        crate::admin::status::read(
+            &s.pool,
+            crate::admin::status::Parts {
+                queues: true,
+                ..Default::default()
+            },
+        )
+        .await,
         crate::store::tasks::oldest_due(&s.pool).await,
     ) {
         (Ok(st), Ok(o)) => (st, o),
@@ -927,7 +950,15 @@ pub(crate) async fn queues(State(s): Ctx, headers: HeaderMap) -> Response {
 }
 
 pub(crate) async fn instances(State(s): Ctx, headers: HeaderMap) -> Response {
-    let status = match admin::status(&s.pool).await {
+    let status = match crate::admin::status::read(
+        &s.pool,
+        crate::admin::status::Parts {
+            instances: true,
+            ..Default::default()
+        },
+    )
+    .await
+    {
         Ok(st) => st,
         Err(e) => return failed(&e),
     };
@@ -960,7 +991,15 @@ pub(crate) async fn instances(State(s): Ctx, headers: HeaderMap) -> Response {
 }
 
 pub(crate) async fn workflows(State(s): Ctx, headers: HeaderMap) -> Response {
-    let status = match admin::status(&s.pool).await {
+    let status = match crate::admin::status::read(
+        &s.pool,
+        crate::admin::status::Parts {
+            versions: true,
+            ..Default::default()
+        },
+    )
+    .await
+    {
         Ok(st) => st,
         Err(e) => return failed(&e),
     };
