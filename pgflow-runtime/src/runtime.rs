@@ -249,15 +249,24 @@ impl Runtime {
         &self.engine.pool
     }
 
-    /// Starts a run of `W` (one round trip) and returns its handle.
+    /// Starts a run of `W` (one statement, committed before this returns) and
+    /// returns its handle.
     ///
     /// # Errors
     ///
     /// [`Error::InvalidInput`] when the input does not serialize; database errors.
     pub async fn start<W: Workflow>(&self, input: W::Input) -> Result<RunHandle<W::Output>, Error> {
-        let mut conn = self.engine.pool.acquire().await?;
-        self.start_with::<W>(&mut conn, input, StartOptions::default())
-            .await
+        let def = W::definition();
+        let json = serialize_input(def, &input)?;
+        let key = W::key(&input);
+        let mut tx = crate::store::begin_generic(&self.engine.pool).await?;
+        let (id, created) = self
+            .start_one(&mut tx, def, json, StartOptions::default(), key)
+            .await?;
+        tx.commit().await?;
+        // once committed: a claim woken earlier would not see the task yet
+        self.engine.wake_queue(def.queue());
+        Ok(self.handle(id, created))
     }
 
     /// Starts a run on `conn` — typically inside the caller's transaction, so the run
@@ -289,6 +298,9 @@ impl Runtime {
         let json = serialize_input(def, &input)?;
         let key = options.key.clone().or_else(|| W::key(&input));
         let (id, created) = self.start_one(conn, def, json, options, key).await?;
+        // (inside the caller's transaction the claimer finds nothing yet; the
+        // NOTIFY at its commit wakes it again)
+        self.engine.wake_queue(def.queue());
         Ok(self.handle(id, created))
     }
 
@@ -310,8 +322,10 @@ impl Runtime {
             };
             runs.push(serialize_input(def, &input)?, options);
         }
-        let mut conn = self.engine.pool.acquire().await?;
-        let ids = self.insert(&mut conn, def, &runs).await?;
+        let mut tx = crate::store::begin_generic(&self.engine.pool).await?;
+        let ids = self.insert(&mut tx, def, &runs).await?;
+        tx.commit().await?;
+        self.engine.wake_queue(def.queue());
         Ok(ids.into_iter().map(RunId).collect())
     }
 
@@ -350,8 +364,10 @@ impl Runtime {
             Some(key) => Some(key),
             None => def.key_of(&json).map_err(invalid)?,
         };
-        let mut conn = self.engine.pool.acquire().await?;
-        let (id, _) = self.start_one(&mut conn, def, json, options, key).await?;
+        let mut tx = crate::store::begin_generic(&self.engine.pool).await?;
+        let (id, _) = self.start_one(&mut tx, def, json, options, key).await?;
+        tx.commit().await?;
+        self.engine.wake_queue(def.queue());
         Ok(id)
     }
 
@@ -461,6 +477,8 @@ impl Runtime {
         Ok((RunId(id), true))
     }
 
+    /// Inserts the runs (one statement on `conn`); the caller wakes the queue once
+    /// they are visible.
     async fn insert(
         &self,
         conn: &mut PgConnection,
@@ -477,7 +495,6 @@ impl Runtime {
                 run_id = first,
                 "pgflow: run started"
             );
-            self.engine.wake_queue(def.queue());
             self.warn_if_unserved(def);
         }
         Ok(ids)

@@ -182,7 +182,7 @@ async fn flush_once(
     batch: &[Completion],
     should_notify: &mut (dyn FnMut(&str) -> bool + Send),
 ) -> Result<Flushed, sqlx::Error> {
-    let mut tx = engine.pool.begin().await?;
+    let mut tx = store::begin_generic(&engine.pool).await?;
     let out = flush::apply(
         &mut tx,
         &engine.catalog,
