@@ -13,7 +13,9 @@
 //!   the first start to the last durable completion.
 //! - `enqueue`: `start_many` alone (no workers), runs/s.
 //! - `latency`: sequential runs on an idle runtime: start -> first step running, and
-//!   start -> chain3 complete (`wait()` returns), p50/p99 over 200 runs (`--n`).
+//!   start -> chain3 complete (`wait()` returns), p50/p99 over 200 runs (`--n`), and
+//!   how long `start` itself took; `latency_notify` the same with the runs started by
+//!   a second runtime that serves no queue (the worker learns of them by NOTIFY).
 //! - `sustained`: chain1 for `--duration` seconds (default 60), with `--prune-after S`
 //!   pruning finished runs older than S seconds meanwhile: throughput of the first
 //!   and the last 10 s (a collapse would show table bloat).
@@ -30,6 +32,12 @@
 //!   tasks), then each is signalled through `Runtime::signal` by 8 concurrent
 //!   senders: signals delivered/s, and signal sent -> step resumed p50/p99; then
 //!   10,000 more signalled from SQL, `pgflow.signal` over 1,000 runs per statement.
+//! - `scaling` (only when named): `--n` one-step runs (default 40,000) inserted
+//!   first, then drained by 1, 2 and 4 worker processes (this program re-executed
+//!   with `--serve URL`, each with `--concurrency` slots): runs/s for each, the
+//!   speed-up over one, and the CPU seconds the workers and the PostgreSQL server
+//!   used (`cpu_busy`: their sum over wall time x cores; near 1.0 the machine is
+//!   saturated, and the split says by whom).
 //! - `map`: one run whose root map step maps over `--elements` (default 10,000)
 //!   trivial elements: elements/s from the start to the run's completion.
 //!
@@ -268,9 +276,13 @@ struct Args {
     /// `sustained` with retention on: finished runs older than this many seconds
     /// are pruned while it runs.
     prune_after: Option<u64>,
+    /// `--serve URL`: be a worker process of the `scaling` scenario.
+    serve: Option<String>,
+    /// `--instance ID`: the worker's instance id (with `--serve`).
+    instance: String,
 }
 
-const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline|map|parked|drain|raw|signals|fairness] [--n N] [--elements E] [--duration SECS] [--prune-after SECS] [--concurrency C] [--database NAME]";
+const USAGE: &str = "usage: bench [--scenario chain1|chain3|diamond|enqueue|latency|sustained|inline|map|parked|drain|raw|signals|fairness|scaling] [--n N] [--elements E] [--duration SECS] [--prune-after SECS] [--concurrency C] [--database NAME]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -282,6 +294,8 @@ fn parse_args() -> Result<Args, String> {
         concurrency: 256,
         database: "pgflow_bench".to_owned(),
         prune_after: None,
+        serve: None,
+        instance: "bench-worker".to_owned(),
     };
     let mut it = std::env::args().skip(1);
     let num = |v: Option<String>, flag: &str| -> Result<u64, String> {
@@ -305,6 +319,8 @@ fn parse_args() -> Result<Args, String> {
             }
             "--duration" => args.duration = num(it.next(), "--duration")?.max(1),
             "--prune-after" => args.prune_after = Some(num(it.next(), "--prune-after")?),
+            "--serve" => args.serve = Some(it.next().ok_or("--serve needs a database URL")?),
+            "--instance" => args.instance = it.next().ok_or("--instance needs an id")?,
             "--concurrency" => {
                 args.concurrency = usize::try_from(num(it.next(), "--concurrency")?.max(1))
                     .map_err(|e| e.to_string())?
@@ -633,43 +649,58 @@ async fn latency(runs: usize, concurrency: usize) -> BenchResult<()> {
         .data(Arc::clone(&first))
         .start()
         .await?;
-    // warm up
-    for i in 0..20 {
-        rt.start::<Chain3>(i).await?.wait().await?;
-    }
-    let mut to_first = Vec::with_capacity(runs);
-    let mut to_done = Vec::with_capacity(runs);
-    let started_at = Instant::now();
-    for i in 0..runs as u64 {
-        tokio::time::sleep(Duration::from_millis(5)).await; // idle between runs
-        if let Ok(mut t) = first.0.lock() {
-            *t = None;
+    // A runtime that serves no queue, as a web server that only starts runs: the
+    // worker learns of its runs through NOTIFY (the peers' latency scenario).
+    let producer = Runtime::builder()
+        .database_url(&url)
+        .instance_id("bench-producer")
+        .migrate(false)
+        .start()
+        .await?;
+    for (label, starter) in [("latency", &rt), ("latency_notify", &producer)] {
+        // warm up
+        for i in 0..20 {
+            starter.start::<Chain3>(i).await?.wait().await?;
         }
-        let t0 = Instant::now();
-        let run = rt.start::<Chain3>(i).await?;
-        let out = run.wait().await?;
-        let done = t0.elapsed();
-        assert_eq!(out, i + 3);
-        let started = first
-            .0
-            .lock()
-            .ok()
-            .and_then(|t| *t)
-            .ok_or("first step not seen")?;
-        to_first.push(started.duration_since(t0).as_secs_f64() * 1e3);
-        to_done.push(done.as_secs_f64() * 1e3);
+        let mut to_first = Vec::with_capacity(runs);
+        let mut to_done = Vec::with_capacity(runs);
+        let mut start_call = Vec::with_capacity(runs);
+        let started_at = Instant::now();
+        for i in 0..runs as u64 {
+            tokio::time::sleep(Duration::from_millis(5)).await; // idle between runs
+            if let Ok(mut t) = first.0.lock() {
+                *t = None;
+            }
+            let t0 = Instant::now();
+            let run = starter.start::<Chain3>(i).await?;
+            start_call.push(t0.elapsed().as_secs_f64() * 1e3);
+            let out = run.wait().await?;
+            let done = t0.elapsed();
+            assert_eq!(out, i + 3);
+            let started = first
+                .0
+                .lock()
+                .ok()
+                .and_then(|t| *t)
+                .ok_or("first step not seen")?;
+            to_first.push(started.duration_since(t0).as_secs_f64() * 1e3);
+            to_done.push(done.as_secs_f64() * 1e3);
+        }
+        for v in [&mut to_first, &mut to_done, &mut start_call] {
+            v.sort_by(f64::total_cmp);
+        }
+        println!(
+            "BENCH scenario={label} runs={runs} steps={} secs={:.2} first_step_p50_ms={:.2} first_step_p99_ms={:.2} p50_ms={:.2} p99_ms={:.2} start_call_p50_ms={:.2}",
+            runs * 3,
+            started_at.elapsed().as_secs_f64(),
+            percentile(&to_first, 0.5),
+            percentile(&to_first, 0.99),
+            percentile(&to_done, 0.5),
+            percentile(&to_done, 0.99),
+            percentile(&start_call, 0.5),
+        );
     }
-    to_first.sort_by(f64::total_cmp);
-    to_done.sort_by(f64::total_cmp);
-    println!(
-        "BENCH scenario=latency runs={runs} steps={} secs={:.2} first_step_p50_ms={:.2} first_step_p99_ms={:.2} p50_ms={:.2} p99_ms={:.2}",
-        runs * 3,
-        started_at.elapsed().as_secs_f64(),
-        percentile(&to_first, 0.5),
-        percentile(&to_first, 0.99),
-        percentile(&to_done, 0.5),
-        percentile(&to_done, 0.99),
-    );
+    producer.shutdown().await?;
     rt.shutdown().await?;
     Ok(())
 }
@@ -797,6 +828,109 @@ async fn raw(n: u64, workers: usize, batch: i64) -> BenchResult<f64> {
         n as f64 / secs
     );
     pool.close().await;
+    Ok(n as f64 / secs)
+}
+
+/// CPU time (user + system) of process `pid` from `/proc/<pid>/stat`, in seconds
+/// (the kernel reports it in USER_HZ ticks, 100 a second on Linux).
+fn cpu_secs_of(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // the command name may hold spaces: the fields start after its closing `)`
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// CPU time of every PostgreSQL server process on this machine (the postmaster,
+/// its backends and helpers), in seconds.
+fn postgres_cpu_secs() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|pid| pid.chars().all(|c| c.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .filter_map(|pid| cpu_secs_of(&pid))
+        .sum()
+}
+
+/// A worker process of the `scaling` scenario (`--serve URL`): serves queue `bench`
+/// until killed.
+async fn serve(url: &str, instance: &str, concurrency: usize) -> BenchResult<()> {
+    let _rt = Runtime::builder()
+        .database_url(url)
+        .instance_id(instance)
+        .migrate(false)
+        .max_connections(8)
+        .queue("bench", concurrency)
+        .start()
+        .await?;
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// `n` one-step runs inserted first, then drained by `workers` processes (this
+/// program, re-executed with `--serve`), each serving the queue with
+/// `concurrency` slots: runs/s from the spawn to the last run finished, and where
+/// the CPU went meanwhile (the workers' and the PostgreSQL server's CPU seconds).
+async fn scaling(n: u64, workers: usize, concurrency: usize) -> BenchResult<f64> {
+    let url = fresh_database(db_name()).await?;
+    let producer = runtime(&url, 0).await?;
+    start_in_batches::<Chain1>(&producer, n, 5_000).await?;
+    producer.shutdown().await?;
+    let check = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await?;
+    let exe = std::env::current_exe()?;
+    let pg_before = postgres_cpu_secs();
+    let start = Instant::now();
+    let mut children = Vec::with_capacity(workers);
+    for w in 0..workers {
+        children.push(
+            std::process::Command::new(&exe)
+                .args(["--serve", &url, "--instance", &format!("scaling-{w}")])
+                .args(["--concurrency", &concurrency.to_string()])
+                .stdin(std::process::Stdio::null())
+                .spawn()?,
+        );
+    }
+    let drained = async {
+        loop {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pgflow.runs WHERE status = 'running'")
+                    .fetch_one(&check)
+                    .await?;
+            if left == 0 {
+                return Ok::<(), sqlx::Error>(());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(600), drained).await;
+    let secs = start.elapsed().as_secs_f64();
+    let worker_cpu: f64 = children
+        .iter()
+        .filter_map(|c| cpu_secs_of(&c.id().to_string()))
+        .sum();
+    let pg_cpu = postgres_cpu_secs() - pg_before;
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    outcome.map_err(|_| "scaling: the runs did not finish within 10 minutes")??;
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    println!(
+        "BENCH scenario=scaling workers={workers} runs={n} concurrency_each={concurrency} secs={secs:.2} runs_per_sec={:.0} worker_cpu_secs={worker_cpu:.2} postgres_cpu_secs={pg_cpu:.2} cpu_busy={:.2} cores={cores}",
+        n as f64 / secs,
+        (worker_cpu + pg_cpu) / (secs * cores as f64),
+    );
+    check.close().await;
     Ok(n as f64 / secs)
 }
 
@@ -993,6 +1127,9 @@ async fn fairness(a: u64, concurrency: usize) -> BenchResult<()> {
 
 async fn run(args: Args) -> BenchResult<()> {
     let _ = DATABASE.set(args.database.clone());
+    if let Some(url) = &args.serve {
+        return serve(url, &args.instance, args.concurrency).await;
+    }
     let all = args.scenario.is_none();
     let is = |s: &str| all || args.scenario.as_deref() == Some(s);
     let known = [
@@ -1009,6 +1146,7 @@ async fn run(args: Args) -> BenchResult<()> {
         "raw",
         "signals",
         "fairness",
+        "scaling",
     ];
     if let Some(s) = &args.scenario {
         if !known.contains(&s.as_str()) {
@@ -1041,6 +1179,19 @@ async fn run(args: Args) -> BenchResult<()> {
     if args.scenario.as_deref() == Some("fairness") {
         let a = if args.n_given { args.n } else { 100_000 };
         fairness(a, args.concurrency).await?;
+    }
+    if args.scenario.as_deref() == Some("scaling") {
+        let n = if args.n_given { args.n } else { 40_000 };
+        let mut by_workers = Vec::new();
+        for workers in [1, 2, 4] {
+            by_workers.push((workers, scaling(n, workers, args.concurrency).await?));
+        }
+        let one = by_workers[0].1;
+        let speedups: Vec<String> = by_workers
+            .iter()
+            .map(|(w, r)| format!("x{w}={:.2}", r / one))
+            .collect();
+        println!("BENCH scenario=scaling_speedup {}", speedups.join(" "));
     }
     if args.scenario.as_deref() == Some("signals") {
         let runs = if args.n_given { args.n } else { 10_000 };
