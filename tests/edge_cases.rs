@@ -383,6 +383,68 @@ async fn wait_outlives_a_database_outage(pool: PgPool) {
     rt.shutdown().await.unwrap();
 }
 
+/// The runtime's own pool hands out idle connections without a ping (a round trip
+/// per start and per flush): one the server ended while it sat idle fails at
+/// `BEGIN`, and the start begins again on another instead of failing.
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_start_on_connections_the_server_ended_while_idle_succeeds(pool: PgPool) {
+    let url = pgflow_suite::support::url_of(&pool.connect_options());
+    // a runtime that only starts runs: no loop but the flusher and the heartbeat
+    // takes the pool's connections meanwhile
+    let rt = Runtime::builder()
+        .database_url(&url)
+        .instance_id(format!("edge-{}", NEXT.fetch_add(1, Ordering::Relaxed)))
+        .max_connections(4)
+        .start()
+        .await
+        .unwrap();
+    // several connections in use at once, then idle in the pool
+    let mut starts = tokio::task::JoinSet::new();
+    for n in 0..8 {
+        let rt = rt.clone();
+        starts.spawn(async move { rt.start::<Slow>(n).await.map(|r| r.id()) });
+    }
+    while let Some(done) = starts.join_next().await {
+        done.unwrap().unwrap();
+    }
+    let db = pool
+        .connect_options()
+        .get_database()
+        .unwrap_or_default()
+        .to_owned();
+    let admin_url =
+        pgflow_suite::support::url_of(&(*pool.connect_options()).clone().database("postgres"));
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                              WHERE datname = $1) t",
+    )
+    .bind(&db)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(ended >= 2, "only {ended} connections to end");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for n in 0..4 {
+        rt.start::<Slow>(100 + n)
+            .await
+            .expect("a start after the terminations");
+    }
+    let started: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.runs")
+        .fetch_one(&mut admin_db(&pool).await)
+        .await
+        .unwrap();
+    assert_eq!(started, 12);
+    rt.shutdown().await.unwrap();
+}
+
+/// A fresh connection to the test's database (its pool's were ended).
+async fn admin_db(pool: &PgPool) -> sqlx::PgConnection {
+    sqlx::PgConnection::connect(&pgflow_suite::support::url_of(&pool.connect_options()))
+        .await
+        .unwrap()
+}
+
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
 async fn wait_on_runs_finished_elsewhere_leaves_nothing_behind(pool: PgPool) {
     let w = worker(&pool).await;

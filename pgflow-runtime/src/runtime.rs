@@ -244,7 +244,10 @@ impl Runtime {
         }
     }
 
-    /// The pool the runtime uses.
+    /// The pool the runtime uses. When the runtime made it (from a database URL),
+    /// its connections are checked when they come back to it, not again when they
+    /// are handed out (a round trip less per use): one the server ended while it
+    /// sat idle fails its first statement.
     pub fn pool(&self) -> &PgPool {
         &self.engine.pool
     }

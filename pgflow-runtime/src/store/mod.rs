@@ -214,10 +214,23 @@ pub(crate) async fn ping(pool: &sqlx::PgPool) -> bool {
 /// their comments name whatever the parameters, so one plan fits every execution.
 /// `SET LOCAL` ends with the transaction: the connection goes back to the pool as
 /// it came.
+///
+/// A connection that broke while idle in the pool (the server restarted; the pool
+/// does not ping before it hands one out) fails at `BEGIN`, before anything was
+/// done: the transaction begins on another one (the broken one is dropped), as
+/// many times as the pool has connections.
 pub(crate) async fn begin_generic(
     pool: &sqlx::PgPool,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    pool.begin_with(BEGIN_GENERIC).await
+    let mut tries = pool.options().get_max_connections();
+    loop {
+        match pool.begin_with(BEGIN_GENERIC).await {
+            Err(e) if tries > 0 && is_transient(&e) && !matches!(e, sqlx::Error::PoolTimedOut) => {
+                tries -= 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// The statement of [`begin_generic`].
