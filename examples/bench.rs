@@ -732,11 +732,21 @@ async fn map(elements: u64, concurrency: usize) -> BenchResult<()> {
 
 /// The process's peak resident set size (`VmHWM`), in MiB; 0 where unknown.
 fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+/// The process's resident set size now (`VmRSS`), in MiB; 0 where unknown.
+fn rss_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+/// A size field of `/proc/self/status`, in MiB.
+fn status_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
@@ -974,11 +984,18 @@ async fn sustained(duration: u64, concurrency: usize, prune_after: Option<u64>) 
         })
     };
     let mut samples = Vec::new(); // (secs since start, runs finished)
+    // the resident set once the first 10 s are done, to compare with the end's: it
+    // must not grow with the number of finished runs
+    let mut rss_early = None;
     while Instant::now() < end {
         samples.push((start.elapsed().as_secs_f64(), rt.stats().runs_finished));
+        if rss_early.is_none() && start.elapsed() >= Duration::from_secs(10) {
+            rss_early = Some((rss_mib(), rt.stats().runs_finished));
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     samples.push((start.elapsed().as_secs_f64(), rt.stats().runs_finished));
+    let (rss_10s, finished_10s) = rss_early.unwrap_or((rss_mib(), 0));
     let started = producer.await??;
     let window = 10.0_f64.min(duration as f64 / 2.0);
     let rate = |from: f64, to: f64| {
@@ -997,10 +1014,12 @@ async fn sustained(duration: u64, concurrency: usize, prune_after: Option<u64>) 
     let last = rate(total - window, total);
     let finished = rt.stats().runs_finished;
     println!(
-        "BENCH scenario=sustained runs={finished} steps={finished} secs={total:.1} started={started} runs_per_sec={:.0} steps_per_sec={:.0} first_10s_per_sec={first:.0} last_10s_per_sec={last:.0} last_over_first={:.2}",
+        "BENCH scenario=sustained runs={finished} steps={finished} secs={total:.1} started={started} runs_per_sec={:.0} steps_per_sec={:.0} first_10s_per_sec={first:.0} last_10s_per_sec={last:.0} last_over_first={:.2} rss_mib_at_10s={rss_10s:.1} runs_finished_at_10s={finished_10s} rss_mib_at_end={:.1} peak_rss_mib={:.1}",
         finished as f64 / total,
         finished as f64 / total,
         last / first.max(1e-9),
+        rss_mib(),
+        peak_rss_mib(),
     );
     if let Some(pruner) = pruner {
         let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.runs")
