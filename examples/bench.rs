@@ -1232,8 +1232,11 @@ async fn run(args: Args) -> BenchResult<()> {
         map(args.elements, args.concurrency).await?;
     }
     if is("inline") {
-        inline::<Chain10>("inline", 20_000).await;
-        inline::<Chain10Retrying>("inline_retrying", 20_000).await;
+        // 20,000 runs of 10 steps per sample unless --n says otherwise (fewer for a
+        // run under valgrind, whose instruction counts do not depend on the load)
+        let runs = if args.n_given { args.n } else { 20_000 };
+        inline::<Chain10>("inline", runs).await;
+        inline::<Chain10Retrying>("inline_retrying", runs).await;
     }
     Ok(())
 }

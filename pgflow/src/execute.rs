@@ -664,12 +664,17 @@ pub(crate) async fn run_definition(
     for &root in plan.roots() {
         run.start(&steps[root])?;
     }
+    // One wait for the cancel for the whole run (not one registered and dropped
+    // again per finished step).
+    let cancelled = options.cancel.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let next = tokio::select! {
-            next = run.running.next() => next,
-            () = options.cancel.cancelled() => {
+            biased;
+            () = &mut cancelled => {
                 return Err(RunError::Cancelled { workflow: def.name().to_owned() });
             }
+            next = run.running.next() => next,
         };
         let Some(finished) = next else { break };
         if let Some(output) = run.finished(finished)? {
@@ -795,6 +800,14 @@ async fn run_subflow(
     }
 }
 
+/// Sleeps for `delay`; `false` when the run was cancelled first.
+async fn sleep_unless_cancelled(delay: std::time::Duration, shared: &Shared) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = shared.cancel.cancelled() => false,
+    }
+}
+
 /// Runs every attempt of one step until it succeeds, fails permanently or exhausts
 /// its attempts, after the step's `delay`. Each attempt gets the inputs themselves;
 /// while attempts (or snoozes) remain, a backup is taken first (a clone, or JSON for
@@ -814,17 +827,23 @@ async fn run_with_retries(
     let cancelled = || RunError::Cancelled {
         workflow: def.name().to_owned(),
     };
-    if !options.delay.is_zero() {
-        tokio::select! {
-            () = tokio::time::sleep(options.delay) => {}
-            () = shared.cancel.cancelled() => return Err(cancelled()),
-        }
+    // The waits most steps never make are boxed where they happen: every step's
+    // future is sized for the largest wait it could hold, and a small one is
+    // allocated and freed on the allocator's fast path.
+    if !options.delay.is_zero() && !Box::pin(sleep_unless_cancelled(options.delay, shared)).await {
+        return Err(cancelled());
     }
     if let Some(signal) = step.signal() {
         // Waits holding nothing but this future; `None` (JSON `null`) on timeout.
-        let payload = tokio::select! {
-            p = shared.signals.wait(signal.name, signal.timeout) => p,
-            () = shared.cancel.cancelled() => return Err(cancelled()),
+        let payload = Box::pin(async {
+            tokio::select! {
+                p = shared.signals.wait(signal.name, signal.timeout) => Some(p),
+                () = shared.cancel.cancelled() => None,
+            }
+        })
+        .await;
+        let Some(payload) = payload else {
+            return Err(cancelled());
         };
         let json = payload.unwrap_or_else(|| {
             serde_json::value::RawValue::from_string("null".to_owned())
@@ -856,12 +875,12 @@ async fn run_with_retries(
         let held = shared.reserve(def, step)?;
         let lent = shared.transaction.as_ref().filter(|_| step.transactional());
         let turn = match lent {
-            Some(tx) => Some(tx.turn().await),
+            Some(tx) => Some(Box::pin(tx.turn()).await),
             None => None,
         };
         if let Some(tx) = lent {
             ctx = ctx.transaction(tx.clone());
-            if let Err(e) = bracket(tx, Bracket::Begin).await {
+            if let Err(e) = Box::pin(bracket(tx, Bracket::Begin)).await {
                 shared.release(held);
                 return Err(e);
             }
@@ -876,12 +895,19 @@ async fn run_with_retries(
             } else {
                 Bracket::Rollback
             };
-            bracket(tx, end).await?;
+            Box::pin(bracket(tx, end)).await?;
         }
         drop(turn);
         let error = match attempt_result {
             Ok(StepOutput::Subflow(start)) => {
-                return run_subflow((def, step, element), attempt, history, start, shared).await;
+                return Box::pin(run_subflow(
+                    (def, step, element),
+                    attempt,
+                    history,
+                    start,
+                    shared,
+                ))
+                .await;
             }
             Ok(value) => return Ok(value),
             Err(error) => error,
@@ -909,9 +935,8 @@ async fn run_with_retries(
         let Some(spare) = spare else {
             return Err(fail(history));
         };
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shared.cancel.cancelled() => return Err(cancelled()),
+        if !Box::pin(sleep_unless_cancelled(delay, shared)).await {
+            return Err(cancelled());
         }
         inputs = spare;
         if snoozed.is_some() {

@@ -56,10 +56,27 @@ pub async fn run_attempt(
         Ok(fut) => fut,
         Err(payload) => return Err(StepError::panic(panic_message(payload.as_ref()))),
     };
-    match tokio::time::timeout(timeout, CatchUnwind(fut)).await {
-        Err(_) => Err(StepError::timeout(timeout)),
-        Ok(Err(panic)) => Err(StepError::panic(panic)),
-        Ok(Ok(result)) => result,
+    // The deadline counts from here; the timer is only registered for a step that
+    // does not finish in its first poll (most steps that await nothing): a timer
+    // entry costs more than such a step.
+    let deadline = tokio::time::Instant::now().checked_add(timeout);
+    let mut fut = CatchUnwind(fut);
+    let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await;
+    let outcome = match (first, deadline) {
+        (Poll::Ready(outcome), _) => outcome,
+        // (boxed: a timer is large, and most attempts never hold one)
+        (Poll::Pending, Some(deadline)) => {
+            match Box::pin(tokio::time::timeout_at(deadline, fut)).await {
+                Err(_) => return Err(StepError::timeout(timeout)),
+                Ok(outcome) => outcome,
+            }
+        }
+        // a timeout past the clock's range: none
+        (Poll::Pending, None) => fut.await,
+    };
+    match outcome {
+        Err(panic) => Err(StepError::panic(panic)),
+        Ok(result) => result,
     }
 }
 
