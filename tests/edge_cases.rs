@@ -383,9 +383,11 @@ async fn wait_outlives_a_database_outage(pool: PgPool) {
     rt.shutdown().await.unwrap();
 }
 
-/// The runtime's own pool hands out idle connections without a ping (a round trip
-/// per start and per flush): one the server ended while it sat idle fails at
-/// `BEGIN`, and the start begins again on another instead of failing.
+/// The runtime's own pool pings only connections idle for a second or more (not
+/// one round trip per start and per flush): those the server ended while they sat
+/// idle are replaced before a start uses them, and a transaction that meets one
+/// anyway (`begin_generic`, as `start_many` and flushes use) begins again on
+/// another.
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
 async fn a_start_on_connections_the_server_ended_while_idle_succeeds(pool: PgPool) {
     let url = pgflow_suite::support::url_of(&pool.connect_options());
@@ -395,6 +397,9 @@ async fn a_start_on_connections_the_server_ended_while_idle_succeeds(pool: PgPoo
         .database_url(&url)
         .instance_id(format!("edge-{}", NEXT.fetch_add(1, Ordering::Relaxed)))
         .max_connections(4)
+        // nothing else uses the pool meanwhile (a heartbeat would meet the ended
+        // connections first)
+        .heartbeat_interval(Duration::from_secs(60))
         .start()
         .await
         .unwrap();
@@ -425,8 +430,22 @@ async fn a_start_on_connections_the_server_ended_while_idle_succeeds(pool: PgPoo
     .unwrap();
     assert!(ended >= 2, "only {ended} connections to end");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    for n in 0..4 {
-        rt.start::<Slow>(100 + n)
+    // a batch right away: its transaction meets the ended connections
+    rt.start_many::<Slow>(100..102)
+        .await
+        .expect("a batch after the terminations");
+    // once idle for a second, each start's connection is pinged first
+    sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                              WHERE datname = $1) t",
+    )
+    .bind(&db)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    for n in 102..104 {
+        rt.start::<Slow>(n)
             .await
             .expect("a start after the terminations");
     }

@@ -16,6 +16,9 @@ use crate::Error;
 /// How long a first connection may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A pool connection idle for this long is pinged before it is handed out.
+pub(crate) const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// Parses `url` and opens one connection to it within [`CONNECT_TIMEOUT`].
 pub(crate) async fn probe(url: &str) -> Result<(PgConnectOptions, PgConnection), Error> {
     let connect_error = |source| Error::Connect {
@@ -65,12 +68,20 @@ pub(crate) async fn pool(url: &str, max: u32, others: u32) -> Result<PgPool, Err
     PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(CONNECT_TIMEOUT)
-        // No ping before handing out a connection: it was pinged when it came back
-        // (sqlx always does), and a round trip per acquire is paid by every start
-        // and every flush (~0.2 ms here, where a start takes ~1 ms). A connection
-        // that broke while idle (a server restart) fails its first statement; the
-        // engine's loops retry, and `store::begin_generic` begins again on another.
+        // No ping before handing out a connection that was in use less than
+        // `PING_IF_IDLE_FOR` ago: it was pinged when it came back (sqlx always does),
+        // and a round trip per acquire is paid by every start and every flush (~0.2
+        // ms here, where a start takes ~1 ms). One idle for longer is pinged (a
+        // server restart ends connections that sit idle), and replaced if it broke.
         .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(opts)
         .await
         .map_err(|source| Error::Connect {

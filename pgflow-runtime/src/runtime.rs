@@ -245,9 +245,9 @@ impl Runtime {
     }
 
     /// The pool the runtime uses. When the runtime made it (from a database URL),
-    /// its connections are checked when they come back to it, not again when they
-    /// are handed out (a round trip less per use): one the server ended while it
-    /// sat idle fails its first statement.
+    /// its connections are checked when they come back to it, and again when they
+    /// are handed out only after a second or more idle (a round trip less per use
+    /// under load).
     pub fn pool(&self) -> &PgPool {
         &self.engine.pool
     }
@@ -262,11 +262,13 @@ impl Runtime {
         let def = W::definition();
         let json = serialize_input(def, &input)?;
         let key = W::key(&input);
-        let mut tx = crate::store::begin_generic(&self.engine.pool).await?;
+        // one statement, committed on its own (its plan is generic after a few
+        // executions on a connection: see `store::runs::start`)
+        let mut conn = self.engine.pool.acquire().await?;
         let (id, created) = self
-            .start_one(&mut tx, def, json, StartOptions::default(), key)
+            .start_one(&mut conn, def, json, StartOptions::default(), key)
             .await?;
-        tx.commit().await?;
+        drop(conn);
         // once committed: a claim woken earlier would not see the task yet
         self.engine.wake_queue(def.queue());
         Ok(self.handle(id, created))

@@ -158,9 +158,9 @@ pub(crate) async fn start(
 ) -> Result<Vec<i64>, sqlx::Error> {
     sqlx::query_scalar(concat!(
         "WITH u AS (
-             SELECT * FROM unnest($3::text[], $4::smallint[], $5::timestamptz[], $6::text[],
-                                  $17::bigint[], $18::text[], $19::int[], $20::text[],
-                                  $21::bigint[], $22::bigint[], $23::text[])
+             SELECT * FROM unnest((SELECT $3::text[]), (SELECT $4::smallint[]), (SELECT $5::timestamptz[]), (SELECT $6::text[]),
+                                  (SELECT $17::bigint[]), (SELECT $18::text[]), (SELECT $19::int[]), (SELECT $20::text[]),
+                                  (SELECT $21::bigint[]), (SELECT $22::bigint[]), (SELECT $23::text[]))
                  WITH ORDINALITY AS u(input, priority, run_at, key, parent_run_id, parent_step,
                                       parent_element, run_key, budget_cents, budget_tokens,
                                       debounce_key, ord)
@@ -194,15 +194,15 @@ pub(crate) async fn start(
                     $7::text AS queue, s.priority, s.max_attempts, r.run_at, s.delay_ms,
                     s.map_from, r.priority AS run_priority, s.waits_for, s.wait_ms,
                     CASE WHEN s.map_from < 0 THEN r.input END AS run_input, r.key AS run_key
-             FROM r CROSS JOIN unnest($8::smallint[], $9::smallint[], $10::int[], $11::smallint[],
-                                      $14::bigint[], $15::text[], $16::bigint[])
+             FROM r CROSS JOIN unnest((SELECT $8::smallint[]), (SELECT $9::smallint[]), (SELECT $10::int[]), (SELECT $11::smallint[]),
+                                      (SELECT $14::bigint[]), (SELECT $15::text[]), (SELECT $16::bigint[]))
                  AS s(step, priority, max_attempts, map_from, delay_ms, waits_for, wait_ms)
          ), ",
         enqueue_ctes!(),
         ", j AS (
              INSERT INTO pgflow.step_states (run_id, step, status, remaining)
              SELECT r.id, j.step, 'waiting', j.n
-             FROM r CROSS JOIN unnest($12::smallint[], $13::int[]) AS j(step, n)
+             FROM r CROSS JOIN unnest((SELECT $12::smallint[]), (SELECT $13::int[])) AS j(step, n)
          ), notified AS MATERIALIZED (
              SELECT ",
         notify_queue!("$7"),
