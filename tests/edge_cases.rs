@@ -356,24 +356,13 @@ async fn wait_outlives_a_database_outage(pool: PgPool) {
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The database goes away for 2 s: no new connection, every one terminated.
-    let db = pool
-        .connect_options()
-        .get_database()
-        .unwrap_or_default()
-        .to_owned();
-    let admin_url =
-        pgflow_suite::support::url_of(&(*pool.connect_options()).clone().database("postgres"));
-    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+    let (db, mut admin) = admin_of(&pool).await;
     let ident = format!("\"{}\"", db.replace('"', "\"\""));
     sqlx::query(&format!("ALTER DATABASE {ident} ALLOW_CONNECTIONS false"))
         .execute(&mut admin)
         .await
         .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&db)
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    end_connections(&mut admin, &db).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     sqlx::query(&format!("ALTER DATABASE {ident} ALLOW_CONNECTIONS true"))
         .execute(&mut admin)
@@ -412,22 +401,8 @@ async fn a_start_on_connections_the_server_ended_while_idle_succeeds(pool: PgPoo
     while let Some(done) = starts.join_next().await {
         done.unwrap().unwrap();
     }
-    let db = pool
-        .connect_options()
-        .get_database()
-        .unwrap_or_default()
-        .to_owned();
-    let admin_url =
-        pgflow_suite::support::url_of(&(*pool.connect_options()).clone().database("postgres"));
-    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
-    let ended: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                              WHERE datname = $1) t",
-    )
-    .bind(&db)
-    .fetch_one(&mut admin)
-    .await
-    .unwrap();
+    let (db, mut admin) = admin_of(&pool).await;
+    let ended = end_connections(&mut admin, &db).await;
     assert!(ended >= 2, "only {ended} connections to end");
     tokio::time::sleep(Duration::from_millis(100)).await;
     // a batch right away: its transaction meets the ended connections
@@ -435,14 +410,7 @@ async fn a_start_on_connections_the_server_ended_while_idle_succeeds(pool: PgPoo
         .await
         .expect("a batch after the terminations");
     // once idle for a second, each start's connection is pinged first
-    sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                              WHERE datname = $1) t",
-    )
-    .bind(&db)
-    .fetch_one(&mut admin)
-    .await
-    .unwrap();
+    end_connections(&mut admin, &db).await;
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     for n in 102..104 {
         rt.start::<Slow>(n)
@@ -455,6 +423,31 @@ async fn a_start_on_connections_the_server_ended_while_idle_succeeds(pool: PgPoo
         .unwrap();
     assert_eq!(started, 12);
     rt.shutdown().await.unwrap();
+}
+
+/// The name of the test's database, and a connection to the server's `postgres`
+/// database (which outlives what the test does to its own).
+async fn admin_of(pool: &PgPool) -> (String, sqlx::PgConnection) {
+    let db = pool
+        .connect_options()
+        .get_database()
+        .unwrap_or_default()
+        .to_owned();
+    let admin_url =
+        pgflow_suite::support::url_of(&(*pool.connect_options()).clone().database("postgres"));
+    (db, sqlx::PgConnection::connect(&admin_url).await.unwrap())
+}
+
+/// Ends every connection to database `db`; returns how many there were.
+async fn end_connections(admin: &mut sqlx::PgConnection, db: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                              WHERE datname = $1) t",
+    )
+    .bind(db)
+    .fetch_one(admin)
+    .await
+    .unwrap()
 }
 
 /// A fresh connection to the test's database (its pool's were ended).
