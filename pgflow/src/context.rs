@@ -270,17 +270,37 @@ impl CostMeter {
 /// ctx.add_cost_cents(5);
 /// assert_eq!(ctx.cost().total(), 5);
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct StepContext {
     run_id: RunId,
     workflow: &'static str,
     step: &'static str,
     attempt: u32,
     element: Option<usize>,
-    data: Arc<Data>,
-    cost: CostMeter,
-    cancel: CancelToken,
+    // What the builder does not get is made only when it is first needed: executors
+    // set all three, and three allocations per attempt were a tenth of a trivial
+    // step's cost in the in-process executor.
+    data: Option<Arc<Data>>,
+    cost: std::sync::OnceLock<CostMeter>,
+    cancel: Option<CancelToken>,
     transaction: Option<crate::Transaction>,
+}
+
+impl Clone for StepContext {
+    /// A clone shares the original's cost meter (made now if it was not yet).
+    fn clone(&self) -> Self {
+        Self {
+            run_id: self.run_id,
+            workflow: self.workflow,
+            step: self.step,
+            attempt: self.attempt,
+            element: self.element,
+            data: self.data.clone(),
+            cost: std::sync::OnceLock::from(self.cost().clone()),
+            cancel: self.cancel.clone(),
+            transaction: self.transaction.clone(),
+        }
+    }
 }
 
 impl StepContext {
@@ -293,9 +313,9 @@ impl StepContext {
             step,
             attempt: 1,
             element: None,
-            data: Arc::default(),
-            cost: CostMeter::new(),
-            cancel: CancelToken::new(),
+            data: None,
+            cost: std::sync::OnceLock::new(),
+            cancel: None,
             transaction: None,
         })
     }
@@ -337,7 +357,7 @@ impl StepContext {
     /// A permanent [`StepError`] naming the type when no such value was given (a
     /// setup mistake that no retry fixes).
     pub fn data<T: Send + Sync + 'static>(&self) -> Result<&T, StepError> {
-        self.data.get::<T>().ok_or_else(|| {
+        self.data.as_deref().and_then(Data::get::<T>).ok_or_else(|| {
             StepError::permanent(format!(
                 "no shared data of type `{}`: pass it with `.data(..)` when building the runtime or the execute options",
                 type_name::<T>()
@@ -347,7 +367,7 @@ impl StepContext {
 
     /// Adds `cents` to the run's cost (summed into `cost_cents` of its result).
     pub fn add_cost_cents(&self, cents: i64) {
-        self.cost.add(cents);
+        self.cost().add(cents);
     }
 
     /// Records what one call consumed: `model`'s tokens in and out and the cost in
@@ -364,18 +384,18 @@ impl StepContext {
     /// assert_eq!(ctx.cost().total(), 2);
     /// ```
     pub fn add_usage(&self, model: &str, tokens_in: u64, tokens_out: u64, cost_cents: i64) {
-        self.cost
+        self.cost()
             .add_usage(model, tokens_in, tokens_out, cost_cents);
     }
 
     /// The run's cost meter.
     pub fn cost(&self) -> &CostMeter {
-        &self.cost
+        self.cost.get_or_init(CostMeter::new)
     }
 
     /// Whether the run was cancelled.
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.cancel.as_ref().is_some_and(CancelToken::is_cancelled)
     }
 
     /// Returns a [`StepError::cancelled`] error if the run was cancelled, so a long
@@ -418,19 +438,19 @@ impl StepContextBuilder {
 
     /// Sets the shared data.
     pub fn data(mut self, data: Arc<Data>) -> Self {
-        self.0.data = data;
+        self.0.data = Some(data);
         self
     }
 
     /// Shares a cost meter (all steps of a run share one).
     pub fn cost(mut self, cost: CostMeter) -> Self {
-        self.0.cost = cost;
+        self.0.cost = std::sync::OnceLock::from(cost);
         self
     }
 
     /// Shares a cancel token (all steps of a run share one).
     pub fn cancel(mut self, cancel: CancelToken) -> Self {
-        self.0.cancel = cancel;
+        self.0.cancel = Some(cancel);
         self
     }
 
@@ -443,5 +463,35 @@ impl StepContextBuilder {
     /// The context.
     pub fn build(self) -> StepContext {
         self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_context_built_without_parts_makes_them_when_needed_and_clones_share_them() {
+        let ctx = StepContext::builder("wf", "step").build();
+        assert!(!ctx.is_cancelled());
+        assert!(ctx.data::<u8>().unwrap_err().is_permanent());
+        // a clone made before any cost was reported still shares the meter
+        let clone = ctx.clone();
+        clone.add_cost_cents(3);
+        ctx.add_usage("m", 1, 2, 4);
+        assert_eq!(ctx.cost().total(), 7);
+        assert_eq!(clone.cost().total(), 7);
+        assert_eq!(clone.cost().tokens(), (1, 2));
+        // given parts are used as they are
+        let cancel = CancelToken::new();
+        let meter = CostMeter::new();
+        let given = StepContext::builder("wf", "step")
+            .cancel(cancel.clone())
+            .cost(meter.clone())
+            .build();
+        given.add_cost_cents(5);
+        cancel.cancel();
+        assert!(given.is_cancelled());
+        assert_eq!(meter.total(), 5);
     }
 }
