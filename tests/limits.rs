@@ -57,6 +57,22 @@ impl Billed {
     }
 }
 
+/// Waits out the end of the current `period_secs` window (windows are aligned to
+/// multiples of the period since the epoch, as the server's clock says) when it is
+/// less than `margin_secs` away: a test that fills a window and then expects to be
+/// held by it must not see the window roll over halfway (at the top of the hour,
+/// or at midnight for a daily one).
+async fn clear_of_window_end(period_secs: u64, margin_secs: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let into = now.as_secs_f64() % period_secs as f64;
+    let left = period_secs as f64 - into;
+    if left < margin_secs as f64 {
+        tokio::time::sleep(Duration::from_secs_f64(left + 1.0)).await;
+    }
+}
+
 async fn runtime(pool: &PgPool, starts: Arc<Starts>) -> Runtime {
     Runtime::builder()
         .pool(pool.clone())
@@ -109,6 +125,7 @@ async fn a_requests_limit_spreads_attempts_over_windows(pool: PgPool) {
 
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
 async fn a_tokens_limit_holds_against_reported_usage(pool: PgPool) {
+    clear_of_window_end(3_600, 60).await;
     let rt = runtime(&pool, Arc::default()).await;
     // one at a time: each reserves 100 and settles to 600
     for n in 0..2 {
@@ -146,6 +163,7 @@ async fn a_tokens_limit_holds_against_reported_usage(pool: PgPool) {
 
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
 async fn a_budget_per_key_and_period_fails_only_that_key(pool: PgPool) {
+    clear_of_window_end(86_400, 60).await;
     let rt = runtime(&pool, Arc::default()).await;
     for n in 0..2 {
         let run = rt.start::<Billed>(("acme".to_owned(), n)).await.unwrap();
