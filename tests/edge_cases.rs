@@ -418,7 +418,7 @@ async fn a_start_on_connections_the_server_ended_while_idle_succeeds(pool: PgPoo
             .expect("a start after the terminations");
     }
     let started: i64 = sqlx::query_scalar("SELECT count(*) FROM pgflow.runs")
-        .fetch_one(&mut admin_db(&pool).await)
+        .fetch_one(&pool)
         .await
         .unwrap();
     assert_eq!(started, 12);
@@ -448,13 +448,6 @@ async fn end_connections(admin: &mut sqlx::PgConnection, db: &str) -> i64 {
     .fetch_one(admin)
     .await
     .unwrap()
-}
-
-/// A fresh connection to the test's database (its pool's were ended).
-async fn admin_db(pool: &PgPool) -> sqlx::PgConnection {
-    sqlx::PgConnection::connect(&pgflow_suite::support::url_of(&pool.connect_options()))
-        .await
-        .unwrap()
 }
 
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]

@@ -259,19 +259,11 @@ impl Runtime {
     ///
     /// [`Error::InvalidInput`] when the input does not serialize; database errors.
     pub async fn start<W: Workflow>(&self, input: W::Input) -> Result<RunHandle<W::Output>, Error> {
-        let def = W::definition();
-        let json = serialize_input(def, &input)?;
-        let key = W::key(&input);
         // one statement, committed on its own (its plan is generic after a few
         // executions on a connection: see `store::runs::start`)
         let mut conn = self.engine.pool.acquire().await?;
-        let (id, created) = self
-            .start_one(&mut conn, def, json, StartOptions::default(), key)
-            .await?;
-        drop(conn);
-        // once committed: a claim woken earlier would not see the task yet
-        self.engine.wake_queue(def.queue());
-        Ok(self.handle(id, created))
+        self.start_with::<W>(&mut conn, input, StartOptions::default())
+            .await
     }
 
     /// Starts a run on `conn` — typically inside the caller's transaction, so the run
@@ -391,18 +383,7 @@ impl Runtime {
                 .await;
         }
         let mut runs = runs::NewRuns::default();
-        runs.push(
-            input,
-            runs::RunOptions {
-                priority: options.priority,
-                run_at: options.run_at,
-                idempotency_key: options.idempotency_key.clone(),
-                key,
-                budget_cents: options.budget_cents,
-                budget_tokens: options.budget_tokens,
-                debounce_key: None,
-            },
-        );
+        runs.push(input, run_options(&options, key));
         if let Some(&id) = self.insert(conn, def, &runs).await?.first() {
             return Ok((RunId(id), true));
         }
@@ -463,13 +444,10 @@ impl Runtime {
         runs.push(
             input,
             runs::RunOptions {
-                priority: options.priority,
                 run_at: Some(run_at),
                 idempotency_key: None,
-                key,
-                budget_cents: options.budget_cents,
-                budget_tokens: options.budget_tokens,
                 debounce_key: Some(debounce_key),
+                ..run_options(&options, key)
             },
         );
         let ids = self.insert(&mut tx, def, &runs).await?;
@@ -938,4 +916,17 @@ pub async fn signal_in<W: Workflow, T: serde::Serialize>(
         ),
     })?;
     crate::admin::send_json(db, run, signal.name(), &json).await
+}
+
+/// What a start's options ask of the run it inserts (its run key `key` resolved).
+fn run_options(options: &StartOptions, key: Option<String>) -> runs::RunOptions {
+    runs::RunOptions {
+        priority: options.priority,
+        run_at: options.run_at,
+        idempotency_key: options.idempotency_key.clone(),
+        key,
+        budget_cents: options.budget_cents,
+        budget_tokens: options.budget_tokens,
+        debounce_key: None,
+    }
 }
