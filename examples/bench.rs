@@ -1039,6 +1039,9 @@ async fn sustained(duration: u64, concurrency: usize, prune_after: Option<u64>) 
 struct Tenants {
     /// B's start -> first-step latencies (ms, sorted).
     first_step_ms: Vec<f64>,
+    /// B's start -> first-step latencies (ms, sorted) of the runs started after A's
+    /// last start, while A's backlog drained.
+    draining_ms: Vec<f64>,
     /// How long B's start calls took (ms, sorted).
     start_ms: Vec<f64>,
     /// A's throughput.
@@ -1073,7 +1076,7 @@ async fn tenants(a: u64, concurrency: usize, fair: bool) -> BenchResult<Tenants>
                     .await?;
                 next = end;
             }
-            Ok::<_, pgflow_runtime::Error>(())
+            Ok::<_, pgflow_runtime::Error>(Instant::now())
         })
     };
     // B: one run every 10 ms until A is done (at least 200 of them)
@@ -1093,7 +1096,7 @@ async fn tenants(a: u64, concurrency: usize, fair: bool) -> BenchResult<Tenants>
         i += 1;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    producer.await.map_err(|e| e.to_string())??;
+    let enqueued = producer.await.map_err(|e| e.to_string())??;
     wait_finished(&rt, a + i).await;
     // A's throughput: its runs over the time to its last step; B's latencies: the
     // runs started while A still had work (all of them when A has none)
@@ -1108,9 +1111,17 @@ async fn tenants(a: u64, concurrency: usize, fair: bool) -> BenchResult<Tenants>
         .collect();
     ms.sort_by(f64::total_cmp);
     start_ms.sort_by(f64::total_cmp);
+    // the same, for B's runs started after A's last start (A's backlog draining)
+    let mut draining: Vec<f64> = b_starts
+        .iter()
+        .filter(|(_, at)| *at >= enqueued && (a == 0 || *at < a_done))
+        .filter_map(|(k, at)| Some(seen.get(k)?.duration_since(*at).as_secs_f64() * 1e3))
+        .collect();
+    draining.sort_by(f64::total_cmp);
     rt.shutdown().await?;
     Ok(Tenants {
         first_step_ms: ms,
+        draining_ms: draining,
         start_ms,
         a_runs_per_sec: a as f64 / secs.max(1e-9),
     })
@@ -1127,7 +1138,7 @@ async fn fairness(a: u64, concurrency: usize) -> BenchResult<()> {
     let (fair, fifo) = (&fair_run.first_step_ms, &fifo_run.first_step_ms);
     let p = |v: &[f64], q| percentile(v, q);
     println!(
-        "BENCH scenario=fairness a_runs={a} b_runs={} plain_chain1_runs_per_sec={plain:.0} a_fair_runs_per_sec={a_fair:.0} a_over_plain={:.2} b_alone_p50_ms={:.2} b_alone_p99_ms={:.2} b_fair_p50_ms={:.2} b_fair_p99_ms={:.2} fair_p99_over_alone={:.2} b_alone_start_call_p50_ms={:.2} b_fair_start_call_p50_ms={:.2} b_fair_start_call_p99_ms={:.2} b_fifo_p50_ms={:.1} b_fifo_p99_ms={:.1} a_fifo_runs_per_sec={a_fifo:.0}",
+        "BENCH scenario=fairness a_runs={a} b_runs={} plain_chain1_runs_per_sec={plain:.0} a_fair_runs_per_sec={a_fair:.0} a_over_plain={:.2} b_alone_p50_ms={:.2} b_alone_p99_ms={:.2} b_fair_p50_ms={:.2} b_fair_p99_ms={:.2} fair_p99_over_alone={:.2} b_alone_start_call_p50_ms={:.2} b_fair_start_call_p50_ms={:.2} b_fair_start_call_p99_ms={:.2} b_fair_draining_runs={} b_fair_draining_p50_ms={:.2} b_fair_draining_p99_ms={:.2} b_fifo_p50_ms={:.1} b_fifo_p99_ms={:.1} a_fifo_runs_per_sec={a_fifo:.0}",
         fair.len(),
         a_fair / plain,
         p(&alone.first_step_ms, 0.5),
@@ -1138,6 +1149,9 @@ async fn fairness(a: u64, concurrency: usize) -> BenchResult<()> {
         p(&alone.start_ms, 0.5),
         p(&fair_run.start_ms, 0.5),
         p(&fair_run.start_ms, 0.99),
+        fair_run.draining_ms.len(),
+        p(&fair_run.draining_ms, 0.5),
+        p(&fair_run.draining_ms, 0.99),
         p(fifo, 0.5),
         p(fifo, 0.99),
     );

@@ -81,6 +81,22 @@ pub(crate) struct Loops {
     others: Vec<JoinHandle<()>>,
 }
 
+/// The wake-ups of one queue's claimers: tasks may be due.
+#[derive(Debug, Default)]
+pub(crate) struct Wakers {
+    /// The claimer's.
+    pub(crate) claim: Notify,
+    /// A fair queue's express claim (see `claimer::express`).
+    pub(crate) express: Notify,
+}
+
+impl Wakers {
+    fn wake(&self) {
+        self.claim.notify_one();
+        self.express.notify_one();
+    }
+}
+
 /// The state shared by a runtime's loops and its API.
 #[derive(Debug)]
 pub(crate) struct Engine {
@@ -91,7 +107,7 @@ pub(crate) struct Engine {
     pub(crate) config: Config,
     /// Served queues and their concurrency.
     pub(crate) queues: Vec<(String, usize)>,
-    wakers: HashMap<String, Arc<Notify>>,
+    wakers: HashMap<String, Arc<Wakers>>,
     pub(crate) completions: mpsc::UnboundedSender<FlushMsg>,
     shutdown: watch::Sender<bool>,
     /// Callers of `RunHandle::wait`, woken when their run finishes here; each entry
@@ -142,7 +158,7 @@ impl Engine {
             .max(1);
         let wakers = queues
             .iter()
-            .map(|(q, _)| (q.clone(), Arc::new(Notify::new())))
+            .map(|(q, _)| (q.clone(), Arc::new(Wakers::default())))
             .collect();
         let engine = Arc::new(Self {
             pool,
@@ -255,22 +271,19 @@ impl Engine {
         self.shutdown.subscribe()
     }
 
-    pub(crate) fn waker(&self, queue: &str) -> Arc<Notify> {
-        self.wakers
-            .get(queue)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(Notify::new()))
+    pub(crate) fn waker(&self, queue: &str) -> Arc<Wakers> {
+        self.wakers.get(queue).cloned().unwrap_or_default()
     }
 
     pub(crate) fn wake_queue(&self, queue: &str) {
         if let Some(w) = self.wakers.get(queue) {
-            w.notify_one();
+            w.wake();
         }
     }
 
     pub(crate) fn wake_all(&self) {
         for w in self.wakers.values() {
-            w.notify_one();
+            w.wake();
         }
     }
 
