@@ -114,7 +114,7 @@ pub(crate) struct Catalog {
 }
 
 /// Arrays bound to the claim statement (see `store::tasks::claim`), one entry per
-/// step (or per edge) of every registered workflow.
+/// step of every registered workflow.
 #[derive(Debug, Default)]
 pub(crate) struct ClaimParams {
     pub(crate) step_workflow: Vec<&'static str>,
@@ -125,10 +125,9 @@ pub(crate) struct ClaimParams {
     /// For the element tasks of a map step: whether a parameter other than the
     /// element takes the run input.
     pub(crate) step_element_needs_input: Vec<bool>,
-    pub(crate) edge_workflow: Vec<&'static str>,
-    pub(crate) edge_version: Vec<i32>,
-    pub(crate) edge_step: Vec<i16>,
-    pub(crate) edge_parent: Vec<i16>,
+    /// The step's parents (step indexes), comma-separated: one text per step, as
+    /// Postgres has no arrays of arrays of different lengths.
+    pub(crate) step_parents: Vec<String>,
 }
 
 impl Catalog {
@@ -152,12 +151,12 @@ impl Catalog {
                 };
                 c.step_needs_input.push(reads_input(None));
                 c.step_element_needs_input.push(reads_input(element));
-                for &p in s.parents() {
-                    c.edge_workflow.push(def.name());
-                    c.edge_version.push(version);
-                    c.edge_step.push(step_i16(s.index()));
-                    c.edge_parent.push(step_i16(p));
-                }
+                let parents: Vec<String> = s
+                    .parents()
+                    .iter()
+                    .map(|&p| step_i16(p).to_string())
+                    .collect();
+                c.step_parents.push(parents.join(","));
             }
             catalog
                 .flows

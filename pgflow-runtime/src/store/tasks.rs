@@ -293,36 +293,39 @@ macro_rules! claim_sql {
     ($pick:expr) => {
         concat!(
         "
-WITH steps AS (
-    SELECT * FROM unnest($5::text[], $6::int[], $7::smallint[], $8::bigint[], $9::bool[],
-                         $14::bool[])
-        AS s(workflow, version, step, lease_ms, needs_input, element_needs_input)
-), edges AS (
-    SELECT * FROM unnest($10::text[], $11::int[], $12::smallint[], $13::smallint[])
-        AS e(workflow, version, step, parent)
+WITH steps AS MATERIALIZED (
+    -- each step's parents as an array once per claim, not an edge list scanned per task
+    SELECT s.workflow, s.version, s.step, s.lease_ms, s.needs_input, s.element_needs_input,
+           string_to_array(NULLIF(s.parents, ''), ',')::smallint[] AS parents
+    FROM unnest($5::text[], $6::int[], $7::smallint[], $8::bigint[], $9::bool[],
+                $11::bool[], $10::text[])
+        AS s(workflow, version, step, lease_ms, needs_input, element_needs_input, parents)
 ), claimed AS (
+    -- the lease by a hash join with `steps`, not a scan of it per task; a task of a
+    -- step this runtime does not know is not claimed (the pick takes only tasks of
+    -- workflow versions it knows)
     UPDATE pgflow.tasks t
     SET claimed_by = $1,
         claim_token = $2,
         claimed_at = now(),
-        lease_until = now() + interval '1 millisecond' * COALESCE(
-            (SELECT s.lease_ms FROM steps s
-             WHERE s.workflow = t.workflow AND s.version = t.version AND s.step = t.step),
-            60000)
+        lease_until = now() + interval '1 millisecond' * s.lease_ms
+    FROM steps s
     -- The ids are locked once, in claim order, by an uncorrelated ARRAY(..) (an
     -- InitPlan, run once). Inside `WHERE id IN (SELECT .. LIMIT n FOR UPDATE SKIP
     -- LOCKED)` the planner may re-run the subquery per row, and each re-run skips
     -- the rows this statement already updated and locks the next n: one claim then
     -- takes thousands of tasks (seen here under load).
     WHERE t.id = ANY (ARRAY(", $pick, "))
+      AND s.workflow = t.workflow AND s.version = t.version AND s.step = t.step
     RETURNING t.id, t.run_id, t.step, t.workflow, t.version, t.attempt, t.errors, t.element,
-              t.item, t.snoozes, t.waits_for, t.child_run_id, t.key, t.run_at
+              t.item, t.snoozes, t.waits_for, t.child_run_id, t.key, t.run_at,
+              s.needs_input, s.element_needs_input, s.parents
 )
 SELECT c.id AS task_id, c.run_id, c.step, c.workflow, c.version, c.attempt, c.snoozes,
        EXTRACT(EPOCH FROM (now() - c.run_at))::float8 AS wait_secs,
        c.child_run_id, c.key, r.trace_context, (r.budget_cents IS NOT NULL OR r.budget_tokens IS NOT NULL) AS budgeted,
        c.errors::text AS errors, r.status AS run_status,
-       CASE WHEN CASE WHEN c.element IS NULL THEN s.needs_input ELSE s.element_needs_input END
+       CASE WHEN CASE WHEN c.element IS NULL THEN c.needs_input ELSE c.element_needs_input END
             THEN r.input::text END AS input,
        p.steps AS parent_steps, p.outputs AS parent_outputs, c.element, c.item::text AS item,
        -- a task waiting for a signal (only): the accepted one's payload, by the unique
@@ -333,15 +336,14 @@ SELECT c.id AS task_id, c.run_id, c.step, c.workflow, c.version, c.attempt, c.sn
        END AS signal
 FROM claimed c
 JOIN pgflow.runs r ON r.id = c.run_id
-LEFT JOIN steps s ON s.workflow = c.workflow AND s.version = c.version AND s.step = c.step
 LEFT JOIN LATERAL (
+    -- a root step (no parents) or an element task reads no step state
     SELECT array_agg(ss.step) AS steps, array_agg(ss.output::text) AS outputs
     FROM pgflow.step_states ss
-    WHERE c.element IS NULL
+    WHERE c.element IS NULL AND c.parents IS NOT NULL
       AND ss.run_id = c.run_id
+      AND ss.step = ANY (c.parents)
       AND ss.status IN ('completed', 'skipped')
-      AND ss.step IN (SELECT e.parent FROM edges e
-                      WHERE e.workflow = c.workflow AND e.version = c.version AND e.step = c.step)
 ) p ON true")
     };
 }
@@ -365,8 +367,8 @@ macro_rules! fifo_pick {
 }
 
 /// The claim's pick in a fair queue: round robin across run keys. The keys with due
-/// tasks are enumerated in rotation from the claimer's cursor `$15` (the last key it
-/// served: those below it, downwards, then from the last down to it; at most `$16` of
+/// tasks are enumerated in rotation from the claimer's cursor `$12` (the last key it
+/// served: those below it, downwards, then from the last down to it; at most `$13` of
 /// them) by skipping through `tasks_available_by_key` (one probe per key, entering
 /// each key's range from its live end however long its drained backlog); each key offers an equal share of the batch (its own order:
 /// priority, due time, id), and the picks are taken in rounds (every key's first,
@@ -381,7 +383,7 @@ macro_rules! fair_pick {
             -- keys below the cursor, downwards: a key's range is entered from its
             -- newest (live) end, not through the dead entries of its drained front
             (SELECT a.key FROM pgflow.tasks a
-             WHERE a.queue = $3 AND a.key < $15 AND a.key IS NOT NULL
+             WHERE a.queue = $3 AND a.key < $12 AND a.key IS NOT NULL
                AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
              ORDER BY a.key DESC LIMIT 1)
             UNION ALL
@@ -393,28 +395,28 @@ macro_rules! fair_pick {
         ), w AS (
             -- the rotation wraps around: the keys from the last down to the cursor
             (SELECT a.key FROM pgflow.tasks a
-             WHERE a.queue = $3 AND a.key IS NOT NULL AND a.key >= $15
+             WHERE a.queue = $3 AND a.key IS NOT NULL AND a.key >= $12
                AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
              ORDER BY a.key DESC LIMIT 1)
             UNION ALL
             SELECT (SELECT a.key FROM pgflow.tasks a
-                    WHERE a.queue = $3 AND a.key < w.key AND a.key >= $15
+                    WHERE a.queue = $3 AND a.key < w.key AND a.key >= $12
                       AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
                     ORDER BY a.key DESC LIMIT 1)
             FROM w WHERE w.key IS NOT NULL
         ), keys0 AS MATERIALIZED (
-            -- with a key limit `$17`: only keys with a free slot, each offering at
+            -- with a key limit `$14`: only keys with a free slot, each offering at
             -- most its free slots (`room`; the claim then takes the slots for real)
             SELECT r.key, r.part,
-                   CASE WHEN $17::int IS NOT NULL THEN $17 - COALESCE(s.running, 0) END AS room
+                   CASE WHEN $14::int IS NOT NULL THEN $14 - COALESCE(s.running, 0) END AS room
             FROM (SELECT key, 1 AS part FROM k WHERE key IS NOT NULL
                   UNION ALL
                   SELECT key, 2 FROM w WHERE key IS NOT NULL) r
-            LEFT JOIN pgflow.key_slots s ON $17::int IS NOT NULL AND s.queue = $3 AND s.key = r.key
-            WHERE ($17::int IS NULL OR $17 - COALESCE(s.running, 0) > 0)
+            LEFT JOIN pgflow.key_slots s ON $14::int IS NOT NULL AND s.queue = $3 AND s.key = r.key
+            WHERE ($14::int IS NULL OR $14 - COALESCE(s.running, 0) > 0)
               -- an instance declared dead claims nothing until it heartbeats again
               AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
-            LIMIT $16
+            LIMIT $13
         ), keys AS MATERIALIZED (
             -- each key's place in the rotation: below the cursor first, downwards
             SELECT key, room, row_number() OVER (ORDER BY part, key DESC) AS ord FROM keys0
@@ -443,7 +445,7 @@ macro_rules! fair_pick {
         ), keyless AS (
             -- tasks without a key: the room the keys left, from the head of the queue
             SELECT b.id, row_number() OVER (ORDER BY b.priority DESC, b.run_at, b.id) AS rn,
-                   $16 + 1 AS ord, b.priority, b.run_at
+                   $13 + 1 AS ord, b.priority, b.run_at
             FROM (SELECT a.id, a.priority, a.run_at FROM pgflow.tasks a
                   WHERE a.id IN (SELECT h.id FROM pgflow.tasks h
                                  WHERE h.queue = $3 AND h.claimed_by IS NULL AND NOT h.parked
@@ -462,8 +464,8 @@ macro_rules! fair_pick {
 }
 
 pub(crate) const CLAIM_SQL: &str = claim_sql!(fifo_pick!());
-/// The claim of a fair queue (see [`fair_pick!`]); also binds `$15` (the cursor
-/// key), `$16` (the most keys one claim serves) and `$17` (the key limit, or NULL).
+/// The claim of a fair queue (see [`fair_pick!`]); also binds `$12` (the cursor
+/// key), `$13` (the most keys one claim serves) and `$14` (the key limit, or NULL).
 pub(crate) const FAIR_CLAIM_SQL: &str = claim_sql!(fair_pick!());
 
 /// `EXPLAIN` of [`CLAIM_SQL`].
@@ -515,10 +517,7 @@ fn claim_query<'q>(
         .bind(&c.step_index)
         .bind(&c.step_lease_ms)
         .bind(&c.step_needs_input)
-        .bind(&c.edge_workflow)
-        .bind(&c.edge_version)
-        .bind(&c.edge_step)
-        .bind(&c.edge_parent)
+        .bind(&c.step_parents)
         .bind(&c.step_element_needs_input);
     match req.fair {
         Some((cursor, keys)) => query.bind(cursor).bind(keys).bind(req.key_limit),
