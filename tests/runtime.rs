@@ -704,6 +704,9 @@ async fn claim_plans_do_not_depend_on_stale_statistics(pool: PgPool) {
             assert!(!plan.contains(whole), "fair: {fair}, {whole}:\n{plan}");
         }
         assert!(plan.contains("LockRows"), "{plan}");
+        // a task's workflow version is looked up in a hash, not by a nested loop
+        // over every version the runtime knows, per task
+        assert!(plan.contains("hashed SubPlan"), "fair: {fair}:\n{plan}");
         if fair {
             // a key's picks come from its own range of the key index, not from a
             // walk through every other key's tasks

@@ -359,7 +359,10 @@ macro_rules! fifo_pick {
           -- an instance declared dead claims nothing until it heartbeats again
           AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
           AND a.run_at <= now()
-          AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
+          -- a hashed subplan, one probe per task: `IS TRUE` keeps the planner from
+          -- making the IN a semi-join, which it runs as a nested loop over every
+          -- known workflow version per task (measured: a fifth of the pick)
+          AND ((a.workflow, a.version) IN (SELECT workflow, version FROM steps)) IS TRUE
         ORDER BY a.priority DESC, a.run_at, a.id
         LIMIT $4
         FOR UPDATE SKIP LOCKED"
@@ -433,7 +436,8 @@ macro_rules! fair_pick {
                 FROM (SELECT a.id, a.priority, a.run_at FROM pgflow.tasks a
                       WHERE a.queue = $3 AND a.key = keys.key
                         AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
-                        AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
+                        -- a hashed subplan (see `fifo_pick!`)
+                        AND ((a.workflow, a.version) IN (SELECT workflow, version FROM steps)) IS TRUE
                       ORDER BY a.priority DESC, a.run_at, a.id
                       -- two shares: a key with fewer due tasks leaves its room to
                       -- the others (the batch still takes every key's first in
@@ -454,7 +458,7 @@ macro_rules! fair_pick {
                                  LIMIT GREATEST(0, $4 - (SELECT count(*) FROM keyed)))
                     AND a.key IS NULL
                     AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
-                    AND (a.workflow, a.version) IN (SELECT DISTINCT workflow, version FROM steps)
+                    AND ((a.workflow, a.version) IN (SELECT workflow, version FROM steps)) IS TRUE
                   FOR UPDATE SKIP LOCKED) b
         )
         -- in rounds; in a round, keys in rotation order (keyless tasks last)
