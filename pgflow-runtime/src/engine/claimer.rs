@@ -9,7 +9,7 @@
 //! concurrency.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Semaphore;
 use tracing::warn;
@@ -40,8 +40,9 @@ struct Queue {
     slots: Arc<Semaphore>,
     /// A fair queue: at most this many running tasks per key.
     key_limit: Option<i32>,
-    /// The claimer is in a claim statement (see [`express`]).
-    claiming: AtomicBool,
+    /// Counts the claimer's claims, twice each: odd while it is in one (see
+    /// [`express`]).
+    claims: AtomicU64,
 }
 
 impl Queue {
@@ -117,7 +118,7 @@ pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) 
         slots: Arc::new(Semaphore::new(concurrency)),
         name: queue,
         key_limit,
-        claiming: AtomicBool::new(false),
+        claims: AtomicU64::new(0),
         engine,
     });
     let express = fair.then(|| tokio::spawn(express(Arc::clone(&q))));
@@ -157,9 +158,9 @@ pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) 
                 }
             },
         };
-        q.claiming.store(true, Ordering::Release);
+        q.claims.fetch_add(1, Ordering::Release);
         let claimed = q.claim(c, limit, fair.then_some(&mut cursor)).await;
-        q.claiming.store(false, Ordering::Release);
+        q.claims.fetch_add(1, Ordering::Release);
         match claimed {
             Ok(got) => {
                 backoff.reset();
@@ -194,13 +195,17 @@ pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) 
 /// at once (at most [`EXPRESS_BATCH`], round robin across keys from a rotation of its
 /// own) instead of leaving them to the claim after the one under way. So a key's
 /// first task, started while another key's backlog keeps the claimer busy, waits for
-/// one small claim, not for one and a half full ones. One express claim per wake-up,
-/// none while the claimer is idle (the wake-up reaches it too).
+/// one small claim, not for one and a half full ones. At most one express claim per
+/// claim of the claimer (more would pay a claim's fixed cost for little: a start
+/// every millisecond would make them a second claimer), none while the claimer is
+/// idle (the wake-up reaches it too).
 async fn express(q: Arc<Queue>) {
     let waker = q.engine.waker(&q.name);
     let mut shutdown = q.engine.shutdown_rx();
     let mut conn = None;
     let mut cursor = String::new();
+    // the claimer's claim during which this one last claimed
+    let mut served = 0;
     loop {
         tokio::select! {
             _ = waker.express.notified() => {}
@@ -210,9 +215,12 @@ async fn express(q: Arc<Queue>) {
             break;
         }
         let limit = q.slots.available_permits().min(EXPRESS_BATCH);
-        if limit == 0 || !q.claiming.load(Ordering::Acquire) {
+        let claim = q.claims.load(Ordering::Acquire);
+        // not while the claimer is idle, nor twice during one claim of it
+        if limit == 0 || claim % 2 == 0 || claim == served {
             continue;
         }
+        served = claim;
         let c = match &mut conn {
             Some(c) => c,
             None => match tasks::claim_connection(&q.engine.pool).await {
