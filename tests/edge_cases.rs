@@ -723,3 +723,34 @@ async fn outputs_adding_up_to_over_a_gib_finishing_together_are_all_stored(pool:
     );
     rt.shutdown().await.unwrap();
 }
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn tasks_of_a_step_the_version_does_not_have_do_not_block_the_queue(pool: PgPool) {
+    // Tasks written by hand (or by a bug) for step 7 of a one-step workflow version,
+    // due long before anything else: the claim must not take them (it could not run
+    // them) nor let them fill its batches (the queue would stall behind them).
+    let rt = worker(&pool).await;
+    let first = within(20, rt.start::<Echo>(1)).await.unwrap();
+    assert_eq!(within(20, first.wait()).await.unwrap(), "x");
+    sqlx::query(
+        "INSERT INTO pgflow.tasks (run_id, step, workflow, version, queue, max_attempts, run_at)
+         SELECT $1, 7, r.workflow, r.version, 'edge', 3, now() - interval '1 hour'
+         FROM pgflow.runs r, generate_series(1, 20) WHERE r.id = $1",
+    )
+    .bind(first.id().0)
+    .execute(&pool)
+    .await
+    .unwrap();
+    for n in 2..7 {
+        let run = within(20, rt.start::<Echo>(n)).await.unwrap();
+        assert_eq!(within(20, run.wait()).await.unwrap(), "x".repeat(n));
+    }
+    let untouched: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgflow.tasks WHERE step = 7 AND claimed_by IS NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(untouched, 20);
+    rt.shutdown().await.unwrap();
+}

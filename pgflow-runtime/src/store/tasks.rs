@@ -301,9 +301,8 @@ WITH steps AS MATERIALIZED (
                 $11::bool[], $10::text[])
         AS s(workflow, version, step, lease_ms, needs_input, element_needs_input, parents)
 ), claimed AS (
-    -- the lease by a hash join with `steps`, not a scan of it per task; a task of a
-    -- step this runtime does not know is not claimed (the pick takes only tasks of
-    -- workflow versions it knows)
+    -- the lease by a hash join with `steps`, not a scan of it per task (the pick
+    -- takes only tasks of steps this runtime knows, so every task finds its step)
     UPDATE pgflow.tasks t
     SET claimed_by = $1,
         claim_token = $2,
@@ -359,10 +358,12 @@ macro_rules! fifo_pick {
           -- an instance declared dead claims nothing until it heartbeats again
           AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
           AND a.run_at <= now()
+          -- only steps this runtime knows (a task of another version, or of a step
+          -- index its version does not have, is left to the instances that do);
           -- a hashed subplan, one probe per task: `IS TRUE` keeps the planner from
           -- making the IN a semi-join, which it runs as a nested loop over every
-          -- known workflow version per task (measured: a fifth of the pick)
-          AND ((a.workflow, a.version) IN (SELECT workflow, version FROM steps)) IS TRUE
+          -- known step per task (measured: a fifth of the pick)
+          AND ((a.workflow, a.version, a.step) IN (SELECT workflow, version, step FROM steps)) IS TRUE
         ORDER BY a.priority DESC, a.run_at, a.id
         LIMIT $4
         FOR UPDATE SKIP LOCKED"
@@ -437,7 +438,7 @@ macro_rules! fair_pick {
                       WHERE a.queue = $3 AND a.key = keys.key
                         AND a.claimed_by IS NULL AND NOT a.parked AND a.run_at <= now()
                         -- a hashed subplan (see `fifo_pick!`)
-                        AND ((a.workflow, a.version) IN (SELECT workflow, version FROM steps)) IS TRUE
+                        AND ((a.workflow, a.version, a.step) IN (SELECT workflow, version, step FROM steps)) IS TRUE
                       ORDER BY a.priority DESC, a.run_at, a.id
                       -- two shares: a key with fewer due tasks leaves its room to
                       -- the others (the batch still takes every key's first in
@@ -458,7 +459,7 @@ macro_rules! fair_pick {
                                  LIMIT GREATEST(0, $4 - (SELECT count(*) FROM keyed)))
                     AND a.key IS NULL
                     AND EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = $1 AND i.status = 'online')
-                    AND ((a.workflow, a.version) IN (SELECT workflow, version FROM steps)) IS TRUE
+                    AND ((a.workflow, a.version, a.step) IN (SELECT workflow, version, step FROM steps)) IS TRUE
                   FOR UPDATE SKIP LOCKED) b
         )
         -- in rounds; in a round, keys in rotation order (keyless tasks last)
