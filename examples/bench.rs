@@ -1104,20 +1104,20 @@ async fn tenants(a: u64, concurrency: usize, fair: bool) -> BenchResult<Tenants>
         started.1 + Duration::from_micros(started.2.load(std::sync::atomic::Ordering::Relaxed));
     let secs = a_done.duration_since(t0).as_secs_f64();
     let seen = started.0.lock().map_err(|_| "poisoned")?.clone();
-    let mut ms: Vec<f64> = b_starts
-        .iter()
-        .filter(|(_, at)| a == 0 || *at < a_done)
-        .filter_map(|(k, at)| Some(seen.get(k)?.duration_since(*at).as_secs_f64() * 1e3))
-        .collect();
-    ms.sort_by(f64::total_cmp);
+    // B's latencies (ms, sorted) of the runs started from `from` on while A had work
+    let latencies = |from: Instant| {
+        let mut ms: Vec<f64> = b_starts
+            .iter()
+            .filter(|(_, at)| *at >= from && (a == 0 || *at < a_done))
+            .filter_map(|(k, at)| Some(seen.get(k)?.duration_since(*at).as_secs_f64() * 1e3))
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        ms
+    };
+    let ms = latencies(t0);
+    // the runs started after A's last start (A's backlog draining)
+    let draining = latencies(enqueued);
     start_ms.sort_by(f64::total_cmp);
-    // the same, for B's runs started after A's last start (A's backlog draining)
-    let mut draining: Vec<f64> = b_starts
-        .iter()
-        .filter(|(_, at)| *at >= enqueued && (a == 0 || *at < a_done))
-        .filter_map(|(k, at)| Some(seen.get(k)?.duration_since(*at).as_secs_f64() * 1e3))
-        .collect();
-    draining.sort_by(f64::total_cmp);
     rt.shutdown().await?;
     Ok(Tenants {
         first_step_ms: ms,

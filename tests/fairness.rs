@@ -119,9 +119,9 @@ async fn rt_start(
     rt.start_with::<Job>(conn, 0, opts).await.unwrap().id()
 }
 
-/// Per key: (running now, most seen at once).
+/// Per key, and across all keys: (running now, most seen at once).
 #[derive(Default)]
-pub struct Concurrency(Mutex<HashMap<String, (u32, u32)>>);
+pub struct Concurrency(Mutex<HashMap<String, (u32, u32)>>, Mutex<(u32, u32)>);
 
 pub struct Limited;
 
@@ -130,16 +130,18 @@ impl Limited {
     #[step]
     async fn call(input: (String, u64), ctx: &StepContext) -> Result<u64, StepError> {
         let seen = ctx.data::<Arc<Concurrency>>()?;
-        if let Ok(mut m) = seen.0.lock() {
-            let e = m.entry(input.0.clone()).or_default();
-            e.0 += 1;
-            e.1 = e.1.max(e.0);
+        if let (Ok(mut m), Ok(mut all)) = (seen.0.lock(), seen.1.lock()) {
+            for e in [m.entry(input.0.clone()).or_default(), &mut *all] {
+                e.0 += 1;
+                e.1 = e.1.max(e.0);
+            }
         }
         tokio::time::sleep(Duration::from_millis(input.1)).await;
-        if let Ok(mut m) = seen.0.lock() {
+        if let (Ok(mut m), Ok(mut all)) = (seen.0.lock(), seen.1.lock()) {
             if let Some(e) = m.get_mut(&input.0) {
                 e.0 -= 1;
             }
+            all.0 -= 1;
         }
         Ok(input.1)
     }
@@ -292,66 +294,31 @@ async fn debounced_starts_make_one_run_on_the_last_input(pool: PgPool) {
     rt.shutdown().await.unwrap();
 }
 
-/// Executions running now and the most seen at once, across all keys.
-#[derive(Default)]
-pub struct Running(std::sync::atomic::AtomicU32, std::sync::atomic::AtomicU32);
-
-pub struct Counted;
-
-#[workflow(name = "fair_counted", queue = "counted", key = Self::tenant)]
-impl Counted {
-    #[step]
-    async fn call(input: (String, u64), ctx: &StepContext) -> Result<u64, StepError> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let running = ctx.data::<Arc<Running>>()?;
-        let now = running.0.fetch_add(1, SeqCst) + 1;
-        running.1.fetch_max(now, SeqCst);
-        tokio::time::sleep(Duration::from_millis(input.1)).await;
-        running.0.fetch_sub(1, SeqCst);
-        Ok(input.1)
-    }
-
-    fn tenant(input: &(String, u64)) -> &str {
-        &input.0
-    }
-}
-
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
 async fn starts_during_a_backlog_never_run_more_than_the_queue_concurrency(pool: PgPool) {
     // Runs started while the claimer works off a backlog are also claimed by the
     // queue's express claims; together they take at most the queue's slots.
     let producer = producer(&pool).await;
-    let mut tx = pool.begin().await.unwrap();
-    let mut ids = Vec::new();
-    for _ in 0..300 {
-        let input = ("a".to_owned(), 2);
-        ids.push(
-            producer
-                .start_with::<Counted>(&mut tx, input, StartOptions::default())
-                .await
-                .unwrap()
-                .id(),
-        );
-    }
-    tx.commit().await.unwrap();
-    let running = Arc::new(Running::default());
+    let backlog = (0..300).map(|_| ("a".to_owned(), 2));
+    let mut ids = producer.start_many::<Limited>(backlog).await.unwrap();
+    let seen = Arc::new(Concurrency::default());
     let rt = Runtime::builder()
         .pool(pool.clone())
-        .fair_queue("counted", 3)
-        .data(Arc::clone(&running))
+        .fair_queue("limited", 3)
+        .data(Arc::clone(&seen))
         .start()
         .await
         .unwrap();
     for k in 0..40 {
         // local starts wake the queue's claimers while the claimer is in a claim
-        let run = rt.start::<Counted>((format!("b{k:02}"), 1)).await.unwrap();
+        let run = rt.start::<Limited>((format!("b{k:02}"), 1)).await.unwrap();
         ids.push(run.id());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for id in ids {
         assert!(settle::<u64>(&rt, id).await.unwrap() >= 1);
     }
-    let most = running.1.load(std::sync::atomic::Ordering::SeqCst);
+    let most = seen.1.lock().unwrap().1;
     assert!(
         most <= 3,
         "{most} executions ran at once in a queue of 3 slots"

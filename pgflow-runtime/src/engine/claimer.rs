@@ -121,7 +121,7 @@ pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) 
         claims: AtomicU64::new(0),
         engine,
     });
-    let express = fair.then(|| tokio::spawn(express(Arc::clone(&q))));
+    let express_claimer = fair.then(|| tokio::spawn(express(Arc::clone(&q))));
     let engine = &q.engine;
     let waker = engine.waker(&q.name);
     let mut shutdown = engine.shutdown_rx();
@@ -183,7 +183,7 @@ pub(crate) async fn run(engine: Arc<Engine>, queue: String, concurrency: usize) 
             _ = shutdown.changed() => {}
         }
     }
-    if let Some(x) = express {
+    if let Some(x) = express_claimer {
         let _ = x.await;
     }
     let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
