@@ -161,13 +161,16 @@ pub async fn shutdown_signal() {
 }
 
 /// The plan of the claim statement as the runtime sends it (`EXPLAIN`, not run,
-/// on a claim connection), ordinary or `fair`, for the runtime's own plan tests.
+/// on a claim connection), ordinary or `fair`, for the runtime's own plan tests;
+/// `generic`: the plan made without the parameters' values, which a claim
+/// connection uses from its sixth claim on when it costs no more.
 #[doc(hidden)]
 pub async fn explain_claim(
     rt: &Runtime,
     queue: &str,
     limit: usize,
     fair: bool,
+    generic: bool,
 ) -> Result<Vec<String>, Error> {
     let mut conn = store::tasks::claim_connection(rt.pool()).await?;
     let req = store::tasks::ClaimRequest {
@@ -178,5 +181,5 @@ pub async fn explain_claim(
         fair: fair.then_some(("", 64)),
         key_limit: None,
     };
-    Ok(store::tasks::explain_claim(&mut conn, &rt.engine.catalog, req).await?)
+    Ok(store::tasks::explain_claim(&mut conn, &rt.engine.catalog, req, generic).await?)
 }
