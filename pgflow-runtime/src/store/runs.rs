@@ -17,6 +17,8 @@ pub(crate) struct NewRuns {
     pub(crate) inputs: Vec<String>,
     pub(crate) priorities: Vec<i16>,
     pub(crate) run_ats: Vec<Option<DateTime<Utc>>>,
+    /// Idempotency keys (`None` for a run without one): with none, the start is a
+    /// plain insert (see [`START_SQL_WITHOUT_KEYS`]).
     pub(crate) keys: Vec<Option<String>>,
     /// For child runs (subflows): the parent run, step and element, one per run;
     /// empty for runs without a parent (unnest pads them with NULL).
@@ -146,17 +148,11 @@ impl<'a> Shape<'a> {
     }
 }
 
-/// Inserts runs of the workflow version `shape` describes, with their root tasks (a
-/// root map step fans out over the input) and the `waiting` rows of its joins, and
-/// notifies the queue — in one statement, delivered at commit of the caller's
-/// transaction if any. A run whose idempotency key is taken is not inserted (unique
-/// index `runs_idempotency_key`). Returns the new ids in input order.
-pub(crate) async fn start(
-    conn: &mut PgConnection,
-    shape: &Shape<'_>,
-    runs: &NewRuns,
-) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(concat!(
+/// The start statement (see [`start`]), with or without its `ON CONFLICT` clause on
+/// idempotency keys.
+macro_rules! start_sql {
+    ($on_conflict:expr) => {
+        concat!(
         "WITH u AS (
              SELECT * FROM unnest((SELECT $3::text[]), (SELECT $4::smallint[]), (SELECT $5::timestamptz[]), (SELECT $6::text[]),
                                   (SELECT $17::bigint[]), (SELECT $18::text[]), (SELECT $19::int[]), (SELECT $20::text[]),
@@ -187,7 +183,7 @@ pub(crate) async fn start(
                 OR EXISTS (SELECT 1 FROM pgflow.runs p
                            WHERE p.id = u.parent_run_id AND p.status = 'running' FOR SHARE)
              ORDER BY u.ord
-             ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+", $on_conflict, "
              RETURNING id, priority, run_at, input, key
          ), ready AS (
              SELECT r.id AS run_id, s.step, $1::text AS workflow, $2::int AS version,
@@ -209,33 +205,62 @@ pub(crate) async fn start(
         " WHERE EXISTS (SELECT 1 FROM r)
          )
          SELECT r.id FROM r LEFT JOIN notified ON true ORDER BY r.id"
-    ))
-    .bind(shape.workflow)
-    .bind(shape.version)
-    .bind(&runs.inputs)
-    .bind(&runs.priorities)
-    .bind(&runs.run_ats)
-    .bind(&runs.keys)
-    .bind(shape.queue)
-    .bind(&shape.root_steps)
-    .bind(&shape.root_priorities)
-    .bind(&shape.root_attempts)
-    .bind(&shape.root_map_from)
-    .bind(&shape.join_steps)
-    .bind(&shape.join_counts)
-    .bind(&shape.root_delays_ms)
-    .bind(&shape.root_waits_for)
-    .bind(&shape.root_wait_ms)
-    .bind(&runs.parent_runs)
-    .bind(&runs.parent_steps)
-    .bind(&runs.parent_elements)
-    .bind(&runs.run_keys)
-    .bind(&runs.budget_cents)
-    .bind(&runs.budget_tokens)
-    .bind(&runs.debounce_keys)
-    .bind(crate::otel::current())
-    .fetch_all(conn)
-    .await
+    )
+    };
+}
+
+/// [`start`] for runs of which one at least has an idempotency key: one whose key
+/// is taken is not inserted.
+const START_SQL: &str = start_sql!(
+    "             ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+);
+
+/// [`start`] for runs without idempotency keys: a plain insert (`ON CONFLICT` inserts
+/// speculatively, which costs a WAL record and a confirmation per run).
+const START_SQL_WITHOUT_KEYS: &str = start_sql!("");
+
+/// Inserts runs of the workflow version `shape` describes, with their root tasks (a
+/// root map step fans out over the input) and the `waiting` rows of its joins, and
+/// notifies the queue — in one statement, delivered at commit of the caller's
+/// transaction if any. A run whose idempotency key is taken is not inserted (unique
+/// index `runs_idempotency_key`). Returns the new ids in input order.
+pub(crate) async fn start(
+    conn: &mut PgConnection,
+    shape: &Shape<'_>,
+    runs: &NewRuns,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let sql = if runs.keys.iter().any(Option::is_some) {
+        START_SQL
+    } else {
+        START_SQL_WITHOUT_KEYS
+    };
+    sqlx::query_scalar(sql)
+        .bind(shape.workflow)
+        .bind(shape.version)
+        .bind(&runs.inputs)
+        .bind(&runs.priorities)
+        .bind(&runs.run_ats)
+        .bind(&runs.keys)
+        .bind(shape.queue)
+        .bind(&shape.root_steps)
+        .bind(&shape.root_priorities)
+        .bind(&shape.root_attempts)
+        .bind(&shape.root_map_from)
+        .bind(&shape.join_steps)
+        .bind(&shape.join_counts)
+        .bind(&shape.root_delays_ms)
+        .bind(&shape.root_waits_for)
+        .bind(&shape.root_wait_ms)
+        .bind(&runs.parent_runs)
+        .bind(&runs.parent_steps)
+        .bind(&runs.parent_elements)
+        .bind(&runs.run_keys)
+        .bind(&runs.budget_cents)
+        .bind(&runs.budget_tokens)
+        .bind(&runs.debounce_keys)
+        .bind(crate::otel::current())
+        .fetch_all(conn)
+        .await
 }
 
 /// Joins a debounced start to the pending run of `workflow` with debounce key `key`
