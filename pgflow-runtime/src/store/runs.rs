@@ -8,7 +8,7 @@ use sqlx::{PgConnection, PgExecutor};
 use pgflow::{Definition, Plan};
 
 use crate::catalog::{Entry, StepRow, step_rows};
-use crate::store::tasks::enqueue_ctes;
+use crate::store::tasks::{enqueue_ctes, enqueue_plain_cte};
 use crate::store::{notify::notify_queue, step_i16, version_i32};
 
 /// Runs to start, as the bind arrays of [`start`].
@@ -18,7 +18,7 @@ pub(crate) struct NewRuns {
     pub(crate) priorities: Vec<i16>,
     pub(crate) run_ats: Vec<Option<DateTime<Utc>>>,
     /// Idempotency keys (`None` for a run without one): with none, the start is a
-    /// plain insert (see [`START_SQL_WITHOUT_KEYS`]).
+    /// plain insert (see [`START_SQL`]).
     pub(crate) keys: Vec<Option<String>>,
     /// For child runs (subflows): the parent run, step and element, one per run;
     /// empty for runs without a parent (unnest pads them with NULL).
@@ -151,7 +151,7 @@ impl<'a> Shape<'a> {
 /// The start statement (see [`start`]), with or without its `ON CONFLICT` clause on
 /// idempotency keys.
 macro_rules! start_sql {
-    ($on_conflict:expr) => {
+    ($on_conflict:expr, $enqueue:expr) => {
         concat!(
         "WITH u AS (
              SELECT * FROM unnest((SELECT $3::text[]), (SELECT $4::smallint[]), (SELECT $5::timestamptz[]), (SELECT $6::text[]),
@@ -194,7 +194,7 @@ macro_rules! start_sql {
                                       (SELECT $14::bigint[]), (SELECT $15::text[]), (SELECT $16::bigint[]))
                  AS s(step, priority, max_attempts, map_from, delay_ms, waits_for, wait_ms)
          ), ",
-        enqueue_ctes!(),
+        $enqueue,
         ", j AS (
              INSERT INTO pgflow.step_states (run_id, step, status, remaining)
              SELECT r.id, j.step, 'waiting', j.n
@@ -209,15 +209,27 @@ macro_rules! start_sql {
     };
 }
 
-/// [`start`] for runs of which one at least has an idempotency key: one whose key
-/// is taken is not inserted.
-const START_SQL: &str = start_sql!(
-    "             ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
-);
+/// The `ON CONFLICT` clause of a start whose runs have idempotency keys: one whose key
+/// is taken is not inserted. Runs without keys are a plain insert (`ON CONFLICT`
+/// inserts speculatively, which costs a WAL record and a confirmation per run).
+macro_rules! on_key_conflict {
+    () => {
+        "             ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+    };
+}
 
-/// [`start`] for runs without idempotency keys: a plain insert (`ON CONFLICT` inserts
-/// speculatively, which costs a WAL record and a confirmation per run).
-const START_SQL_WITHOUT_KEYS: &str = start_sql!("");
+/// [`start`]'s statements: runs with idempotency keys or without, of a workflow
+/// with a map step among its roots or without (see `enqueue_plain_cte!`).
+const START_SQL: [[&str; 2]; 2] = [
+    [
+        start_sql!("", enqueue_plain_cte!()),
+        start_sql!("", enqueue_ctes!()),
+    ],
+    [
+        start_sql!(on_key_conflict!(), enqueue_plain_cte!()),
+        start_sql!(on_key_conflict!(), enqueue_ctes!()),
+    ],
+];
 
 /// Inserts runs of the workflow version `shape` describes, with their root tasks (a
 /// root map step fans out over the input) and the `waiting` rows of its joins, and
@@ -229,11 +241,9 @@ pub(crate) async fn start(
     shape: &Shape<'_>,
     runs: &NewRuns,
 ) -> Result<Vec<i64>, sqlx::Error> {
-    let sql = if runs.keys.iter().any(Option::is_some) {
-        START_SQL
-    } else {
-        START_SQL_WITHOUT_KEYS
-    };
+    let keyed = runs.keys.iter().any(Option::is_some);
+    let maps = shape.root_map_from.iter().any(Option::is_some);
+    let sql = START_SQL[usize::from(keyed)][usize::from(maps)];
     sqlx::query_scalar(sql)
         .bind(shape.workflow)
         .bind(shape.version)

@@ -50,26 +50,9 @@ use crate::store::{millis, step_i16, version_i32};
 /// of `step_states`.
 macro_rules! enqueue_ctes {
     () => {
-        "plain AS (
-    -- the common case, kept lean: one task per ready step
-    INSERT INTO pgflow.tasks (run_id, step, workflow, version, queue, priority, max_attempts,
-                              run_at, parked, waits_for, delay_until, key)
-    SELECT q.run_id, q.step, q.workflow, q.version, q.queue,
-           LEAST(GREATEST(q.priority::int + q.run_priority, -32768), 32767)::smallint,
-           q.max_attempts, d.due, d.due > now() + interval '1 second', q.waits_for,
-           CASE WHEN q.waits_for IS NOT NULL THEN w.ready END, q.run_key
-    FROM ready q
-    CROSS JOIN LATERAL (SELECT q.run_at + interval '1 millisecond' * q.delay_ms AS ready) w
-    CROSS JOIN LATERAL (
-        -- a signal step (only): due after its delay if its signal came, else at its
-        -- timeout (a signal that comes later makes it due, see `pgflow.signal`)
-        SELECT CASE WHEN q.waits_for IS NULL THEN w.ready
-                    ELSE pgflow.signal_due(q.run_id, q.waits_for, w.ready, q.wait_ms)
-               END AS due
-    ) d
-    WHERE q.map_from IS NULL
-    RETURNING queue, run_at
-), fan AS (
+        concat!(
+            $crate::store::tasks::enqueue_plain_cte!(),
+            ", fan AS (
     SELECT q.*, LEAST(GREATEST(q.priority::int + q.run_priority, -32768), 32767)::smallint
                AS prio,
            q.run_at + interval '1 millisecond' * q.delay_ms AS due,
@@ -110,9 +93,38 @@ macro_rules! enqueue_ctes {
     UNION ALL
     SELECT queue, run_at <= now() FROM fanned
 )"
+        )
     };
 }
 pub(crate) use enqueue_ctes;
+
+/// The `plain` CTE of [`enqueue_ctes!`] alone (no map step among the ready steps):
+/// a statement that cannot fan out plans and starts none of the map CTEs.
+macro_rules! enqueue_plain_cte {
+    () => {
+        "plain AS (
+    -- the common case, kept lean: one task per ready step
+    INSERT INTO pgflow.tasks (run_id, step, workflow, version, queue, priority, max_attempts,
+                              run_at, parked, waits_for, delay_until, key)
+    SELECT q.run_id, q.step, q.workflow, q.version, q.queue,
+           LEAST(GREATEST(q.priority::int + q.run_priority, -32768), 32767)::smallint,
+           q.max_attempts, d.due, d.due > now() + interval '1 second', q.waits_for,
+           CASE WHEN q.waits_for IS NOT NULL THEN w.ready END, q.run_key
+    FROM ready q
+    CROSS JOIN LATERAL (SELECT q.run_at + interval '1 millisecond' * q.delay_ms AS ready) w
+    CROSS JOIN LATERAL (
+        -- a signal step (only): due after its delay if its signal came, else at its
+        -- timeout (a signal that comes later makes it due, see `pgflow.signal`)
+        SELECT CASE WHEN q.waits_for IS NULL THEN w.ready
+                    ELSE pgflow.signal_due(q.run_id, q.waits_for, w.ready, q.wait_ms)
+               END AS due
+    ) d
+    WHERE q.map_from IS NULL
+    RETURNING queue, run_at
+)"
+    };
+}
+pub(crate) use enqueue_plain_cte;
 
 /// How far ahead of its due time a task leaves the parked set for `tasks_available`
 /// (written as `interval '1 second'` in the statements): a task due later than this
