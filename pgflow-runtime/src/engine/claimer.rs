@@ -229,12 +229,9 @@ async fn express(q: Arc<Queue>) {
                 Err(_) => continue,
             },
         };
-        match q.claim(c, limit, Some(&mut cursor)).await {
-            Ok(_) => {}
-            Err(e) => {
-                warn!(queue = %q.name, error = %e, "pgflow: express claim failed");
-                conn = None;
-            }
+        if let Err(e) = q.claim(c, limit, Some(&mut cursor)).await {
+            warn!(queue = %q.name, error = %e, "pgflow: express claim failed");
+            conn = None;
         }
     }
 }

@@ -148,8 +148,9 @@ impl<'a> Shape<'a> {
     }
 }
 
-/// The start statement (see [`start`]), with or without its `ON CONFLICT` clause on
-/// idempotency keys.
+/// The start statement (see [`start`]) with an `ON CONFLICT` clause on idempotency
+/// keys (or none) and the enqueue CTEs of its root steps (`enqueue_ctes!`, or
+/// `enqueue_plain_cte!` when none is a map step).
 macro_rules! start_sql {
     ($on_conflict:expr, $enqueue:expr) => {
         concat!(

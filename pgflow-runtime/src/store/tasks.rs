@@ -492,11 +492,6 @@ pub(crate) const CLAIM_SQL: &str = claim_sql!(fifo_pick!());
 /// key), `$13` (the most keys one claim serves) and `$14` (the key limit, or NULL).
 pub(crate) const FAIR_CLAIM_SQL: &str = claim_sql!(fair_pick!());
 
-/// `EXPLAIN` of [`CLAIM_SQL`].
-const EXPLAIN_CLAIM_SQL: &str = concat!("EXPLAIN ", claim_sql!(fifo_pick!()));
-/// `EXPLAIN` of [`FAIR_CLAIM_SQL`].
-const EXPLAIN_FAIR_CLAIM_SQL: &str = concat!("EXPLAIN ", claim_sql!(fair_pick!()));
-
 /// The planner settings of a claim connection (see [`claim_connection`]): no
 /// sequential or bitmap scans, no sorts where an index gives the order; and no JIT
 /// compilation (the costs of the disabled paths count against `jit_above_cost`:
@@ -587,10 +582,10 @@ pub(crate) async fn claim(
         .collect())
 }
 
-/// The plan of the claim statement with these parameters (`EXPLAIN`, not run);
-/// `generic`: the plan made without their values (`EXPLAIN EXECUTE` of the
-/// statement prepared here, under `plan_cache_mode = force_generic_plan`), which
-/// a claim connection uses from its sixth claim on when it costs no more.
+/// The plan of the claim statement with these parameters (`EXPLAIN EXECUTE` of the
+/// statement prepared here, not run): the plan made for their values, or with
+/// `generic` the one made without them, which a claim connection uses from its
+/// sixth claim on when it costs no more.
 #[doc(hidden)]
 pub(crate) async fn explain_claim(
     conn: &mut PgConnection,
@@ -599,51 +594,48 @@ pub(crate) async fn explain_claim(
     generic: bool,
 ) -> Result<Vec<String>, sqlx::Error> {
     use sqlx::Row;
-    let rows = if generic {
-        // the parameters' types, in order: the ordinary claim's eleven, then the
-        // fair claim's three
-        let (sql, types, args) = match req.fair {
-            Some(_) => (FAIR_CLAIM_SQL, CLAIM_PARAM_TYPES_FAIR, 14),
-            None => (CLAIM_SQL, CLAIM_PARAM_TYPES, 11),
-        };
-        sqlx::raw_sql(&format!(
-            "SET plan_cache_mode = force_generic_plan; PREPARE pgflow_claim({types}) AS {sql}"
-        ))
+    let (sql, types) = match req.fair {
+        Some(_) => (FAIR_CLAIM_SQL, CLAIM_PARAM_TYPES_FAIR),
+        None => (CLAIM_SQL, CLAIM_PARAM_TYPES),
+    };
+    let mode = if generic {
+        "force_generic_plan"
+    } else {
+        "force_custom_plan"
+    };
+    sqlx::raw_sql(&format!(
+        "SET plan_cache_mode = {mode}; PREPARE pgflow_claim({types}) AS {sql}"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    // EXECUTE takes no parameters: its arguments as quoted literals (`%L`)
+    let args = types.split(',').count();
+    let params: Vec<String> = (1..=args).map(|i| format!("${i}")).collect();
+    let format = format!(
+        "SELECT format('EXPLAIN EXECUTE pgflow_claim({})', {})",
+        vec!["%L"; args].join(", "),
+        params.join(", ")
+    );
+    let explain: String = claim_query(&format, catalog, req)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
+    let rows = sqlx::raw_sql(&explain).fetch_all(&mut *conn).await;
+    sqlx::raw_sql("DEALLOCATE pgflow_claim; RESET plan_cache_mode")
         .execute(&mut *conn)
         .await?;
-        // EXECUTE takes no parameters: its arguments as quoted literals (`%L`)
-        let params: Vec<String> = (1..=args).map(|i| format!("${i}")).collect();
-        let format = format!(
-            "SELECT format('EXPLAIN EXECUTE pgflow_claim({})', {})",
-            vec!["%L"; args].join(", "),
-            params.join(", ")
-        );
-        let explain: String = claim_query(&format, catalog, req)
-            .fetch_one(&mut *conn)
-            .await?
-            .try_get(0)?;
-        let rows = sqlx::raw_sql(&explain).fetch_all(&mut *conn).await;
-        sqlx::raw_sql("DEALLOCATE pgflow_claim; RESET plan_cache_mode")
-            .execute(&mut *conn)
-            .await?;
-        rows?
-    } else {
-        let sql = if req.fair.is_some() {
-            EXPLAIN_FAIR_CLAIM_SQL
-        } else {
-            EXPLAIN_CLAIM_SQL
-        };
-        claim_query(sql, catalog, req).fetch_all(conn).await?
-    };
-    rows.iter().map(|r| r.try_get::<String, _>(0)).collect()
+    rows?.iter().map(|r| r.try_get::<String, _>(0)).collect()
 }
 
 /// The types of the ordinary claim's parameters, in order (see [`claim_query`]).
-const CLAIM_PARAM_TYPES: &str =
-    "text, bigint, text, bigint, text[], int[], smallint[], bigint[], bool[], text[], bool[]";
-/// The types of the fair claim's parameters, in order.
-const CLAIM_PARAM_TYPES_FAIR: &str = "text, bigint, text, bigint, text[], int[], smallint[], \
-     bigint[], bool[], text[], bool[], text, bigint, int";
+macro_rules! claim_param_types {
+    () => {
+        "text, bigint, text, bigint, text[], int[], smallint[], bigint[], bool[], text[], bool[]"
+    };
+}
+const CLAIM_PARAM_TYPES: &str = claim_param_types!();
+/// The types of the fair claim's parameters: the ordinary claim's, then its own three.
+const CLAIM_PARAM_TYPES_FAIR: &str = concat!(claim_param_types!(), ", text, bigint, int");
 
 /// A claimed task whose lease expired or whose instance died.
 #[derive(Debug, sqlx::FromRow)]
