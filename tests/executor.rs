@@ -460,6 +460,40 @@ async fn a_step_that_sees_the_cancellation_ends_the_run_as_cancelled() {
     assert!(matches!(res, Err(RunError::Cancelled { .. })), "{res:?}");
 }
 
+pub struct CancelsItself;
+
+#[workflow(name = "exec_cancels_itself")]
+impl CancelsItself {
+    #[step]
+    async fn first(n: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        ctx.data::<pgflow::CancelToken>()?.cancel();
+        Ok(n)
+    }
+
+    #[step]
+    async fn second(first: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        ctx.data::<Arc<Attempts>>()?
+            .0
+            .fetch_add(1, Ordering::SeqCst);
+        Ok(first)
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_during_a_step_that_never_waits_stops_the_next_step() {
+    // Both steps finish in their first poll, so the executor runs them one after the
+    // other without waiting: the cancel must still be seen between them.
+    let cancel = pgflow::CancelToken::new();
+    let attempts = Arc::new(Attempts::default());
+    let opts = ExecuteOptions::new()
+        .cancel(cancel.clone())
+        .data(cancel)
+        .data(Arc::clone(&attempts));
+    let res = execute_with::<CancelsItself>(1, opts).await;
+    assert!(matches!(res, Err(RunError::Cancelled { .. })), "{res:?}");
+    assert_eq!(attempts.0.load(Ordering::SeqCst), 0, "the second step ran");
+}
+
 /// Shapes the clippy run must see (trybuild cases are not linted): a root step with
 /// no data parameter, unit outputs, a step with only the context.
 pub struct Shapes;

@@ -281,9 +281,24 @@ pub struct StepContext {
     // set all three, and three allocations per attempt were a tenth of a trivial
     // step's cost in the in-process executor.
     data: Option<Arc<Data>>,
-    cost: std::sync::OnceLock<CostMeter>,
+    cost: Option<CostMeter>,
+    /// The meter made for a context built without one (a `OnceLock` only there: its
+    /// `From` takes a lock-free but not free path on every attempt).
+    own_cost: std::sync::OnceLock<CostMeter>,
     cancel: Option<CancelToken>,
+    /// The parts an in-process run gives all its attempts (where the three above are
+    /// `None`).
+    scope: Option<Arc<Scope>>,
     transaction: Option<crate::Transaction>,
+}
+
+/// What all attempts of an in-process run share, given to each attempt's context as
+/// one reference: one count to raise and drop per attempt instead of three.
+#[derive(Debug)]
+pub(crate) struct Scope {
+    pub(crate) data: Arc<Data>,
+    pub(crate) cost: CostMeter,
+    pub(crate) cancel: CancelToken,
 }
 
 impl Clone for StepContext {
@@ -296,8 +311,10 @@ impl Clone for StepContext {
             attempt: self.attempt,
             element: self.element,
             data: self.data.clone(),
-            cost: std::sync::OnceLock::from(self.cost().clone()),
+            cost: Some(self.cost().clone()),
+            own_cost: std::sync::OnceLock::new(),
             cancel: self.cancel.clone(),
+            scope: self.scope.clone(),
             transaction: self.transaction.clone(),
         }
     }
@@ -314,8 +331,10 @@ impl StepContext {
             attempt: 1,
             element: None,
             data: None,
-            cost: std::sync::OnceLock::new(),
+            cost: None,
+            own_cost: std::sync::OnceLock::new(),
             cancel: None,
+            scope: None,
             transaction: None,
         })
     }
@@ -357,7 +376,11 @@ impl StepContext {
     /// A permanent [`StepError`] naming the type when no such value was given (a
     /// setup mistake that no retry fixes).
     pub fn data<T: Send + Sync + 'static>(&self) -> Result<&T, StepError> {
-        self.data.as_deref().and_then(Data::get::<T>).ok_or_else(|| {
+        let data = self
+            .data
+            .as_deref()
+            .or_else(|| self.scope.as_deref().map(|s| &*s.data));
+        data.and_then(Data::get::<T>).ok_or_else(|| {
             StepError::permanent(format!(
                 "no shared data of type `{}`: pass it with `.data(..)` when building the runtime or the execute options",
                 type_name::<T>()
@@ -390,12 +413,19 @@ impl StepContext {
 
     /// The run's cost meter.
     pub fn cost(&self) -> &CostMeter {
-        self.cost.get_or_init(CostMeter::new)
+        match (&self.cost, &self.scope) {
+            (Some(cost), _) => cost,
+            (None, Some(scope)) => &scope.cost,
+            (None, None) => self.own_cost.get_or_init(CostMeter::new),
+        }
     }
 
     /// Whether the run was cancelled.
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.as_ref().is_some_and(CancelToken::is_cancelled)
+        self.cancel
+            .as_ref()
+            .or_else(|| self.scope.as_ref().map(|s| &s.cancel))
+            .is_some_and(CancelToken::is_cancelled)
     }
 
     /// Returns a [`StepError::cancelled`] error if the run was cancelled, so a long
@@ -444,13 +474,19 @@ impl StepContextBuilder {
 
     /// Shares a cost meter (all steps of a run share one).
     pub fn cost(mut self, cost: CostMeter) -> Self {
-        self.0.cost = std::sync::OnceLock::from(cost);
+        self.0.cost = Some(cost);
         self
     }
 
     /// Shares a cancel token (all steps of a run share one).
     pub fn cancel(mut self, cancel: CancelToken) -> Self {
         self.0.cancel = Some(cancel);
+        self
+    }
+
+    /// Gives the attempt the data, cost meter and cancel token of its in-process run.
+    pub(crate) fn scope(mut self, scope: Arc<Scope>) -> Self {
+        self.0.scope = Some(scope);
         self
     }
 

@@ -189,13 +189,13 @@ impl Shared {
             .reserved
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (tokens_in, tokens_out) = self.cost.tokens();
+        let (tokens_in, tokens_out) = self.scope.cost.tokens();
         let spent_tokens = i64::try_from(tokens_in.saturating_add(tokens_out)).unwrap_or(i64::MAX);
         for (budget, unit, spent, held, estimate) in [
             (
                 self.budget_cents,
                 crate::BudgetUnit::Cents,
-                self.cost.total(),
+                self.scope.cost.total(),
                 reserved.cents,
                 cents,
             ),
@@ -307,9 +307,7 @@ static NEXT_RUN_ID: AtomicI64 = AtomicI64::new(1);
 
 struct Shared {
     run_id: RunId,
-    data: Arc<Data>,
-    cost: CostMeter,
-    cancel: CancelToken,
+    scope: Arc<crate::context::Scope>,
     signals: crate::Signals,
     json_roundtrip: bool,
     budget_cents: Option<i64>,
@@ -325,6 +323,14 @@ enum Slot {
     Value(StepValue),
     /// A conditional step that was skipped: its consumers receive `None`.
     Skipped,
+}
+
+/// A step (or the input, last) in a run: its value, how many parameters still have
+/// to consume it, and how many of its parents it still waits for.
+struct Node {
+    value: Slot,
+    uses: u32,
+    waiting: usize,
 }
 
 /// What a replay gives a step in advance instead of calling it (see
@@ -358,13 +364,14 @@ struct Run<'o> {
     options: &'o ExecuteOptions,
     shared: Arc<Shared>,
     /// One per step, then the input.
-    slots: Vec<Slot>,
-    /// How many parameters still have to consume each slot.
-    uses: Vec<u32>,
-    /// Parents each step still waits for.
-    waiting: Vec<usize>,
+    nodes: Vec<Node>,
+    /// One per step once a map step starts (none before: most runs have none).
     maps: Vec<Option<MapState>>,
-    running: Running,
+    /// Made when the first step has to wait.
+    running: Option<Running>,
+    /// Steps (or elements) that finished without waiting: most finish in their first
+    /// poll, which the executor makes at once (see [`Run::spawn`]).
+    done: std::collections::VecDeque<Finished>,
     /// What a replay injects, per step (`None` outside a replay: one check per step).
     injected: Option<Vec<Option<Injected>>>,
 }
@@ -387,39 +394,38 @@ impl Run<'_> {
     /// Takes (or copies, for all but its last consumer) the values of `step`'s
     /// parameters; `None` for a skipped step's output.
     fn inputs(&mut self, step: &'static StepDef) -> Result<Vec<Option<StepValue>>, RunError> {
-        let input_slot = self.def.steps().len();
-        let mut values = Vec::with_capacity(step.params().len());
-        for p in step.params() {
-            let slot = match p.source {
-                ParamSource::Input => input_slot,
-                ParamSource::Step(i) => i,
-                // given when the signal comes (see `run_with_retries`)
-                ParamSource::Signal => {
-                    values.push(None);
-                    continue;
+        step.params().iter().map(|p| self.input(step, p)).collect()
+    }
+
+    /// The value of one of `step`'s parameters (see [`Run::inputs`]).
+    fn input(
+        &mut self,
+        step: &'static StepDef,
+        p: &crate::workflow::Param,
+    ) -> Result<Option<StepValue>, RunError> {
+        let slot = match p.source {
+            ParamSource::Input => self.def.steps().len(),
+            ParamSource::Step(i) => i,
+            // given when the signal comes (see `run_with_retries`)
+            ParamSource::Signal => return Ok(None),
+        };
+        let node = &mut self.nodes[slot];
+        node.uses -= 1;
+        match &node.value {
+            Slot::Skipped => Ok(None),
+            Slot::Value(_) if node.uses == 0 => {
+                match std::mem::replace(&mut node.value, Slot::Empty) {
+                    Slot::Value(v) => Ok(Some(v)),
+                    _ => Ok(None),
                 }
-            };
-            self.uses[slot] -= 1;
-            let value = match &self.slots[slot] {
-                Slot::Skipped => None,
-                Slot::Value(_) if self.uses[slot] == 0 => {
-                    match std::mem::replace(&mut self.slots[slot], Slot::Empty) {
-                        Slot::Value(v) => Some(v),
-                        _ => None,
-                    }
-                }
-                Slot::Value(v) => Some(v.backup().map_err(|e| self.serde_err(&e))?),
-                Slot::Empty => {
-                    return Err(self.internal(format!(
-                        "no value for `{}` of step `{}`",
-                        p.name,
-                        step.name()
-                    )));
-                }
-            };
-            values.push(value);
+            }
+            Slot::Value(v) => v.backup().map(Some).map_err(|e| self.serde_err(&e)),
+            Slot::Empty => Err(self.internal(format!(
+                "no value for `{}` of step `{}`",
+                p.name,
+                step.name()
+            ))),
         }
-        Ok(values)
     }
 
     /// Counts `step`'s parameters as consumed without taking their values (an
@@ -432,20 +438,21 @@ impl Run<'_> {
                 ParamSource::Step(i) => i,
                 ParamSource::Signal => continue,
             };
-            self.uses[slot] -= 1;
-            if self.uses[slot] == 0 && matches!(self.slots[slot], Slot::Value(_)) {
-                self.slots[slot] = Slot::Empty;
+            let node = &mut self.nodes[slot];
+            node.uses -= 1;
+            if node.uses == 0 && matches!(node.value, Slot::Value(_)) {
+                node.value = Slot::Empty;
             }
         }
     }
 
     /// Queues `step` (or one element of it) as finished with `output`, not called.
     fn finish_now(&mut self, step: &'static StepDef, element: Option<usize>, output: StepOutput) {
-        self.running.push(Box::pin(std::future::ready(Finished {
+        self.done.push_back(Finished {
             step: step.index(),
             element,
             result: Ok(output),
-        })));
+        });
     }
 
     /// Starts `step`: one future, or one per element of a map step. An injected step
@@ -463,13 +470,16 @@ impl Run<'_> {
                 None => {}
             }
         }
-        let mut values = self.inputs(step)?;
         let def = self.def;
         let Some(map) = step.map() else {
-            let inputs = StepInputs::with_skipped(def.name(), step.name(), values);
+            let inputs = match step.params() {
+                [one] => StepInputs::one(def.name(), step.name(), self.input(step, one)?),
+                _ => StepInputs::with_skipped(def.name(), step.name(), self.inputs(step)?),
+            };
             self.spawn(step, None, inputs);
             return Ok(());
         };
+        let mut values = self.inputs(step)?;
         let over = values
             .get_mut(map.param())
             .and_then(Option::take)
@@ -492,15 +502,17 @@ impl Run<'_> {
                 .collect(Vec::new())
                 .map(StepOutput::Completed)
                 .map_err(|e| self.serde_err(&e));
-            let index = step.index();
-            self.running.push(Box::pin(std::future::ready(Finished {
-                step: index,
+            self.done.push_back(Finished {
+                step: step.index(),
                 element: None,
                 result,
-            })));
+            });
             return Ok(());
         }
         let n = items.len();
+        if self.maps.is_empty() {
+            self.maps.resize_with(def.steps().len(), || None);
+        }
         self.maps[step.index()] = Some(MapState {
             outputs: (0..n).map(|_| None).collect(),
             remaining: n,
@@ -526,16 +538,41 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Runs `step` (or one element of it): its first attempt is begun at once, and
+    /// one that finishes in its first poll (a step that awaits nothing, or nothing
+    /// that is not ready) is done without a future of its own; the others, and steps
+    /// with a delay, a signal or the lent transaction, run as futures of the run.
     fn spawn(&mut self, step: &'static StepDef, element: Option<usize>, inputs: StepInputs) {
         let def = self.def;
-        let shared = Arc::clone(&self.shared);
-        self.running.push(Box::pin(async move {
-            Finished {
-                step: step.index(),
-                element,
-                result: run_with_retries(def, step, element, inputs, &shared).await,
+        let shared = &*self.shared;
+        let slow = !step.options().delay.is_zero()
+            || step.signal().is_some()
+            || (step.transactional() && shared.transaction.is_some());
+        let (inputs, begun) = if slow {
+            (Some(inputs), None)
+        } else {
+            match begin_first(def, step, element, inputs, shared) {
+                First::Done(result) => {
+                    self.done.push_back(Finished {
+                        step: step.index(),
+                        element,
+                        result,
+                    });
+                    return;
+                }
+                First::Later(begun) => (None, Some(begun)),
             }
-        }));
+        };
+        let shared = Arc::clone(&self.shared);
+        self.running
+            .get_or_insert_with(Running::new)
+            .push(Box::pin(async move {
+                Finished {
+                    step: step.index(),
+                    element,
+                    result: run_with_retries(def, step, element, inputs, &shared, begun).await,
+                }
+            }));
     }
 
     /// Applies what finished. Returns the workflow's output once the terminal step
@@ -585,7 +622,7 @@ impl Run<'_> {
         if index == def.terminal().index() {
             return def.finish(output).map(Some).map_err(|e| self.serde_err(&e));
         }
-        self.slots[index] = match output {
+        self.nodes[index].value = match output {
             StepOutput::Completed(v) => Slot::Value(v),
             StepOutput::Skipped => Slot::Skipped,
             StepOutput::Subflow(s) => {
@@ -593,8 +630,9 @@ impl Run<'_> {
             }
         };
         for &child in def.plan().children(index) {
-            self.waiting[child] -= 1;
-            if self.waiting[child] == 0 {
+            let node = &mut self.nodes[child];
+            node.waiting -= 1;
+            if node.waiting == 0 {
                 self.start(&def.steps()[child])?;
             }
         }
@@ -633,9 +671,21 @@ pub(crate) async fn run_definition(
     } else {
         input
     };
-    let mut slots: Vec<Slot> = Vec::with_capacity(steps.len() + 1);
-    slots.resize_with(steps.len(), || Slot::Empty);
-    slots.push(Slot::Value(input));
+    let consumers = def.consumers.get_or_init(|| count_consumers(def));
+    let mut nodes: Vec<Node> = steps
+        .iter()
+        .zip(consumers.iter())
+        .map(|(s, &uses)| Node {
+            value: Slot::Empty,
+            uses,
+            waiting: s.parents().len(),
+        })
+        .collect();
+    nodes.push(Node {
+        value: Slot::Value(input),
+        uses: consumers.get(steps.len()).copied().unwrap_or(0),
+        waiting: 0,
+    });
     let mut run = Run {
         def,
         options,
@@ -644,9 +694,11 @@ pub(crate) async fn run_definition(
                 || RunId(NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed)),
                 |i| i.run_id,
             ),
-            data: Arc::new(options.data.clone()),
-            cost: options.cost.clone(),
-            cancel: options.cancel.clone(),
+            scope: Arc::new(crate::context::Scope {
+                data: Arc::new(options.data.clone()),
+                cost: options.cost.clone(),
+                cancel: options.cancel.clone(),
+            }),
             signals: options.signals.clone(),
             json_roundtrip: options.json_roundtrip,
             budget_cents: options.budget_cents,
@@ -654,29 +706,41 @@ pub(crate) async fn run_definition(
             reserved: std::sync::Mutex::default(),
             transaction: options.transaction.clone(),
         }),
-        slots,
-        uses: consumers(def),
-        waiting: steps.iter().map(|s| s.parents().len()).collect(),
-        maps: steps.iter().map(|_| None).collect(),
-        running: Running::new(),
+        nodes,
+        maps: Vec::new(),
+        running: None,
+        done: std::collections::VecDeque::new(),
         injected: injection.map(|i| i.steps),
     };
     for &root in plan.roots() {
         run.start(&steps[root])?;
     }
-    // One wait for the cancel for the whole run (not one registered and dropped
-    // again per finished step).
-    let cancelled = options.cancel.cancelled();
-    tokio::pin!(cancelled);
+    // The wait for the cancel is made once, by the first run that has to wait for a
+    // step at all (not one registered and dropped again per finished step).
+    let mut cancelled = None;
     loop {
-        let next = tokio::select! {
-            biased;
-            () = &mut cancelled => {
-                return Err(RunError::Cancelled { workflow: def.name().to_owned() });
+        let finished = match run.done.pop_front() {
+            Some(_) if options.cancel.is_cancelled() => {
+                return Err(RunError::Cancelled {
+                    workflow: def.name().to_owned(),
+                });
             }
-            next = run.running.next() => next,
+            Some(finished) => finished,
+            None if run.running.as_ref().is_none_or(Running::is_empty) => break,
+            None => {
+                let cancelled =
+                    cancelled.get_or_insert_with(|| Box::pin(options.cancel.cancelled()));
+                let next = tokio::select! {
+                    biased;
+                    () = cancelled.as_mut() => {
+                        return Err(RunError::Cancelled { workflow: def.name().to_owned() });
+                    }
+                    next = run.running.get_or_insert_with(Running::new).next() => next,
+                };
+                let Some(finished) = next else { break };
+                finished
+            }
         };
-        let Some(finished) = next else { break };
         if let Some(output) = run.finished(finished)? {
             return Ok(output);
         }
@@ -687,9 +751,9 @@ pub(crate) async fn run_definition(
     })
 }
 
-/// For each value slot (the steps, then the input at `steps.len()`), how many
+/// For each value (the steps' outputs, then the input at `steps.len()`), how many
 /// parameters consume it: the last consumer takes the value, the others a copy.
-fn consumers(def: &WorkflowDef) -> Vec<u32> {
+fn count_consumers(def: &WorkflowDef) -> Box<[u32]> {
     let steps = def.steps();
     let mut uses = vec![0_u32; steps.len() + 1];
     for param in steps.iter().flat_map(|s| s.params()) {
@@ -699,7 +763,7 @@ fn consumers(def: &WorkflowDef) -> Vec<u32> {
             ParamSource::Signal => {}
         }
     }
-    uses
+    uses.into_boxed_slice()
 }
 
 /// A step output that does not serialize, as that step's failure.
@@ -764,9 +828,9 @@ async fn run_subflow(
     let (child, input) = start.into_parts();
     let options = ExecuteOptions {
         json_roundtrip: shared.json_roundtrip,
-        data: (*shared.data).clone(),
-        cost: shared.cost.clone(),
-        cancel: shared.cancel.clone(),
+        data: (*shared.scope.data).clone(),
+        cost: shared.scope.cost.clone(),
+        cancel: shared.scope.cancel.clone(),
         signals: shared.signals.clone(),
         // a child run has no budget of its own (durably, it is a run of its own);
         // its cost is in the shared meter, so the parent's later steps see it
@@ -779,7 +843,7 @@ async fn run_subflow(
         Box::pin(run_definition(child, input, &options, None));
     match run.await {
         Ok(output) => Ok(StepOutput::Completed(output)),
-        Err(RunError::Cancelled { .. }) if shared.cancel.is_cancelled() => {
+        Err(RunError::Cancelled { .. }) if shared.scope.cancel.is_cancelled() => {
             Err(RunError::Cancelled {
                 workflow: def.name().to_owned(),
             })
@@ -804,21 +868,107 @@ async fn run_subflow(
 async fn sleep_unless_cancelled(delay: std::time::Duration, shared: &Shared) -> bool {
     tokio::select! {
         () = tokio::time::sleep(delay) => true,
-        () = shared.cancel.cancelled() => false,
+        () = shared.scope.cancel.cancelled() => false,
     }
+}
+
+/// What [`begin_first`] made of a step's first attempt.
+enum First {
+    /// The step is done (or failed for good) without waiting.
+    Done(Result<StepOutput, RunError>),
+    /// It has to wait: for what it awaits, or to retry.
+    Later(Begun),
+}
+
+/// A first attempt begun by [`begin_first`], for [`run_with_retries`] to go on with.
+struct Begun {
+    attempt: policy::Attempt,
+    /// A copy of the inputs for the next attempt, if one may follow.
+    spare: Option<StepInputs>,
+    /// What the attempt reserved of the run's budgets.
+    held: (i64, i64),
+}
+
+/// The context of one attempt.
+fn attempt_context(
+    def: &'static WorkflowDef,
+    step: &'static StepDef,
+    element: Option<usize>,
+    attempt: u32,
+    shared: &Shared,
+) -> crate::context::StepContextBuilder {
+    StepContext::builder(def.name(), step.name())
+        .run_id(shared.run_id)
+        .attempt(attempt)
+        .element(element)
+        .scope(Arc::clone(&shared.scope))
+}
+
+/// Whether another attempt (or a snooze) may follow attempt `attempt` after
+/// `snoozes` snoozes: then the inputs are copied before the attempt takes them.
+fn may_follow(step: &'static StepDef, attempt: u32, snoozes: u32) -> bool {
+    let options = step.options();
+    attempt < options.max_attempts.max(1) || snoozes < options.max_snoozes
+}
+
+/// Begins the first attempt of a step without a delay, a signal or the lent
+/// transaction, and polls it once (with a waker that does nothing: a step still
+/// running is polled again, with the run's waker, as a future of the run).
+fn begin_first(
+    def: &'static WorkflowDef,
+    step: &'static StepDef,
+    element: Option<usize>,
+    inputs: StepInputs,
+    shared: &Shared,
+) -> First {
+    if shared.scope.cancel.is_cancelled() {
+        return First::Done(Err(RunError::Cancelled {
+            workflow: def.name().to_owned(),
+        }));
+    }
+    let spare = if may_follow(step, 1, 0) {
+        inputs.backup().ok()
+    } else {
+        None
+    };
+    let ctx = attempt_context(def, step, element, 1, shared).build();
+    let held = match shared.reserve(def, step) {
+        Ok(held) => held,
+        Err(e) => return First::Done(Err(e)),
+    };
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let attempt = match policy::begin_attempt(step, inputs, ctx, &mut cx) {
+        policy::Attempt::Done(Ok(out @ (StepOutput::Completed(_) | StepOutput::Skipped))) => {
+            match policy::storable(&out) {
+                Ok(()) => {
+                    shared.release(held);
+                    return First::Done(Ok(out));
+                }
+                Err(e) => policy::Attempt::Done(Err(e)),
+            }
+        }
+        other => other,
+    };
+    First::Later(Begun {
+        attempt,
+        spare,
+        held,
+    })
 }
 
 /// Runs every attempt of one step until it succeeds, fails permanently or exhausts
 /// its attempts, after the step's `delay`. Each attempt gets the inputs themselves;
 /// while attempts (or snoozes) remain, a backup is taken first (a clone, or JSON for
 /// types that are not `Clone`) for the next one. A snooze sleeps and runs the same
-/// attempt again, up to the step's `max_snoozes`.
+/// attempt again, up to the step's `max_snoozes`. With `begun`, the first attempt
+/// was begun by [`begin_first`] (and `inputs` is `None`): this goes on from it.
 async fn run_with_retries(
     def: &'static WorkflowDef,
     step: &'static StepDef,
     element: Option<usize>,
-    mut inputs: StepInputs,
+    mut inputs: Option<StepInputs>,
     shared: &Shared,
+    mut begun: Option<Begun>,
 ) -> Result<StepOutput, RunError> {
     let options = step.options();
     let max = options.max_attempts.max(1);
@@ -827,77 +977,97 @@ async fn run_with_retries(
     let cancelled = || RunError::Cancelled {
         workflow: def.name().to_owned(),
     };
-    // The waits most steps never make are boxed where they happen: every step's
-    // future is sized for the largest wait it could hold, and a small one is
-    // allocated and freed on the allocator's fast path.
-    if !options.delay.is_zero() && !Box::pin(sleep_unless_cancelled(options.delay, shared)).await {
-        return Err(cancelled());
-    }
-    if let Some(signal) = step.signal() {
-        // Waits holding nothing but this future; `None` (JSON `null`) on timeout.
-        let payload = Box::pin(async {
-            tokio::select! {
-                p = shared.signals.wait(signal.name, signal.timeout) => Some(p),
-                () = shared.cancel.cancelled() => None,
-            }
-        })
-        .await;
-        let Some(payload) = payload else {
+    if begun.is_none() {
+        // The waits most steps never make are boxed where they happen: every step's
+        // future is sized for the largest wait it could hold, and a small one is
+        // allocated and freed on the allocator's fast path.
+        if !options.delay.is_zero()
+            && !Box::pin(sleep_unless_cancelled(options.delay, shared)).await
+        {
             return Err(cancelled());
-        };
-        let json = payload.unwrap_or_else(|| {
-            serde_json::value::RawValue::from_string("null".to_owned())
-                .unwrap_or_else(|_| unreachable!("`null` is JSON"))
-        });
-        inputs.put(signal.param, StepValue::Json(json));
+        }
+        if let Some(signal) = step.signal() {
+            // Waits holding nothing but this future; `None` (JSON `null`) on timeout.
+            let payload = Box::pin(async {
+                tokio::select! {
+                    p = shared.signals.wait(signal.name, signal.timeout) => Some(p),
+                    () = shared.scope.cancel.cancelled() => None,
+                }
+            })
+            .await;
+            let Some(payload) = payload else {
+                return Err(cancelled());
+            };
+            let json = payload.unwrap_or_else(|| {
+                serde_json::value::RawValue::from_string("null".to_owned())
+                    .unwrap_or_else(|_| unreachable!("`null` is JSON"))
+            });
+            if let Some(inputs) = &mut inputs {
+                inputs.put(signal.param, StepValue::Json(json));
+            }
+        }
     }
     let mut attempt = 1;
     let mut snoozes = 0;
     loop {
-        if shared.cancel.is_cancelled() {
-            return Err(cancelled());
-        }
-        // Keep a copy for the next attempt or snooze; without one, this is the last.
-        let spare = if attempt < max || snoozes < options.max_snoozes {
-            inputs.backup().ok()
-        } else {
-            None
-        };
-        let mut ctx = StepContext::builder(def.name(), step.name())
-            .run_id(shared.run_id)
-            .attempt(attempt)
-            .element(element)
-            .data(Arc::clone(&shared.data))
-            .cost(shared.cost.clone())
-            .cancel(shared.cancel.clone());
-        // A transactional step's attempt holds the lent transaction (one at a time),
-        // between `begin` and `commit` or `rollback`.
-        let held = shared.reserve(def, step)?;
-        let lent = shared.transaction.as_ref().filter(|_| step.transactional());
-        let turn = match lent {
-            Some(tx) => Some(Box::pin(tx.turn()).await),
-            None => None,
-        };
-        if let Some(tx) = lent {
-            ctx = ctx.transaction(tx.clone());
-            if let Err(e) = Box::pin(bracket(tx, Bracket::Begin)).await {
-                shared.release(held);
-                return Err(e);
+        let (attempt_result, spare) = match begun.take() {
+            Some(begun) => {
+                let result = begun
+                    .attempt
+                    .finish()
+                    .await
+                    .and_then(|out| policy::storable(&out).map(|()| out));
+                shared.release(begun.held);
+                (result, begun.spare)
             }
-        }
-        let attempt_result = policy::run_attempt(step, inputs, ctx.build())
-            .await
-            .and_then(|out| policy::storable(&out).map(|()| out));
-        shared.release(held);
-        if let Some(tx) = lent {
-            let end = if attempt_result.is_ok() {
-                Bracket::Commit
-            } else {
-                Bracket::Rollback
-            };
-            Box::pin(bracket(tx, end)).await?;
-        }
-        drop(turn);
+            None => {
+                if shared.scope.cancel.is_cancelled() {
+                    return Err(cancelled());
+                }
+                let Some(current) = inputs.take() else {
+                    return Err(RunError::Internal {
+                        workflow: def.name().to_owned(),
+                        message: format!("no inputs for attempt {attempt} of `{}`", step.name()),
+                    });
+                };
+                // Keep a copy for the next attempt or snooze; without one, this is the last.
+                let spare = if may_follow(step, attempt, snoozes) {
+                    current.backup().ok()
+                } else {
+                    None
+                };
+                let mut ctx = attempt_context(def, step, element, attempt, shared);
+                // A transactional step's attempt holds the lent transaction (one at a
+                // time), between `begin` and `commit` or `rollback`.
+                let held = shared.reserve(def, step)?;
+                let lent = shared.transaction.as_ref().filter(|_| step.transactional());
+                let turn = match lent {
+                    Some(tx) => Some(Box::pin(tx.turn()).await),
+                    None => None,
+                };
+                if let Some(tx) = lent {
+                    ctx = ctx.transaction(tx.clone());
+                    if let Err(e) = Box::pin(bracket(tx, Bracket::Begin)).await {
+                        shared.release(held);
+                        return Err(e);
+                    }
+                }
+                let attempt_result = policy::run_attempt(step, current, ctx.build())
+                    .await
+                    .and_then(|out| policy::storable(&out).map(|()| out));
+                shared.release(held);
+                if let Some(tx) = lent {
+                    let end = if attempt_result.is_ok() {
+                        Bracket::Commit
+                    } else {
+                        Bracket::Rollback
+                    };
+                    Box::pin(bracket(tx, end)).await?;
+                }
+                drop(turn);
+                (attempt_result, spare)
+            }
+        };
         let error = match attempt_result {
             Ok(StepOutput::Subflow(start)) => {
                 return Box::pin(run_subflow(
@@ -912,7 +1082,7 @@ async fn run_with_retries(
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
-        if error.kind() == ErrorKind::Cancelled || shared.cancel.is_cancelled() {
+        if error.kind() == ErrorKind::Cancelled || shared.scope.cancel.is_cancelled() {
             return Err(cancelled());
         }
         let snoozed = error.snoozed_for();
@@ -938,7 +1108,7 @@ async fn run_with_retries(
         if !Box::pin(sleep_unless_cancelled(delay, shared)).await {
             return Err(cancelled());
         }
-        inputs = spare;
+        inputs = Some(spare);
         if snoozed.is_some() {
             snoozes += 1;
         } else {

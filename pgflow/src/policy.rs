@@ -50,30 +50,91 @@ pub async fn run_attempt(
     inputs: StepInputs,
     ctx: StepContext,
 ) -> Result<StepOutput, StepError> {
-    let timeout = step.options().timeout;
+    let mut args = Some((inputs, ctx));
+    let begun = std::future::poll_fn(|cx| match args.take() {
+        Some((inputs, ctx)) => Poll::Ready(begin_attempt(step, inputs, ctx, cx)),
+        None => Poll::Pending,
+    })
+    .await;
+    begun.finish().await
+}
+
+/// Calls `step`'s entry and polls its future once with `cx`, under
+/// [`run_attempt`]'s policy: the executors begin every attempt so, and only an
+/// attempt still running after its first poll registers a timer (a timer entry costs
+/// more than a step that awaits nothing). Its timeout counts from the end of that
+/// first poll: a timeout can only stop a step at an `.await`, never in the middle of
+/// its synchronous work.
+pub(crate) fn begin_attempt(
+    step: &StepDef,
+    inputs: StepInputs,
+    ctx: StepContext,
+    cx: &mut Context<'_>,
+) -> Attempt {
     let entry = step.entry();
     let fut = match catch_unwind(AssertUnwindSafe(|| entry(inputs, ctx))) {
         Ok(fut) => fut,
-        Err(payload) => return Err(StepError::panic(panic_message(payload.as_ref()))),
+        Err(payload) => {
+            return Attempt::Done(Err(StepError::panic(panic_message(payload.as_ref()))));
+        }
     };
-    // The deadline counts from here; the timer is only registered for a step that
-    // does not finish in its first poll (most steps that await nothing): a timer
-    // entry costs more than such a step.
-    let deadline = tokio::time::Instant::now().checked_add(timeout);
     let mut fut = CatchUnwind(fut);
-    let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await;
-    let outcome = match (first, deadline) {
-        (Poll::Ready(outcome), _) => outcome,
-        // (boxed: a timer is large, and most attempts never hold one)
-        (Poll::Pending, Some(deadline)) => {
-            match Box::pin(tokio::time::timeout_at(deadline, fut)).await {
-                Err(_) => return Err(StepError::timeout(timeout)),
-                Ok(outcome) => outcome,
+    match Pin::new(&mut fut).poll(cx) {
+        Poll::Ready(outcome) => Attempt::Done(outcome_of(outcome)),
+        Poll::Pending => {
+            let timeout = step.options().timeout;
+            let deadline = tokio::time::Instant::now().checked_add(timeout);
+            Attempt::Running {
+                fut,
+                deadline,
+                timeout,
             }
         }
-        // a timeout past the clock's range: none
-        (Poll::Pending, None) => fut.await,
-    };
+    }
+}
+
+/// An attempt after its first poll (see [`begin_attempt`]).
+pub(crate) enum Attempt {
+    /// It finished in that poll.
+    Done(Result<StepOutput, StepError>),
+    /// It awaits something; `deadline` is `None` for a timeout past the clock's range.
+    Running {
+        fut: CatchUnwind<crate::__private::StepFuture>,
+        deadline: Option<tokio::time::Instant>,
+        timeout: Duration,
+    },
+}
+
+impl Attempt {
+    /// The attempt's outcome: at once if it is done, else when its future finishes or
+    /// its deadline passes (the future is then dropped).
+    pub(crate) async fn finish(self) -> Result<StepOutput, StepError> {
+        match self {
+            Self::Done(outcome) => outcome,
+            Self::Running {
+                fut,
+                deadline: Some(deadline),
+                timeout,
+            } => {
+                // (boxed: a timer is large, and most attempts never hold one)
+                match Box::pin(tokio::time::timeout_at(deadline, fut)).await {
+                    Err(_) => Err(StepError::timeout(timeout)),
+                    Ok(outcome) => outcome_of(outcome),
+                }
+            }
+            Self::Running {
+                fut,
+                deadline: None,
+                ..
+            } => outcome_of(fut.await),
+        }
+    }
+}
+
+/// The step's result, or its panic as a failed attempt.
+fn outcome_of(
+    outcome: Result<Result<StepOutput, StepError>, String>,
+) -> Result<StepOutput, StepError> {
     match outcome {
         Err(panic) => Err(StepError::panic(panic)),
         Ok(result) => result,
@@ -160,7 +221,7 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
 }
 
 /// Polls a future, turning a panic into `Err(message)`.
-struct CatchUnwind<F>(F);
+pub(crate) struct CatchUnwind<F>(F);
 
 impl<F: Future + Unpin> Future for CatchUnwind<F> {
     type Output = Result<F::Output, String>;

@@ -114,6 +114,7 @@ pub const fn workflow_def(parts: WorkflowParts) -> WorkflowDef {
     WorkflowDef {
         parts,
         plan: OnceLock::new(),
+        consumers: OnceLock::new(),
     }
 }
 

@@ -270,7 +270,38 @@ pub fn from_json<T: DeserializeOwned>(json: &str) -> Result<T, StepError> {
 pub struct StepInputs {
     workflow: &'static str,
     step: &'static str,
-    values: Vec<Slot>,
+    values: Values,
+}
+
+/// The inputs themselves: most steps have one, kept without an allocation.
+#[derive(Debug)]
+enum Values {
+    One(Slot),
+    Many(Vec<Slot>),
+}
+
+impl Values {
+    fn from_slots(slots: impl ExactSizeIterator<Item = Slot>) -> Self {
+        let mut slots = slots;
+        match (slots.len(), slots.next()) {
+            (1, Some(slot)) => Self::One(slot),
+            (_, first) => Self::Many(first.into_iter().chain(slots).collect()),
+        }
+    }
+
+    fn get_mut(&mut self, index: usize) -> Option<&mut Slot> {
+        match self {
+            Self::One(slot) => (index == 0).then_some(slot),
+            Self::Many(slots) => slots.get_mut(index),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::One(_) => 1,
+            Self::Many(slots) => slots.len(),
+        }
+    }
 }
 
 /// One input of a step attempt.
@@ -283,13 +314,23 @@ enum Slot {
     Taken,
 }
 
+impl Slot {
+    fn backup(&self) -> Result<Self, StepError> {
+        Ok(match self {
+            Self::Value(v) => Self::Value(v.backup()?),
+            Self::Skipped => Self::Skipped,
+            Self::Taken => Self::Taken,
+        })
+    }
+}
+
 impl StepInputs {
     /// Inputs for `step` of `workflow`.
     pub fn new(workflow: &'static str, step: &'static str, values: Vec<StepValue>) -> Self {
         Self {
             workflow,
             step,
-            values: values.into_iter().map(Slot::Value).collect(),
+            values: Values::from_slots(values.into_iter().map(Slot::Value)),
         }
     }
 
@@ -311,10 +352,25 @@ impl StepInputs {
         Self {
             workflow,
             step,
-            values: values
-                .into_iter()
-                .map(|v| v.map_or(Slot::Skipped, Slot::Value))
-                .collect(),
+            values: Values::from_slots(
+                values
+                    .into_iter()
+                    .map(|v| v.map_or(Slot::Skipped, Slot::Value)),
+            ),
+        }
+    }
+
+    /// Inputs for a step with one parameter (`None`: a skipped step's output, or a
+    /// signal's payload still to come).
+    pub(crate) fn one(
+        workflow: &'static str,
+        step: &'static str,
+        value: Option<StepValue>,
+    ) -> Self {
+        Self {
+            workflow,
+            step,
+            values: Values::One(value.map_or(Slot::Skipped, Slot::Value)),
         }
     }
 
@@ -332,7 +388,7 @@ impl StepInputs {
 
     /// Whether there are no inputs.
     pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
+        self.values.len() == 0
     }
 
     /// Copies every input (see [`StepValue::backup`]), for an attempt that may be
@@ -342,17 +398,12 @@ impl StepInputs {
     ///
     /// When a value cannot be copied.
     pub fn backup(&self) -> Result<Self, StepError> {
-        let values = self
-            .values
-            .iter()
-            .map(|v| {
-                Ok(match v {
-                    Slot::Value(v) => Slot::Value(v.backup()?),
-                    Slot::Skipped => Slot::Skipped,
-                    Slot::Taken => Slot::Taken,
-                })
-            })
-            .collect::<Result<_, StepError>>()?;
+        let values = match &self.values {
+            Values::One(slot) => Values::One(slot.backup()?),
+            Values::Many(slots) => {
+                Values::Many(slots.iter().map(Slot::backup).collect::<Result<_, _>>()?)
+            }
+        };
         Ok(Self {
             workflow: self.workflow,
             step: self.step,

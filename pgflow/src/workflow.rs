@@ -420,6 +420,9 @@ impl fmt::Debug for StepDef {
 pub struct WorkflowDef {
     pub(crate) parts: crate::__private::WorkflowParts,
     pub(crate) plan: OnceLock<Plan>,
+    /// For each value (the steps' outputs, then the input), how many parameters
+    /// consume it: counted once, for the in-process executor.
+    pub(crate) consumers: OnceLock<Box<[u32]>>,
 }
 
 impl WorkflowDef {
