@@ -36,61 +36,124 @@ impl ser::Error for NotFinite {
 }
 
 /// Checks that `value` holds no NaN or infinite float; the error names where
-/// (`.scores[2]`) and what.
+/// (`.scores[2]`) and what. The walk allocates nothing unless it finds one: the
+/// path is a chain of segments on the stack, written out only for the error.
 pub(crate) fn check<T: Serialize + ?Sized>(value: &T) -> Result<(), NotFinite> {
-    match value.serialize(Checker {
-        path: String::new(),
-    }) {
+    match value.serialize(Checker { at: At::Root }) {
         Err(NotFinite::Other) => Ok(()),
         other => other,
     }
 }
 
-struct Checker {
-    path: String,
+/// Where the walk is: a segment and the path of its parent.
+#[derive(Clone, Copy)]
+enum At<'a> {
+    Root,
+    /// `[i]`
+    Index(&'a At<'a>, usize),
+    /// `.name`: a field, a variant, or a map key already written out.
+    Field(&'a At<'a>, &'a str),
+    /// `.key`: a map key, written out only if the path is.
+    Key(&'a At<'a>, &'a dyn Fn() -> String),
 }
 
-impl Checker {
+impl At<'_> {
+    fn write(&self, out: &mut String) {
+        use fmt::Write as _;
+        match self {
+            At::Root => {}
+            At::Index(parent, i) => {
+                parent.write(out);
+                let _ = write!(out, "[{i}]");
+            }
+            At::Field(parent, name) => {
+                parent.write(out);
+                out.push('.');
+                out.push_str(name);
+            }
+            At::Key(parent, key) => {
+                parent.write(out);
+                out.push('.');
+                out.push_str(&key());
+            }
+        }
+    }
+}
+
+struct Checker<'a> {
+    at: At<'a>,
+}
+
+impl Checker<'_> {
     fn float(&self, v: f64) -> Result<(), NotFinite> {
         if v.is_finite() {
-            Ok(())
-        } else {
-            let at = if self.path.is_empty() {
-                "the value"
-            } else {
-                &self.path
-            };
-            Err(NotFinite::Float(format!(
-                "{v} at {at} cannot be stored: JSON has no NaN or infinity (it would be stored as null)"
-            )))
+            return Ok(());
         }
-    }
-
-    fn child(&self, segment: fmt::Arguments<'_>) -> Checker {
-        Checker {
-            path: format!("{}{segment}", self.path),
-        }
+        let mut path = String::new();
+        self.at.write(&mut path);
+        let at = if path.is_empty() { "the value" } else { &path };
+        Err(NotFinite::Float(format!(
+            "{v} at {at} cannot be stored: JSON has no NaN or infinity (it would be stored as null)"
+        )))
     }
 }
 
-/// Walks the elements of a sequence, tuple, map or struct.
-struct Compound {
-    path: String,
+/// A map key as `serde_json` writes it (a string, or a number as one).
+fn key_text<K: Serialize + ?Sized>(key: &K) -> String {
+    match serde_json::to_value(key) {
+        Ok(serde_json::Value::String(key)) => key,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".to_owned(),
+    }
+}
+
+/// Walks the elements of a sequence, tuple, map or struct (of `variant`, for an
+/// enum's tuple or struct variant).
+struct Compound<'a> {
+    at: At<'a>,
+    variant: Option<&'static str>,
     index: usize,
+    /// A key given alone (`serialize_key`), for the value that follows.
     key: Option<String>,
 }
 
-impl Compound {
+/// A segment below a compound's path.
+#[derive(Clone, Copy)]
+enum Segment<'k> {
+    Index(usize),
+    Field(&'k str),
+    Key(&'k dyn Fn() -> String),
+}
+
+impl Compound<'_> {
+    /// Checks `value` at `segment` below this compound's path.
+    fn child<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        segment: Segment<'_>,
+    ) -> Result<(), NotFinite> {
+        let below = |parent: &At<'_>| {
+            let at = match segment {
+                Segment::Index(i) => At::Index(parent, i),
+                Segment::Field(name) => At::Field(parent, name),
+                Segment::Key(key) => At::Key(parent, key),
+            };
+            value.serialize(Checker { at })
+        };
+        match self.variant {
+            Some(variant) => below(&At::Field(&self.at, variant)),
+            None => below(&self.at),
+        }
+    }
+
     fn next_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), NotFinite> {
-        let path = format!("{}[{}]", self.path, self.index);
+        let i = self.index;
         self.index += 1;
-        value.serialize(Checker { path })
+        self.child(value, Segment::Index(i))
     }
 
     fn field<T: Serialize + ?Sized>(&mut self, name: &str, value: &T) -> Result<(), NotFinite> {
-        value.serialize(Checker {
-            path: format!("{}.{name}", self.path),
-        })
+        self.child(value, Segment::Field(name))
     }
 }
 
@@ -100,16 +163,16 @@ macro_rules! accept {
     };
 }
 
-impl ser::Serializer for Checker {
+impl<'a> ser::Serializer for Checker<'a> {
     type Ok = ();
     type Error = NotFinite;
-    type SerializeSeq = Compound;
-    type SerializeTuple = Compound;
-    type SerializeTupleStruct = Compound;
-    type SerializeTupleVariant = Compound;
-    type SerializeMap = Compound;
-    type SerializeStruct = Compound;
-    type SerializeStructVariant = Compound;
+    type SerializeSeq = Compound<'a>;
+    type SerializeTuple = Compound<'a>;
+    type SerializeTupleStruct = Compound<'a>;
+    type SerializeTupleVariant = Compound<'a>;
+    type SerializeMap = Compound<'a>;
+    type SerializeStruct = Compound<'a>;
+    type SerializeStructVariant = Compound<'a>;
 
     accept!(serialize_bool: bool, serialize_i8: i8, serialize_i16: i16, serialize_i32: i32,
         serialize_i64: i64, serialize_i128: i128, serialize_u8: u8, serialize_u16: u16,
@@ -156,16 +219,18 @@ impl ser::Serializer for Checker {
         variant: &'static str,
         v: &T,
     ) -> Result<(), NotFinite> {
-        v.serialize(self.child(format_args!(".{variant}")))
+        v.serialize(Checker {
+            at: At::Field(&self.at, variant),
+        })
     }
-    fn serialize_seq(self, _: Option<usize>) -> Result<Compound, NotFinite> {
-        Ok(self.compound())
+    fn serialize_seq(self, _: Option<usize>) -> Result<Compound<'a>, NotFinite> {
+        Ok(self.compound(None))
     }
-    fn serialize_tuple(self, _: usize) -> Result<Compound, NotFinite> {
-        Ok(self.compound())
+    fn serialize_tuple(self, _: usize) -> Result<Compound<'a>, NotFinite> {
+        Ok(self.compound(None))
     }
-    fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Compound, NotFinite> {
-        Ok(self.compound())
+    fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Compound<'a>, NotFinite> {
+        Ok(self.compound(None))
     }
     fn serialize_tuple_variant(
         self,
@@ -173,14 +238,14 @@ impl ser::Serializer for Checker {
         _: u32,
         variant: &'static str,
         _: usize,
-    ) -> Result<Compound, NotFinite> {
-        Ok(self.child(format_args!(".{variant}")).compound())
+    ) -> Result<Compound<'a>, NotFinite> {
+        Ok(self.compound(Some(variant)))
     }
-    fn serialize_map(self, _: Option<usize>) -> Result<Compound, NotFinite> {
-        Ok(self.compound())
+    fn serialize_map(self, _: Option<usize>) -> Result<Compound<'a>, NotFinite> {
+        Ok(self.compound(None))
     }
-    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Compound, NotFinite> {
-        Ok(self.compound())
+    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Compound<'a>, NotFinite> {
+        Ok(self.compound(None))
     }
     fn serialize_struct_variant(
         self,
@@ -188,15 +253,16 @@ impl ser::Serializer for Checker {
         _: u32,
         variant: &'static str,
         _: usize,
-    ) -> Result<Compound, NotFinite> {
-        Ok(self.child(format_args!(".{variant}")).compound())
+    ) -> Result<Compound<'a>, NotFinite> {
+        Ok(self.compound(Some(variant)))
     }
 }
 
-impl Checker {
-    fn compound(self) -> Compound {
+impl<'a> Checker<'a> {
+    fn compound(self, variant: Option<&'static str>) -> Compound<'a> {
         Compound {
-            path: self.path,
+            at: self.at,
+            variant,
             index: 0,
             key: None,
         }
@@ -206,7 +272,7 @@ impl Checker {
 /// The sequence-like compounds: each element is the next index.
 macro_rules! elements {
     ($($trait:ident :: $method:ident),*) => {$(
-        impl ser::$trait for Compound {
+        impl ser::$trait for Compound<'_> {
             type Ok = ();
             type Error = NotFinite;
             fn $method<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), NotFinite> {
@@ -226,21 +292,25 @@ elements!(
     SerializeTupleVariant::serialize_field
 );
 
-impl ser::SerializeMap for Compound {
+impl ser::SerializeMap for Compound<'_> {
     type Ok = ();
     type Error = NotFinite;
     fn serialize_key<T: Serialize + ?Sized>(&mut self, k: &T) -> Result<(), NotFinite> {
-        // A key as serde_json writes it (a string, or a number as one).
-        self.key = Some(match serde_json::to_value(k) {
-            Ok(serde_json::Value::String(key)) => key,
-            Ok(other) => other.to_string(),
-            Err(_) => "?".to_owned(),
-        });
+        self.key = Some(key_text(k));
         Ok(())
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), NotFinite> {
         let key = self.key.take().unwrap_or_else(|| "?".into());
         self.field(&key, v)
+    }
+    fn serialize_entry<K: Serialize + ?Sized, V: Serialize + ?Sized>(
+        &mut self,
+        k: &K,
+        v: &V,
+    ) -> Result<(), NotFinite> {
+        // the key is written out only if the path is
+        let key = || key_text(k);
+        self.child(v, Segment::Key(&key))
     }
     fn end(self) -> Result<(), NotFinite> {
         Ok(())
@@ -250,7 +320,7 @@ impl ser::SerializeMap for Compound {
 /// The struct-like compounds: each field is named.
 macro_rules! fields {
     ($($trait:ident),*) => {$(
-        impl ser::$trait for Compound {
+        impl ser::$trait for Compound<'_> {
             type Ok = ();
             type Error = NotFinite;
             fn serialize_field<T: Serialize + ?Sized>(
@@ -308,5 +378,47 @@ mod tests {
                 .contains("the value")
         );
         assert!(check(&Some(1.5_f64)).is_ok());
+    }
+
+    #[derive(serde::Serialize)]
+    enum Shape {
+        Point { x: f64, y: f64 },
+        Pair(f64, f64),
+        Radius(f64),
+    }
+
+    #[derive(serde::Serialize)]
+    struct Scene {
+        shapes: Vec<Shape>,
+        weights: BTreeMap<u32, Vec<f64>>,
+    }
+
+    #[test]
+    fn paths_name_variants_map_keys_and_nesting() {
+        let path = |scene: &Scene| {
+            let e = check(scene).unwrap_err().to_string();
+            e[e.find(" at ").unwrap() + 4..e.find(" cannot").unwrap()].to_owned()
+        };
+        let mut scene = Scene {
+            shapes: vec![
+                Shape::Point { x: 1.0, y: 2.0 },
+                Shape::Pair(0.5, 1.5),
+                Shape::Radius(3.0),
+            ],
+            weights: BTreeMap::from([(7, vec![0.1, 0.2]), (9, vec![0.3])]),
+        };
+        assert!(check(&scene).is_ok());
+        scene.weights.insert(9, vec![0.3, f64::NAN]);
+        assert_eq!(path(&scene), ".weights.9[1]");
+        scene.weights.clear();
+        scene.shapes[2] = Shape::Radius(f64::INFINITY);
+        assert_eq!(path(&scene), ".shapes[2].Radius");
+        scene.shapes[1] = Shape::Pair(0.5, f64::NAN);
+        assert_eq!(path(&scene), ".shapes[1].Pair[1]");
+        scene.shapes[0] = Shape::Point {
+            x: 1.0,
+            y: f64::NEG_INFINITY,
+        };
+        assert_eq!(path(&scene), ".shapes[0].Point.y");
     }
 }
