@@ -286,19 +286,11 @@ pub struct StepContext {
     /// `From` takes a lock-free but not free path on every attempt).
     own_cost: std::sync::OnceLock<CostMeter>,
     cancel: Option<CancelToken>,
-    /// The parts an in-process run gives all its attempts (where the three above are
-    /// `None`).
-    scope: Option<Arc<Scope>>,
+    /// What an in-process run shares with all its attempts, the three above among
+    /// them (which are then `None`): one count to raise and drop per attempt instead
+    /// of three.
+    scope: Option<Arc<crate::execute::Shared>>,
     transaction: Option<crate::Transaction>,
-}
-
-/// What all attempts of an in-process run share, given to each attempt's context as
-/// one reference: one count to raise and drop per attempt instead of three.
-#[derive(Debug)]
-pub(crate) struct Scope {
-    pub(crate) data: Arc<Data>,
-    pub(crate) cost: CostMeter,
-    pub(crate) cancel: CancelToken,
 }
 
 impl Clone for StepContext {
@@ -379,7 +371,7 @@ impl StepContext {
         let data = self
             .data
             .as_deref()
-            .or_else(|| self.scope.as_deref().map(|s| &*s.data));
+            .or_else(|| self.scope.as_deref().and_then(|s| s.data.as_deref()));
         data.and_then(Data::get::<T>).ok_or_else(|| {
             StepError::permanent(format!(
                 "no shared data of type `{}`: pass it with `.data(..)` when building the runtime or the execute options",
@@ -485,7 +477,7 @@ impl StepContextBuilder {
     }
 
     /// Gives the attempt the data, cost meter and cancel token of its in-process run.
-    pub(crate) fn scope(mut self, scope: Arc<Scope>) -> Self {
+    pub(crate) fn scope(mut self, scope: Arc<crate::execute::Shared>) -> Self {
         self.0.scope = Some(scope);
         self
     }

@@ -51,7 +51,8 @@ use crate::{
 #[derive(Debug, Clone, Default)]
 pub struct ExecuteOptions {
     json_roundtrip: bool,
-    data: Data,
+    /// Made by the first `data`, shared (not copied) by every run with these options.
+    data: Option<Arc<Data>>,
     cost: CostMeter,
     cancel: CancelToken,
     pub(crate) signals: crate::Signals,
@@ -76,7 +77,7 @@ impl ExecuteOptions {
 
     /// Adds a shared value that steps read with `ctx.data::<T>()`.
     pub fn data<T: Send + Sync + 'static>(mut self, value: T) -> Self {
-        self.data.insert(value);
+        Arc::make_mut(self.data.get_or_insert_default()).insert(value);
         self
     }
 
@@ -189,13 +190,13 @@ impl Shared {
             .reserved
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (tokens_in, tokens_out) = self.scope.cost.tokens();
+        let (tokens_in, tokens_out) = self.cost.tokens();
         let spent_tokens = i64::try_from(tokens_in.saturating_add(tokens_out)).unwrap_or(i64::MAX);
         for (budget, unit, spent, held, estimate) in [
             (
                 self.budget_cents,
                 crate::BudgetUnit::Cents,
-                self.scope.cost.total(),
+                self.cost.total(),
                 reserved.cents,
                 cents,
             ),
@@ -305,9 +306,21 @@ type Running = FuturesUnordered<BoxFuture<'static, Finished>>;
 
 static NEXT_RUN_ID: AtomicI64 = AtomicI64::new(1);
 
-struct Shared {
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("run_id", &self.run_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What all steps of an in-process run share (their contexts too: see
+/// [`StepContext`]'s `scope`).
+pub(crate) struct Shared {
     run_id: RunId,
-    scope: Arc<crate::context::Scope>,
+    pub(crate) data: Option<Arc<Data>>,
+    pub(crate) cost: CostMeter,
+    pub(crate) cancel: CancelToken,
     signals: crate::Signals,
     json_roundtrip: bool,
     budget_cents: Option<i64>,
@@ -371,12 +384,36 @@ struct Run<'o> {
     running: Option<Running>,
     /// Steps (or elements) that finished without waiting: most finish in their first
     /// poll, which the executor makes at once (see [`Run::spawn`]).
-    done: std::collections::VecDeque<Finished>,
+    done: Done,
     /// What a replay injects, per step (`None` outside a replay: one check per step).
     injected: Option<Vec<Option<Injected>>>,
 }
 
+/// A first-in first-out queue of what finished, whose first entry needs no
+/// allocation: in a chain, one step at a time is done.
+#[derive(Default)]
+struct Done {
+    first: Option<Finished>,
+    rest: std::collections::VecDeque<Finished>,
+}
+
 impl Run<'_> {
+    fn push_done(&mut self, finished: Finished) {
+        let done = &mut self.done;
+        if done.first.is_none() && done.rest.is_empty() {
+            done.first = Some(finished);
+        } else {
+            done.rest.push_back(finished);
+        }
+    }
+
+    fn pop_done(&mut self) -> Option<Finished> {
+        self.done
+            .first
+            .take()
+            .or_else(|| self.done.rest.pop_front())
+    }
+
     fn serde_err(&self, e: &StepError) -> RunError {
         RunError::Serde {
             workflow: self.def.name().to_owned(),
@@ -448,7 +485,7 @@ impl Run<'_> {
 
     /// Queues `step` (or one element of it) as finished with `output`, not called.
     fn finish_now(&mut self, step: &'static StepDef, element: Option<usize>, output: StepOutput) {
-        self.done.push_back(Finished {
+        self.push_done(Finished {
             step: step.index(),
             element,
             result: Ok(output),
@@ -502,7 +539,7 @@ impl Run<'_> {
                 .collect(Vec::new())
                 .map(StepOutput::Completed)
                 .map_err(|e| self.serde_err(&e));
-            self.done.push_back(Finished {
+            self.push_done(Finished {
                 step: step.index(),
                 element: None,
                 result,
@@ -544,7 +581,7 @@ impl Run<'_> {
     /// with a delay, a signal or the lent transaction, run as futures of the run.
     fn spawn(&mut self, step: &'static StepDef, element: Option<usize>, inputs: StepInputs) {
         let def = self.def;
-        let shared = &*self.shared;
+        let shared = &self.shared;
         let slow = !step.options().delay.is_zero()
             || step.signal().is_some()
             || (step.transactional() && shared.transaction.is_some());
@@ -553,7 +590,7 @@ impl Run<'_> {
         } else {
             match begin_first(def, step, element, inputs, shared) {
                 First::Done(result) => {
-                    self.done.push_back(Finished {
+                    self.push_done(Finished {
                         step: step.index(),
                         element,
                         result,
@@ -694,11 +731,9 @@ pub(crate) async fn run_definition(
                 || RunId(NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed)),
                 |i| i.run_id,
             ),
-            scope: Arc::new(crate::context::Scope {
-                data: Arc::new(options.data.clone()),
-                cost: options.cost.clone(),
-                cancel: options.cancel.clone(),
-            }),
+            data: options.data.clone(),
+            cost: options.cost.clone(),
+            cancel: options.cancel.clone(),
             signals: options.signals.clone(),
             json_roundtrip: options.json_roundtrip,
             budget_cents: options.budget_cents,
@@ -709,7 +744,7 @@ pub(crate) async fn run_definition(
         nodes,
         maps: Vec::new(),
         running: None,
-        done: std::collections::VecDeque::new(),
+        done: Done::default(),
         injected: injection.map(|i| i.steps),
     };
     for &root in plan.roots() {
@@ -719,7 +754,7 @@ pub(crate) async fn run_definition(
     // step at all (not one registered and dropped again per finished step).
     let mut cancelled = None;
     loop {
-        let finished = match run.done.pop_front() {
+        let finished = match run.pop_done() {
             Some(_) if options.cancel.is_cancelled() => {
                 return Err(RunError::Cancelled {
                     workflow: def.name().to_owned(),
@@ -828,9 +863,9 @@ async fn run_subflow(
     let (child, input) = start.into_parts();
     let options = ExecuteOptions {
         json_roundtrip: shared.json_roundtrip,
-        data: (*shared.scope.data).clone(),
-        cost: shared.scope.cost.clone(),
-        cancel: shared.scope.cancel.clone(),
+        data: shared.data.clone(),
+        cost: shared.cost.clone(),
+        cancel: shared.cancel.clone(),
         signals: shared.signals.clone(),
         // a child run has no budget of its own (durably, it is a run of its own);
         // its cost is in the shared meter, so the parent's later steps see it
@@ -843,7 +878,7 @@ async fn run_subflow(
         Box::pin(run_definition(child, input, &options, None));
     match run.await {
         Ok(output) => Ok(StepOutput::Completed(output)),
-        Err(RunError::Cancelled { .. }) if shared.scope.cancel.is_cancelled() => {
+        Err(RunError::Cancelled { .. }) if shared.cancel.is_cancelled() => {
             Err(RunError::Cancelled {
                 workflow: def.name().to_owned(),
             })
@@ -868,7 +903,7 @@ async fn run_subflow(
 async fn sleep_unless_cancelled(delay: std::time::Duration, shared: &Shared) -> bool {
     tokio::select! {
         () = tokio::time::sleep(delay) => true,
-        () = shared.scope.cancel.cancelled() => false,
+        () = shared.cancel.cancelled() => false,
     }
 }
 
@@ -895,13 +930,13 @@ fn attempt_context(
     step: &'static StepDef,
     element: Option<usize>,
     attempt: u32,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> crate::context::StepContextBuilder {
     StepContext::builder(def.name(), step.name())
         .run_id(shared.run_id)
         .attempt(attempt)
         .element(element)
-        .scope(Arc::clone(&shared.scope))
+        .scope(Arc::clone(shared))
 }
 
 /// Whether another attempt (or a snooze) may follow attempt `attempt` after
@@ -919,9 +954,9 @@ fn begin_first(
     step: &'static StepDef,
     element: Option<usize>,
     inputs: StepInputs,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> First {
-    if shared.scope.cancel.is_cancelled() {
+    if shared.cancel.is_cancelled() {
         return First::Done(Err(RunError::Cancelled {
             workflow: def.name().to_owned(),
         }));
@@ -967,7 +1002,7 @@ async fn run_with_retries(
     step: &'static StepDef,
     element: Option<usize>,
     mut inputs: Option<StepInputs>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     mut begun: Option<Begun>,
 ) -> Result<StepOutput, RunError> {
     let options = step.options();
@@ -991,7 +1026,7 @@ async fn run_with_retries(
             let payload = Box::pin(async {
                 tokio::select! {
                     p = shared.signals.wait(signal.name, signal.timeout) => Some(p),
-                    () = shared.scope.cancel.cancelled() => None,
+                    () = shared.cancel.cancelled() => None,
                 }
             })
             .await;
@@ -1021,7 +1056,7 @@ async fn run_with_retries(
                 (result, begun.spare)
             }
             None => {
-                if shared.scope.cancel.is_cancelled() {
+                if shared.cancel.is_cancelled() {
                     return Err(cancelled());
                 }
                 let Some(current) = inputs.take() else {
@@ -1082,7 +1117,7 @@ async fn run_with_retries(
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
-        if error.kind() == ErrorKind::Cancelled || shared.scope.cancel.is_cancelled() {
+        if error.kind() == ErrorKind::Cancelled || shared.cancel.is_cancelled() {
             return Err(cancelled());
         }
         let snoozed = error.snoozed_for();
