@@ -159,6 +159,44 @@ async fn independent_branches_run_concurrently() {
     assert_eq!(out.unwrap(), 11 * 12);
 }
 
+/// The receiving end of a value sent from outside the run.
+pub struct Later(std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<u32>>>);
+
+pub struct AwaitsOutside;
+
+#[workflow(name = "exec_awaits_outside")]
+impl AwaitsOutside {
+    #[step]
+    async fn wait(n: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        let rx = ctx.data::<Later>()?.0.lock().unwrap().take();
+        let rx = rx.ok_or_else(|| StepError::permanent("no receiver"))?;
+        let got = rx.await.map_err(|e| StepError::permanent(e.to_string()))?;
+        Ok(n + got)
+    }
+
+    #[step]
+    async fn after(wait: u32) -> Result<u32, StepError> {
+        Ok(wait * 2)
+    }
+}
+
+#[tokio::test]
+async fn a_step_woken_from_outside_the_run_after_its_first_poll_completes() {
+    // The executor polls a step once as soon as it is ready, before the step is a
+    // future of the run; the waker the step registers later must still wake the run.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let opts = ExecuteOptions::new().data(Later(std::sync::Mutex::new(Some(rx))));
+    let run = tokio::spawn(execute_with::<AwaitsOutside>(1, opts));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!run.is_finished());
+    tx.send(20).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the run was not woken")
+        .unwrap();
+    assert_eq!(out.unwrap(), 42);
+}
+
 /// Counts attempts per test through shared data.
 #[derive(Default)]
 pub struct Attempts(AtomicU32);
