@@ -302,6 +302,37 @@ async fn a_step_over_its_timeout_is_retried_then_fails(pool: PgPool) {
     rt.shutdown().await.unwrap();
 }
 
+pub struct WorksThenWaits;
+
+#[workflow(name = "rt_works_then_waits", max_attempts = 1)]
+impl WorksThenWaits {
+    /// Synchronous work past its timeout, then a short wait.
+    #[step(timeout = "100ms")]
+    async fn work(millis: u64) -> Result<u64, StepError> {
+        std::thread::sleep(Duration::from_millis(millis));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(millis)
+    }
+}
+
+#[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
+async fn a_durable_timeout_counts_from_the_attempts_start_not_its_first_wait(pool: PgPool) {
+    // The task's lease covers the timeout from the attempt's start: an attempt that
+    // worked synchronously past its timeout times out at its first wait.
+    let rt = runtime(&pool, &[("default", 1)]).await;
+    let run = rt.start::<WorksThenWaits>(300).await.unwrap();
+    let err = run.wait().await.unwrap_err();
+    let Error::Run(e) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(e.history().len(), 1, "{e}");
+    assert_eq!(e.history()[0].kind, ErrorKind::Timeout, "{e}");
+    // a step whose work stays within the timeout completes
+    let run = rt.start::<WorksThenWaits>(10).await.unwrap();
+    assert_eq!(run.wait().await.unwrap(), 10);
+    rt.shutdown().await.unwrap();
+}
+
 pub struct Panics;
 
 #[workflow(name = "rt_panics", backoff = "10ms", max_attempts = 2)]

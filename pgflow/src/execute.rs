@@ -25,7 +25,11 @@
 //! ```
 //!
 //! Backoff delays are real sleeps; in tests, `#[tokio::test(start_paused = true)]`
-//! makes them (and timeouts) instantaneous without changing behaviour.
+//! makes them (and timeouts) instantaneous without changing behaviour. One
+//! difference from the durable runtime: a step's timeout counts from its first
+//! `.await` that has to wait, not from the attempt's start (a step that finishes
+//! without waiting reads no clock), which only matters for a step that does long
+//! synchronous work before it first waits.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -972,7 +976,8 @@ fn begin_first(
         Err(e) => return First::Done(Err(e)),
     };
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let attempt = match policy::begin_attempt(step, inputs, ctx, &mut cx) {
+    let attempt = match policy::begin_attempt(step, inputs, ctx, &mut cx, policy::Clock::FirstWait)
+    {
         policy::Attempt::Done(Ok(out @ (StepOutput::Completed(_) | StepOutput::Skipped))) => {
             match policy::storable(&out) {
                 Ok(()) => {

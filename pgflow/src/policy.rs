@@ -52,24 +52,35 @@ pub async fn run_attempt(
 ) -> Result<StepOutput, StepError> {
     let mut args = Some((inputs, ctx));
     let begun = std::future::poll_fn(|cx| match args.take() {
-        Some((inputs, ctx)) => Poll::Ready(begin_attempt(step, inputs, ctx, cx)),
+        Some((inputs, ctx)) => Poll::Ready(begin_attempt(step, inputs, ctx, cx, Clock::Start)),
         None => Poll::Pending,
     })
     .await;
     begun.finish().await
 }
 
+/// Where an attempt's timeout counts from (see [`begin_attempt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Clock {
+    /// From before its first poll: the durable runtime's, whose lease on the task
+    /// covers the timeout from the attempt's start.
+    Start,
+    /// From the end of its first poll, when it has to wait: the in-process
+    /// executor's, where a step that finishes in that poll reads no clock.
+    FirstWait,
+}
+
 /// Calls `step`'s entry and polls its future once with `cx`, under
 /// [`run_attempt`]'s policy: the executors begin every attempt so, and only an
 /// attempt still running after its first poll registers a timer (a timer entry costs
-/// more than a step that awaits nothing). Its timeout counts from the end of that
-/// first poll: a timeout can only stop a step at an `.await`, never in the middle of
-/// its synchronous work.
+/// more than a step that awaits nothing). Its timeout counts from `clock`. Either way
+/// a timeout stops a step at an `.await`, never in the middle of synchronous work.
 pub(crate) fn begin_attempt(
     step: &StepDef,
     inputs: StepInputs,
     ctx: StepContext,
     cx: &mut Context<'_>,
+    clock: Clock,
 ) -> Attempt {
     let entry = step.entry();
     let fut = match catch_unwind(AssertUnwindSafe(|| entry(inputs, ctx))) {
@@ -79,11 +90,14 @@ pub(crate) fn begin_attempt(
         }
     };
     let mut fut = CatchUnwind(fut);
+    let started = (clock == Clock::Start).then(tokio::time::Instant::now);
     match Pin::new(&mut fut).poll(cx) {
         Poll::Ready(outcome) => Attempt::Done(outcome_of(outcome)),
         Poll::Pending => {
             let timeout = step.options().timeout;
-            let deadline = tokio::time::Instant::now().checked_add(timeout);
+            let deadline = started
+                .unwrap_or_else(tokio::time::Instant::now)
+                .checked_add(timeout);
             Attempt::Running {
                 fut,
                 deadline,
