@@ -936,11 +936,17 @@ fn attempt_context(
     attempt: u32,
     shared: &Arc<Shared>,
 ) -> crate::context::StepContextBuilder {
-    StepContext::builder(def.name(), step.name())
+    let ctx = StepContext::builder(def.name(), step.name())
         .run_id(shared.run_id)
         .attempt(attempt)
-        .element(element)
-        .scope(Arc::clone(shared))
+        .element(element);
+    // Only a step that takes the context reads what the run shares (a reference
+    // counted once per attempt: a tenth of a trivial step's cost).
+    if step.takes_context() || step.transactional() {
+        ctx.scope(Arc::clone(shared))
+    } else {
+        ctx
+    }
 }
 
 /// Whether another attempt (or a snooze) may follow attempt `attempt` after
