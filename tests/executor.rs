@@ -197,26 +197,6 @@ async fn a_step_woken_from_outside_the_run_after_its_first_poll_completes() {
     assert_eq!(out.unwrap(), 42);
 }
 
-pub struct WorksThenWaits;
-
-#[workflow(name = "exec_works_then_waits", max_attempts = 1)]
-impl WorksThenWaits {
-    /// Synchronous work past its timeout, then a short wait.
-    #[step(timeout = "100ms")]
-    async fn work(millis: u64) -> Result<u64, StepError> {
-        std::thread::sleep(Duration::from_millis(millis));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        Ok(millis)
-    }
-}
-
-#[tokio::test]
-async fn in_process_a_timeout_counts_from_the_first_wait() {
-    // Unlike the durable runtime (whose lease covers the attempt from its start), the
-    // in-process executor reads the clock only for a step that has to wait.
-    assert_eq!(execute::<WorksThenWaits>(300).await.unwrap(), 300);
-}
-
 /// Counts attempts per test through shared data.
 #[derive(Default)]
 pub struct Attempts(AtomicU32);

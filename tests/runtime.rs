@@ -316,7 +316,9 @@ impl WorksThenWaits {
 }
 
 #[sqlx::test(migrator = "pgflow_runtime::MIGRATOR")]
-async fn a_durable_timeout_counts_from_the_attempts_start_not_its_first_wait(pool: PgPool) {
+async fn a_durable_timeout_counts_from_the_attempts_start_in_process_from_the_first_wait(
+    pool: PgPool,
+) {
     // The task's lease covers the timeout from the attempt's start: an attempt that
     // worked synchronously past its timeout times out at its first wait.
     let rt = runtime(&pool, &[("default", 1)]).await;
@@ -331,6 +333,9 @@ async fn a_durable_timeout_counts_from_the_attempts_start_not_its_first_wait(poo
     let run = rt.start::<WorksThenWaits>(10).await.unwrap();
     assert_eq!(run.wait().await.unwrap(), 10);
     rt.shutdown().await.unwrap();
+    // In process (no lease), the timeout counts from the first wait: the clock is
+    // read only for a step that has to wait.
+    assert_eq!(pgflow::execute::<WorksThenWaits>(300).await.unwrap(), 300);
 }
 
 pub struct Panics;
