@@ -293,6 +293,104 @@ async fn permanent_errors_fail_at_once() {
     }
 }
 
+pub struct SharesABudget;
+
+#[workflow(name = "exec_shares_a_budget", backoff = "1ms")]
+impl SharesABudget {
+    #[step(depends_on = [], estimate_cents = 10)]
+    async fn flaky(input: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        ctx.add_cost_cents(1);
+        if ctx.attempt() == 1 {
+            return Err(StepError::retryable("the first try fails"));
+        }
+        Ok(input)
+    }
+
+    #[step(depends_on = [], estimate_cents = 10)]
+    async fn steady(input: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        ctx.add_cost_cents(1);
+        Ok(input)
+    }
+
+    #[step(depends_on = [flaky, steady])]
+    async fn both(flaky: u32, steady: u32) -> Result<u32, StepError> {
+        Ok(flaky + steady)
+    }
+}
+
+#[tokio::test]
+async fn an_attempt_that_fails_without_waiting_gives_its_reservation_back_at_once() {
+    // Budget 15: `flaky`'s failed first try (estimate 10) must not still hold its
+    // 10 when `steady` (estimate 10) asks, or `steady` would be refused.
+    let cost = CostMeter::new();
+    let opts = ExecuteOptions::new().budget_cents(15).cost(cost.clone());
+    let out = execute_with::<SharesABudget>(2, opts).await;
+    assert_eq!(out.unwrap(), 4);
+    assert_eq!(cost.total(), 3);
+}
+
+pub struct FailsFirst;
+
+#[workflow(name = "exec_fails_first", max_attempts = 1)]
+impl FailsFirst {
+    #[step(depends_on = [])]
+    async fn broken(input: u32) -> Result<u32, StepError> {
+        Err(StepError::permanent(format!("{input} is broken")))
+    }
+
+    #[step(depends_on = [])]
+    async fn other(input: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        ctx.data::<Arc<Attempts>>()?
+            .0
+            .fetch_add(1, Ordering::SeqCst);
+        Ok(input)
+    }
+
+    #[step(depends_on = [broken, other])]
+    async fn join(broken: u32, other: u32) -> Result<u32, StepError> {
+        Ok(broken + other)
+    }
+}
+
+pub struct FailingElement;
+
+#[workflow(name = "exec_failing_element", max_attempts = 1)]
+impl FailingElement {
+    #[step(map)]
+    async fn each(n: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        ctx.data::<Arc<Attempts>>()?
+            .0
+            .fetch_add(1, Ordering::SeqCst);
+        if n == 0 {
+            return Err(StepError::permanent("element 0 fails"));
+        }
+        Ok(n)
+    }
+}
+
+#[tokio::test]
+async fn a_step_that_fails_for_good_without_waiting_stops_the_steps_after_it() {
+    let attempts = Arc::new(Attempts::default());
+    let opts = ExecuteOptions::new().data(Arc::clone(&attempts));
+    let err = execute_with::<FailsFirst>(7, opts).await.unwrap_err();
+    assert!(
+        matches!(&err, RunError::StepFailed { step, .. } if step == "broken"),
+        "{err:?}"
+    );
+    assert_eq!(attempts.0.load(Ordering::SeqCst), 0, "`other` ran");
+    // the elements of a map step after one that failed are not run either
+    let attempts = Arc::new(Attempts::default());
+    let opts = ExecuteOptions::new().data(Arc::clone(&attempts));
+    let err = execute_with::<FailingElement>((0..1_000).collect(), opts)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RunError::StepFailed { step, element: Some(0), .. } if step == "each"),
+        "{err:?}"
+    );
+    assert_eq!(attempts.0.load(Ordering::SeqCst), 1);
+}
+
 pub struct Slow;
 
 #[workflow]
@@ -530,6 +628,38 @@ async fn a_cancel_during_a_step_that_never_waits_stops_the_next_step() {
     let res = execute_with::<CancelsItself>(1, opts).await;
     assert!(matches!(res, Err(RunError::Cancelled { .. })), "{res:?}");
     assert_eq!(attempts.0.load(Ordering::SeqCst), 0, "the second step ran");
+}
+
+/// What a step saw of the cancel, through its context.
+#[derive(Default)]
+pub struct SawCancel(std::sync::atomic::AtomicBool);
+
+pub struct SeesItsCancel;
+
+#[workflow(name = "exec_sees_its_cancel")]
+impl SeesItsCancel {
+    #[step]
+    async fn look(n: u32, ctx: &StepContext) -> Result<u32, StepError> {
+        assert!(!ctx.is_cancelled());
+        ctx.data::<pgflow::CancelToken>()?.cancel();
+        ctx.data::<Arc<SawCancel>>()?
+            .0
+            .store(ctx.is_cancelled(), Ordering::SeqCst);
+        Ok(n)
+    }
+}
+
+#[tokio::test]
+async fn a_step_sees_a_cancel_made_while_it_runs() {
+    let cancel = pgflow::CancelToken::new();
+    let saw = Arc::new(SawCancel::default());
+    let opts = ExecuteOptions::new()
+        .cancel(cancel.clone())
+        .data(cancel)
+        .data(Arc::clone(&saw));
+    let res = execute_with::<SeesItsCancel>(1, opts).await;
+    assert!(matches!(res, Err(RunError::Cancelled { .. })), "{res:?}");
+    assert!(saw.0.load(Ordering::SeqCst), "ctx.is_cancelled() was false");
 }
 
 /// Shapes the clippy run must see (trybuild cases are not linted): a root step with

@@ -307,7 +307,7 @@ pub struct WorksThenWaits;
 #[workflow(name = "rt_works_then_waits", max_attempts = 1)]
 impl WorksThenWaits {
     /// Synchronous work past its timeout, then a short wait.
-    #[step(timeout = "100ms")]
+    #[step(timeout = "300ms")]
     async fn work(millis: u64) -> Result<u64, StepError> {
         std::thread::sleep(Duration::from_millis(millis));
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -322,7 +322,7 @@ async fn a_durable_timeout_counts_from_the_attempts_start_in_process_from_the_fi
     // The task's lease covers the timeout from the attempt's start: an attempt that
     // worked synchronously past its timeout times out at its first wait.
     let rt = runtime(&pool, &[("default", 1)]).await;
-    let run = rt.start::<WorksThenWaits>(300).await.unwrap();
+    let run = rt.start::<WorksThenWaits>(600).await.unwrap();
     let err = run.wait().await.unwrap_err();
     let Error::Run(e) = &err else {
         panic!("{err:?}")
@@ -335,7 +335,7 @@ async fn a_durable_timeout_counts_from_the_attempts_start_in_process_from_the_fi
     rt.shutdown().await.unwrap();
     // In process (no lease), the timeout counts from the first wait: the clock is
     // read only for a step that has to wait.
-    assert_eq!(pgflow::execute::<WorksThenWaits>(300).await.unwrap(), 300);
+    assert_eq!(pgflow::execute::<WorksThenWaits>(600).await.unwrap(), 600);
 }
 
 pub struct Panics;

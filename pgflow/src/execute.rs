@@ -393,10 +393,13 @@ struct Run<'o> {
     injected: Option<Vec<Option<Injected>>>,
 }
 
-/// A first-in first-out queue of what finished, whose first entry needs no
-/// allocation: in a chain, one step at a time is done.
+/// What finished without waiting, in the order it finished (the first entry needs
+/// no allocation: in a chain, one step at a time is done), and the first failure,
+/// which comes before everything else: once a step failed for good, no other step
+/// starts and the run fails with that failure.
 #[derive(Default)]
 struct Done {
+    failed: Option<Finished>,
     first: Option<Finished>,
     rest: std::collections::VecDeque<Finished>,
 }
@@ -404,7 +407,9 @@ struct Done {
 impl Run<'_> {
     fn push_done(&mut self, finished: Finished) {
         let done = &mut self.done;
-        if done.first.is_none() && done.rest.is_empty() {
+        if finished.result.is_err() {
+            done.failed.get_or_insert(finished);
+        } else if done.first.is_none() && done.rest.is_empty() {
             done.first = Some(finished);
         } else {
             done.rest.push_back(finished);
@@ -412,10 +417,11 @@ impl Run<'_> {
     }
 
     fn pop_done(&mut self) -> Option<Finished> {
-        self.done
-            .first
+        let done = &mut self.done;
+        done.failed
             .take()
-            .or_else(|| self.done.rest.pop_front())
+            .or_else(|| done.first.take())
+            .or_else(|| done.rest.pop_front())
     }
 
     fn serde_err(&self, e: &StepError) -> RunError {
@@ -584,6 +590,9 @@ impl Run<'_> {
     /// that is not ready) is done without a future of its own; the others, and steps
     /// with a delay, a signal or the lent transaction, run as futures of the run.
     fn spawn(&mut self, step: &'static StepDef, element: Option<usize>, inputs: StepInputs) {
+        if self.done.failed.is_some() {
+            return; // the run fails: nothing more starts
+        }
         let def = self.def;
         let shared = &self.shared;
         let slow = !step.options().delay.is_zero()
@@ -958,7 +967,9 @@ fn may_follow(step: &'static StepDef, attempt: u32, snoozes: u32) -> bool {
 
 /// Begins the first attempt of a step without a delay, a signal or the lent
 /// transaction, and polls it once (with a waker that does nothing: a step still
-/// running is polled again, with the run's waker, as a future of the run).
+/// running is polled again, with the run's waker, as a future of the run). An
+/// attempt that ended in that poll gives its budget reservation back at once, and
+/// one that failed with no attempt to follow is the step's outcome at once.
 fn begin_first(
     def: &'static WorkflowDef,
     step: &'static StepDef,
@@ -971,35 +982,94 @@ fn begin_first(
             workflow: def.name().to_owned(),
         }));
     }
+    let held = match shared.reserve(def, step) {
+        Ok(held) => held,
+        Err(e) => return First::Done(Err(e)),
+    };
     let spare = if may_follow(step, 1, 0) {
         inputs.backup().ok()
     } else {
         None
     };
     let ctx = attempt_context(def, step, element, 1, shared).build();
-    let held = match shared.reserve(def, step) {
-        Ok(held) => held,
-        Err(e) => return First::Done(Err(e)),
-    };
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let attempt = match policy::begin_attempt(step, inputs, ctx, &mut cx, policy::Clock::FirstWait)
+    let outcome = match policy::begin_attempt(step, inputs, ctx, &mut cx, policy::Clock::FirstWait)
     {
-        policy::Attempt::Done(Ok(out @ (StepOutput::Completed(_) | StepOutput::Skipped))) => {
-            match policy::storable(&out) {
-                Ok(()) => {
-                    shared.release(held);
-                    return First::Done(Ok(out));
-                }
-                Err(e) => policy::Attempt::Done(Err(e)),
-            }
+        running @ policy::Attempt::Running { .. } => {
+            return First::Later(Begun {
+                attempt: running,
+                spare,
+                held,
+            });
         }
+        policy::Attempt::Done(outcome) => outcome,
+    };
+    shared.release(held);
+    let outcome = outcome.and_then(|out| policy::storable(&out).map(|()| out));
+    let outcome = match outcome {
+        Ok(out @ (StepOutput::Completed(_) | StepOutput::Skipped)) => return First::Done(Ok(out)),
         other => other,
     };
+    if let Err(error) = &outcome {
+        let mut history = Vec::new();
+        match next_try(def, step, element, (1, 0), error, &mut history, shared) {
+            Err(failed) => return First::Done(Err(failed)),
+            Ok(_) if spare.is_none() => {
+                return First::Done(Err(RunError::step_failed(
+                    def.name(),
+                    step.name(),
+                    element,
+                    history,
+                )));
+            }
+            Ok(_) => {}
+        }
+    }
+    // a subflow to start, or a retry or snooze to wait for
     First::Later(Begun {
-        attempt,
+        attempt: policy::Attempt::Done(outcome),
         spare,
-        held,
+        held: (0, 0),
     })
+}
+
+/// What follows failed attempt `attempt` after `snoozes` snoozes (`tries`): the
+/// delay before the step runs again, or the run's error when it does not (the
+/// failure is then in `history`). A snooze is not a failure: it is not recorded.
+fn next_try(
+    def: &'static WorkflowDef,
+    step: &'static StepDef,
+    element: Option<usize>,
+    (attempt, snoozes): (u32, u32),
+    error: &StepError,
+    history: &mut Vec<AttemptFailure>,
+    shared: &Shared,
+) -> Result<std::time::Duration, RunError> {
+    if error.kind() == ErrorKind::Cancelled || shared.cancel.is_cancelled() {
+        return Err(RunError::Cancelled {
+            workflow: def.name().to_owned(),
+        });
+    }
+    let options = step.options();
+    let fail = |history: &mut Vec<AttemptFailure>| {
+        RunError::step_failed(def.name(), step.name(), element, std::mem::take(history))
+    };
+    match error.snoozed_for() {
+        Some(delay) => match policy::snooze(options, snoozes) {
+            Ok(()) => Ok(delay),
+            Err(too_many) => {
+                history.push(AttemptFailure::new(attempt, &too_many));
+                Err(fail(history))
+            }
+        },
+        None => {
+            history.push(AttemptFailure::new(attempt, error));
+            if !error.is_retryable() || attempt >= options.max_attempts.max(1) {
+                return Err(fail(history));
+            }
+            Ok(policy::retry_delay(options, attempt, error))
+        }
+    }
 }
 
 /// Runs every attempt of one step until it succeeds, fails permanently or exhausts
@@ -1017,7 +1087,6 @@ async fn run_with_retries(
     mut begun: Option<Begun>,
 ) -> Result<StepOutput, RunError> {
     let options = step.options();
-    let max = options.max_attempts.max(1);
     let mut history = Vec::new();
     let fail = |history| RunError::step_failed(def.name(), step.name(), element, history);
     let cancelled = || RunError::Cancelled {
@@ -1098,9 +1167,10 @@ async fn run_with_retries(
                         return Err(e);
                     }
                 }
-                let attempt_result = policy::run_attempt(step, current, ctx.build())
-                    .await
-                    .and_then(|out| policy::storable(&out).map(|()| out));
+                let attempt_result =
+                    policy::run_attempt_from(step, current, ctx.build(), policy::Clock::FirstWait)
+                        .await
+                        .and_then(|out| policy::storable(&out).map(|()| out));
                 shared.release(held);
                 if let Some(tx) = lent {
                     let end = if attempt_result.is_ok() {
@@ -1128,26 +1198,16 @@ async fn run_with_retries(
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
-        if error.kind() == ErrorKind::Cancelled || shared.cancel.is_cancelled() {
-            return Err(cancelled());
-        }
-        let snoozed = error.snoozed_for();
-        let delay = match snoozed {
-            Some(delay) => match policy::snooze(options, snoozes) {
-                Ok(()) => delay,
-                Err(too_many) => {
-                    history.push(AttemptFailure::new(attempt, &too_many));
-                    return Err(fail(history));
-                }
-            },
-            None => {
-                history.push(AttemptFailure::new(attempt, &error));
-                if !error.is_retryable() || attempt >= max {
-                    return Err(fail(history));
-                }
-                policy::retry_delay(options, attempt, &error)
-            }
-        };
+        let snoozed = error.snoozed_for().is_some();
+        let delay = next_try(
+            def,
+            step,
+            element,
+            (attempt, snoozes),
+            &error,
+            &mut history,
+            shared,
+        )?;
         let Some(spare) = spare else {
             return Err(fail(history));
         };
@@ -1155,7 +1215,7 @@ async fn run_with_retries(
             return Err(cancelled());
         }
         inputs = Some(spare);
-        if snoozed.is_some() {
+        if snoozed {
             snoozes += 1;
         } else {
             attempt += 1;

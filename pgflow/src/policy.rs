@@ -50,9 +50,19 @@ pub async fn run_attempt(
     inputs: StepInputs,
     ctx: StepContext,
 ) -> Result<StepOutput, StepError> {
+    run_attempt_from(step, inputs, ctx, Clock::Start).await
+}
+
+/// [`run_attempt`] with its timeout counted from `clock`.
+pub(crate) async fn run_attempt_from(
+    step: &StepDef,
+    inputs: StepInputs,
+    ctx: StepContext,
+    clock: Clock,
+) -> Result<StepOutput, StepError> {
     let mut args = Some((inputs, ctx));
     let begun = std::future::poll_fn(|cx| match args.take() {
-        Some((inputs, ctx)) => Poll::Ready(begin_attempt(step, inputs, ctx, cx, Clock::Start)),
+        Some((inputs, ctx)) => Poll::Ready(begin_attempt(step, inputs, ctx, cx, clock)),
         None => Poll::Pending,
     })
     .await;
