@@ -277,9 +277,9 @@ pub struct StepContext {
     step: &'static str,
     attempt: u32,
     element: Option<usize>,
-    // What the builder does not get is made only when it is first needed: executors
-    // set all three, and three allocations per attempt were a tenth of a trivial
-    // step's cost in the in-process executor.
+    // What the builder does not get is made only when it is first needed (three
+    // allocations per attempt were a tenth of a trivial step's cost): the durable
+    // runtime sets all three, the in-process executor gives `scope` instead.
     data: Option<Arc<Data>>,
     cost: Option<CostMeter>,
     /// The meter made for a context built without one (a `OnceLock` only there: its

@@ -763,19 +763,18 @@ pub(crate) async fn run_definition(
     for &root in plan.roots() {
         run.start(&steps[root])?;
     }
-    // The wait for the cancel is made once, by the first run that has to wait for a
-    // step at all (not one registered and dropped again per finished step).
+    // The wait for the cancel is made once, the first time the run waits for a step
+    // (not one registered and dropped again per finished step).
     let mut cancelled = None;
     loop {
-        let finished = match run.pop_done() {
-            Some(_) if options.cancel.is_cancelled() => {
+        let finished = match (run.pop_done(), run.running.as_mut()) {
+            (Some(_), _) if options.cancel.is_cancelled() => {
                 return Err(RunError::Cancelled {
                     workflow: def.name().to_owned(),
                 });
             }
-            Some(finished) => finished,
-            None if run.running.as_ref().is_none_or(Running::is_empty) => break,
-            None => {
+            (Some(finished), _) => finished,
+            (None, Some(running)) if !running.is_empty() => {
                 let cancelled =
                     cancelled.get_or_insert_with(|| Box::pin(options.cancel.cancelled()));
                 let next = tokio::select! {
@@ -783,11 +782,12 @@ pub(crate) async fn run_definition(
                     () = cancelled.as_mut() => {
                         return Err(RunError::Cancelled { workflow: def.name().to_owned() });
                     }
-                    next = run.running.get_or_insert_with(Running::new).next() => next,
+                    next = running.next() => next,
                 };
                 let Some(finished) = next else { break };
                 finished
             }
+            (None, _) => break,
         };
         if let Some(output) = run.finished(finished)? {
             return Ok(output);
@@ -1010,22 +1010,22 @@ fn begin_first(
         Ok(out @ (StepOutput::Completed(_) | StepOutput::Skipped)) => return First::Done(Ok(out)),
         other => other,
     };
-    if let Err(error) = &outcome {
-        let mut history = Vec::new();
-        match next_try(def, step, element, (1, 0), error, &mut history, shared) {
+    // a subflow to start, or a retry or snooze to wait for (decided again by
+    // `run_with_retries`, which waits)
+    let spare = match &outcome {
+        Err(error) => match next_try(
+            (def, step, element),
+            (1, 0),
+            error,
+            spare,
+            &mut Vec::new(),
+            shared,
+        ) {
             Err(failed) => return First::Done(Err(failed)),
-            Ok(_) if spare.is_none() => {
-                return First::Done(Err(RunError::step_failed(
-                    def.name(),
-                    step.name(),
-                    element,
-                    history,
-                )));
-            }
-            Ok(_) => {}
-        }
-    }
-    // a subflow to start, or a retry or snooze to wait for
+            Ok((_, spare)) => Some(spare),
+        },
+        Ok(_) => spare,
+    };
     First::Later(Begun {
         attempt: policy::Attempt::Done(outcome),
         spare,
@@ -1033,18 +1033,18 @@ fn begin_first(
     })
 }
 
-/// What follows failed attempt `attempt` after `snoozes` snoozes (`tries`): the
-/// delay before the step runs again, or the run's error when it does not (the
-/// failure is then in `history`). A snooze is not a failure: it is not recorded.
+/// What follows failed attempt `attempt` after `snoozes` snoozes: the delay before
+/// the step runs again on `spare` (the copy of its inputs), or the run's error when
+/// it does not (the failure is then in `history`). A snooze is not a failure: it is
+/// not recorded.
 fn next_try(
-    def: &'static WorkflowDef,
-    step: &'static StepDef,
-    element: Option<usize>,
+    (def, step, element): (&'static WorkflowDef, &'static StepDef, Option<usize>),
     (attempt, snoozes): (u32, u32),
     error: &StepError,
+    spare: Option<StepInputs>,
     history: &mut Vec<AttemptFailure>,
     shared: &Shared,
-) -> Result<std::time::Duration, RunError> {
+) -> Result<(std::time::Duration, StepInputs), RunError> {
     if error.kind() == ErrorKind::Cancelled || shared.cancel.is_cancelled() {
         return Err(RunError::Cancelled {
             workflow: def.name().to_owned(),
@@ -1054,12 +1054,12 @@ fn next_try(
     let fail = |history: &mut Vec<AttemptFailure>| {
         RunError::step_failed(def.name(), step.name(), element, std::mem::take(history))
     };
-    match error.snoozed_for() {
+    let delay = match error.snoozed_for() {
         Some(delay) => match policy::snooze(options, snoozes) {
-            Ok(()) => Ok(delay),
+            Ok(()) => delay,
             Err(too_many) => {
                 history.push(AttemptFailure::new(attempt, &too_many));
-                Err(fail(history))
+                return Err(fail(history));
             }
         },
         None => {
@@ -1067,9 +1067,13 @@ fn next_try(
             if !error.is_retryable() || attempt >= options.max_attempts.max(1) {
                 return Err(fail(history));
             }
-            Ok(policy::retry_delay(options, attempt, error))
+            policy::retry_delay(options, attempt, error)
         }
-    }
+    };
+    // without a copy of the inputs (one that could not be made), this was the last
+    spare
+        .map(|spare| (delay, spare))
+        .ok_or_else(|| fail(history))
 }
 
 /// Runs every attempt of one step until it succeeds, fails permanently or exhausts
@@ -1088,7 +1092,6 @@ async fn run_with_retries(
 ) -> Result<StepOutput, RunError> {
     let options = step.options();
     let mut history = Vec::new();
-    let fail = |history| RunError::step_failed(def.name(), step.name(), element, history);
     let cancelled = || RunError::Cancelled {
         workflow: def.name().to_owned(),
     };
@@ -1199,18 +1202,14 @@ async fn run_with_retries(
             Err(error) => error,
         };
         let snoozed = error.snoozed_for().is_some();
-        let delay = next_try(
-            def,
-            step,
-            element,
+        let (delay, spare) = next_try(
+            (def, step, element),
             (attempt, snoozes),
             &error,
+            spare,
             &mut history,
             shared,
         )?;
-        let Some(spare) = spare else {
-            return Err(fail(history));
-        };
         if !Box::pin(sleep_unless_cancelled(delay, shared)).await {
             return Err(cancelled());
         }
