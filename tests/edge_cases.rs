@@ -40,6 +40,17 @@ async fn within<T>(secs: u64, f: impl std::future::Future<Output = T>) -> T {
         .expect("did not finish in time")
 }
 
+/// Waits until the runtime's counters hold `runs` finished runs: a waiter reads the
+/// committed run and can return before the flusher has counted its flush.
+async fn counted_finished(rt: &Runtime, runs: u64) {
+    within(10, async {
+        while rt.stats().runs_finished < runs {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
 /// Counts executions.
 #[derive(Default)]
 pub struct Count(AtomicUsize);
@@ -662,12 +673,14 @@ async fn an_output_over_the_limit_fails_its_step_and_batches_are_bounded_in_byte
     );
     assert_eq!(history[0].kind, ErrorKind::Permanent);
     // 24 outputs of 600 KiB: no flush carries more than about 1 MiB
+    counted_finished(&rt, 1).await;
     let before = rt.stats().flushes;
     let ids = rt.start_many::<Echo>(vec![600 << 10; 24]).await.unwrap();
     for id in &ids {
         let out: String = within(30, rt.handle(*id, true).wait()).await.unwrap();
         assert_eq!(out.len(), 600 << 10);
     }
+    counted_finished(&rt, 25).await;
     assert!(rt.stats().flushes - before >= 12, "{:?}", rt.stats());
     rt.shutdown().await.unwrap();
 }
