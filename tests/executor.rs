@@ -542,6 +542,80 @@ async fn a_retried_step_gets_its_inputs_again_even_without_clone() {
         .await
         .unwrap();
     assert_eq!(out, "HI");
+    // as JSON, the inputs are kept and parsed again by each attempt
+    let opts = ExecuteOptions::new().json_roundtrip(true);
+    let out = execute_with::<RetryNonClone>(Doc { text: "hi".into() }, opts)
+        .await
+        .unwrap();
+    assert_eq!(out, "HI");
+}
+
+/// Counts its clones (the counter is not part of its JSON).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Counted {
+    pub text: String,
+    #[serde(skip)]
+    pub clones: Arc<AtomicU32>,
+}
+
+impl Clone for Counted {
+    fn clone(&self) -> Self {
+        self.clones.fetch_add(1, Ordering::SeqCst);
+        Self {
+            text: self.text.clone(),
+            clones: Arc::clone(&self.clones),
+        }
+    }
+}
+
+pub struct RetryClone;
+
+#[workflow(backoff = "1ms", max_attempts = 3)]
+impl RetryClone {
+    #[step]
+    async fn shout(doc: Counted, ctx: &StepContext) -> Result<String, StepError> {
+        let seen = ctx.data::<Arc<std::sync::Mutex<Vec<String>>>>()?;
+        seen.lock().unwrap().push(doc.text.clone());
+        if ctx.attempt() < 3 {
+            return Err(StepError::retryable("not yet"));
+        }
+        Ok(doc.text.to_uppercase())
+    }
+}
+
+pub struct OnceOnly;
+
+#[workflow(max_attempts = 1, max_snoozes = 0)]
+impl OnceOnly {
+    #[step]
+    async fn shout(doc: Counted) -> Result<String, StepError> {
+        Ok(doc.text.to_uppercase())
+    }
+}
+
+#[tokio::test]
+async fn a_retried_step_with_clone_inputs_gets_a_clone_per_attempt_and_a_last_attempt_none() {
+    let clones = Arc::new(AtomicU32::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let doc = Counted {
+        text: "hi".into(),
+        clones: Arc::clone(&clones),
+    };
+    let opts = ExecuteOptions::new().data(Arc::clone(&seen));
+    assert_eq!(execute_with::<RetryClone>(doc, opts).await.unwrap(), "HI");
+    // every attempt saw the whole input: the executor kept it, and each attempt
+    // (each could be followed by a snooze) took a clone of it
+    assert_eq!(*seen.lock().unwrap(), ["hi", "hi", "hi"]);
+    assert_eq!(clones.load(Ordering::SeqCst), 3);
+
+    // an attempt nothing can follow takes the input itself
+    let clones = Arc::new(AtomicU32::new(0));
+    let doc = Counted {
+        text: "once".into(),
+        clones: Arc::clone(&clones),
+    };
+    assert_eq!(execute::<OnceOnly>(doc).await.unwrap(), "ONCE");
+    assert_eq!(clones.load(Ordering::SeqCst), 0);
 }
 
 pub struct Stubborn;

@@ -407,17 +407,18 @@ impl StepContext {
     pub fn cost(&self) -> &CostMeter {
         match (&self.cost, &self.scope) {
             (Some(cost), _) => cost,
-            (None, Some(scope)) => &scope.cost,
+            (None, Some(scope)) => scope.cost(),
             (None, None) => self.own_cost.get_or_init(CostMeter::new),
         }
     }
 
     /// Whether the run was cancelled.
     pub fn is_cancelled(&self) -> bool {
-        self.cancel
-            .as_ref()
-            .or_else(|| self.scope.as_ref().map(|s| &s.cancel))
-            .is_some_and(CancelToken::is_cancelled)
+        match (&self.cancel, &self.scope) {
+            (Some(cancel), _) => cancel.is_cancelled(),
+            (None, Some(scope)) => scope.is_cancelled(),
+            (None, None) => false,
+        }
     }
 
     /// Returns a [`StepError::cancelled`] error if the run was cancelled, so a long

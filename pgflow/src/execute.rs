@@ -31,8 +31,8 @@
 //! without waiting reads no clock), which only matters for a step that does long
 //! synchronous work before it first waits.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -57,9 +57,13 @@ pub struct ExecuteOptions {
     json_roundtrip: bool,
     /// Made by the first `data`, shared (not copied) by every run with these options.
     data: Option<Arc<Data>>,
-    cost: CostMeter,
-    cancel: CancelToken,
-    pub(crate) signals: crate::Signals,
+    /// `None`: each run makes its own meter, when a step first reads it.
+    cost: Option<CostMeter>,
+    /// `None`: the run cannot be cancelled.
+    cancel: Option<CancelToken>,
+    /// `None`: nobody holds the run's signals (a run makes them when a step first
+    /// waits for one).
+    pub(crate) signals: Option<crate::Signals>,
     budget_cents: Option<i64>,
     budget_tokens: Option<i64>,
     transaction: Option<crate::Transaction>,
@@ -87,14 +91,14 @@ impl ExecuteOptions {
 
     /// The meter that the steps' `add_cost_cents` add to; read its total afterwards.
     pub fn cost(mut self, cost: CostMeter) -> Self {
-        self.cost = cost;
+        self.cost = Some(cost);
         self
     }
 
     /// A token that cancels the run: no step starts after it is set, and running
     /// steps see it through `ctx.is_cancelled()`.
     pub fn cancel(mut self, cancel: CancelToken) -> Self {
-        self.cancel = cancel;
+        self.cancel = Some(cancel);
         self
     }
 
@@ -121,7 +125,7 @@ impl ExecuteOptions {
     /// # }
     /// ```
     pub fn signals(mut self, signals: crate::Signals) -> Self {
-        self.signals = signals;
+        self.signals = Some(signals);
         self
     }
 
@@ -177,6 +181,26 @@ struct Reserved {
 }
 
 impl Shared {
+    /// The run's cost meter.
+    pub(crate) fn cost(&self) -> &CostMeter {
+        self.cost.get_or_init(CostMeter::new)
+    }
+
+    /// The run's cancel token.
+    fn cancel(&self) -> &CancelToken {
+        self.cancel.get_or_init(CancelToken::new)
+    }
+
+    /// The run's signals.
+    fn signals(&self) -> &crate::Signals {
+        self.signals.get_or_init(crate::Signals::new)
+    }
+
+    /// Whether the run was cancelled (without making a token).
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancel.get().is_some_and(CancelToken::is_cancelled)
+    }
+
     /// Reserves `step`'s estimates for one attempt, or refuses it when they would take
     /// the run past a budget. Returns what to release once the attempt ends.
     fn reserve(
@@ -194,13 +218,13 @@ impl Shared {
             .reserved
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (tokens_in, tokens_out) = self.cost.tokens();
+        let (tokens_in, tokens_out) = self.cost().tokens();
         let spent_tokens = i64::try_from(tokens_in.saturating_add(tokens_out)).unwrap_or(i64::MAX);
         for (budget, unit, spent, held, estimate) in [
             (
                 self.budget_cents,
                 crate::BudgetUnit::Cents,
-                self.cost.total(),
+                self.cost().total(),
                 reserved.cents,
                 cents,
             ),
@@ -319,13 +343,14 @@ impl std::fmt::Debug for Shared {
 }
 
 /// What all steps of an in-process run share (their contexts too: see
-/// [`StepContext`]'s `scope`).
+/// [`StepContext`]'s `scope`). The cost meter, cancel token and signals the options
+/// did not give are made when first read: most runs read none of them.
 pub(crate) struct Shared {
     run_id: RunId,
     pub(crate) data: Option<Arc<Data>>,
-    pub(crate) cost: CostMeter,
-    pub(crate) cancel: CancelToken,
-    signals: crate::Signals,
+    cost: OnceLock<CostMeter>,
+    cancel: OnceLock<CancelToken>,
+    signals: OnceLock<crate::Signals>,
     json_roundtrip: bool,
     budget_cents: Option<i64>,
     budget_tokens: Option<i64>,
@@ -745,9 +770,18 @@ pub(crate) async fn run_definition(
                 |i| i.run_id,
             ),
             data: options.data.clone(),
-            cost: options.cost.clone(),
-            cancel: options.cancel.clone(),
-            signals: options.signals.clone(),
+            cost: options
+                .cost
+                .clone()
+                .map_or_else(OnceLock::new, OnceLock::from),
+            cancel: options
+                .cancel
+                .clone()
+                .map_or_else(OnceLock::new, OnceLock::from),
+            signals: options
+                .signals
+                .clone()
+                .map_or_else(OnceLock::new, OnceLock::from),
             json_roundtrip: options.json_roundtrip,
             budget_cents: options.budget_cents,
             budget_tokens: options.budget_tokens,
@@ -768,21 +802,26 @@ pub(crate) async fn run_definition(
     let mut cancelled = None;
     loop {
         let finished = match (run.pop_done(), run.running.as_mut()) {
-            (Some(_), _) if options.cancel.is_cancelled() => {
+            (Some(_), _) if run.shared.is_cancelled() => {
                 return Err(RunError::Cancelled {
                     workflow: def.name().to_owned(),
                 });
             }
             (Some(finished), _) => finished,
             (None, Some(running)) if !running.is_empty() => {
-                let cancelled =
-                    cancelled.get_or_insert_with(|| Box::pin(options.cancel.cancelled()));
-                let next = tokio::select! {
-                    biased;
-                    () = cancelled.as_mut() => {
-                        return Err(RunError::Cancelled { workflow: def.name().to_owned() });
+                let next = match &options.cancel {
+                    None => running.next().await,
+                    Some(cancel) => {
+                        let cancelled =
+                            cancelled.get_or_insert_with(|| Box::pin(cancel.cancelled()));
+                        tokio::select! {
+                            biased;
+                            () = cancelled.as_mut() => {
+                                return Err(RunError::Cancelled { workflow: def.name().to_owned() });
+                            }
+                            next = running.next() => next,
+                        }
                     }
-                    next = running.next() => next,
                 };
                 let Some(finished) = next else { break };
                 finished
@@ -877,9 +916,10 @@ async fn run_subflow(
     let options = ExecuteOptions {
         json_roundtrip: shared.json_roundtrip,
         data: shared.data.clone(),
-        cost: shared.cost.clone(),
-        cancel: shared.cancel.clone(),
-        signals: shared.signals.clone(),
+        // shared with the parent: its later steps see the child's cost
+        cost: Some(shared.cost().clone()),
+        cancel: shared.cancel.get().cloned(),
+        signals: shared.signals.get().cloned(),
         // a child run has no budget of its own (durably, it is a run of its own);
         // its cost is in the shared meter, so the parent's later steps see it
         budget_cents: None,
@@ -891,11 +931,9 @@ async fn run_subflow(
         Box::pin(run_definition(child, input, &options, None));
     match run.await {
         Ok(output) => Ok(StepOutput::Completed(output)),
-        Err(RunError::Cancelled { .. }) if shared.cancel.is_cancelled() => {
-            Err(RunError::Cancelled {
-                workflow: def.name().to_owned(),
-            })
-        }
+        Err(RunError::Cancelled { .. }) if shared.is_cancelled() => Err(RunError::Cancelled {
+            workflow: def.name().to_owned(),
+        }),
         Err(e) => {
             // after the attempts that failed before this one, as stored durably
             history.push(AttemptFailure::new(
@@ -916,7 +954,7 @@ async fn run_subflow(
 async fn sleep_unless_cancelled(delay: std::time::Duration, shared: &Shared) -> bool {
     tokio::select! {
         () = tokio::time::sleep(delay) => true,
-        () = shared.cancel.cancelled() => false,
+        () = shared.cancel().cancelled() => false,
     }
 }
 
@@ -959,10 +997,17 @@ fn attempt_context(
 }
 
 /// Whether another attempt (or a snooze) may follow attempt `attempt` after
-/// `snoozes` snoozes: then the inputs are copied before the attempt takes them.
+/// `snoozes` snoozes: then the inputs are kept, or copied, before the attempt takes
+/// them (see [`StepInputs::prepare`]).
 fn may_follow(step: &'static StepDef, attempt: u32, snoozes: u32) -> bool {
     let options = step.options();
     attempt < options.max_attempts.max(1) || snoozes < options.max_snoozes
+}
+
+/// The inputs for the attempt after one on `inputs`: the same, when they were kept,
+/// else the `copy` [`StepInputs::prepare`] made (if any).
+fn spare(inputs: StepInputs, copy: Option<StepInputs>) -> Option<StepInputs> {
+    if inputs.is_kept() { Some(inputs) } else { copy }
 }
 
 /// Begins the first attempt of a step without a delay, a signal or the lent
@@ -977,7 +1022,7 @@ fn begin_first(
     inputs: StepInputs,
     shared: &Arc<Shared>,
 ) -> First {
-    if shared.cancel.is_cancelled() {
+    if shared.is_cancelled() {
         return First::Done(Err(RunError::Cancelled {
             workflow: def.name().to_owned(),
         }));
@@ -986,24 +1031,21 @@ fn begin_first(
         Ok(held) => held,
         Err(e) => return First::Done(Err(e)),
     };
-    let spare = if may_follow(step, 1, 0) {
-        inputs.backup().ok()
-    } else {
-        None
-    };
+    let mut inputs = inputs;
+    let copy = inputs.prepare(may_follow(step, 1, 0));
     let ctx = attempt_context(def, step, element, 1, shared).build();
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let outcome = match policy::begin_attempt(step, inputs, ctx, &mut cx, policy::Clock::FirstWait)
-    {
-        running @ policy::Attempt::Running { .. } => {
-            return First::Later(Begun {
-                attempt: running,
-                spare,
-                held,
-            });
-        }
-        policy::Attempt::Done(outcome) => outcome,
-    };
+    let outcome =
+        match policy::begin_attempt(step, &mut inputs, ctx, &mut cx, policy::Clock::FirstWait) {
+            running @ policy::Attempt::Running { .. } => {
+                return First::Later(Begun {
+                    attempt: running,
+                    spare: spare(inputs, copy),
+                    held,
+                });
+            }
+            policy::Attempt::Done(outcome) => outcome,
+        };
     shared.release(held);
     let outcome = outcome.and_then(|out| policy::storable(&out).map(|()| out));
     let outcome = match outcome {
@@ -1012,6 +1054,7 @@ fn begin_first(
     };
     // a subflow to start, or a retry or snooze to wait for (decided again by
     // `run_with_retries`, which waits)
+    let spare = spare(inputs, copy);
     let spare = match &outcome {
         Err(error) => match next_try(
             (def, step, element),
@@ -1045,7 +1088,7 @@ fn next_try(
     history: &mut Vec<AttemptFailure>,
     shared: &Shared,
 ) -> Result<(std::time::Duration, StepInputs), RunError> {
-    if error.kind() == ErrorKind::Cancelled || shared.cancel.is_cancelled() {
+    if error.kind() == ErrorKind::Cancelled || shared.is_cancelled() {
         return Err(RunError::Cancelled {
             workflow: def.name().to_owned(),
         });
@@ -1077,9 +1120,9 @@ fn next_try(
 }
 
 /// Runs every attempt of one step until it succeeds, fails permanently or exhausts
-/// its attempts, after the step's `delay`. Each attempt gets the inputs themselves;
-/// while attempts (or snoozes) remain, a backup is taken first (a clone, or JSON for
-/// types that are not `Clone`) for the next one. A snooze sleeps and runs the same
+/// its attempts, after the step's `delay`. While attempts (or snoozes) remain, the
+/// inputs are kept for the next one (the entry clones what it takes) or, when one is
+/// not `Clone`, copied first (see [`StepInputs::prepare`]). A snooze sleeps and runs the same
 /// attempt again, up to the step's `max_snoozes`. With `begun`, the first attempt
 /// was begun by [`begin_first`] (and `inputs` is `None`): this goes on from it.
 async fn run_with_retries(
@@ -1108,8 +1151,8 @@ async fn run_with_retries(
             // Waits holding nothing but this future; `None` (JSON `null`) on timeout.
             let payload = Box::pin(async {
                 tokio::select! {
-                    p = shared.signals.wait(signal.name, signal.timeout) => Some(p),
-                    () = shared.cancel.cancelled() => None,
+                    p = shared.signals().wait(signal.name, signal.timeout) => Some(p),
+                    () = shared.cancel().cancelled() => None,
                 }
             })
             .await;
@@ -1139,21 +1182,18 @@ async fn run_with_retries(
                 (result, begun.spare)
             }
             None => {
-                if shared.cancel.is_cancelled() {
+                if shared.is_cancelled() {
                     return Err(cancelled());
                 }
-                let Some(current) = inputs.take() else {
+                let Some(mut current) = inputs.take() else {
                     return Err(RunError::Internal {
                         workflow: def.name().to_owned(),
                         message: format!("no inputs for attempt {attempt} of `{}`", step.name()),
                     });
                 };
-                // Keep a copy for the next attempt or snooze; without one, this is the last.
-                let spare = if may_follow(step, attempt, snoozes) {
-                    current.backup().ok()
-                } else {
-                    None
-                };
+                // Keep the inputs (or a copy) for the next attempt or snooze; without
+                // either, this is the last.
+                let copy = current.prepare(may_follow(step, attempt, snoozes));
                 let mut ctx = attempt_context(def, step, element, attempt, shared);
                 // A transactional step's attempt holds the lent transaction (one at a
                 // time), between `begin` and `commit` or `rollback`.
@@ -1170,10 +1210,14 @@ async fn run_with_retries(
                         return Err(e);
                     }
                 }
-                let attempt_result =
-                    policy::run_attempt_from(step, current, ctx.build(), policy::Clock::FirstWait)
-                        .await
-                        .and_then(|out| policy::storable(&out).map(|()| out));
+                let attempt_result = policy::run_attempt_from(
+                    step,
+                    &mut current,
+                    ctx.build(),
+                    policy::Clock::FirstWait,
+                )
+                .await
+                .and_then(|out| policy::storable(&out).map(|()| out));
                 shared.release(held);
                 if let Some(tx) = lent {
                     let end = if attempt_result.is_ok() {
@@ -1184,7 +1228,7 @@ async fn run_with_retries(
                     Box::pin(bracket(tx, end)).await?;
                 }
                 drop(turn);
-                (attempt_result, spare)
+                (attempt_result, spare(current, copy))
             }
         };
         let error = match attempt_result {

@@ -50,19 +50,29 @@ pub async fn run_attempt(
     inputs: StepInputs,
     ctx: StepContext,
 ) -> Result<StepOutput, StepError> {
-    run_attempt_from(step, inputs, ctx, Clock::Start).await
+    let mut args = Some((inputs, ctx));
+    // (the inputs are dropped once the entry took them)
+    let begun = std::future::poll_fn(|cx| match args.take() {
+        Some((mut inputs, ctx)) => {
+            Poll::Ready(begin_attempt(step, &mut inputs, ctx, cx, Clock::Start))
+        }
+        None => Poll::Pending,
+    })
+    .await;
+    begun.finish().await
 }
 
-/// [`run_attempt`] with its timeout counted from `clock`.
+/// [`run_attempt`] on inputs that may be kept for a next attempt (see
+/// [`StepInputs::prepare`]), with its timeout counted from `clock`.
 pub(crate) async fn run_attempt_from(
     step: &StepDef,
-    inputs: StepInputs,
+    inputs: &mut StepInputs,
     ctx: StepContext,
     clock: Clock,
 ) -> Result<StepOutput, StepError> {
-    let mut args = Some((inputs, ctx));
-    let begun = std::future::poll_fn(|cx| match args.take() {
-        Some((inputs, ctx)) => Poll::Ready(begin_attempt(step, inputs, ctx, cx, clock)),
+    let mut ctx = Some(ctx);
+    let begun = std::future::poll_fn(|cx| match ctx.take() {
+        Some(ctx) => Poll::Ready(begin_attempt(step, inputs, ctx, cx, clock)),
         None => Poll::Pending,
     })
     .await;
@@ -87,7 +97,7 @@ pub(crate) enum Clock {
 /// a timeout stops a step at an `.await`, never in the middle of synchronous work.
 pub(crate) fn begin_attempt(
     step: &StepDef,
-    inputs: StepInputs,
+    inputs: &mut StepInputs,
     ctx: StepContext,
     cx: &mut Context<'_>,
     clock: Clock,

@@ -5,14 +5,21 @@ pub use futures_util::future::BoxFuture;
 
 /// What a step entry returns.
 pub type StepFuture = BoxFuture<'static, Result<crate::value::StepOutput, StepError>>;
+
+/// The future of an attempt that failed before the step's function was called (an
+/// input that does not fit its parameter).
+#[cold]
+pub fn failed(e: StepError) -> StepFuture {
+    Box::pin(std::future::ready(Err(e)))
+}
 pub use inventory;
 pub use serde_json;
 
 pub use crate::registry::Registration;
 pub use crate::transaction::Borrowed;
 pub use crate::value::{
-    Dup, DupFn, DupNoClone, DupResult, DupViaClone, StepInputs, StepOutput, StepValue, ValueOps,
-    collect_vec, finish_optional, split_vec,
+    CloneFn, Dup, DupFn, DupNoClone, DupResult, DupViaClone, StepInputs, StepOutput, StepValue,
+    ValueOps, collect_vec, finish_optional, split_vec,
 };
 
 use std::sync::OnceLock;

@@ -621,7 +621,8 @@ impl<W: Workflow> Replay<W> {
             })?;
             // An outcome other than `Kept` (a second recorded signal of one name)
             // changes nothing: the first one stays.
-            let _ = self.options.signals.send_json(&signal.name, payload);
+            let signals = self.options.signals.get_or_insert_with(crate::Signals::new);
+            let _ = signals.send_json(&signal.name, payload);
         }
         let out = run_definition(def, input, &self.options, Some(injection)).await?;
         out.into_typed::<W::Output>().map_err(|e| {

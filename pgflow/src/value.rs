@@ -71,6 +71,11 @@ pub struct ValueOps {
     pub from_json: fn(&str) -> Result<Box<dyn Any + Send>, StepError>,
     #[doc(hidden)]
     pub duplicate: DupFn,
+    /// Clones a value into an `Option<T>` without boxing it, for a `Clone` type:
+    /// then an attempt that may be retried clones its inputs and leaves them in place
+    /// for the next attempt, instead of the executor copying them first.
+    #[doc(hidden)]
+    pub clone_into: CloneFn,
 }
 
 impl ValueOps {
@@ -83,7 +88,17 @@ impl ValueOps {
             check: check_storable::<T>,
             from_json: from_json_any::<T>,
             duplicate,
+            clone_into: |_, _| false,
         }
+    }
+
+    /// These operations with `clone_into` (chosen by the expansion: one that clones
+    /// for a `Clone` type).
+    #[doc(hidden)]
+    #[must_use]
+    pub const fn cloning(mut self, clone_into: CloneFn) -> Self {
+        self.clone_into = clone_into;
+        self
     }
 }
 
@@ -266,11 +281,17 @@ pub fn from_json<T: DeserializeOwned>(json: &str) -> Result<T, StepError> {
 }
 
 /// The inputs of one step attempt, in the order of the step's data parameters.
+///
+/// The step's entry takes each input as its typed parameter: it moves the value out,
+/// or, when the inputs are kept for a next attempt ([`StepInputs::prepare`]), clones
+/// it and leaves it in place.
 #[derive(Debug)]
 pub struct StepInputs {
     workflow: &'static str,
     step: &'static str,
     values: Values,
+    /// Whether the entry clones what it takes (the inputs serve a next attempt).
+    keep: bool,
 }
 
 /// The inputs themselves: most steps have one, kept without an allocation.
@@ -322,6 +343,16 @@ impl Slot {
             Self::Taken => Self::Taken,
         })
     }
+
+    /// Whether an entry can take this input and leave it in place: a JSON value is
+    /// parsed from where it is, a typed one cloned when its type is `Clone`.
+    fn keepable(&self) -> bool {
+        match self {
+            Self::Value(StepValue::Typed(v, ops)) => (ops.clone_into)(v.as_ref(), None),
+            Self::Value(StepValue::Json(_) | StepValue::Stored(_)) | Self::Skipped => true,
+            Self::Taken => false,
+        }
+    }
 }
 
 impl StepInputs {
@@ -331,6 +362,7 @@ impl StepInputs {
             workflow,
             step,
             values: Values::from_slots(values.into_iter().map(Slot::Value)),
+            keep: false,
         }
     }
 
@@ -357,6 +389,7 @@ impl StepInputs {
                     .into_iter()
                     .map(|v| v.map_or(Slot::Skipped, Slot::Value)),
             ),
+            keep: false,
         }
     }
 
@@ -371,6 +404,7 @@ impl StepInputs {
             workflow,
             step,
             values: Values::One(value.map_or(Slot::Skipped, Slot::Value)),
+            keep: false,
         }
     }
 
@@ -408,7 +442,53 @@ impl StepInputs {
             workflow: self.workflow,
             step: self.step,
             values,
+            keep: false,
         })
+    }
+
+    /// Readies the inputs for an attempt; `follow` says whether another attempt (or
+    /// a snooze) may follow it. Then the inputs are kept for it when every one can
+    /// be taken without being moved (see [`StepInputs::is_kept`]); else a copy is
+    /// returned for it (a clone, or JSON for a type that is not `Clone`: see
+    /// [`StepValue::backup`]), `None` when one could not be made.
+    ///
+    /// ```
+    /// use pgflow::engine::{StepInputs, StepValue, ValueOps};
+    /// // `#[workflow]` picks `clone_into` by whether the type is `Clone`
+    /// static U8: ValueOps = ValueOps::of::<u8>("u8", |_| None).cloning(|v, out| {
+    ///     let Some(v) = v.downcast_ref::<u8>() else { return false };
+    ///     match out.map(|o| o.downcast_mut::<Option<u8>>()) {
+    ///         None => true, // asked whether it can
+    ///         Some(Some(out)) => { *out = Some(*v); true }
+    ///         Some(None) => false,
+    ///     }
+    /// });
+    /// let mut inputs = StepInputs::new("wf", "step", vec![StepValue::typed(7_u8, &U8)]);
+    /// assert!(inputs.prepare(true).is_none() && inputs.is_kept());
+    /// assert_eq!(inputs.take::<u8>(0, "n", &U8).unwrap(), 7);
+    /// assert_eq!(inputs.take::<u8>(0, "n", &U8).unwrap(), 7); // still there
+    /// assert!(inputs.prepare(false).is_none() && !inputs.is_kept());
+    /// assert_eq!(inputs.take::<u8>(0, "n", &U8).unwrap(), 7); // moved out
+    /// assert!(inputs.take::<u8>(0, "n", &U8).is_err());
+    /// ```
+    pub fn prepare(&mut self, follow: bool) -> Option<Self> {
+        let keepable = match &self.values {
+            Values::One(slot) => slot.keepable(),
+            Values::Many(slots) => slots.iter().all(Slot::keepable),
+        };
+        self.keep = follow && keepable;
+        if follow && !keepable {
+            self.backup().ok()
+        } else {
+            None
+        }
+    }
+
+    /// Whether the inputs outlive the attempt that takes them: then the entry clones
+    /// each typed input (or parses a JSON one where it is) and a next attempt gets
+    /// them again.
+    pub fn is_kept(&self) -> bool {
+        self.keep
     }
 
     /// Takes input `index` as parameter `param` of type `T`, whose operations are
@@ -450,6 +530,28 @@ impl StepInputs {
     ) -> Result<Option<T>, StepError> {
         let (workflow, step) = (self.workflow, self.step);
         let context = |e: StepError| in_param(workflow, step, param, e);
+        if self.keep {
+            match self.values.get_mut(index) {
+                Some(Slot::Value(StepValue::Typed(v, own))) => {
+                    let mut out = None::<T>;
+                    if (own.clone_into)(v.as_ref(), Some(&mut out)) {
+                        return Ok(out);
+                    }
+                    // (not kept: `prepare` keeps only `Clone` values)
+                }
+                Some(Slot::Value(StepValue::Json(raw))) => {
+                    return typed_from((ops.from_json)(raw.get()).map_err(context)?, ops)
+                        .map(Some)
+                        .map_err(context);
+                }
+                Some(Slot::Value(StepValue::Stored(text))) => {
+                    return typed_from((ops.from_json)(text).map_err(context)?, ops)
+                        .map(Some)
+                        .map_err(context);
+                }
+                _ => {}
+            }
+        }
         let slot = self
             .values
             .get_mut(index)
@@ -469,13 +571,15 @@ impl StepInputs {
                 ))));
             }
         };
-        value.downcast::<T>().map(|b| Some(*b)).map_err(|_| {
-            context(StepError::permanent(format!(
-                "internal: the input is not a `{}`",
-                ops.type_name
-            )))
-        })
+        typed_from(value, ops).map(Some).map_err(context)
     }
+}
+
+/// The `T` in a box that `ops` made (they are `T`'s operations).
+fn typed_from<T: 'static>(value: Box<dyn Any + Send>, ops: &ValueOps) -> Result<T, StepError> {
+    value.downcast::<T>().map(|b| *b).map_err(|_| {
+        StepError::permanent(format!("internal: the input is not a `{}`", ops.type_name))
+    })
 }
 
 fn in_param(workflow: &str, step: &str, param: &str, e: StepError) -> StepError {
@@ -611,9 +715,15 @@ pub type DupResult = Option<Box<dyn Any + Send>>;
 #[doc(hidden)]
 pub type DupFn = fn(&(dyn Any + Send)) -> DupResult;
 
+/// Clones a type-erased `T` into an `Option<T>` (`false` when either is of another
+/// type, or `T` is not `Clone`); given no `Option`, answers whether it could.
+#[doc(hidden)]
+pub type CloneFn = fn(&(dyn Any + Send), Option<&mut dyn Any>) -> bool;
+
 #[doc(hidden)]
 pub trait DupViaClone {
     fn dup_fn(&self) -> DupFn;
+    fn clone_fn(&self) -> CloneFn;
 }
 
 impl<T: Clone + Send + 'static> DupViaClone for &Dup<T> {
@@ -623,16 +733,35 @@ impl<T: Clone + Send + 'static> DupViaClone for &Dup<T> {
                 .map(|v| Box::new(v.clone()) as Box<dyn Any + Send>)
         }
     }
+
+    fn clone_fn(&self) -> CloneFn {
+        |v, out| match out {
+            // asked whether it can: `T` is `Clone`
+            None => true,
+            Some(out) => match (v.downcast_ref::<T>(), out.downcast_mut::<Option<T>>()) {
+                (Some(v), Some(out)) => {
+                    *out = Some(v.clone());
+                    true
+                }
+                _ => false,
+            },
+        }
+    }
 }
 
 #[doc(hidden)]
 pub trait DupNoClone {
     fn dup_fn(&self) -> DupFn;
+    fn clone_fn(&self) -> CloneFn;
 }
 
 impl<T> DupNoClone for Dup<T> {
     fn dup_fn(&self) -> DupFn {
         |_| None
+    }
+
+    fn clone_fn(&self) -> CloneFn {
+        |_, _| false
     }
 }
 

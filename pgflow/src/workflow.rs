@@ -249,10 +249,13 @@ impl fmt::Debug for MapOps {
 }
 
 /// The type-erased entry of a step: takes its inputs and context, deserializes each
-/// input into its typed parameter, evaluates the `when` predicate of a conditional
-/// step (returning [`StepOutput::Skipped`] when it is false), calls the user's
-/// function and wraps the output. For a map step it is called once per element.
-pub type StepFn = fn(StepInputs, StepContext) -> BoxFuture<'static, Result<StepOutput, StepError>>;
+/// input into its typed parameter (moving it out of the inputs, or cloning it when
+/// they are kept for a next attempt: see [`StepInputs::prepare`]), evaluates the
+/// `when` predicate of a conditional step (returning [`StepOutput::Skipped`] when it
+/// is false), calls the user's function and wraps the output. For a map step it is
+/// called once per element.
+pub type StepFn =
+    fn(&mut StepInputs, StepContext) -> BoxFuture<'static, Result<StepOutput, StepError>>;
 
 /// One row of a workflow's step table.
 pub struct StepDef {

@@ -680,6 +680,7 @@ fn value_ops_tokens(ops: &Ident, named: &Named) -> TokenStream {
             .to_lowercase()
             .trim_start_matches("__pgflow_ops")
     );
+    let clone = format_ident!("__pgflow_clone{}", &dup.to_string()["__pgflow_dup".len()..]);
     let type_name = &named.name;
     // The one place that requires `T: StepData`, spanned at the user's type so a
     // type that is not (de)serializable is reported there.
@@ -690,7 +691,15 @@ fn value_ops_tokens(ops: &Ident, named: &Named) -> TokenStream {
             use #private::{DupNoClone as _, DupViaClone as _};
             ((&&#private::Dup::<#ty>::new()).dup_fn())(value)
         }
-        static #ops: #value_ops = #of(#type_name, #dup);
+        fn #clone(
+            value: &(dyn #any + ::core::marker::Send),
+            out: ::core::option::Option<&mut dyn #any>,
+        ) -> bool {
+            #[allow(unused_imports)]
+            use #private::{DupNoClone as _, DupViaClone as _};
+            ((&&#private::Dup::<#ty>::new()).clone_fn())(value, out)
+        }
+        static #ops: #value_ops = #of(#type_name, #dup).cloning(#clone);
     }
 }
 
@@ -738,10 +747,16 @@ fn entry_tokens(
                 let pname = p.name.to_string();
                 takes.push(match &params[k] {
                     ParamFeed::Value(from_ops) => quote! {
-                        let #var = __pgflow_inputs.take::<#ty>(#k, #pname, &#from_ops)?;
+                        let #var = match __pgflow_inputs.take::<#ty>(#k, #pname, &#from_ops) {
+                            #result::Ok(__pgflow_v) => __pgflow_v,
+                            #result::Err(__pgflow_e) => return #private::failed(__pgflow_e),
+                        };
                     },
                     ParamFeed::Element(item_ops) => quote! {
-                        let #var = __pgflow_inputs.take::<#ty>(#k, #pname, &#item_ops)?;
+                        let #var = match __pgflow_inputs.take::<#ty>(#k, #pname, &#item_ops) {
+                            #result::Ok(__pgflow_v) => __pgflow_v,
+                            #result::Err(__pgflow_e) => return #private::failed(__pgflow_e),
+                        };
                     },
                     ParamFeed::Optional(from_ops, from_ty) => {
                         // The conversion is the check that the parameter is an
@@ -752,7 +767,10 @@ fn entry_tokens(
                         let convert = quote_spanned!(span=> ::pgflow::__private::optional_input::<#to, #from>);
                         quote! {
                             let #var: #ty = #convert(
-                                __pgflow_inputs.take_optional::<#from_ty>(#k, #pname, &#from_ops)?,
+                                match __pgflow_inputs.take_optional::<#from_ty>(#k, #pname, &#from_ops) {
+                                    #result::Ok(__pgflow_v) => __pgflow_v,
+                                    #result::Err(__pgflow_e) => return #private::failed(__pgflow_e),
+                                },
                             );
                         }
                     }
@@ -765,11 +783,7 @@ fn entry_tokens(
             Arg::Transaction(_) => call_args.push(quote!(__pgflow_tx_ref)),
         }
     }
-    let inputs_binding = if takes.is_empty() {
-        quote!(let _ = __pgflow_inputs;)
-    } else {
-        quote!(let mut __pgflow_inputs = __pgflow_inputs;)
-    };
+    let inputs_binding = takes.is_empty().then(|| quote!(let _ = __pgflow_inputs;));
     let predicate = step
         .attr
         .when
@@ -801,12 +815,12 @@ fn entry_tokens(
     };
     quote! {
         fn #entry(
-            __pgflow_inputs: #step_inputs,
+            __pgflow_inputs: &mut #step_inputs,
             __pgflow_ctx: #step_context,
         ) -> #private::StepFuture {
+            #inputs_binding
+            #(#takes)*
             #boxed::pin(async move {
-                #inputs_binding
-                #(#takes)*
                 #predicate
                 #borrow
                 let __pgflow_out: #out_ty = match <#self_ty>::#fn_name(#(#call_args),*).await {
