@@ -969,7 +969,8 @@ enum First {
 /// A first attempt begun by [`begin_first`], for [`run_with_retries`] to go on with.
 struct Begun {
     attempt: policy::Attempt,
-    /// A copy of the inputs for the next attempt, if one may follow.
+    /// The inputs for the next attempt, if one may follow: the kept inputs, or a
+    /// copy of them (see [`StepInputs::prepare`]).
     spare: Option<StepInputs>,
     /// What the attempt reserved of the run's budgets.
     held: (i64, i64),
