@@ -618,6 +618,54 @@ async fn a_retried_step_with_clone_inputs_gets_a_clone_per_attempt_and_a_last_at
     assert_eq!(clones.load(Ordering::SeqCst), 0);
 }
 
+pub struct SkipThenRetry;
+
+#[workflow(name = "exec_skip_then_retry", backoff = "1ms", max_attempts = 3)]
+impl SkipThenRetry {
+    #[step]
+    async fn price(n: u64) -> Result<u64, StepError> {
+        Ok(n)
+    }
+
+    #[step(when = Self::big)]
+    async fn discount(price: u64) -> Result<u64, StepError> {
+        Ok(price / 2)
+    }
+
+    #[step(depends_on = [price, discount])]
+    async fn total(
+        price: u64,
+        discount: Option<u64>,
+        ctx: &StepContext,
+    ) -> Result<String, StepError> {
+        if ctx.attempt() < 3 {
+            return Err(StepError::retryable("not yet"));
+        }
+        Ok(format!("{price} {discount:?}"))
+    }
+
+    fn big(price: &u64) -> bool {
+        *price > 100
+    }
+}
+
+#[tokio::test]
+async fn a_retried_step_gets_a_skipped_parents_none_in_every_attempt() {
+    assert_eq!(
+        execute::<SkipThenRetry>(7).await.unwrap(),
+        "7 None".to_owned()
+    );
+    assert_eq!(
+        execute::<SkipThenRetry>(300).await.unwrap(),
+        "300 Some(150)".to_owned()
+    );
+    let opts = ExecuteOptions::new().json_roundtrip(true);
+    assert_eq!(
+        execute_with::<SkipThenRetry>(7, opts).await.unwrap(),
+        "7 None".to_owned()
+    );
+}
+
 pub struct Stubborn;
 
 #[workflow(backoff = "10m", max_attempts = 5)]

@@ -470,6 +470,15 @@ impl StepInputs {
     /// assert!(inputs.prepare(false).is_none() && !inputs.is_kept());
     /// assert_eq!(inputs.take::<u8>(0, "n", &U8).unwrap(), 7); // moved out
     /// assert!(inputs.take::<u8>(0, "n", &U8).is_err());
+    ///
+    /// // a skipped parent's `None` and JSON are kept too
+    /// let json = serde_json::value::RawValue::from_string("8".into()).unwrap();
+    /// let mut inputs = StepInputs::with_skipped("wf", "step", vec![None, Some(StepValue::Json(json))]);
+    /// assert!(inputs.prepare(true).is_none());
+    /// for _ in 0..2 {
+    ///     assert_eq!(inputs.take_optional::<u8>(0, "a", &U8).unwrap(), None);
+    ///     assert_eq!(inputs.take::<u8>(1, "b", &U8).unwrap(), 8);
+    /// }
     /// ```
     pub fn prepare(&mut self, follow: bool) -> Option<Self> {
         let keepable = match &self.values {
@@ -549,7 +558,8 @@ impl StepInputs {
                         .map(Some)
                         .map_err(context);
                 }
-                _ => {}
+                Some(Slot::Skipped) => return Ok(None),
+                Some(Slot::Taken) | None => {}
             }
         }
         let slot = self
