@@ -550,12 +550,14 @@ async fn a_retried_step_gets_its_inputs_again_even_without_clone() {
     assert_eq!(out, "HI");
 }
 
-/// Counts its clones (the counter is not part of its JSON).
+/// Counts its clones and knows whether it is one (neither is part of its JSON).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Counted {
     pub text: String,
     #[serde(skip)]
     pub clones: Arc<AtomicU32>,
+    #[serde(skip)]
+    pub original: bool,
 }
 
 impl Clone for Counted {
@@ -564,6 +566,7 @@ impl Clone for Counted {
         Self {
             text: self.text.clone(),
             clones: Arc::clone(&self.clones),
+            original: false,
         }
     }
 }
@@ -574,8 +577,8 @@ pub struct RetryClone;
 impl RetryClone {
     #[step]
     async fn shout(doc: Counted, ctx: &StepContext) -> Result<String, StepError> {
-        let seen = ctx.data::<Arc<std::sync::Mutex<Vec<String>>>>()?;
-        seen.lock().unwrap().push(doc.text.clone());
+        let seen = ctx.data::<Arc<std::sync::Mutex<Vec<(String, bool)>>>>()?;
+        seen.lock().unwrap().push((doc.text.clone(), doc.original));
         if ctx.attempt() < 3 {
             return Err(StepError::retryable("not yet"));
         }
@@ -589,23 +592,26 @@ pub struct OnceOnly;
 impl OnceOnly {
     #[step]
     async fn shout(doc: Counted) -> Result<String, StepError> {
+        assert!(doc.original, "the only attempt gets the input itself");
         Ok(doc.text.to_uppercase())
     }
 }
 
 #[tokio::test]
-async fn a_retried_step_with_clone_inputs_gets_a_clone_per_attempt_and_a_last_attempt_none() {
+async fn a_retried_step_with_clone_inputs_gets_a_clone_per_attempt_and_keeps_the_original() {
     let clones = Arc::new(AtomicU32::new(0));
-    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(String, bool)>::new()));
     let doc = Counted {
         text: "hi".into(),
         clones: Arc::clone(&clones),
+        original: true,
     };
     let opts = ExecuteOptions::new().data(Arc::clone(&seen));
     assert_eq!(execute_with::<RetryClone>(doc, opts).await.unwrap(), "HI");
-    // every attempt saw the whole input: the executor kept it, and each attempt
-    // (each could be followed by a snooze) took a clone of it
-    assert_eq!(*seen.lock().unwrap(), ["hi", "hi", "hi"]);
+    // every attempt saw the whole input: the executor kept the original, and each
+    // attempt (each could be followed by a snooze) took a clone of it
+    let clone = ("hi".to_owned(), false);
+    assert_eq!(*seen.lock().unwrap(), [clone.clone(), clone.clone(), clone]);
     assert_eq!(clones.load(Ordering::SeqCst), 3);
 
     // an attempt nothing can follow takes the input itself
@@ -613,6 +619,7 @@ async fn a_retried_step_with_clone_inputs_gets_a_clone_per_attempt_and_a_last_at
     let doc = Counted {
         text: "once".into(),
         clones: Arc::clone(&clones),
+        original: true,
     };
     assert_eq!(execute::<OnceOnly>(doc).await.unwrap(), "ONCE");
     assert_eq!(clones.load(Ordering::SeqCst), 0);

@@ -153,7 +153,10 @@ use proc_macro::TokenStream;
 ///     // one type-erased entry per step
 ///     fn __pgflow_entry_1(inputs: &mut StepInputs, ctx: StepContext) -> StepFuture {
 ///         // typed, or from JSON; moved out, or cloned when a retry may need it again
-///         let fetch = match inputs.take::<String>(0, "fetch") { Ok(v) => v, Err(e) => return failed(e) };
+///         let fetch = match inputs.take::<String>(0, "fetch", &__PGFLOW_OPS_0) {
+///             Ok(v) => v,
+///             Err(e) => return failed(e),
+///         };
 ///         Box::pin(async move {
 ///             // (a conditional step: `if !pred(&fetch) { return Ok(StepOutput::Skipped) }`)
 ///             let out = <Review>::words(fetch).await.map_err(Into::into)?;

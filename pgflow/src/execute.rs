@@ -186,9 +186,13 @@ impl Shared {
         self.cost.get_or_init(CostMeter::new)
     }
 
-    /// The run's cancel token.
-    fn cancel(&self) -> &CancelToken {
-        self.cancel.get_or_init(CancelToken::new)
+    /// Waits until the run is cancelled: forever when the options gave no token
+    /// (nothing else can cancel it).
+    async fn cancelled(&self) {
+        match &self.cancel {
+            Some(cancel) => cancel.cancelled().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// The run's signals.
@@ -196,9 +200,9 @@ impl Shared {
         self.signals.get_or_init(crate::Signals::new)
     }
 
-    /// Whether the run was cancelled (without making a token).
+    /// Whether the run was cancelled.
     pub(crate) fn is_cancelled(&self) -> bool {
-        self.cancel.get().is_some_and(CancelToken::is_cancelled)
+        self.cancel.as_ref().is_some_and(CancelToken::is_cancelled)
     }
 
     /// Reserves `step`'s estimates for one attempt, or refuses it when they would take
@@ -343,13 +347,14 @@ impl std::fmt::Debug for Shared {
 }
 
 /// What all steps of an in-process run share (their contexts too: see
-/// [`StepContext`]'s `scope`). The cost meter, cancel token and signals the options
-/// did not give are made when first read: most runs read none of them.
+/// [`StepContext`]'s `scope`). The cost meter and signals the options did not give
+/// are made when first read (most runs read neither); without a cancel token from
+/// the options, the run cannot be cancelled.
 pub(crate) struct Shared {
     run_id: RunId,
     pub(crate) data: Option<Arc<Data>>,
     cost: OnceLock<CostMeter>,
-    cancel: OnceLock<CancelToken>,
+    cancel: Option<CancelToken>,
     signals: OnceLock<crate::Signals>,
     json_roundtrip: bool,
     budget_cents: Option<i64>,
@@ -774,10 +779,7 @@ pub(crate) async fn run_definition(
                 .cost
                 .clone()
                 .map_or_else(OnceLock::new, OnceLock::from),
-            cancel: options
-                .cancel
-                .clone()
-                .map_or_else(OnceLock::new, OnceLock::from),
+            cancel: options.cancel.clone(),
             signals: options
                 .signals
                 .clone()
@@ -918,7 +920,7 @@ async fn run_subflow(
         data: shared.data.clone(),
         // shared with the parent: its later steps see the child's cost
         cost: Some(shared.cost().clone()),
-        cancel: shared.cancel.get().cloned(),
+        cancel: shared.cancel.clone(),
         signals: shared.signals.get().cloned(),
         // a child run has no budget of its own (durably, it is a run of its own);
         // its cost is in the shared meter, so the parent's later steps see it
@@ -954,7 +956,7 @@ async fn run_subflow(
 async fn sleep_unless_cancelled(delay: std::time::Duration, shared: &Shared) -> bool {
     tokio::select! {
         () = tokio::time::sleep(delay) => true,
-        () = shared.cancel().cancelled() => false,
+        () = shared.cancelled() => false,
     }
 }
 
@@ -1007,7 +1009,7 @@ fn may_follow(step: &'static StepDef, attempt: u32, snoozes: u32) -> bool {
 
 /// The inputs for the attempt after one on `inputs`: the same, when they were kept,
 /// else the `copy` [`StepInputs::prepare`] made (if any).
-fn spare(inputs: StepInputs, copy: Option<StepInputs>) -> Option<StepInputs> {
+fn next_inputs(inputs: StepInputs, copy: Option<StepInputs>) -> Option<StepInputs> {
     if inputs.is_kept() { Some(inputs) } else { copy }
 }
 
@@ -1020,7 +1022,7 @@ fn begin_first(
     def: &'static WorkflowDef,
     step: &'static StepDef,
     element: Option<usize>,
-    inputs: StepInputs,
+    mut inputs: StepInputs,
     shared: &Arc<Shared>,
 ) -> First {
     if shared.is_cancelled() {
@@ -1032,7 +1034,6 @@ fn begin_first(
         Ok(held) => held,
         Err(e) => return First::Done(Err(e)),
     };
-    let mut inputs = inputs;
     let copy = inputs.prepare(may_follow(step, 1, 0));
     let ctx = attempt_context(def, step, element, 1, shared).build();
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -1041,7 +1042,7 @@ fn begin_first(
             running @ policy::Attempt::Running { .. } => {
                 return First::Later(Begun {
                     attempt: running,
-                    spare: spare(inputs, copy),
+                    spare: next_inputs(inputs, copy),
                     held,
                 });
             }
@@ -1055,7 +1056,7 @@ fn begin_first(
     };
     // a subflow to start, or a retry or snooze to wait for (decided again by
     // `run_with_retries`, which waits)
-    let spare = spare(inputs, copy);
+    let spare = next_inputs(inputs, copy);
     let spare = match &outcome {
         Err(error) => match next_try(
             (def, step, element),
@@ -1078,9 +1079,9 @@ fn begin_first(
 }
 
 /// What follows failed attempt `attempt` after `snoozes` snoozes: the delay before
-/// the step runs again on `spare` (the copy of its inputs), or the run's error when
-/// it does not (the failure is then in `history`). A snooze is not a failure: it is
-/// not recorded.
+/// the step runs again on `spare` (its kept inputs, or their copy), or the run's
+/// error when it does not (the failure is then in `history`). A snooze is not a
+/// failure: it is not recorded.
 fn next_try(
     (def, step, element): (&'static WorkflowDef, &'static StepDef, Option<usize>),
     (attempt, snoozes): (u32, u32),
@@ -1153,7 +1154,7 @@ async fn run_with_retries(
             let payload = Box::pin(async {
                 tokio::select! {
                     p = shared.signals().wait(signal.name, signal.timeout) => Some(p),
-                    () = shared.cancel().cancelled() => None,
+                    () = shared.cancelled() => None,
                 }
             })
             .await;
@@ -1229,7 +1230,7 @@ async fn run_with_retries(
                     Box::pin(bracket(tx, end)).await?;
                 }
                 drop(turn);
-                (attempt_result, spare(current, copy))
+                (attempt_result, next_inputs(current, copy))
             }
         };
         let error = match attempt_result {

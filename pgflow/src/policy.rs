@@ -50,8 +50,10 @@ pub async fn run_attempt(
     inputs: StepInputs,
     ctx: StepContext,
 ) -> Result<StepOutput, StepError> {
+    // Not `run_attempt_from(step, &mut inputs, ..)`: the inputs (a stored input can
+    // be large) are dropped as soon as the entry has taken them, not when the attempt
+    // ends.
     let mut args = Some((inputs, ctx));
-    // (the inputs are dropped once the entry took them)
     let begun = std::future::poll_fn(|cx| match args.take() {
         Some((mut inputs, ctx)) => {
             Poll::Ready(begin_attempt(step, &mut inputs, ctx, cx, Clock::Start))
@@ -102,6 +104,8 @@ pub(crate) fn begin_attempt(
     cx: &mut Context<'_>,
     clock: Clock,
 ) -> Attempt {
+    // (before the entry, which deserializes the inputs: the durable lease covers that)
+    let started = (clock == Clock::Start).then(tokio::time::Instant::now);
     let entry = step.entry();
     let fut = match catch_unwind(AssertUnwindSafe(|| entry(inputs, ctx))) {
         Ok(fut) => fut,
@@ -110,7 +114,6 @@ pub(crate) fn begin_attempt(
         }
     };
     let mut fut = CatchUnwind(fut);
-    let started = (clock == Clock::Start).then(tokio::time::Instant::now);
     match Pin::new(&mut fut).poll(cx) {
         Poll::Ready(outcome) => Attempt::Done(outcome_of(outcome)),
         Poll::Pending => {

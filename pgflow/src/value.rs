@@ -539,48 +539,34 @@ impl StepInputs {
     ) -> Result<Option<T>, StepError> {
         let (workflow, step) = (self.workflow, self.step);
         let context = |e: StepError| in_param(workflow, step, param, e);
-        if self.keep {
-            match self.values.get_mut(index) {
-                Some(Slot::Value(StepValue::Typed(v, own))) => {
+        let keep = self.keep;
+        let missing = || context(StepError::permanent(format!("input {index} is missing")));
+        let Some(slot) = self.values.get_mut(index) else {
+            return Err(missing());
+        };
+        let value = match slot {
+            Slot::Value(StepValue::Typed(v, own)) => {
+                if keep {
                     let mut out = None::<T>;
                     if (own.clone_into)(v.as_ref(), Some(&mut out)) {
                         return Ok(out);
                     }
-                    // (not kept: `prepare` keeps only `Clone` values)
                 }
-                Some(Slot::Value(StepValue::Json(raw))) => {
-                    return typed_from((ops.from_json)(raw.get()).map_err(context)?, ops)
-                        .map(Some)
-                        .map_err(context);
+                match std::mem::replace(slot, Slot::Taken) {
+                    Slot::Value(StepValue::Typed(v, _)) => Ok(v),
+                    _ => return Err(missing()),
                 }
-                Some(Slot::Value(StepValue::Stored(text))) => {
-                    return typed_from((ops.from_json)(text).map_err(context)?, ops)
-                        .map(Some)
-                        .map_err(context);
-                }
-                Some(Slot::Skipped) => return Ok(None),
-                Some(Slot::Taken) | None => {}
             }
-        }
-        let slot = self
-            .values
-            .get_mut(index)
-            .map(|s| std::mem::replace(s, Slot::Taken));
-        let value = match slot {
-            Some(Slot::Value(StepValue::Typed(v, _))) => v,
-            Some(Slot::Value(StepValue::Json(raw))) => {
-                (ops.from_json)(raw.get()).map_err(context)?
-            }
-            Some(Slot::Value(StepValue::Stored(text))) => {
-                (ops.from_json)(&text).map_err(context)?
-            }
-            Some(Slot::Skipped) => return Ok(None),
-            Some(Slot::Taken) | None => {
-                return Err(context(StepError::permanent(format!(
-                    "input {index} is missing"
-                ))));
-            }
+            // parsed where it is, and left there when the inputs are kept
+            Slot::Value(StepValue::Json(raw)) => (ops.from_json)(raw.get()),
+            Slot::Value(StepValue::Stored(text)) => (ops.from_json)(text),
+            Slot::Skipped => return Ok(None),
+            Slot::Taken => return Err(missing()),
         };
+        if !keep {
+            *slot = Slot::Taken;
+        }
+        let value = value.map_err(context)?;
         typed_from(value, ops).map(Some).map_err(context)
     }
 }

@@ -745,19 +745,22 @@ fn entry_tokens(
                 let var = format_ident!("__pgflow_arg_{}", k);
                 let ty = &p.ty;
                 let pname = p.name.to_string();
+                // an input that does not fit fails the attempt before the call
+                let or_fail = |take: TokenStream| {
+                    quote! {
+                        match #take {
+                            #result::Ok(__pgflow_v) => __pgflow_v,
+                            #result::Err(__pgflow_e) => return #private::failed(__pgflow_e),
+                        }
+                    }
+                };
+                let take_value = |ops: &Ident| {
+                    let take = or_fail(quote!(__pgflow_inputs.take::<#ty>(#k, #pname, &#ops)));
+                    quote!(let #var = #take;)
+                };
                 takes.push(match &params[k] {
-                    ParamFeed::Value(from_ops) => quote! {
-                        let #var = match __pgflow_inputs.take::<#ty>(#k, #pname, &#from_ops) {
-                            #result::Ok(__pgflow_v) => __pgflow_v,
-                            #result::Err(__pgflow_e) => return #private::failed(__pgflow_e),
-                        };
-                    },
-                    ParamFeed::Element(item_ops) => quote! {
-                        let #var = match __pgflow_inputs.take::<#ty>(#k, #pname, &#item_ops) {
-                            #result::Ok(__pgflow_v) => __pgflow_v,
-                            #result::Err(__pgflow_e) => return #private::failed(__pgflow_e),
-                        };
-                    },
+                    ParamFeed::Value(ops) => take_value(ops),
+                    ParamFeed::Element(ops) => take_value(ops),
                     ParamFeed::Optional(from_ops, from_ty) => {
                         // The conversion is the check that the parameter is an
                         // `Option<T>`, spanned at the parameter's type.
@@ -765,14 +768,10 @@ fn entry_tokens(
                         let from = respan(quote!(#from_ty), span);
                         let to = respan(quote!(#ty), span);
                         let convert = quote_spanned!(span=> ::pgflow::__private::optional_input::<#to, #from>);
-                        quote! {
-                            let #var: #ty = #convert(
-                                match __pgflow_inputs.take_optional::<#from_ty>(#k, #pname, &#from_ops) {
-                                    #result::Ok(__pgflow_v) => __pgflow_v,
-                                    #result::Err(__pgflow_e) => return #private::failed(__pgflow_e),
-                                },
-                            );
-                        }
+                        let take = or_fail(quote!(
+                            __pgflow_inputs.take_optional::<#from_ty>(#k, #pname, &#from_ops)
+                        ));
+                        quote!(let #var: #ty = #convert(#take);)
                     }
                 });
                 call_args.push(quote!(#var));
