@@ -151,12 +151,13 @@ use proc_macro::TokenStream;
 /// ```ignore
 /// const _: () = {
 ///     // one type-erased entry per step
-///     fn __pgflow_entry_1(inputs: &mut StepInputs, ctx: StepContext) -> StepFuture {
+///     fn __pgflow_entry_1(inputs: &mut StepInputs, ctx: ContextSource<'_>) -> StepFuture {
 ///         // typed, or from JSON; moved out, or cloned when a retry may need it again
 ///         let fetch = match inputs.take::<String>(0, "fetch", &__PGFLOW_OPS_0) {
 ///             Ok(v) => v,
 ///             Err(e) => return failed(e),
 ///         };
+///         // (a step taking `&StepContext`: `let ctx = ctx.into_context();`, made only then)
 ///         Box::pin(async move {
 ///             // (a conditional step: `if !pred(&fetch) { return Ok(StepOutput::Skipped) }`)
 ///             let out = <Review>::words(fetch).await.map_err(Into::into)?;

@@ -50,8 +50,8 @@ pub(crate) fn step_value() -> TokenStream {
 pub(crate) fn step_inputs() -> TokenStream {
     quote!(::pgflow::__private::StepInputs)
 }
-pub(crate) fn step_context() -> TokenStream {
-    quote!(::pgflow::StepContext)
+pub(crate) fn context_source() -> TokenStream {
+    quote!(::pgflow::__private::ContextSource)
 }
 pub(crate) fn duration() -> TokenStream {
     quote!(::core::time::Duration)

@@ -19,7 +19,7 @@ pub use crate::subflow::child_failed;
 pub use crate::value::{
     StepInputs, StepOutput, StepValue, ValueOps, check_finite, from_json, split_json,
 };
-pub use crate::workflow::{MapOps, StepFn};
+pub use crate::workflow::{ContextSource, MapOps, StepFn};
 
 #[path = "policy.rs"]
 pub mod policy;

@@ -207,6 +207,7 @@ impl Shared {
 
     /// Reserves `step`'s estimates for one attempt, or refuses it when they would take
     /// the run past a budget. Returns what to release once the attempt ends.
+    #[inline]
     fn reserve(
         &self,
         def: &'static WorkflowDef,
@@ -215,6 +216,15 @@ impl Shared {
         if self.budget_cents.is_none() && self.budget_tokens.is_none() {
             return Ok((0, 0));
         }
+        self.reserve_within_budgets(def, step)
+    }
+
+    /// [`Shared::reserve`] for a run with a budget.
+    fn reserve_within_budgets(
+        &self,
+        def: &'static WorkflowDef,
+        step: &'static StepDef,
+    ) -> Result<(i64, i64), RunError> {
         let o = step.options();
         let est = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let (cents, tokens) = (est(o.estimate_cents), est(o.estimate_tokens));
@@ -261,10 +271,15 @@ impl Shared {
     }
 
     /// Gives back what an attempt reserved.
-    fn release(&self, (cents, tokens): (i64, i64)) {
-        if cents == 0 && tokens == 0 {
-            return;
+    #[inline]
+    fn release(&self, held: (i64, i64)) {
+        if held != (0, 0) {
+            self.release_reserved(held);
         }
+    }
+
+    /// [`Shared::release`] of a reservation.
+    fn release_reserved(&self, (cents, tokens): (i64, i64)) {
         let mut reserved = self
             .reserved
             .lock()
@@ -1035,7 +1050,9 @@ fn begin_first(
         Err(e) => return First::Done(Err(e)),
     };
     let copy = inputs.prepare(may_follow(step, 1, 0));
-    let ctx = attempt_context(def, step, element, 1, shared).build();
+    // made only if the step takes a context
+    let make = || attempt_context(def, step, element, 1, shared).build();
+    let ctx = crate::engine::ContextSource::Make(&make);
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let outcome =
         match policy::begin_attempt(step, &mut inputs, ctx, &mut cx, policy::Clock::FirstWait) {

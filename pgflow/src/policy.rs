@@ -23,7 +23,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::engine::{StepInputs, StepOutput};
+use crate::engine::{ContextSource, StepInputs, StepOutput};
 use crate::{StepContext, StepDef, StepError, StepOptions};
 
 /// The longest delay between two attempts, whatever the backoff and attempt count.
@@ -55,9 +55,13 @@ pub async fn run_attempt(
     // ends.
     let mut args = Some((inputs, ctx));
     let begun = std::future::poll_fn(|cx| match args.take() {
-        Some((mut inputs, ctx)) => {
-            Poll::Ready(begin_attempt(step, &mut inputs, ctx, cx, Clock::Start))
-        }
+        Some((mut inputs, ctx)) => Poll::Ready(begin_attempt(
+            step,
+            &mut inputs,
+            ContextSource::Given(ctx),
+            cx,
+            Clock::Start,
+        )),
         None => Poll::Pending,
     })
     .await;
@@ -74,7 +78,13 @@ pub(crate) async fn run_attempt_from(
 ) -> Result<StepOutput, StepError> {
     let mut ctx = Some(ctx);
     let begun = std::future::poll_fn(|cx| match ctx.take() {
-        Some(ctx) => Poll::Ready(begin_attempt(step, inputs, ctx, cx, clock)),
+        Some(ctx) => Poll::Ready(begin_attempt(
+            step,
+            inputs,
+            ContextSource::Given(ctx),
+            cx,
+            clock,
+        )),
         None => Poll::Pending,
     })
     .await;
@@ -100,7 +110,7 @@ pub(crate) enum Clock {
 pub(crate) fn begin_attempt(
     step: &StepDef,
     inputs: &mut StepInputs,
-    ctx: StepContext,
+    ctx: ContextSource<'_>,
     cx: &mut Context<'_>,
     clock: Clock,
 ) -> Attempt {

@@ -24,7 +24,7 @@ pub use crate::value::{
 
 use std::sync::OnceLock;
 
-pub use crate::workflow::MapOps;
+pub use crate::workflow::{ContextSource, MapOps};
 use crate::workflow::{Param, StepFn, StepOptions};
 use crate::{StepDef, StepError, WorkflowDef};
 

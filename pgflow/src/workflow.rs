@@ -255,7 +255,46 @@ impl fmt::Debug for MapOps {
 /// is false), calls the user's function and wraps the output. For a map step it is
 /// called once per element.
 pub type StepFn =
-    fn(&mut StepInputs, StepContext) -> BoxFuture<'static, Result<StepOutput, StepError>>;
+    fn(&mut StepInputs, ContextSource<'_>) -> BoxFuture<'static, Result<StepOutput, StepError>>;
+
+/// Where a step's entry gets the attempt's [`StepContext`]: given, or made by the
+/// entry only when the step takes a context (or a transaction), so that a step that
+/// takes neither costs no context at all.
+///
+/// ```
+/// use pgflow::StepContext;
+/// use pgflow::engine::ContextSource;
+///
+/// let given = ContextSource::Given(StepContext::builder("wf", "step").attempt(2).build());
+/// assert_eq!(given.into_context().attempt(), 2);
+/// let make = || StepContext::builder("wf", "step").attempt(3).build();
+/// assert_eq!(ContextSource::Make(&make).into_context().attempt(), 3);
+/// ```
+pub enum ContextSource<'a> {
+    /// A context built already (the durable runtime builds each attempt's).
+    Given(StepContext),
+    /// Builds the context when the entry needs it.
+    Make(&'a dyn Fn() -> StepContext),
+}
+
+impl ContextSource<'_> {
+    /// The context: the given one, or one made now.
+    pub fn into_context(self) -> StepContext {
+        match self {
+            Self::Given(ctx) => ctx,
+            Self::Make(make) => make(),
+        }
+    }
+}
+
+impl fmt::Debug for ContextSource<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Given(ctx) => f.debug_tuple("Given").field(ctx).finish(),
+            Self::Make(_) => f.write_str("Make(..)"),
+        }
+    }
+}
 
 /// One row of a workflow's step table.
 pub struct StepDef {

@@ -726,7 +726,7 @@ fn entry_tokens(
 ) -> TokenStream {
     let private = paths::private();
     let step_inputs = paths::step_inputs();
-    let step_context = paths::step_context();
+    let context_source = paths::context_source();
     let step_value = paths::step_value();
     let step_output = paths::step_output();
     let boxed = paths::boxed();
@@ -812,13 +812,25 @@ fn entry_tokens(
             quote!(#result::Ok(#step_output::Completed(#step_value::typed(__pgflow_out, &#ops))))
         }
     };
+    // The context is made only for a step that takes it (or a transaction, which
+    // it lends): a step that takes neither costs no context.
+    let context = if step
+        .args
+        .iter()
+        .any(|a| matches!(a, Arg::Context | Arg::Transaction(_)))
+    {
+        quote!(let __pgflow_ctx = __pgflow_ctx.into_context();)
+    } else {
+        quote!(let _ = __pgflow_ctx;)
+    };
     quote! {
         fn #entry(
             __pgflow_inputs: &mut #step_inputs,
-            __pgflow_ctx: #step_context,
+            __pgflow_ctx: #context_source<'_>,
         ) -> #private::StepFuture {
             #inputs_binding
             #(#takes)*
+            #context
             #boxed::pin(async move {
                 #predicate
                 #borrow
