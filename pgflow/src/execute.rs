@@ -346,7 +346,9 @@ pub async fn execute_with<W: Workflow>(
 struct Finished {
     step: usize,
     element: Option<usize>,
-    result: Result<StepOutput, RunError>,
+    /// (the error boxed: most steps succeed, and a finished step is moved a few
+    /// times)
+    result: Result<StepOutput, Box<RunError>>,
 }
 
 type Running = FuturesUnordered<BoxFuture<'static, Finished>>;
@@ -593,7 +595,7 @@ impl Run<'_> {
             let result = map
                 .collect(Vec::new())
                 .map(StepOutput::Completed)
-                .map_err(|e| self.serde_err(&e));
+                .map_err(|e| Box::new(self.serde_err(&e)));
             self.push_done(Finished {
                 step: step.index(),
                 element: None,
@@ -665,7 +667,9 @@ impl Run<'_> {
                 Finished {
                     step: step.index(),
                     element,
-                    result: run_with_retries(def, step, element, inputs, &shared, begun).await,
+                    result: run_with_retries(def, step, element, inputs, &shared, begun)
+                        .await
+                        .map_err(Box::new),
                 }
             }));
     }
@@ -675,7 +679,7 @@ impl Run<'_> {
     fn finished(&mut self, f: Finished) -> Result<Option<StepValue>, RunError> {
         let def = self.def;
         let index = f.step;
-        let output = match f.result? {
+        let output = match f.result.map_err(|e| *e)? {
             StepOutput::Completed(v) if self.options.json_roundtrip => StepOutput::Completed(
                 v.into_json()
                     .map_err(|e| step_serde_error(def, index, f.element, &e))?,
@@ -978,7 +982,7 @@ async fn sleep_unless_cancelled(delay: std::time::Duration, shared: &Shared) -> 
 /// What [`begin_first`] made of a step's first attempt.
 enum First {
     /// The step is done (or failed for good) without waiting.
-    Done(Result<StepOutput, RunError>),
+    Done(Result<StepOutput, Box<RunError>>),
     /// It has to wait: for what it awaits, or to retry.
     Later(Begun),
 }
@@ -1041,13 +1045,13 @@ fn begin_first(
     shared: &Arc<Shared>,
 ) -> First {
     if shared.is_cancelled() {
-        return First::Done(Err(RunError::Cancelled {
+        return First::Done(Err(Box::new(RunError::Cancelled {
             workflow: def.name().to_owned(),
-        }));
+        })));
     }
     let held = match shared.reserve(def, step) {
         Ok(held) => held,
-        Err(e) => return First::Done(Err(e)),
+        Err(e) => return First::Done(Err(Box::new(e))),
     };
     let copy = inputs.prepare(may_follow(step, 1, 0));
     // made only if the step takes a context
@@ -1083,7 +1087,7 @@ fn begin_first(
             &mut Vec::new(),
             shared,
         ) {
-            Err(failed) => return First::Done(Err(failed)),
+            Err(failed) => return First::Done(Err(Box::new(failed))),
             Ok((_, spare)) => Some(spare),
         },
         Ok(_) => spare,
