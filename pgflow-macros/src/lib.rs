@@ -157,7 +157,8 @@ use proc_macro::TokenStream;
 ///             Ok(v) => v,
 ///             Err(e) => return failed(e),
 ///         };
-///         // (a step taking `&StepContext`: `let ctx = ctx.into_context();`, made only then)
+///         // (a step taking `&StepContext` or a `&mut T` transaction:
+///         // `let ctx = ctx.into_context();`; in process the context is made only then)
 ///         Box::pin(async move {
 ///             // (a conditional step: `if !pred(&fetch) { return Ok(StepOutput::Skipped) }`)
 ///             let out = <Review>::words(fetch).await.map_err(Into::into)?;
