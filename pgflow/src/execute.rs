@@ -1145,8 +1145,8 @@ fn next_try(
 /// Runs every attempt of one step until it succeeds, fails permanently or exhausts
 /// its attempts, after the step's `delay`. While attempts (or snoozes) remain, the
 /// inputs are kept for the next one (the entry clones what it takes) or, when one is
-/// not `Clone`, copied first (see [`StepInputs::prepare`]). A snooze sleeps and runs the same
-/// attempt again, up to the step's `max_snoozes`. With `begun`, the first attempt
+/// not `Clone`, copied first (see [`StepInputs::prepare`]). A snooze sleeps and runs
+/// the same attempt again, up to the step's `max_snoozes`. With `begun`, the first attempt
 /// was begun by [`begin_first`] (and `inputs` is `None`): this goes on from it.
 async fn run_with_retries(
     def: &'static WorkflowDef,

@@ -50,22 +50,19 @@ pub async fn run_attempt(
     inputs: StepInputs,
     ctx: StepContext,
 ) -> Result<StepOutput, StepError> {
-    // Not `run_attempt_from(step, &mut inputs, ..)`: the inputs (a stored input can
-    // be large) are dropped as soon as the entry has taken them, not when the attempt
-    // ends.
-    let mut args = Some((inputs, ctx));
-    let begun = std::future::poll_fn(|cx| match args.take() {
-        Some((mut inputs, ctx)) => Poll::Ready(begin_attempt(
+    // (by value into the first poll: the inputs, a stored input can be large, are
+    // dropped as soon as the entry has taken them, not when the attempt ends)
+    begin_then_finish(move |cx| {
+        let mut inputs = inputs;
+        begin_attempt(
             step,
             &mut inputs,
             ContextSource::Given(ctx),
             cx,
             Clock::Start,
-        )),
-        None => Poll::Pending,
+        )
     })
-    .await;
-    begun.finish().await
+    .await
 }
 
 /// [`run_attempt`] on inputs that may be kept for a next attempt (see
@@ -76,15 +73,17 @@ pub(crate) async fn run_attempt_from(
     ctx: StepContext,
     clock: Clock,
 ) -> Result<StepOutput, StepError> {
-    let mut ctx = Some(ctx);
-    let begun = std::future::poll_fn(|cx| match ctx.take() {
-        Some(ctx) => Poll::Ready(begin_attempt(
-            step,
-            inputs,
-            ContextSource::Given(ctx),
-            cx,
-            clock,
-        )),
+    begin_then_finish(|cx| begin_attempt(step, inputs, ContextSource::Given(ctx), cx, clock)).await
+}
+
+/// Begins an attempt with `begin` in its first poll (with the task's context), then
+/// waits for its outcome.
+async fn begin_then_finish(
+    begin: impl FnOnce(&mut Context<'_>) -> Attempt,
+) -> Result<StepOutput, StepError> {
+    let mut begin = Some(begin);
+    let begun = std::future::poll_fn(|cx| match begin.take() {
+        Some(begin) => Poll::Ready(begin(cx)),
         None => Poll::Pending,
     })
     .await;

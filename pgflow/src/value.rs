@@ -358,10 +358,19 @@ impl Slot {
 impl StepInputs {
     /// Inputs for `step` of `workflow`.
     pub fn new(workflow: &'static str, step: &'static str, values: Vec<StepValue>) -> Self {
+        Self::of(
+            workflow,
+            step,
+            Values::from_slots(values.into_iter().map(Slot::Value)),
+        )
+    }
+
+    /// Inputs that are not kept (until [`StepInputs::prepare`] keeps them).
+    fn of(workflow: &'static str, step: &'static str, values: Values) -> Self {
         Self {
             workflow,
             step,
-            values: Values::from_slots(values.into_iter().map(Slot::Value)),
+            values,
             keep: false,
         }
     }
@@ -381,16 +390,15 @@ impl StepInputs {
         step: &'static str,
         values: Vec<Option<StepValue>>,
     ) -> Self {
-        Self {
+        Self::of(
             workflow,
             step,
-            values: Values::from_slots(
+            Values::from_slots(
                 values
                     .into_iter()
                     .map(|v| v.map_or(Slot::Skipped, Slot::Value)),
             ),
-            keep: false,
-        }
+        )
     }
 
     /// Inputs for a step with one parameter (`None`: a skipped step's output, or a
@@ -400,12 +408,11 @@ impl StepInputs {
         step: &'static str,
         value: Option<StepValue>,
     ) -> Self {
-        Self {
+        Self::of(
             workflow,
             step,
-            values: Values::One(value.map_or(Slot::Skipped, Slot::Value)),
-            keep: false,
-        }
+            Values::One(value.map_or(Slot::Skipped, Slot::Value)),
+        )
     }
 
     /// Sets input `index` (the payload of a signal, given when it comes).
@@ -438,12 +445,7 @@ impl StepInputs {
                 Values::Many(slots.iter().map(Slot::backup).collect::<Result<_, _>>()?)
             }
         };
-        Ok(Self {
-            workflow: self.workflow,
-            step: self.step,
-            values,
-            keep: false,
-        })
+        Ok(Self::of(self.workflow, self.step, values))
     }
 
     /// Readies the inputs for an attempt; `follow` says whether another attempt (or

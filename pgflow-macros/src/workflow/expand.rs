@@ -674,13 +674,10 @@ fn value_ops_tokens(ops: &Ident, named: &Named) -> TokenStream {
     let private = paths::private();
     let value_ops = paths::value_ops();
     let any = paths::any();
-    let dup = format_ident!(
-        "__pgflow_dup{}",
-        ops.to_string()
-            .to_lowercase()
-            .trim_start_matches("__pgflow_ops")
-    );
-    let clone = format_ident!("__pgflow_clone{}", &dup.to_string()["__pgflow_dup".len()..]);
+    let lower = ops.to_string().to_lowercase();
+    let suffix = lower.trim_start_matches("__pgflow_ops");
+    let dup = format_ident!("__pgflow_dup{suffix}");
+    let clone = format_ident!("__pgflow_clone{suffix}");
     let type_name = &named.name;
     // The one place that requires `T: StepData`, spanned at the user's type so a
     // type that is not (de)serializable is reported there.
@@ -814,11 +811,7 @@ fn entry_tokens(
     };
     // The context is made only for a step that takes it (or a transaction, which
     // it lends): a step that takes neither costs no context.
-    let context = if step
-        .args
-        .iter()
-        .any(|a| matches!(a, Arg::Context | Arg::Transaction(_)))
-    {
+    let context = if step.takes_context() || step.transaction().is_some() {
         quote!(let __pgflow_ctx = __pgflow_ctx.into_context();)
     } else {
         quote!(let _ = __pgflow_ctx;)
