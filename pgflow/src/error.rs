@@ -95,7 +95,12 @@ impl fmt::Display for ErrorKind {
 /// assert!(!e.is_retryable());
 /// assert_eq!(e.to_string(), "permanent: unknown recipient `bob`");
 /// ```
-pub struct StepError {
+pub struct StepError(Box<Inner>);
+
+/// A [`StepError`]'s parts, behind one pointer: a step's `Result` is then no
+/// larger than its output plus a word, and it is moved several times per step while
+/// errors are rare.
+struct Inner {
     kind: ErrorKind,
     message: String,
     retry_after: Option<Duration>,
@@ -106,13 +111,13 @@ pub struct StepError {
 
 impl StepError {
     fn new(kind: ErrorKind, message: String) -> Self {
-        Self {
+        Self(Box::new(Inner {
             kind,
             message,
             retry_after: None,
             snooze: None,
             source: None,
-        }
+        }))
     }
 
     /// A failure that is retried with backoff while attempts remain.
@@ -130,7 +135,7 @@ impl StepError {
     /// (a `Retry-After` header, a rate limit window). It replaces the computed backoff.
     pub fn retry_after(delay: Duration, message: impl fmt::Display) -> Self {
         let mut e = Self::retryable(message);
-        e.retry_after = Some(delay);
+        e.0.retry_after = Some(delay);
         e
     }
 
@@ -164,13 +169,13 @@ impl StepError {
     /// ```
     pub fn snooze(delay: Duration) -> Self {
         let mut e = Self::retryable(format!("not ready, again in {delay:?}"));
-        e.snooze = Some(delay);
+        e.0.snooze = Some(delay);
         e
     }
 
     /// The delay of a [`StepError::snooze`], or `None` for a real error.
     pub fn snoozed_for(&self) -> Option<Duration> {
-        self.snooze
+        self.0.snooze
     }
 
     /// The error recorded when a step outlives its timeout.
@@ -200,7 +205,7 @@ impl StepError {
     /// durable runtime does when it reads an attempt's error back from the database.
     pub fn from_parts(kind: ErrorKind, message: String, retry_after: Option<Duration>) -> Self {
         let mut e = Self::new(kind, message);
-        e.retry_after = retry_after;
+        e.0.retry_after = retry_after;
         e
     }
 
@@ -211,9 +216,9 @@ impl StepError {
     /// assert!(e.is_permanent());
     /// ```
     pub fn into_permanent(mut self) -> Self {
-        self.kind = ErrorKind::Permanent;
-        self.retry_after = None;
-        self.snooze = None;
+        self.0.kind = ErrorKind::Permanent;
+        self.0.retry_after = None;
+        self.0.snooze = None;
         self
     }
 
@@ -224,38 +229,38 @@ impl StepError {
     /// assert_eq!(e.message(), "decoding input: missing field `a`");
     /// ```
     pub fn context(mut self, context: impl fmt::Display) -> Self {
-        self.message = format!("{context}: {}", self.message);
+        self.0.message = format!("{context}: {}", self.0.message);
         self
     }
 
     /// The classification of this error.
     pub fn kind(&self) -> ErrorKind {
-        self.kind
+        self.0.kind
     }
 
     /// The message, without the kind.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     /// The delay asked for by [`StepError::retry_after`], if any.
     pub fn retry_delay(&self) -> Option<Duration> {
-        self.retry_after
+        self.0.retry_after
     }
 
     /// Whether this error may be retried (retryable, timeout or panic).
     pub fn is_retryable(&self) -> bool {
-        self.kind.is_retryable()
+        self.0.kind.is_retryable()
     }
 
     /// Whether this error fails the run at once.
     pub fn is_permanent(&self) -> bool {
-        self.kind == ErrorKind::Permanent
+        self.0.kind == ErrorKind::Permanent
     }
 
     /// The error this one was converted from by `?`, if any.
     pub fn source(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
-        self.source.as_deref()
+        self.0.source.as_deref()
     }
 
     /// Converts into a boxed `std::error::Error`.
@@ -272,24 +277,25 @@ impl StepError {
 
 impl fmt::Display for StepError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.snooze.is_some() {
-            return write!(f, "snooze: {}", self.message);
+        if self.0.snooze.is_some() {
+            return write!(f, "snooze: {}", self.0.message);
         }
-        write!(f, "{}: {}", self.kind, self.message)
+        write!(f, "{}: {}", self.0.kind, self.0.message)
     }
 }
 
 impl fmt::Debug for StepError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("StepError");
-        d.field("kind", &self.kind).field("message", &self.message);
-        if let Some(r) = self.retry_after {
+        d.field("kind", &self.0.kind)
+            .field("message", &self.0.message);
+        if let Some(r) = self.0.retry_after {
             d.field("retry_after", &r);
         }
-        if let Some(r) = self.snooze {
+        if let Some(r) = self.0.snooze {
             d.field("snooze", &r);
         }
-        if let Some(s) = &self.source {
+        if let Some(s) = &self.0.source {
             d.field("source", s);
         }
         d.finish()
@@ -302,7 +308,7 @@ where
 {
     fn from(error: E) -> Self {
         let mut e = Self::retryable(&error);
-        e.source = Some(Box::new(error));
+        e.0.source = Some(Box::new(error));
         e
     }
 }
@@ -324,6 +330,7 @@ impl fmt::Display for StdStepError {
 impl std::error::Error for StdStepError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.0
+            .0
             .source
             .as_deref()
             .map(|s| s as &(dyn std::error::Error + 'static))
