@@ -787,8 +787,48 @@ fn to_json<T: StepData>(v: &(dyn Any + Send)) -> Result<Box<RawValue>, StepError
 }
 
 fn check_storable<T: StepData>(v: &(dyn Any + Send)) -> Result<(), StepError> {
+    if holds_no_float::<T>() {
+        return Ok(());
+    }
     let v = v.downcast_ref::<T>().ok_or_else(type_confusion)?;
     serializing(|| check_finite(v))
+}
+
+/// Whether `T` is a type whose serialization holds no float (an integer, `bool`,
+/// `char`, `String` or `()`, as serde writes them), so that a value of it is always
+/// storable and is not walked. The comparisons are of constants: for a given `T`
+/// this compiles to `true` or `false`.
+///
+/// ```
+/// # use pgflow::engine::{StepValue, ValueOps};
+/// // (what `check_storable` answers at once, without a walk)
+/// static U64: ValueOps = ValueOps::of::<u64>("u64", |_| None);
+/// static F64: ValueOps = ValueOps::of::<f64>("f64", |_| None);
+/// assert!(StepValue::typed(7_u64, &U64).check_storable().is_ok());
+/// assert!(StepValue::typed(f64::NAN, &F64).check_storable().is_err());
+/// ```
+fn holds_no_float<T: 'static>() -> bool {
+    use std::any::TypeId;
+    let t = TypeId::of::<T>();
+    [
+        TypeId::of::<()>(),
+        TypeId::of::<bool>(),
+        TypeId::of::<char>(),
+        TypeId::of::<String>(),
+        TypeId::of::<u8>(),
+        TypeId::of::<u16>(),
+        TypeId::of::<u32>(),
+        TypeId::of::<u64>(),
+        TypeId::of::<u128>(),
+        TypeId::of::<usize>(),
+        TypeId::of::<i8>(),
+        TypeId::of::<i16>(),
+        TypeId::of::<i32>(),
+        TypeId::of::<i64>(),
+        TypeId::of::<i128>(),
+        TypeId::of::<isize>(),
+    ]
+    .contains(&t)
 }
 
 /// Refuses a value holding a NaN or infinite float (JSON has neither; stored, it
