@@ -260,7 +260,7 @@ pub(crate) async fn enqueue(
 }
 
 /// A claimed task with what its step needs.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub(crate) struct Claimed {
     pub(crate) task_id: i64,
     pub(crate) run_id: i64,
@@ -296,6 +296,29 @@ pub(crate) struct Claimed {
     /// The trace context its run was started in (see `crate::otel`).
     pub(crate) trace_context: Option<String>,
 }
+
+crate::store::by_position!(Claimed {
+    task_id,
+    run_id,
+    step,
+    workflow,
+    version,
+    attempt,
+    snoozes,
+    errors,
+    run_status,
+    input,
+    parent_steps,
+    parent_outputs,
+    element,
+    item,
+    signal,
+    child_run_id,
+    budgeted,
+    key,
+    wait_secs,
+    trace_context,
+});
 
 /// The claim statement. The inner SELECT walks `tasks_available` in claim order
 /// (the `claim_uses_the_partial_index` test explains this very statement). An element
@@ -550,7 +573,6 @@ pub(crate) async fn claim(
     catalog: &Catalog,
     req: ClaimRequest<'_>,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
-    use sqlx::FromRow;
     let Some(limit) = req.key_limit else {
         let sql = if req.fair.is_some() {
             FAIR_CLAIM_SQL
@@ -558,7 +580,7 @@ pub(crate) async fn claim(
             CLAIM_SQL
         };
         let rows = claim_query(sql, catalog, req).fetch_all(conn).await?;
-        return rows.iter().map(Claimed::from_row).collect();
+        return crate::store::decode_rows(&rows);
     };
     // A key limit: the claim and its slots in one transaction (see `store::slots`).
     use sqlx::Connection;
@@ -566,10 +588,7 @@ pub(crate) async fn claim(
     let rows = claim_query(FAIR_CLAIM_SQL, catalog, req)
         .fetch_all(&mut *tx)
         .await?;
-    let claimed: Vec<Claimed> = rows
-        .iter()
-        .map(Claimed::from_row)
-        .collect::<Result<_, _>>()?;
+    let claimed: Vec<Claimed> = crate::store::decode_rows(&rows)?;
     let keyed: Vec<(i64, String)> = claimed
         .iter()
         .filter_map(|c| Some((c.task_id, c.key.clone()?)))

@@ -38,7 +38,7 @@ pub(super) async fn fence<'b>(
         let tokens: Vec<i64> = finals.iter().map(|c| c.token).collect();
         // By primary key. A step completed from its child run (a subflow) started
         // when the child did.
-        let rows: Vec<Deleted> = sqlx::query_as(
+        let rows = sqlx::query(
             "DELETE FROM pgflow.tasks t
              USING unnest($1::bigint[], $2::bigint[]) AS c(id, token)
              WHERE t.id = c.id AND t.claim_token = c.token
@@ -55,6 +55,7 @@ pub(super) async fn fence<'b>(
         .bind(&tokens)
         .fetch_all(&mut *conn)
         .await?;
+        let rows: Vec<Deleted> = crate::store::decode_rows(&rows)?;
         slots.extend(
             rows.iter()
                 .filter_map(|d| Some((d.slot_queue.clone()?, d.slot_key.clone()?))),
@@ -143,7 +144,6 @@ pub(super) async fn fence<'b>(
 type Passed = (Option<DateTime<Utc>>, Released);
 
 /// A task row deleted by a final completion.
-#[derive(sqlx::FromRow)]
 struct Deleted {
     id: i64,
     token: i64,
@@ -156,6 +156,17 @@ struct Deleted {
     /// What its attempt reserved of the runtime's limits.
     limit_holds: Option<String>,
 }
+
+crate::store::by_position!(Deleted {
+    id,
+    token,
+    started_at,
+    reserved_cents,
+    reserved_tokens,
+    slot_queue,
+    slot_key,
+    limit_holds,
+});
 
 /// What an attempt used, in a limit's unit.
 fn used_by(c: &Completion, unit: &str) -> i64 {

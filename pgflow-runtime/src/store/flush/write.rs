@@ -286,12 +286,14 @@ impl<'c> FinishedRuns<'c> {
 }
 
 /// A run that finished in this flush.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub(super) struct Ended {
     pub(super) id: i64,
     /// It is a child run (a subflow): its parent's task waits for it.
     pub(super) has_parent: bool,
 }
+
+crate::store::by_position!(Ended { id, has_parent });
 
 /// Phase 6: runs still `running` succeed with their output (by primary key).
 pub(super) async fn finish_runs(
@@ -302,7 +304,7 @@ pub(super) async fn finish_runs(
     if runs.run_ids.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_as(
+    let rows = sqlx::query(
         "UPDATE pgflow.runs r
          SET status = 'succeeded', completed_at = now(), instance_id = $5,
              cost_cents = r.cost_cents + u.cost,
@@ -326,7 +328,8 @@ pub(super) async fn finish_runs(
     .bind(instance)
     .bind(&runs.started)
     .fetch_all(conn)
-    .await
+    .await?;
+    crate::store::decode_rows(&rows)
 }
 
 /// Runs that fail in this flush.
@@ -356,7 +359,7 @@ pub(super) async fn fail_runs(
     if runs.run_ids.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_as(
+    let rows = sqlx::query(
         "WITH f AS (
              UPDATE pgflow.runs r
              SET status = 'failed', error = u.error::jsonb, completed_at = now(),
@@ -375,7 +378,8 @@ pub(super) async fn fail_runs(
     .bind(&runs.costs)
     .bind(instance)
     .fetch_all(conn)
-    .await
+    .await?;
+    crate::store::decode_rows(&rows)
 }
 
 /// What a flush adds to a run besides what finishing or failing it adds: the cost of
