@@ -75,7 +75,10 @@ pub(crate) async fn run(
     // A transactional step's completion is applied in the attempt's own transaction,
     // with the step's writes; what else it comes to goes to the flusher as usual.
     let completion = match lent {
-        Some(lent) => match commit_with_writes(&engine, lent, completion).await {
+        // (the futures of paths most tasks never take are boxed where they are
+        // awaited: a task's future is moved into its task when spawned, and its size
+        // is that of the largest await in it)
+        Some(lent) => match Box::pin(commit_with_writes(&engine, lent, completion)).await {
             None => {
                 if let Ok(mut m) = engine.in_flight.lock() {
                     m.remove(&key);
@@ -229,7 +232,9 @@ async fn attempt_in(
         )));
     };
     if let Some(child) = task.child_run_id {
-        return child_outcome(engine, child).await.unwrap_or_else(fail_now);
+        return Box::pin(child_outcome(engine, child))
+            .await
+            .unwrap_or_else(fail_now);
     }
     if step.map().is_some() && element.is_none() {
         return unfanned_map(step, task).unwrap_or_else(fail_now);
@@ -239,12 +244,12 @@ async fn attempt_in(
         Err(e) => return fail_now(e),
     };
     if task.budgeted {
-        if let Some(refused) = reserve(engine, flow, step, task, token).await {
+        if let Some(refused) = Box::pin(reserve(engine, flow, step, task, token)).await {
             return refused;
         }
     }
     if !step.limits().is_empty() {
-        if let Some(waits) = reserve_limits(engine, flow, step, task, token).await {
+        if let Some(waits) = Box::pin(reserve_limits(engine, flow, step, task, token)).await {
             return waits;
         }
     }
@@ -263,7 +268,7 @@ async fn attempt_in(
             engine.release_cancel_token(task.run_id);
             return Outcome::Release;
         };
-        match engine.pool.begin().await {
+        match Box::pin(engine.pool.begin()).await {
             Ok(tx) => {
                 let tx = pgflow::Transaction::new(crate::PgTransaction::new(tx));
                 ctx = ctx.transaction(tx.clone());
