@@ -4,7 +4,6 @@
 //! the arrays the claim statement binds to know each step's parents, lease and
 //! whether it (or each element task of a map step) reads the run input.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use pgflow::{Definition, ParamSource, Plan, StepDef, WorkflowDef};
@@ -109,7 +108,7 @@ pub(crate) fn step_rows(def: &Definition) -> Vec<StepRow> {
 /// Every registered workflow, and the claim statement's parameters.
 #[derive(Debug, Default)]
 pub(crate) struct Catalog {
-    flows: HashMap<&'static str, Vec<(i32, Entry)>>,
+    flows: foldhash::HashMap<&'static str, Vec<(i32, Entry)>>,
     pub(crate) claim: ClaimParams,
 }
 

@@ -112,12 +112,12 @@ pub(crate) struct Engine {
     shutdown: watch::Sender<bool>,
     /// Callers of `RunHandle::wait`, woken when their run finishes here; each entry
     /// is removed by its [`Waiter`] when the wait ends, however it ends.
-    waiters: Mutex<HashMap<i64, Vec<WaiterSlot>>>,
+    waiters: Mutex<foldhash::HashMap<i64, Vec<WaiterSlot>>>,
     next_waiter: AtomicU64,
     /// The cancel token of each run with steps executing here, and how many.
-    cancels: Mutex<HashMap<i64, (CancelToken, usize)>>,
+    cancels: Mutex<foldhash::HashMap<i64, (CancelToken, usize)>>,
     /// Claims being executed (their count is the load reported in heartbeats).
-    pub(crate) in_flight: Mutex<HashMap<(i64, i64), InFlight>>,
+    pub(crate) in_flight: Mutex<foldhash::HashMap<(i64, i64), InFlight>>,
     /// What the metrics endpoint reports (nothing without the `metrics` feature).
     pub(crate) metrics: crate::metrics::Metrics,
     loops: Mutex<Option<Loops>>,
@@ -170,10 +170,10 @@ impl Engine {
             wakers,
             completions: tx,
             shutdown,
-            waiters: Mutex::new(HashMap::new()),
+            waiters: Mutex::default(),
             next_waiter: AtomicU64::new(0),
-            cancels: Mutex::new(HashMap::new()),
-            in_flight: Mutex::new(HashMap::new()),
+            cancels: Mutex::default(),
+            in_flight: Mutex::default(),
             metrics: crate::metrics::Metrics::default(),
             loops: Mutex::new(None),
             counters: Counters::default(),

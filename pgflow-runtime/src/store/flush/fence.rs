@@ -28,7 +28,8 @@ pub(super) async fn fence<'b>(
     // task from two claims (a stale one and a fresh one) must not both pass. The
     // value is when the attempt started (its claim), for a completion that ends its
     // task.
-    let mut accepted: HashMap<(i64, i64), Passed> = HashMap::with_capacity(batch.len());
+    let mut accepted: foldhash::HashMap<(i64, i64), Passed> =
+        foldhash::HashMap::with_capacity_and_hasher(batch.len(), Default::default());
     // Concurrency slots the ended claims held (queues with a key limit), and the
     // limits' reservations (task, token, hold).
     let mut slots: Vec<(String, String)> = Vec::new();
@@ -216,7 +217,8 @@ fn once_per_claim(
     batch: &[Completion],
     accepted: impl Fn(&(i64, i64)) -> bool,
 ) -> Vec<&Completion> {
-    let mut chosen: HashMap<(i64, i64), usize> = HashMap::with_capacity(batch.len());
+    let mut chosen: foldhash::HashMap<(i64, i64), usize> =
+        foldhash::HashMap::with_capacity_and_hasher(batch.len(), Default::default());
     for (i, c) in batch.iter().enumerate() {
         if !accepted(&c.claim()) {
             continue;

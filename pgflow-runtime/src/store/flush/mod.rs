@@ -307,7 +307,7 @@ fn account_usage<'b>(
     batch: &'b [Completion],
     applied: &[fence::Applied<'b>],
     catalog: &Catalog,
-    costs: &mut HashMap<i64, Settle>,
+    costs: &mut foldhash::HashMap<i64, Settle>,
 ) -> UsageRows {
     let mut ledger = UsageRows::default();
     if batch.iter().all(|c| c.usage.is_empty()) {
@@ -408,14 +408,14 @@ struct Work<'c> {
     ready: NewTasks<'static>,
     finished: FinishedRuns<'c>,
     failed: FailedRuns,
-    costs: HashMap<i64, Settle>,
+    costs: foldhash::HashMap<i64, Settle>,
     /// The workflow of each run touched, for the log.
-    workflows: HashMap<i64, &'static str>,
+    workflows: foldhash::HashMap<i64, &'static str>,
     /// Child runs to start, and parent tasks to link to their children.
     children: Children,
     links: subflows::Links<'static>,
     /// Runs touched whose workflow has subflow steps (a failure cancels children).
-    with_subflows: HashSet<i64>,
+    with_subflows: foldhash::HashSet<i64>,
 }
 
 impl<'c> Work<'c> {

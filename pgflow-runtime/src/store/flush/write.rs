@@ -407,7 +407,7 @@ impl Settle {
 /// that only count cost take the lean statement.
 pub(super) async fn add_costs(
     conn: &mut PgConnection,
-    mut costs: HashMap<i64, Settle>,
+    mut costs: foldhash::HashMap<i64, Settle>,
 ) -> Result<(), sqlx::Error> {
     costs.retain(|_, c| !c.is_zero());
     if costs.is_empty() {
