@@ -107,6 +107,24 @@ mod enabled {
 
     type Hist = Family<StepLabels, Histogram, fn() -> Histogram>;
 
+    /// One step's metrics, found in their families once: a family hashes its labels
+    /// (SipHash, under a lock) at every lookup, and every task looked up four.
+    /// Clones share their values with the family's.
+    struct StepMetrics {
+        claimed: Counter,
+        wait: Histogram,
+        duration: Histogram,
+        /// The attempts by outcome (a handful), by the address of the outcome label.
+        attempts: Vec<(usize, Counter)>,
+    }
+
+    /// A step's key among the cached [`StepMetrics`]: the addresses of its workflow
+    /// and step names (the catalog's `&'static str`s; equal names at other addresses
+    /// only make another entry for the same metrics).
+    fn step_key(workflow: &'static str, step: &'static str) -> (usize, usize) {
+        (workflow.as_ptr() as usize, step.as_ptr() as usize)
+    }
+
     /// A runtime's metrics (see the module docs).
     #[derive(Debug)]
     pub(crate) struct Metrics {
@@ -120,6 +138,13 @@ mod enabled {
         flush_seconds: Histogram,
         load: Gauge,
         capacity: Gauge,
+        steps: std::sync::RwLock<foldhash::HashMap<(usize, usize), StepMetrics>>,
+    }
+
+    impl std::fmt::Debug for StepMetrics {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("StepMetrics").finish_non_exhaustive()
+        }
     }
 
     /// Seconds from 0.5 ms to about 4.5 min, doubling.
@@ -186,6 +211,7 @@ mod enabled {
                 flush_seconds,
                 load,
                 capacity,
+                steps: std::sync::RwLock::default(),
             }
         }
     }
@@ -198,11 +224,36 @@ mod enabled {
             step: &'static str,
             wait: Option<f64>,
         ) {
-            let l = StepLabels { workflow, step };
-            self.claimed.get_or_create(&l).inc();
-            if let Some(w) = wait {
-                self.wait.get_or_create(&l).observe(w.max(0.0));
-            }
+            self.with_step(workflow, step, |m| {
+                m.claimed.inc();
+                if let Some(w) = wait {
+                    m.wait.observe(w.max(0.0));
+                }
+            });
+        }
+
+        /// Calls `f` with `workflow`'s `step`'s metrics, found in their families the
+        /// first time.
+        fn with_step(
+            &self,
+            workflow: &'static str,
+            step: &'static str,
+            f: impl FnOnce(&mut StepMetrics),
+        ) {
+            let key = step_key(workflow, step);
+            let Ok(mut steps) = self.steps.write() else {
+                return;
+            };
+            let m = steps.entry(key).or_insert_with(|| {
+                let l = StepLabels { workflow, step };
+                StepMetrics {
+                    claimed: self.claimed.get_or_create(&l).clone(),
+                    wait: self.wait.get_or_create(&l).clone(),
+                    duration: self.duration.get_or_create(&l).clone(),
+                    attempts: Vec::new(),
+                }
+            });
+            f(m);
         }
 
         /// An attempt ended with `outcome` after `secs` seconds.
@@ -213,16 +264,27 @@ mod enabled {
             outcome: &'static str,
             secs: f64,
         ) {
-            self.attempts
-                .get_or_create(&OutcomeLabels {
-                    workflow,
-                    step,
-                    outcome,
-                })
-                .inc();
-            self.duration
-                .get_or_create(&StepLabels { workflow, step })
-                .observe(secs);
+            self.with_step(workflow, step, |m| {
+                let at = outcome.as_ptr() as usize;
+                match m.attempts.iter().find(|(o, _)| *o == at) {
+                    Some((_, c)) => {
+                        c.inc();
+                    }
+                    None => {
+                        let c = self
+                            .attempts
+                            .get_or_create(&OutcomeLabels {
+                                workflow,
+                                step,
+                                outcome,
+                            })
+                            .clone();
+                        c.inc();
+                        m.attempts.push((at, c));
+                    }
+                }
+                m.duration.observe(secs);
+            });
         }
 
         /// A completion of `workflow`'s `step` was refused by the fence.
