@@ -39,6 +39,17 @@ impl Doomed {
     }
 }
 
+/// A step named as one of `m_chain`'s: its metrics are its own.
+pub struct Twin;
+
+#[workflow(name = "m_twin", queue = "m")]
+impl Twin {
+    #[step]
+    async fn first(n: u32) -> Result<u32, StepError> {
+        Ok(n)
+    }
+}
+
 /// On a queue nobody here serves: stays due.
 pub struct Waiting;
 
@@ -84,6 +95,7 @@ async fn counters_histograms_and_gauges_match_the_work_done(pool: PgPool) {
         .expect("runtime");
     let mut ids = rt.start_many::<Measured>(0..5).await.expect("start");
     ids.push(rt.start::<Doomed>(1).await.expect("start").id());
+    ids.extend(rt.start_many::<Twin>(0..3).await.expect("start"));
     rt.start::<Waiting>(1).await.expect("start");
     rt.start::<Waiting>(2).await.expect("start");
     wait_finished(&pool, &ids).await;
@@ -122,6 +134,14 @@ async fn counters_histograms_and_gauges_match_the_work_done(pool: PgPool) {
         5.0
     );
     assert_eq!(
+        at("pgflow_tasks_claimed_total{workflow=\"m_twin\",step=\"first\"}"),
+        3.0
+    );
+    assert_eq!(
+        at("pgflow_step_attempts_total{workflow=\"m_twin\",step=\"first\",outcome=\"succeeded\"}"),
+        3.0
+    );
+    assert_eq!(
         at("pgflow_tasks_claimed_total{workflow=\"m_chain\",step=\"flaky\"}"),
         10.0
     );
@@ -133,8 +153,8 @@ async fn counters_histograms_and_gauges_match_the_work_done(pool: PgPool) {
         at("pgflow_task_wait_seconds_count{workflow=\"m_chain\",step=\"first\"}"),
         5.0
     );
-    // every completion was flushed: 5 + 10 + 2 of them
-    assert_eq!(at("pgflow_flush_size_sum"), 17.0);
+    // every completion was flushed: 5 + 10 + 2 + 3 of them
+    assert_eq!(at("pgflow_flush_size_sum"), 20.0);
     assert!(at("pgflow_flush_duration_seconds_count") >= 1.0);
     assert_eq!(at("pgflow_instance_capacity"), 4.0);
     assert_eq!(at("pgflow_queue_due{queue=\"m_nobody\"}"), 2.0);

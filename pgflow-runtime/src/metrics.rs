@@ -85,6 +85,8 @@ mod enabled {
     use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
     use prometheus_client::registry::Registry;
 
+    use std::sync::{Mutex, PoisonError, RwLock};
+
     use crate::Runtime;
 
     #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -114,15 +116,17 @@ mod enabled {
         claimed: Counter,
         wait: Histogram,
         duration: Histogram,
-        /// The attempts by outcome (a handful), by the address of the outcome label.
-        attempts: Vec<(usize, Counter)>,
+        /// The attempts by outcome (a handful), by [`label_key`] of the outcome.
+        attempts: Mutex<Vec<(LabelKey, Counter)>>,
     }
 
-    /// A step's key among the cached [`StepMetrics`]: the addresses of its workflow
-    /// and step names (the catalog's `&'static str`s; equal names at other addresses
-    /// only make another entry for the same metrics).
-    fn step_key(workflow: &'static str, step: &'static str) -> (usize, usize) {
-        (workflow.as_ptr() as usize, step.as_ptr() as usize)
+    /// A `&'static str` label by address and length: the catalog's names and the
+    /// outcome labels are such strings. Equal labels at other addresses only make
+    /// another cache entry for the same metrics.
+    type LabelKey = (usize, usize);
+
+    fn label_key(label: &'static str) -> LabelKey {
+        (label.as_ptr() as usize, label.len())
     }
 
     /// A runtime's metrics (see the module docs).
@@ -138,7 +142,7 @@ mod enabled {
         flush_seconds: Histogram,
         load: Gauge,
         capacity: Gauge,
-        steps: std::sync::RwLock<foldhash::HashMap<(usize, usize), StepMetrics>>,
+        steps: RwLock<foldhash::HashMap<(LabelKey, LabelKey), StepMetrics>>,
     }
 
     impl std::fmt::Debug for StepMetrics {
@@ -211,7 +215,7 @@ mod enabled {
                 flush_seconds,
                 load,
                 capacity,
-                steps: std::sync::RwLock::default(),
+                steps: RwLock::default(),
             }
         }
     }
@@ -232,28 +236,31 @@ mod enabled {
             });
         }
 
-        /// Calls `f` with `workflow`'s `step`'s metrics, found in their families the
-        /// first time.
+        /// Calls `f` with `workflow`'s `step`'s metrics (shared by every thread: a
+        /// read lock), found in their families the first time.
         fn with_step(
             &self,
             workflow: &'static str,
             step: &'static str,
-            f: impl FnOnce(&mut StepMetrics),
+            f: impl FnOnce(&StepMetrics),
         ) {
-            let key = step_key(workflow, step);
-            let Ok(mut steps) = self.steps.write() else {
-                return;
-            };
-            let m = steps.entry(key).or_insert_with(|| {
-                let l = StepLabels { workflow, step };
-                StepMetrics {
-                    claimed: self.claimed.get_or_create(&l).clone(),
-                    wait: self.wait.get_or_create(&l).clone(),
-                    duration: self.duration.get_or_create(&l).clone(),
-                    attempts: Vec::new(),
+            let key = (label_key(workflow), label_key(step));
+            {
+                let steps = self.steps.read().unwrap_or_else(PoisonError::into_inner);
+                if let Some(m) = steps.get(&key) {
+                    f(m);
+                    return;
                 }
-            });
-            f(m);
+            }
+            let l = StepLabels { workflow, step };
+            let made = StepMetrics {
+                claimed: self.claimed.get_or_create(&l).clone(),
+                wait: self.wait.get_or_create(&l).clone(),
+                duration: self.duration.get_or_create(&l).clone(),
+                attempts: Mutex::default(),
+            };
+            let mut steps = self.steps.write().unwrap_or_else(PoisonError::into_inner);
+            f(steps.entry(key).or_insert(made));
         }
 
         /// An attempt ended with `outcome` after `secs` seconds.
@@ -265,8 +272,9 @@ mod enabled {
             secs: f64,
         ) {
             self.with_step(workflow, step, |m| {
-                let at = outcome.as_ptr() as usize;
-                match m.attempts.iter().find(|(o, _)| *o == at) {
+                let at = label_key(outcome);
+                let mut attempts = m.attempts.lock().unwrap_or_else(PoisonError::into_inner);
+                match attempts.iter().find(|(o, _)| *o == at) {
                     Some((_, c)) => {
                         c.inc();
                     }
@@ -280,9 +288,10 @@ mod enabled {
                             })
                             .clone();
                         c.inc();
-                        m.attempts.push((at, c));
+                        attempts.push((at, c));
                     }
                 }
+                drop(attempts);
                 m.duration.observe(secs);
             });
         }

@@ -788,7 +788,11 @@ fn to_json<T: StepData>(v: &(dyn Any + Send)) -> Result<Box<RawValue>, StepError
 
 fn check_storable<T: StepData>(v: &(dyn Any + Send)) -> Result<(), StepError> {
     if holds_no_float::<T>() {
-        return Ok(());
+        return if v.is::<T>() {
+            Ok(())
+        } else {
+            Err(type_confusion())
+        };
     }
     let v = v.downcast_ref::<T>().ok_or_else(type_confusion)?;
     serializing(|| check_finite(v))
@@ -797,16 +801,7 @@ fn check_storable<T: StepData>(v: &(dyn Any + Send)) -> Result<(), StepError> {
 /// Whether `T` is a type whose serialization holds no float (an integer, `bool`,
 /// `char`, `String` or `()`, as serde writes them), so that a value of it is always
 /// storable and is not walked. The comparisons are of constants: for a given `T`
-/// this compiles to `true` or `false`.
-///
-/// ```
-/// # use pgflow::engine::{StepValue, ValueOps};
-/// // (what `check_storable` answers at once, without a walk)
-/// static U64: ValueOps = ValueOps::of::<u64>("u64", |_| None);
-/// static F64: ValueOps = ValueOps::of::<f64>("f64", |_| None);
-/// assert!(StepValue::typed(7_u64, &U64).check_storable().is_ok());
-/// assert!(StepValue::typed(f64::NAN, &F64).check_storable().is_err());
-/// ```
+/// an optimized build reduces them to `true` or `false`.
 fn holds_no_float<T: 'static>() -> bool {
     use std::any::TypeId;
     let t = TypeId::of::<T>();
@@ -849,4 +844,33 @@ pub fn check_finite<T: Serialize + ?Sized>(value: &T) -> Result<(), StepError> {
 
 fn from_json_any<T: StepData>(json: &str) -> Result<Box<dyn Any + Send>, StepError> {
     from_json::<T>(json).map(|v| Box::new(v) as Box<dyn Any + Send>)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static U64: ValueOps = ValueOps::of::<u64>("u64", |_| None);
+    static F64: ValueOps = ValueOps::of::<f64>("f64", |_| None);
+
+    #[test]
+    fn a_type_without_floats_is_storable_at_once_and_others_are_walked() {
+        assert!(holds_no_float::<u64>() && holds_no_float::<String>() && holds_no_float::<()>());
+        assert!(!holds_no_float::<f64>() && !holds_no_float::<Option<u64>>());
+        assert!(!holds_no_float::<Vec<u8>>());
+        assert!(StepValue::typed(7_u64, &U64).check_storable().is_ok());
+        assert!(StepValue::typed(1.5_f64, &F64).check_storable().is_ok());
+        let nan = StepValue::typed(f64::NAN, &F64)
+            .check_storable()
+            .unwrap_err();
+        assert!(nan.is_permanent() && nan.message().contains("NaN"), "{nan}");
+        // a value given with another type's operations is refused, fast path or not
+        for wrong in [
+            StepValue::typed(1.5_f64, &U64),
+            StepValue::typed(7_u64, &F64),
+        ] {
+            let e = wrong.check_storable().unwrap_err();
+            assert!(e.message().contains("unexpected type"), "{e}");
+        }
+    }
 }

@@ -53,7 +53,7 @@ pub(crate) mod usage;
 /// name, and for the claim's twenty columns of every claimed task (and the flush's
 /// fence) that was a fifth of a worker's CPU under load.
 pub(crate) trait ByPosition: Sized {
-    /// The columns, in the order of the struct's fields.
+    /// The columns, in the order [`by_position!`] lists them.
     const COLUMNS: &'static [&'static str];
 
     /// One row, its columns at `at` (in [`ByPosition::COLUMNS`] order).
@@ -77,7 +77,8 @@ pub(crate) fn decode_rows<T: ByPosition>(
 }
 
 /// Implements [`ByPosition`] for a struct whose fields are named as the columns
-/// they come from (all of them, in declaration order).
+/// they come from (all of them, in any order). A value that does not decode is
+/// reported with its column's name, as `FromRow` reports it.
 macro_rules! by_position {
     ($ty:ident { $($field:ident),+ $(,)? }) => {
         impl $crate::store::ByPosition for $ty {
@@ -93,7 +94,14 @@ macro_rules! by_position {
                     $($field: sqlx::Row::try_get(
                         row,
                         at.next().ok_or_else(|| sqlx::Error::ColumnNotFound(stringify!($field).to_owned()))?,
-                    )?),+
+                    )
+                    .map_err(|e| match e {
+                        sqlx::Error::ColumnDecode { source, .. } => sqlx::Error::ColumnDecode {
+                            index: format!("{:?}", stringify!($field)),
+                            source,
+                        },
+                        other => other,
+                    })?),+
                 })
             }
         }
@@ -292,3 +300,57 @@ pub(crate) async fn begin_generic(
 /// The statement of [`begin_generic`].
 pub(crate) const BEGIN_GENERIC: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan;
     SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL jit = off";
+
+#[cfg(test)]
+mod tests {
+    use sqlx::PgPool;
+
+    use super::decode_rows;
+
+    struct Pair {
+        id: i64,
+        name: Option<String>,
+    }
+
+    // (listed in another order than declared: the list is what counts)
+    by_position!(Pair { name, id });
+
+    async fn rows(pool: &PgPool, sql: &'static str) -> Vec<sqlx::postgres::PgRow> {
+        sqlx::query(sql).fetch_all(pool).await.unwrap()
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn rows_decode_by_position_from_columns_found_by_name(pool: PgPool) {
+        let two = rows(
+            &pool,
+            "SELECT 7 AS other, 'a' AS name, 1::bigint AS id UNION ALL SELECT 8, NULL, 2",
+        )
+        .await;
+        let pairs: Vec<Pair> = decode_rows(&two).unwrap();
+        let got: Vec<(i64, Option<&str>)> =
+            pairs.iter().map(|p| (p.id, p.name.as_deref())).collect();
+        assert_eq!(got, [(1, Some("a")), (2, None)]);
+        let none = rows(&pool, "SELECT 'a' AS name, 1::bigint AS id WHERE false").await;
+        assert!(decode_rows::<Pair>(&none).unwrap().is_empty());
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_column_that_is_missing_or_does_not_decode_is_named(pool: PgPool) {
+        let missing = rows(&pool, "SELECT 1::bigint AS id").await;
+        match decode_rows::<Pair>(&missing) {
+            Err(sqlx::Error::ColumnNotFound(c)) => assert_eq!(c, "name"),
+            other => panic!("{:?}", other.err()),
+        }
+        for sql in [
+            "SELECT 'a' AS name, NULL::bigint AS id",
+            "SELECT 'a' AS name, 'x' AS id",
+        ] {
+            match decode_rows::<Pair>(&rows(&pool, sql).await) {
+                Err(sqlx::Error::ColumnDecode { index, .. }) => {
+                    assert_eq!(index, "\"id\"", "{sql}")
+                }
+                other => panic!("{sql}: {:?}", other.err()),
+            }
+        }
+    }
+}
