@@ -787,43 +787,8 @@ fn to_json<T: StepData>(v: &(dyn Any + Send)) -> Result<Box<RawValue>, StepError
 }
 
 fn check_storable<T: StepData>(v: &(dyn Any + Send)) -> Result<(), StepError> {
-    if holds_no_float::<T>() {
-        return if v.is::<T>() {
-            Ok(())
-        } else {
-            Err(type_confusion())
-        };
-    }
     let v = v.downcast_ref::<T>().ok_or_else(type_confusion)?;
     serializing(|| check_finite(v))
-}
-
-/// Whether `T` is a type whose serialization holds no float (an integer, `bool`,
-/// `char`, `String` or `()`, as serde writes them), so that a value of it is always
-/// storable and is not walked. The comparisons are of constants: for a given `T`
-/// an optimized build reduces them to `true` or `false`.
-fn holds_no_float<T: 'static>() -> bool {
-    use std::any::TypeId;
-    let t = TypeId::of::<T>();
-    [
-        TypeId::of::<()>(),
-        TypeId::of::<bool>(),
-        TypeId::of::<char>(),
-        TypeId::of::<String>(),
-        TypeId::of::<u8>(),
-        TypeId::of::<u16>(),
-        TypeId::of::<u32>(),
-        TypeId::of::<u64>(),
-        TypeId::of::<u128>(),
-        TypeId::of::<usize>(),
-        TypeId::of::<i8>(),
-        TypeId::of::<i16>(),
-        TypeId::of::<i32>(),
-        TypeId::of::<i64>(),
-        TypeId::of::<i128>(),
-        TypeId::of::<isize>(),
-    ]
-    .contains(&t)
 }
 
 /// Refuses a value holding a NaN or infinite float (JSON has neither; stored, it
@@ -854,17 +819,14 @@ mod tests {
     static F64: ValueOps = ValueOps::of::<f64>("f64", |_| None);
 
     #[test]
-    fn a_type_without_floats_is_storable_at_once_and_others_are_walked() {
-        assert!(holds_no_float::<u64>() && holds_no_float::<String>() && holds_no_float::<()>());
-        assert!(!holds_no_float::<f64>() && !holds_no_float::<Option<u64>>());
-        assert!(!holds_no_float::<Vec<u8>>());
+    fn only_a_finite_value_of_its_own_type_is_storable() {
         assert!(StepValue::typed(7_u64, &U64).check_storable().is_ok());
         assert!(StepValue::typed(1.5_f64, &F64).check_storable().is_ok());
         let nan = StepValue::typed(f64::NAN, &F64)
             .check_storable()
             .unwrap_err();
         assert!(nan.is_permanent() && nan.message().contains("NaN"), "{nan}");
-        // a value given with another type's operations is refused, fast path or not
+        // a value given with another type's operations is refused
         for wrong in [
             StepValue::typed(1.5_f64, &U64),
             StepValue::typed(7_u64, &F64),
