@@ -56,8 +56,42 @@ pub(crate) trait ByPosition: Sized {
     /// The columns, in the order [`by_position!`] lists them.
     const COLUMNS: &'static [&'static str];
 
-    /// One row, its columns at `at` (in [`ByPosition::COLUMNS`] order).
+    /// Whether the result's columns at `at` have types the fields can take (once per
+    /// result: the types are the same in every row).
+    fn check_types(row: &sqlx::postgres::PgRow, at: &[usize]) -> Result<(), sqlx::Error>;
+
+    /// One row, its columns at `at` (in [`ByPosition::COLUMNS`] order), their types
+    /// checked by [`ByPosition::check_types`].
     fn from_position(row: &sqlx::postgres::PgRow, at: &[usize]) -> Result<Self, sqlx::Error>;
+}
+
+/// Whether column `i` of `row`'s result has a type a field of type `F` can take
+/// (`field` only names the field's type), as `sqlx` checks it for each value.
+pub(crate) fn check_column<S, F: sqlx::Type<sqlx::Postgres>>(
+    row: &sqlx::postgres::PgRow,
+    i: usize,
+    name: &str,
+    _field: fn(&S) -> &F,
+) -> Result<(), sqlx::Error> {
+    use sqlx::{Column, Row, TypeInfo};
+    let ty = row
+        .columns()
+        .get(i)
+        .map(Column::type_info)
+        .ok_or_else(|| sqlx::Error::ColumnNotFound(name.to_owned()))?;
+    if ty.is_null() || F::compatible(ty) {
+        return Ok(());
+    }
+    Err(sqlx::Error::ColumnDecode {
+        index: format!("{name:?}"),
+        source: format!(
+            "mismatched types; Rust type `{}` (as SQL type `{}`) is not compatible with SQL type `{}`",
+            std::any::type_name::<F>(),
+            F::type_info().name(),
+            ty.name()
+        )
+        .into(),
+    })
 }
 
 /// Decodes `rows` (of one result) by position (see [`ByPosition`]). A column the
@@ -73,6 +107,7 @@ pub(crate) fn decode_rows<T: ByPosition>(
         .iter()
         .map(|name| first.try_column(*name).map(Column::ordinal))
         .collect::<Result<Vec<usize>, _>>()?;
+    T::check_types(first, &at)?;
     rows.iter().map(|row| T::from_position(row, &at)).collect()
 }
 
@@ -84,14 +119,29 @@ macro_rules! by_position {
         impl $crate::store::ByPosition for $ty {
             const COLUMNS: &'static [&'static str] = &[$(stringify!($field)),+];
 
+            fn check_types(
+                row: &sqlx::postgres::PgRow,
+                at: &[usize],
+            ) -> Result<(), sqlx::Error> {
+                let mut at = at.iter().copied();
+                $($crate::store::check_column(
+                    row,
+                    at.next().ok_or_else(|| sqlx::Error::ColumnNotFound(stringify!($field).to_owned()))?,
+                    stringify!($field),
+                    |s: &Self| &s.$field,
+                )?;)+
+                Ok(())
+            }
+
             fn from_position(
                 row: &sqlx::postgres::PgRow,
                 at: &[usize],
             ) -> Result<Self, sqlx::Error> {
                 let mut at = at.iter().copied();
-                // (a struct expression evaluates its fields in the order written)
+                // (a struct expression evaluates its fields in the order written;
+                // the types were checked once for the result)
                 Ok(Self {
-                    $($field: sqlx::Row::try_get(
+                    $($field: sqlx::Row::try_get_unchecked(
                         row,
                         at.next().ok_or_else(|| sqlx::Error::ColumnNotFound(stringify!($field).to_owned()))?,
                     )
