@@ -57,16 +57,20 @@ pub(crate) trait ByPosition: Sized {
     const COLUMNS: &'static [&'static str];
 
     /// Whether the result's columns at `at` have types the fields can take (once per
-    /// result: the types are the same in every row).
+    /// result: the types are the same in every row). Checked per column, so a column
+    /// of another type is refused even where its values are NULL (`sqlx` checks only
+    /// non-NULL values).
     fn check_types(row: &sqlx::postgres::PgRow, at: &[usize]) -> Result<(), sqlx::Error>;
 
-    /// One row, its columns at `at` (in [`ByPosition::COLUMNS`] order), their types
-    /// checked by [`ByPosition::check_types`].
+    /// One row, its columns at `at` (in [`ByPosition::COLUMNS`] order). Values are
+    /// decoded unchecked: call it only on rows of a result whose types
+    /// [`ByPosition::check_types`] checked ([`decode_rows`] does).
     fn from_position(row: &sqlx::postgres::PgRow, at: &[usize]) -> Result<Self, sqlx::Error>;
 }
 
 /// Whether column `i` of `row`'s result has a type a field of type `F` can take
-/// (`field` only names the field's type), as `sqlx` checks it for each value.
+/// (`field` only names the field's type), with the check `sqlx` makes per non-NULL
+/// value.
 pub(crate) fn check_column<S, F: sqlx::Type<sqlx::Postgres>>(
     row: &sqlx::postgres::PgRow,
     i: usize,
@@ -84,13 +88,7 @@ pub(crate) fn check_column<S, F: sqlx::Type<sqlx::Postgres>>(
     }
     Err(sqlx::Error::ColumnDecode {
         index: format!("{name:?}"),
-        source: format!(
-            "mismatched types; Rust type `{}` (as SQL type `{}`) is not compatible with SQL type `{}`",
-            std::any::type_name::<F>(),
-            F::type_info().name(),
-            ty.name()
-        )
-        .into(),
+        source: sqlx::error::mismatched_types::<sqlx::Postgres, F>(ty),
     })
 }
 
@@ -401,6 +399,16 @@ mod tests {
                 }
                 other => panic!("{sql}: {:?}", other.err()),
             }
+        }
+        // the column's type is checked, not the first row's value (NULL here)
+        let typed = rows(
+            &pool,
+            "SELECT NULL::int AS name, 1::bigint AS id UNION ALL SELECT 5, 2",
+        )
+        .await;
+        match decode_rows::<Pair>(&typed) {
+            Err(sqlx::Error::ColumnDecode { index, .. }) => assert_eq!(index, "\"name\""),
+            other => panic!("{:?}", other.err()),
         }
     }
 }
