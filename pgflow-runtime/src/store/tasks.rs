@@ -579,16 +579,14 @@ pub(crate) async fn claim(
         } else {
             CLAIM_SQL
         };
-        let rows = claim_query(sql, catalog, req).fetch_all(conn).await?;
-        return crate::store::decode_rows(&rows);
+        return crate::store::fetch_by_position(claim_query(sql, catalog, req), conn).await;
     };
     // A key limit: the claim and its slots in one transaction (see `store::slots`).
     use sqlx::Connection;
     let mut tx = conn.begin().await?;
-    let rows = claim_query(FAIR_CLAIM_SQL, catalog, req)
-        .fetch_all(&mut *tx)
-        .await?;
-    let claimed: Vec<Claimed> = crate::store::decode_rows(&rows)?;
+    let claimed: Vec<Claimed> =
+        crate::store::fetch_by_position(claim_query(FAIR_CLAIM_SQL, catalog, req), &mut *tx)
+            .await?;
     let keyed: Vec<(i64, String)> = claimed
         .iter()
         .filter_map(|c| Some((c.task_id, c.key.clone()?)))

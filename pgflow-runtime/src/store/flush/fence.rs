@@ -7,6 +7,8 @@
 
 use std::collections::HashMap;
 
+use foldhash::HashMapExt as _;
+
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
@@ -29,7 +31,7 @@ pub(super) async fn fence<'b>(
     // value is when the attempt started (its claim), for a completion that ends its
     // task.
     let mut accepted: foldhash::HashMap<(i64, i64), Passed> =
-        foldhash::HashMap::with_capacity_and_hasher(batch.len(), Default::default());
+        foldhash::HashMap::with_capacity(batch.len());
     // Concurrency slots the ended claims held (queues with a key limit), and the
     // limits' reservations (task, token, hold).
     let mut slots: Vec<(String, String)> = Vec::new();
@@ -39,7 +41,7 @@ pub(super) async fn fence<'b>(
         let tokens: Vec<i64> = finals.iter().map(|c| c.token).collect();
         // By primary key. A step completed from its child run (a subflow) started
         // when the child did.
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "DELETE FROM pgflow.tasks t
              USING unnest($1::bigint[], $2::bigint[]) AS c(id, token)
              WHERE t.id = c.id AND t.claim_token = c.token
@@ -53,10 +55,8 @@ pub(super) async fn fence<'b>(
                        t.limit_holds::text AS limit_holds",
         )
         .bind(&ids)
-        .bind(&tokens)
-        .fetch_all(&mut *conn)
-        .await?;
-        let rows: Vec<Deleted> = crate::store::decode_rows(&rows)?;
+        .bind(&tokens);
+        let rows: Vec<Deleted> = crate::store::fetch_by_position(query, &mut *conn).await?;
         slots.extend(
             rows.iter()
                 .filter_map(|d| Some((d.slot_queue.clone()?, d.slot_key.clone()?))),
@@ -218,7 +218,7 @@ fn once_per_claim(
     accepted: impl Fn(&(i64, i64)) -> bool,
 ) -> Vec<&Completion> {
     let mut chosen: foldhash::HashMap<(i64, i64), usize> =
-        foldhash::HashMap::with_capacity_and_hasher(batch.len(), Default::default());
+        foldhash::HashMap::with_capacity(batch.len());
     for (i, c) in batch.iter().enumerate() {
         if !accepted(&c.claim()) {
             continue;

@@ -304,7 +304,7 @@ pub(super) async fn finish_runs(
     if runs.run_ids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = sqlx::query(
+    let query = sqlx::query(
         "UPDATE pgflow.runs r
          SET status = 'succeeded', completed_at = now(), instance_id = $5,
              cost_cents = r.cost_cents + u.cost,
@@ -326,10 +326,8 @@ pub(super) async fn finish_runs(
     .bind(&runs.from_elements)
     .bind(&runs.costs)
     .bind(instance)
-    .bind(&runs.started)
-    .fetch_all(conn)
-    .await?;
-    crate::store::decode_rows(&rows)
+    .bind(&runs.started);
+    crate::store::fetch_by_position(query, conn).await
 }
 
 /// Runs that fail in this flush.
@@ -359,7 +357,7 @@ pub(super) async fn fail_runs(
     if runs.run_ids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = sqlx::query(
+    let query = sqlx::query(
         "WITH f AS (
              UPDATE pgflow.runs r
              SET status = 'failed', error = u.error::jsonb, completed_at = now(),
@@ -376,10 +374,8 @@ pub(super) async fn fail_runs(
     .bind(&runs.run_ids)
     .bind(&runs.errors)
     .bind(&runs.costs)
-    .bind(instance)
-    .fetch_all(conn)
-    .await?;
-    crate::store::decode_rows(&rows)
+    .bind(instance);
+    crate::store::fetch_by_position(query, conn).await
 }
 
 /// What a flush adds to a run besides what finishing or failing it adds: the cost of
